@@ -1,0 +1,74 @@
+"""Feature extractor: align-corners resize vs torch, taps and channels, real ImageNet weights."""
+import numpy as np
+import pytest
+from PIL import Image
+
+import jax.numpy as jnp
+
+from maskad_jax import efficientnet_arch as ea
+from maskad_jax.features import FeatureExtractor
+from maskad_jax.preprocess import preprocess_image
+from maskad_jax.resize import resize_align_corners, resize_map_align_corners
+
+
+@pytest.mark.parametrize("src,dst", [((112, 112), (14, 14)), ((56, 40), (14, 9)), ((14, 14), (224, 224)),
+                                     ((7, 5), (1, 3)), ((1, 1), (4, 4))])
+def test_align_corners_resize_matches_torch(src, dst):
+    from conftest import torch_or_skip
+    torch = torch_or_skip()
+    x = np.random.default_rng(0).normal(size=(2,) + src + (3,)).astype(np.float32)
+    ref = torch.nn.functional.interpolate(torch.from_numpy(x.transpose(0, 3, 1, 2)), size=dst, mode="bilinear",
+                                          align_corners=True).numpy().transpose(0, 2, 3, 1)
+    np.testing.assert_allclose(np.asarray(resize_align_corners(jnp.asarray(x), dst)), ref, atol=5e-5)
+
+
+def test_align_corners_hand_worked_case():
+    # 3 -> 5 samples at 0, 0.5, 1, 1.5, 2: exact midpoints, no smoothing of the endpoints.
+    out = resize_map_align_corners(jnp.asarray([[0.0, 2.0, 10.0]]), (1, 5))
+    np.testing.assert_allclose(np.asarray(out), [[0.0, 1.0, 2.0, 6.0, 10.0]])
+    # 5 -> 3 keeps samples 0, 2, 4: no anti-aliasing when shrinking.
+    out = resize_map_align_corners(jnp.asarray([[1.0, 100.0, 3.0, -100.0, 5.0]]), (1, 3))
+    np.testing.assert_allclose(np.asarray(out), [[1.0, 3.0, 5.0]])
+
+
+def test_feature_map_shape_and_channels_come_from_the_architecture():
+    ex = FeatureExtractor.create("efficientnet-lite0", weights="random")
+    assert ex.channels == 16 + 24 + 40 + 112 == 192
+    assert ex.arch.tap_blocks() == (0, 2, 4, 10)
+    assert ea.get_arch("efficientnet-b4").tap_channels() == (24, 32, 56, 160)
+    h = ex(jnp.zeros((2, 224, 224, 3)))
+    assert h.shape == (2, 14, 14, 192) == (2,) + ex.feature_shape(224)
+    # Only the blocks up to the last tap are built.
+    assert {k for k in ex.variables["params"] if k.startswith("blocks_")} == {f"blocks_{i}" for i in range(11)}
+
+
+def test_feature_map_equals_manual_composition():
+    """h = concat(resize(tap_i)) of the normalised image, tap by tap."""
+    ex = FeatureExtractor.create("efficientnet-lite0", weights="random", seed=3)
+    x = jnp.asarray(np.random.default_rng(0).uniform(size=(1, 224, 224, 3)).astype(np.float32))
+    import jax
+    taps = jax.jit(ex.module.apply)(ex.variables, (x - jnp.asarray(ex.arch.mean)) / jnp.asarray(ex.arch.std))
+    manual = jnp.concatenate([resize_align_corners(t, (14, 14)) for t in taps], -1)
+    np.testing.assert_allclose(np.asarray(ex(x)), np.asarray(manual), atol=1e-6)
+    raw = ex(x, normalize=False)
+    assert float(jnp.abs(raw - manual).max()) > 1e-3  # the unnormalised view is a different input
+
+
+def _top5(ex, image):
+    from maskad_jax.efficientnet import EfficientNet
+    from maskad_jax import weights as W
+    full = W.load_backbone_variables("efficientnet-lite0", "packaged")
+    model = EfficientNet("efficientnet-lite0", "static", include_head=True)
+    x = ex.normalize(jnp.asarray(preprocess_image(image))[None])
+    import jax
+    (logits,) = jax.jit(model.apply)(full, x)
+    return list(np.argsort(-np.asarray(logits[0]))[:5])
+
+
+def test_packaged_lite0_weights_recognise_real_photos():
+    skimage_data = pytest.importorskip("skimage.data")
+    ex = FeatureExtractor.create("efficientnet-lite0", weights="packaged")
+    cats = set(range(281, 286))  # tabby, tiger cat, Persian, Siamese, Egyptian cat
+    assert cats & set(_top5(ex, Image.fromarray(skimage_data.chelsea())))
+    cups = {967, 968, 504}  # espresso, cup, coffee mug
+    assert cups & set(_top5(ex, Image.fromarray(skimage_data.coffee())))
