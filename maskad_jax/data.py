@@ -1,0 +1,134 @@
+"""Input pipelines: grain over TFDS data sources, with the shared preprocessing.
+
+- `SplitData.load(builder, split, classes)`: the examples of a split (optionally some classes),
+  with their labels, classes and file names read once without decoding any image.
+- `train_batches(...)`: seeded shuffle, repeat, batch; each process reads its own share
+  (process_index::process_count); starts at any step, so a resumed run sees the same order.
+- `eval_batches(...)`: in order; the last batch is padded and carries `valid` = 0 on the padding,
+  so every image is scored exactly once.
+Each element: image (S, S, 3) float32 in [0, 1], mask (S, S) uint8, label, class_id, index.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import grain
+from absl import logging
+import numpy as np
+import tensorflow_datasets as tfds
+from PIL import Image
+
+from maskad_jax.preprocess import preprocess_image, preprocess_mask
+
+
+@dataclasses.dataclass(frozen=True)
+class SplitData:
+    source: object  # random-access TFDS data source (decodes images)
+    indices: np.ndarray  # positions in the source of the selected examples, sorted by file name
+    labels: np.ndarray
+    class_ids: np.ndarray
+    defect_types: tuple[str, ...]
+    file_names: tuple[str, ...]
+    class_names: tuple[str, ...]  # all classes of the dataset; class_ids index this
+
+    def __len__(self):
+        return len(self.indices)
+
+    @classmethod
+    def load(cls, builder, split: str, classes=None) -> "SplitData":
+        info_classes = tuple(builder.info.features["class_name"].names)
+        if classes:
+            unknown = [c for c in classes if c not in info_classes]
+            if unknown:
+                raise ValueError(f"unknown class(es) {unknown} for dataset {builder.name}; it has {list(info_classes)}")
+        raw = builder.as_data_source(split=split, decoders={"image": tfds.decode.SkipDecoding(),
+                                                            "mask": tfds.decode.SkipDecoding()})
+        keep, labels, cids, defects, names = [], [], [], [], []
+        wanted = None if not classes else {info_classes.index(c) for c in classes}
+        for i in range(len(raw)):
+            r = raw[i]
+            if wanted is not None and r["class_name"] not in wanted:
+                continue
+            keep.append(i)
+            labels.append(r["label"])
+            cids.append(r["class_name"])
+            defects.append(_text(r["defect_type"]))
+            names.append(_text(r["file_name"]))
+        order = np.argsort(np.asarray(names, dtype=object), kind="stable")  # class/split/defect/file order
+        keep, labels, cids = [np.asarray(v)[order].tolist() for v in (keep, labels, cids)]
+        defects, names = [defects[i] for i in order], [names[i] for i in order]
+        if not keep:
+            raise ValueError(f"dataset {builder.name} split {split!r} has no examples"
+                             + (f" of classes {list(classes)}" if classes else ""))
+        if classes:
+            empty = [c for c in classes if info_classes.index(c) not in set(cids)]
+            if empty:
+                raise ValueError(f"dataset {builder.name} split {split!r} has no examples of class(es) {empty}")
+        return cls(builder.as_data_source(split=split), np.asarray(keep), np.asarray(labels, np.int32),
+                   np.asarray(cids, np.int32), tuple(defects), tuple(names), info_classes)
+
+    def present_classes(self) -> list[str]:
+        return [self.class_names[i] for i in sorted(set(self.class_ids.tolist()))]
+
+
+def _text(v) -> str:
+    return v.decode("utf-8") if isinstance(v, bytes) else str(v)
+
+
+class _Preprocess(grain.transforms.Map):
+    def __init__(self, data: SplitData, image_size: int):
+        self.data, self.size = data, image_size
+
+    def map(self, position):
+        position = int(position)
+        record = self.data.source[int(self.data.indices[position])]
+        name = self.data.file_names[position]
+        image = preprocess_image(Image.fromarray(np.asarray(record["image"])), self.size, source=name)
+        mask = preprocess_mask(Image.fromarray(np.asarray(record["mask"])[..., 0]), self.size)
+        if self.data.labels[position] and not mask.any():
+            logging.warning("%s: defective, but its mask is empty after resize and crop to %d; it counts for the "
+                            "image metrics only", name, self.size)
+        return {"image": image, "mask": mask, "label": np.int32(self.data.labels[position]),
+                "class_id": np.int32(self.data.class_ids[position]), "index": np.int32(position),
+                "valid": np.int32(1)}
+
+
+class _PaddedLoad(grain.transforms.Map):
+    """Loads position order[i]; valid[i] = 0 marks padding that repeats a real example."""
+
+    def __init__(self, pre: _Preprocess, order: np.ndarray, valid: np.ndarray):
+        self.pre, self.order, self.valid = pre, order, valid
+
+    def map(self, i):
+        el = self.pre.map(self.order[int(i)])
+        el["valid"] = np.int32(self.valid[int(i)])
+        return el
+
+
+def _iterate(ds, num_workers: int):
+    it = ds.to_iter_dataset(grain.ReadOptions(num_threads=1 if num_workers else 4, prefetch_buffer_size=8))
+    if num_workers:
+        it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers))
+    return it
+
+
+def train_batches(data: SplitData, batch_size: int, *, seed: int, image_size: int = 224, start_step: int = 0,
+                  num_workers: int = 0, process_index: int = 0, process_count: int = 1):
+    """Endless iterator of per-process batches (batch_size is per process), from `start_step` on."""
+    ds = grain.MapDataset.range(len(data)).shuffle(seed=seed).repeat()
+    ds = ds[process_index::process_count] if process_count > 1 else ds
+    ds = ds.map(_Preprocess(data, image_size)).batch(batch_size, drop_remainder=True)
+    ds = ds.slice(slice(start_step, None)) if start_step else ds
+    return iter(_iterate(ds, num_workers))
+
+
+def eval_batches(data: SplitData, batch_size: int, *, image_size: int = 224, num_workers: int = 0,
+                 positions=None):
+    """Ordered batches over `positions` (default: all), the last one padded with valid = 0."""
+    positions = np.arange(len(data)) if positions is None else np.asarray(positions)
+    n = len(positions)
+    padded = int(np.ceil(n / batch_size)) * batch_size
+    order = np.concatenate([positions, np.full(padded - n, positions[-1] if n else 0)]).astype(np.int64)
+    valid = np.arange(padded) < n
+    ds = grain.MapDataset.range(padded).map(_PaddedLoad(_Preprocess(data, image_size), order, valid)).batch(batch_size)
+    return iter(_iterate(ds, num_workers))

@@ -1,0 +1,1 @@
+from tfds_builders.folder.folder import *  # noqa: F401,F403

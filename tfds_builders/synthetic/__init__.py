@@ -1,0 +1,1 @@
+from tfds_builders.synthetic.synthetic import *  # noqa: F401,F403

@@ -1,0 +1,1 @@
+from tfds_builders.visa.visa import *  # noqa: F401,F403
