@@ -1,0 +1,106 @@
+"""Shared base config (ml_collections). Dataset configs and variants override parts of it.
+
+Every field where the paper and the released code disagree is documented with both values
+(method-spec section 10); the defaults here follow the paper where it is explicit and the code
+where the paper is silent.
+"""
+import ml_collections
+
+
+def get_config():
+    c = ml_collections.ConfigDict()
+    c.seed = 0  # every random mask, shuffle and init derives from this key
+
+    # ---------------------------------------------------------------- data
+    c.data = ml_collections.ConfigDict()
+    c.data.name = "synthetic"  # synthetic | mvtec_ad | visa | real_iad | folder
+    c.data.config = ""  # TFDS builder config (synthetic: default | tiny)
+    c.data.manual_dir = ""  # the official release (mvtec_ad, visa, real_iad) or your MVTec-layout folder
+    c.data.tfds_dir = "~/tensorflow_datasets"  # where prepared array_record files go (never inside manual_dir)
+    c.data.classes = ()  # () = every class of the dataset
+    c.data.image_size = 224  # shorter side -> this with LANCZOS, then a centre crop of this size
+    c.data.num_workers = 0  # grain worker processes for decoding (0 = in the main process)
+    c.data.eval_batch_size = 16
+
+    # ---------------------------------------------------------------- model
+    c.model = ml_collections.ConfigDict()
+    c.model.dtype = "float32"  # matmul/conv compute dtype: float32 | bfloat16 (TPU/GPU)
+    c.model.backbone = ml_collections.ConfigDict()
+    c.model.backbone.arch = "efficientnet-b4"  # paper: B4 (272 channels); any of B0-B7, Lite0-Lite4
+    # "packaged" (Lite0 only, offline), "random" (tests), a .pth / .safetensors file, or an orbax dir
+    # made by `python -m maskad_jax.convert_weights`.
+    c.model.backbone.weights = "weights/efficientnet-b4"
+    c.model.backbone.padding = "static"  # static (lukemelas/UniAD, the paper's features) | tf-same
+    c.model.backbone.strides = (2, 4, 8, 16)  # taps: the last block at each of these strides
+
+    c.model.reconstructor = ml_collections.ConfigDict()
+    c.model.reconstructor.embed_dim = 768
+    c.model.reconstructor.encoder_depth = 5  # paper: 5 encoder + 5 decoder; code: one stack of 10
+    c.model.reconstructor.decoder_depth = 5
+    c.model.reconstructor.num_heads = 12
+    c.model.reconstructor.mlp_ratio = 4.0
+    c.model.reconstructor.drop_path = 0.1  # stochastic depth, rising linearly over the blocks
+    c.model.reconstructor.layer_scale_init = 0.1
+
+    # ---------------------------------------------------------------- training
+    c.train = ml_collections.ConfigDict()
+    c.train.epochs = 600  # paper and code
+    c.train.batch_size = 80  # global batch; paper and code (the code's shell script says 100)
+    c.train.lr = 1.5e-3  # code (paper silent); not scaled by batch size
+    c.train.min_lr = 1e-5
+    c.train.warmup_epochs = 10  # linear from 0, then cosine to min_lr, per step
+    c.train.weight_decay = 0.04  # paper 0.04; code 0.05. Not on biases, norms, layer scales, cls token
+    c.train.clip_norm = 3.0
+    # Regression target: "same" = h of the normalised image (paper); "unnormalized" = features of the
+    # unnormalised [0, 1] image (released code, method-spec 5.2).
+    c.train.target = "same"
+    # Training mask strategy drawn per sample with these probabilities: (random, block, foreground).
+    # Code: (0.5, 0.5, 0). The paper names all three without probabilities: equal thirds is our choice.
+    c.train.mask_probs = (1 / 3, 1 / 3, 1 / 3)
+    c.train.random_ratio = 150 / 196  # code: exactly 150 of 196 patches
+    c.train.block_ratio = 70 / 196  # code: 70 of 196 patches in BEiT blocks
+    c.train.foreground_ratio = 150 / 196
+    c.train.log_every = 50  # steps between console/JSON-lines logs
+    c.train.checkpoint_every = 1000  # steps between checkpoints (and one at the end)
+    c.train.max_to_keep = 3
+
+    # ---------------------------------------------------------------- fit (after training)
+    c.fit = ml_collections.ConfigDict()
+    c.fit.pool_ratio = 0.1  # nominal pool = this fraction of the training tokens (greedy k-center)
+    c.fit.projection_dim = 128  # random projection for k-center distances (0 = exact features)
+    c.fit.per_class = True  # one pool per class (class identity at test, as the released code); False = shared
+    c.fit.calibration_fraction = 0.2  # normal training images held out of the pool for M_po statistics
+    c.fit.max_pool_tokens = 50000  # cap on tokens entering k-center (random subset above it)
+
+    # ---------------------------------------------------------------- test-time scoring
+    c.scoring = ml_collections.ConfigDict()
+    c.scoring.mpo = "knn"  # knn | none  (the normalising-flow M_po is issue #8)
+    c.scoring.prototype_ratios = (0.01, 0.03, 0.05, 0.07)  # top-k by M_po: 1/5/9/13 of 196 patches
+    c.scoring.num_random = 4
+    c.scoring.random_ratio = 0.2  # 39 of 196
+    c.scoring.num_block = 4
+    c.scoring.block_ratio = 0.15  # 29 of 196
+    c.scoring.zero_mask = True  # paper: N = 3n + 1 = 13 with the zero mask; code: 12 without
+    c.scoring.squared_error = False  # paper: squared L2 per patch; code: L2 norm
+    c.scoring.use_reference = True  # Table 2 ablation switches
+    c.scoring.use_assdis = True
+    c.scoring.use_rec = True
+    c.scoring.use_mpo = True
+    # Association discrepancy. paper: per-patch N x N OT between the 1-D error samples of h and r,
+    # cost |e_h - e_r|. code: one OT over the patches of an image, cosine cost between N-vectors.
+    c.scoring.ot = "paper"
+    c.scoring.epsilon = 0.1
+    c.scoring.sinkhorn_iterations = 200  # paper mode: fixed iterations; code mode: the code's rule (tol 0.1, max 1000)
+    # Combination. paper: (Rec + AssDis) x M_po. code: (0.6 x 1e4 x AssDis + 0.4 x Rec) x M_po.
+    c.scoring.combine = "paper"
+    c.scoring.ot_weight = 0.6
+    c.scoring.ot_scale = 1e4
+    c.scoring.sigma = 4.0  # Gaussian smoothing of the pixel map (reflect, truncate 4 sigma)
+    c.scoring.test_drop_path = False  # code: the ViT stays in train mode at test (stochastic)
+
+    # ---------------------------------------------------------------- predict
+    c.predict = ml_collections.ConfigDict()
+    c.predict.input = ""  # an image or a folder (recursive)
+    c.predict.threshold = -1.0  # < 0: calibrated as the given quantile of normal held-out scores
+    c.predict.threshold_quantile = 0.99
+    return c

@@ -1,0 +1,94 @@
+"""Fit after training: nominal token pools (greedy k-center) and calibration statistics per class.
+
+For each class (or one shared pool with fit.per_class=False), its normal training images are split
+by a seeded permutation: `calibration_fraction` of them are held out, the rest give the pool's
+tokens (input features, and the paired target features when training regressed the unnormalised
+view). The pool keeps ceil(pool_ratio x tokens) of them, chosen by greedy k-center. The held-out
+images' tokens give `cal_scale`, the mean L2 distance of a normal token to its nearest pool token:
+M_po divides by it, so an image is scored on its own, never against the rest of a test set.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+
+import jax.numpy as jnp
+import numpy as np
+
+from maskad_jax.coreset import greedy_kcenter, nearest
+
+
+@dataclasses.dataclass
+class Pools:
+    pool_in: np.ndarray  # (K, P, C) padded
+    pool_tgt: np.ndarray  # (K, P, C); equal to pool_in when the target is h itself
+    valid: np.ndarray  # (K, P) bool
+    cal_scale: np.ndarray  # (K,)
+    class_names: tuple  # names of the K pools ('*' for a shared pool)
+    calibration: dict  # class -> positions (into the training set) of the held-out images
+
+    def pool_index(self, class_names_of_images) -> np.ndarray:
+        if self.class_names == ("*",):
+            return np.zeros(len(class_names_of_images), np.int32)
+        lookup = {c: i for i, c in enumerate(self.class_names)}
+        missing = sorted({c for c in class_names_of_images if c not in lookup})
+        if missing:
+            raise ValueError(f"no nominal pool for class(es) {missing}; the model was fitted on {list(self.class_names)}")
+        return np.asarray([lookup[c] for c in class_names_of_images], np.int32)
+
+    def save(self, directory: str) -> None:
+        os.makedirs(directory, exist_ok=True)
+        np.savez(os.path.join(directory, "pools.npz"), pool_in=self.pool_in, pool_tgt=self.pool_tgt,
+                 valid=self.valid, cal_scale=self.cal_scale)
+        with open(os.path.join(directory, "pools.json"), "w") as f:
+            json.dump({"class_names": list(self.class_names),
+                       "calibration": {k: [int(i) for i in v] for k, v in self.calibration.items()}}, f)
+
+    @classmethod
+    def load(cls, directory: str) -> "Pools":
+        path = os.path.join(directory, "pools.npz")
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"no fitted pools at {path}: run --mode=train or train_and_eval first")
+        z = np.load(path)
+        with open(os.path.join(directory, "pools.json")) as f:
+            meta = json.load(f)
+        return cls(z["pool_in"], z["pool_tgt"], z["valid"], z["cal_scale"], tuple(meta["class_names"]),
+                   {k: np.asarray(v) for k, v in meta["calibration"].items()})
+
+
+def fit_pools(h_in: np.ndarray, h_tgt: np.ndarray | None, class_names_of_images, fit_cfg, seed: int) -> Pools:
+    """h_in (N, gh, gw, C) features of the normal training images; their class names."""
+    names = np.asarray(class_names_of_images)
+    groups = {"*": np.arange(len(names))} if not fit_cfg.per_class else {
+        c: np.nonzero(names == c)[0] for c in sorted(set(names.tolist()))}
+    c_dim = h_in.shape[-1]
+    pools, cals, cal_scale, cal_pos = [], [], [], {}
+    for gi, (cls, pos) in enumerate(groups.items()):
+        rng = np.random.default_rng([seed, gi])
+        pos = pos[rng.permutation(len(pos))]
+        n_cal = int(round(fit_cfg.calibration_fraction * len(pos)))
+        n_cal = min(max(n_cal, 1), len(pos) - 1) if len(pos) > 1 else 0
+        cal, fit = pos[:n_cal], pos[n_cal:]
+        tok_in = h_in[fit].reshape(-1, c_dim)
+        tok_tgt = (h_tgt if h_tgt is not None else h_in)[fit].reshape(-1, c_dim)
+        if len(tok_in) > fit_cfg.max_pool_tokens:
+            sub = rng.choice(len(tok_in), fit_cfg.max_pool_tokens, replace=False)
+            tok_in, tok_tgt = tok_in[sub], tok_tgt[sub]
+        k = int(np.ceil(fit_cfg.pool_ratio * len(tok_in)))
+        sel = greedy_kcenter(tok_in, k, start=0, projection_dim=fit_cfg.projection_dim, seed=seed)
+        pools.append((tok_in[sel], tok_tgt[sel]))
+        if n_cal:
+            d, _ = nearest(jnp.asarray(h_in[cal].reshape(-1, c_dim)), jnp.asarray(tok_in[sel]))
+            cal_scale.append(float(jnp.mean(jnp.sqrt(d))))
+        else:  # a single image: no held-out data; distances of pool tokens would be 0, so use 1
+            cal_scale.append(1.0)
+        cal_pos[cls] = cal
+        cals.append(cal)
+    p = max(len(a) for a, _ in pools)
+    pool_in = np.zeros((len(pools), p, c_dim), np.float32)
+    pool_tgt = np.zeros_like(pool_in)
+    valid = np.zeros((len(pools), p), bool)
+    for i, (a, b) in enumerate(pools):
+        pool_in[i, :len(a)], pool_tgt[i, :len(b)], valid[i, :len(a)] = a, b, True
+    return Pools(pool_in, pool_tgt, valid, np.asarray(cal_scale, np.float32), tuple(groups), cal_pos)

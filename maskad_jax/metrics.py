@@ -1,0 +1,170 @@
+"""The seven anomaly-detection metrics, exact (see docs/metrics.md for the definitions).
+
+All curve metrics sort the scores once and treat tied scores as one threshold, as scikit-learn
+does: AUROC (trapezoidal ROC area), AP (sum over thresholds of (R_n - R_{n-1}) P_n), F1-max (max of
+2PR/(P+R) over the precision-recall curve's thresholds). AUPRO integrates the exact PRO-vs-FPR
+step curve up to FPR 0.3 (trapezoids, the end point interpolated) and divides by 0.3; regions are
+the 8-connected components of each ground-truth mask; PRO at a threshold is the mean over all
+regions of the fraction of the region's pixels at or above it; FPR is over all defect-free pixels.
+
+The "ader" variants reproduce the published protocol's approximations (zhangzjn/ADer): pixel
+F1-max over 21 thresholds of min-max normalised maps, AUPRO over `max_step` equal threshold steps.
+"""
+from __future__ import annotations
+
+import numpy as np
+from scipy import ndimage
+
+
+def _curve(scores, labels):
+    """Cumulative TP and FP counts at each distinct threshold, from the highest score down."""
+    scores = np.asarray(scores, np.float64).ravel()
+    labels = np.asarray(labels).ravel().astype(bool)
+    order = np.argsort(-scores, kind="mergesort")
+    s, y = scores[order], labels[order]
+    last = np.r_[np.nonzero(np.diff(s))[0], len(s) - 1]  # last index of each tie group
+    tp = np.cumsum(y)[last]
+    fp = np.cumsum(~y)[last]
+    return tp, fp
+
+
+def _check(labels):
+    labels = np.asarray(labels).ravel().astype(bool)
+    if labels.all() or not labels.any():
+        raise ValueError("metric undefined: the labels need both classes")
+    return labels
+
+
+def auroc(scores, labels) -> float:
+    labels = _check(labels)
+    tp, fp = _curve(scores, labels)
+    tpr = np.r_[0, tp] / tp[-1]
+    fpr = np.r_[0, fp] / fp[-1]
+    return float(np.trapezoid(tpr, fpr))
+
+
+def average_precision(scores, labels) -> float:
+    labels = _check(labels)
+    tp, fp = _curve(scores, labels)
+    precision = tp / (tp + fp)
+    recall = np.r_[0, tp] / tp[-1]
+    return float(np.sum(np.diff(recall) * precision))
+
+
+def f1_max(scores, labels) -> float:
+    labels = _check(labels)
+    tp, fp = _curve(scores, labels)
+    precision = tp / (tp + fp)
+    recall = tp / tp[-1]
+    with np.errstate(invalid="ignore", divide="ignore"):
+        f1 = 2 * precision * recall / (precision + recall)
+    return float(np.nanmax(f1))
+
+
+_EIGHT = np.ones((3, 3), int)
+
+
+def regions(masks) -> tuple[np.ndarray, int]:
+    """Labelled 8-connected ground-truth regions across all maps: (labels (same shape), count)."""
+    masks = np.asarray(masks).astype(bool)
+    out = np.zeros(masks.shape, np.int64)
+    total = 0
+    for i in range(masks.shape[0]):
+        lab, n = ndimage.label(masks[i], structure=_EIGHT)
+        out[i] = np.where(lab > 0, lab + total, 0)
+        total += n
+    return out, total
+
+
+def aupro(maps, masks, fpr_limit: float = 0.3) -> float:
+    maps = np.asarray(maps, np.float64)
+    lab, n_regions = regions(masks)
+    if n_regions == 0:
+        raise ValueError("AUPRO undefined: no ground-truth region")
+    normal = lab == 0
+    n_normal = int(normal.sum())
+    if n_normal == 0:
+        raise ValueError("AUPRO undefined: no defect-free pixel")
+    sizes = np.bincount(lab.ravel(), minlength=n_regions + 1).astype(np.float64)
+    # Each region pixel adds 1 / (|R| * n_regions) to PRO when the threshold passes it; each normal
+    # pixel adds 1 / n_normal to FPR.
+    w_pro = np.where(normal, 0.0, 1.0 / (sizes[lab] * n_regions)).ravel()
+    w_fpr = normal.ravel() / n_normal
+    s = maps.ravel()
+    order = np.argsort(-s, kind="mergesort")
+    s = s[order]
+    last = np.r_[np.nonzero(np.diff(s))[0], len(s) - 1]
+    pro = np.r_[0.0, np.cumsum(w_pro[order])[last]]
+    fpr = np.r_[0.0, np.cumsum(w_fpr[order])[last]]
+    keep = fpr <= fpr_limit
+    x, y = fpr[keep], pro[keep]
+    if x[-1] < fpr_limit and keep.sum() < len(fpr):  # interpolate the crossing of the limit
+        j = int(keep.sum())
+        x0, x1, y0, y1 = fpr[j - 1], fpr[j], pro[j - 1], pro[j]
+        y_lim = y0 + (y1 - y0) * (fpr_limit - x0) / (x1 - x0) if x1 > x0 else y1
+        x, y = np.r_[x, fpr_limit], np.r_[y, y_lim]
+    return float(np.trapezoid(y, x) / fpr_limit)
+
+
+def pixel_f1_max_ader(maps, masks, steps: int = 21) -> float:
+    """ADer's mF1_max_px: min-max normalise, thresholds 0, 0.05, ..., 1, F1 = 2PR/(P+R+1e-8)."""
+    maps = np.asarray(maps, np.float64)
+    gt = np.asarray(masks).astype(bool)
+    norm = (maps - maps.min()) / max(maps.max() - maps.min(), 1e-12)
+    best = 0.0
+    for th in np.linspace(0, 1, steps):
+        pred = norm > th
+        tp = np.sum(pred & gt)
+        p = tp / max(pred.sum(), 1e-12)
+        r = tp / max(gt.sum(), 1e-12)
+        best = max(best, 2 * p * r / (p + r + 1e-8))
+    return float(best)
+
+
+def aupro_ader(maps, masks, max_step: int = 100, fpr_limit: float = 0.3) -> float:
+    """ADer's cal_pro_score: thresholds min + k (max - min) / max_step, keep FPR < limit, rescale FPR."""
+    maps = np.asarray(maps, np.float64)
+    lab, n_regions = regions(masks)
+    normal = lab == 0
+    lo, hi = maps.min(), maps.max()
+    pros, fprs = [], []
+    for th in lo + np.arange(max_step) * (hi - lo) / max_step:
+        pred = maps > th
+        per = [pred[lab == k].mean() for k in range(1, n_regions + 1)]
+        pros.append(np.mean(per))
+        fprs.append((pred & normal).sum() / normal.sum())
+    pros, fprs = np.asarray(pros), np.asarray(fprs)
+    keep = fprs < fpr_limit
+    f, p = fprs[keep], pros[keep]
+    if len(f) < 2:
+        return 0.0
+    f = (f - f.min()) / max(f.max() - f.min(), 1e-12)
+    order = np.argsort(f)
+    return float(np.trapezoid(p[order], f[order]))
+
+
+METRIC_NAMES = ("image_auroc", "image_ap", "image_f1_max", "pixel_auroc", "pixel_ap", "pixel_f1_max", "aupro")
+
+
+def all_metrics(image_scores, image_labels, maps, masks, protocol: str = "exact") -> dict:
+    """The seven metrics of one class (values in [0, 1]); undefined ones are NaN."""
+    out = {}
+
+    def safe(name, fn, *args):
+        try:
+            out[name] = fn(*args)
+        except ValueError:
+            out[name] = float("nan")
+
+    safe("image_auroc", auroc, image_scores, image_labels)
+    safe("image_ap", average_precision, image_scores, image_labels)
+    safe("image_f1_max", f1_max, image_scores, image_labels)
+    safe("pixel_auroc", auroc, maps, masks)
+    safe("pixel_ap", average_precision, maps, masks)
+    if protocol == "ader":
+        safe("pixel_f1_max", pixel_f1_max_ader, maps, masks)
+        safe("aupro", aupro_ader, maps, masks)
+    else:
+        safe("pixel_f1_max", f1_max, maps, masks)
+        safe("aupro", aupro, maps, masks)
+    return out

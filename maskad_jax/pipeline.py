@@ -1,0 +1,150 @@
+"""train_and_evaluate(config, workdir, mode): the whole job, shared by run.py and notebooks.
+
+Modes: train_and_eval (default), train, eval (reuse the checkpoint and pools), predict (is issue
+#6's; not yet here). A workdir holds config.json, checkpoints/ (orbax), fit/ (pools), train_log.jsonl,
+metrics.json, scores.csv and heatmaps/.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import os
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from PIL import Image
+
+from maskad_jax import metrics as metrics_lib
+from maskad_jax.data import SplitData, eval_batches
+from maskad_jax.features import FeatureExtractor
+from maskad_jax.fit import Pools, fit_pools
+from maskad_jax.reconstructor import count_params
+from maskad_jax.scoring import make_score_fn, pools_to_device
+from maskad_jax.train import build_reconstructor, restore_params, train
+
+MODES = ("train_and_eval", "train", "eval")
+
+
+def _log(msg):
+    print(f"[maskad {time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+def load_data(config):
+    from tfds_builders import prepare
+    d = config.data
+    builder = prepare(d.name, d.tfds_dir, manual_dir=d.manual_dir or None, config=d.config or None)
+    classes = list(d.classes) or None
+    return builder, SplitData.load(builder, "train", classes), SplitData.load(builder, "test", classes)
+
+
+def extract_features(extractor, data: SplitData, config, normalize: bool) -> np.ndarray:
+    """Backbone features of a whole split, in order (the feature cache)."""
+    fn = jax.jit(extractor.apply, static_argnames=("normalize",))
+    out, n_done, t0 = [], 0, time.time()
+    for batch in eval_batches(data, config.data.eval_batch_size, image_size=config.data.image_size,
+                              num_workers=config.data.num_workers):
+        h = np.asarray(fn(extractor.variables, jnp.asarray(batch["image"]), normalize=normalize))
+        out.append(h[batch["valid"] == 1])
+        n_done += int(batch["valid"].sum())
+    _log(f"features of {n_done} images ({'normalised' if normalize else 'unnormalised'} view): "
+         f"{n_done / max(time.time() - t0, 1e-9):.1f} img/s")
+    return np.concatenate(out)
+
+
+def make_extractor(config) -> FeatureExtractor:
+    b = config.model.backbone
+    return FeatureExtractor.create(b.arch, weights=b.weights, padding=b.padding, strides=tuple(b.strides),
+                                   dtype=jnp.dtype(config.model.dtype), seed=config.seed)
+
+
+def train_and_evaluate(config, workdir: str, mode: str = "train_and_eval") -> dict:
+    if mode not in MODES:
+        raise ValueError(f"--mode must be one of {MODES} (predict arrives with issue #6), got {mode!r}")
+    workdir = os.path.abspath(os.path.expanduser(workdir))
+    os.makedirs(workdir, exist_ok=True)
+    with open(os.path.join(workdir, "config.json" if mode != "eval" else "config.eval.json"), "w") as f:
+        f.write(config.to_json_best_effort(indent=2))
+    t_start = time.time()
+    _, train_data, test_data = load_data(config)
+    _log(f"dataset {config.data.name}: {len(train_data)} train, {len(test_data)} test images, classes "
+         f"{train_data.present_classes()}")
+    extractor = make_extractor(config)
+    grid = extractor.feature_shape(config.data.image_size)[:2]
+    model = build_reconstructor(config, extractor.channels, grid)
+    result = {}
+    if mode in ("train", "train_and_eval"):
+        h_in = extract_features(extractor, train_data, config, normalize=True)
+        h_tgt = extract_features(extractor, train_data, config, normalize=False) \
+            if config.train.target == "unnormalized" else None
+        t0 = time.time()
+        res = train(config, h_in, h_tgt, workdir, log=_log)
+        params = res.params
+        _log(f"reconstructor: {count_params(params):,} parameters; trained to step {res.steps} "
+             f"in {time.time() - t0:.0f}s")
+        result["train_seconds"] = time.time() - t0
+        class_names = [train_data.class_names[i] for i in train_data.class_ids]
+        pools = fit_pools(h_in, h_tgt, class_names, config.fit, config.seed)
+        pools.save(os.path.join(workdir, "fit"))
+        _log(f"fitted {len(pools.class_names)} pool(s) of up to {pools.pool_in.shape[1]} tokens")
+    if mode in ("eval", "train_and_eval"):
+        if mode == "eval":
+            params, step = restore_params(workdir, config, extractor.channels, grid)
+            _log(f"restored the reconstructor at step {step} from {workdir}")
+        pools = Pools.load(os.path.join(workdir, "fit"))
+        result.update(evaluate(config, workdir, extractor, model, params, pools, test_data))
+    result["total_seconds"] = time.time() - t_start
+    return result
+
+
+def evaluate(config, workdir, extractor, model, params, pools, data: SplitData) -> dict:
+    score = make_score_fn(config, extractor, model)
+    dev_pools = pools_to_device(pools)
+    size = config.data.image_size
+    n = len(data)
+    maps = np.zeros((n, size, size), np.float32)
+    masks = np.zeros((n, size, size), np.uint8)
+    scores = np.zeros((n,), np.float32)
+    t0 = time.time()
+    for batch in eval_batches(data, config.data.eval_batch_size, image_size=size, num_workers=config.data.num_workers):
+        names = [data.class_names[c] for c in batch["class_id"]]
+        out = score(params, extractor.variables, dev_pools, jnp.asarray(batch["image"]),
+                    jnp.asarray(pools.pool_index(names)), jnp.asarray(batch["index"]))
+        ok = batch["valid"] == 1
+        pos = batch["index"][ok]
+        maps[pos] = np.asarray(out["map"])[ok]
+        scores[pos] = np.asarray(out["score"])[ok]
+        masks[pos] = batch["mask"][ok]
+    rate = n / max(time.time() - t0, 1e-9)
+    _log(f"scored {n} test images at {rate:.2f} img/s (first batch includes compilation)")
+    per_class = {}
+    for cid in sorted(set(data.class_ids.tolist())):
+        sel = data.class_ids == cid
+        per_class[data.class_names[cid]] = metrics_lib.all_metrics(scores[sel], data.labels[sel], maps[sel], masks[sel])
+    mean = {k: float(np.nanmean([m[k] for m in per_class.values()])) for k in metrics_lib.METRIC_NAMES}
+    report = {"per_class": per_class, "mean": mean, "test_images_per_second": rate, "num_test_images": n}
+    with open(os.path.join(workdir, "metrics.json"), "w") as f:
+        json.dump(report, f, indent=2)
+    with open(os.path.join(workdir, "scores.csv"), "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["file", "class", "defect_type", "label", "score"])
+        for i in range(n):
+            w.writerow([data.file_names[i], data.class_names[data.class_ids[i]], data.defect_types[i],
+                        int(data.labels[i]), f"{scores[i]:.6g}"])
+    _write_heatmaps(workdir, data, maps, scores)
+    _log("mean over classes: " + ", ".join(f"{k} {100 * v:.1f}" for k, v in mean.items()))
+    return report
+
+
+def _write_heatmaps(workdir, data, maps, scores, per_class: int = 4):
+    """The highest-scored images of each class as PNG heatmaps (map min-max scaled over the class)."""
+    out_dir = os.path.join(workdir, "heatmaps")
+    os.makedirs(out_dir, exist_ok=True)
+    for cid in sorted(set(data.class_ids.tolist())):
+        idx = np.nonzero(data.class_ids == cid)[0]
+        lo, hi = maps[idx].min(), maps[idx].max()
+        for i in idx[np.argsort(-scores[idx])[:per_class]]:
+            m = ((maps[i] - lo) / max(hi - lo, 1e-12) * 255).astype(np.uint8)
+            safe = "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in data.file_names[i])
+            Image.fromarray(m, "L").save(os.path.join(out_dir, f"{safe}.png"))

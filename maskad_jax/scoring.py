@@ -1,0 +1,116 @@
+"""The test-time engine: one jitted function from images to anomaly maps and image scores.
+
+score(params, backbone_vars, pools, images, pool_idx, image_ids) runs, in one XLA program:
+  backbone (once per image) -> h (and the target view) -> nearest pool token per position: the
+  reference map r and M_po -> N masks per image (prototype-oriented top-k of M_po at each ratio,
+  random, block, and the zero mask) -> the 2N masked maps (h and r) reconstructed in one batched
+  call -> per-patch errors E_h, E_r (N per patch) -> Rec and the association discrepancy (OT)
+  -> combination with M_po -> align-corners upsampling -> Gaussian smoothing -> map, max = score.
+Masks come from keys folded from (seed, image id), so an image gets the same map alone or in a
+batch, and the same seed gives the same maps.
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from maskad_jax import association, masks as masks_lib
+from maskad_jax.coreset import nearest
+from maskad_jax.reconstructor import patch_errors
+from maskad_jax.resize import resize_map_align_corners
+from maskad_jax.smoothing import gaussian_smooth
+
+
+def num_masks(sc) -> int:
+    return len(sc.prototype_ratios) + sc.num_random + sc.num_block + int(sc.zero_mask)
+
+
+def make_masks(key, mpo_patch, grid, sc):
+    """(N, gh*gw) masks of one image, in the released code's order (+ the zero mask last)."""
+    n = grid[0] * grid[1]
+    out = [masks_lib.topk_mask(mpo_patch, max(1, int(n * r))) for r in sc.prototype_ratios]
+    kr, kb = jax.random.split(key)
+    out += [masks_lib.random_mask(k, n, int(n * sc.random_ratio)) for k in jax.random.split(kr, sc.num_random)]
+    out += [masks_lib.block_mask(k, grid, int(n * sc.block_ratio)) for k in jax.random.split(kb, sc.num_block)]
+    if sc.zero_mask:
+        out.append(jnp.zeros((n,), bool))
+    return jnp.stack(out)
+
+
+def make_score_features_fn(config, model):
+    """Scoring from features: f(params, pools, h_in, h_tgt, pool_idx, image_ids, out_size) -> dict."""
+    sc = config.scoring
+    seed = config.seed
+
+    def score_features(params, pools, h_in, h_tgt, pool_idx, image_ids, out_size):
+        b, gh, gw, c = h_in.shape
+        n = gh * gw
+        tokens = h_in.reshape(b, n, c)
+        pool_in, pool_tgt, valid = pools["pool_in"][pool_idx], pools["pool_tgt"][pool_idx], pools["valid"][pool_idx]
+        d, idx = jax.vmap(nearest)(tokens, pool_in, valid)
+        dist = jnp.sqrt(d)  # (B, n)
+        mpo = dist / pools["cal_scale"][pool_idx][:, None]
+        r_in = jnp.take_along_axis(pool_in, idx[..., None], axis=1).reshape(b, gh, gw, c)
+        r_tgt = jnp.take_along_axis(pool_tgt, idx[..., None], axis=1).reshape(b, gh, gw, c)
+
+        keys = jax.vmap(lambda i: jax.random.fold_in(jax.random.fold_in(jax.random.key(seed), 0x5C0E), i))(image_ids)
+        m = jax.vmap(lambda k, s: make_masks(k, s, (gh, gw), sc))(keys, mpo)  # (B, N, n)
+        nm = m.shape[1]
+        inputs = jnp.concatenate([jnp.repeat(h_in[:, None], nm, 1), jnp.repeat(r_in[:, None], nm, 1)], 1)
+        targets = jnp.concatenate([jnp.repeat(h_tgt[:, None], nm, 1), jnp.repeat(r_tgt[:, None], nm, 1)], 1)
+        all_masks = jnp.concatenate([m, m], 1)
+        flat = inputs.reshape((b * 2 * nm, gh, gw, c))
+        stochastic = bool(sc.test_drop_path)
+        rngs = {"dropout": jax.random.fold_in(keys[0], 1)} if stochastic else {}
+        pred = model.apply({"params": params}, flat, all_masks.reshape(b * 2 * nm, n), deterministic=not stochastic,
+                           rngs=rngs)
+        err = patch_errors(pred, targets.reshape(flat.shape), squared=sc.squared_error).reshape(b, 2, nm, n)
+        e_h, e_r = jnp.swapaxes(err[:, 0], 1, 2), jnp.swapaxes(err[:, 1], 1, 2)  # (B, n, N)
+
+        rec = jnp.mean(e_h, axis=-1) if sc.use_rec else jnp.zeros((b, n))
+        if sc.use_assdis and sc.use_reference:
+            if sc.ot == "paper":
+                ass = association.paper_assdis(e_h, e_r, sc.epsilon, sc.sinkhorn_iterations)
+            elif sc.ot == "exact":
+                ass = association.exact_assdis(e_h, e_r)
+            elif sc.ot == "code":
+                ass = jax.vmap(lambda a, r: association.code_assdis(a, r, sc.epsilon))(e_h, e_r)
+            else:
+                raise ValueError(f"scoring.ot must be paper | exact | code, got {sc.ot!r}")
+        else:
+            ass = jnp.zeros((b, n))
+        if sc.combine == "paper":
+            patch = rec + ass
+        elif sc.combine == "code":
+            patch = sc.ot_weight * sc.ot_scale * ass + (1 - sc.ot_weight) * rec
+        else:
+            raise ValueError(f"scoring.combine must be paper | code, got {sc.combine!r}")
+        if not (sc.use_rec or (sc.use_assdis and sc.use_reference)):
+            patch = jnp.ones((b, n))  # M_po alone (the nearest-neighbour baseline)
+        size = (out_size, out_size)
+        up = resize_map_align_corners(patch.reshape(b, gh, gw), size)
+        if sc.use_mpo and sc.mpo == "knn":
+            up = up * resize_map_align_corners(mpo.reshape(b, gh, gw), size)
+        amap = gaussian_smooth(up, sc.sigma)
+        return {"map": amap, "score": jnp.max(amap, axis=(1, 2)), "mpo": mpo.reshape(b, gh, gw),
+                "rec": rec.reshape(b, gh, gw), "assdis": ass.reshape(b, gh, gw)}
+
+    return score_features
+
+
+def make_score_fn(config, extractor, model):
+    """Jitted f(params, backbone_vars, pools, images01, pool_idx, image_ids) -> dict of maps and scores."""
+    score_features = make_score_features_fn(config, model)
+    regress_raw = config.train.target == "unnormalized"
+
+    def score(params, backbone_vars, pools, images, pool_idx, image_ids):
+        h_in = extractor.apply(backbone_vars, images, normalize=True)
+        h_tgt = extractor.apply(backbone_vars, images, normalize=False) if regress_raw else h_in
+        return score_features(params, pools, h_in, h_tgt, pool_idx, image_ids, images.shape[1])
+
+    return jax.jit(score)
+
+
+def pools_to_device(pools) -> dict:
+    return {"pool_in": jnp.asarray(pools.pool_in), "pool_tgt": jnp.asarray(pools.pool_tgt),
+            "valid": jnp.asarray(pools.valid), "cal_scale": jnp.asarray(pools.cal_scale)}

@@ -1,0 +1,221 @@
+"""Training the masked reconstructor on cached backbone features, data-parallel with jit + sharding.
+
+One code path for 1 CPU, 8 TPU cores or many hosts: a 1-D `Mesh` over a 'data' axis, the batch
+sharded along it (NamedSharding), the state replicated, the step jitted with donated state. The
+frozen backbone runs once per training image (features.py), so training costs only the
+reconstructor. Batches follow a per-epoch permutation of numpy's Generator([seed, epoch]) and
+masks come from PRNG keys folded from (seed, step, image index): a resumed run continues with
+exactly the batches and masks an uninterrupted run would have used.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from maskad_jax import masks as masks_lib
+from maskad_jax.optim import make_optimizer
+from maskad_jax.reconstructor import MaskedReconstructor
+
+
+class CheckpointMismatchError(ValueError):
+    """A checkpoint written by a run with another model configuration."""
+
+
+def data_mesh() -> Mesh:
+    return Mesh(np.asarray(jax.devices()), ("data",))  # Auto axis: XLA propagates shardings
+
+
+def build_reconstructor(config, in_channels: int, grid) -> MaskedReconstructor:
+    r = config.model.reconstructor
+    return MaskedReconstructor(in_channels=in_channels, grid=tuple(grid), embed_dim=r.embed_dim,
+                               encoder_depth=r.encoder_depth, decoder_depth=r.decoder_depth, num_heads=r.num_heads,
+                               mlp_ratio=r.mlp_ratio, drop_path=r.drop_path, layer_scale_init=r.layer_scale_init,
+                               dtype=jnp.dtype(config.model.dtype))
+
+
+def model_fingerprint(config, in_channels: int) -> dict:
+    """What a checkpoint must agree with to be reused."""
+    return {"backbone": {k: (list(v) if isinstance(v, tuple) else v) for k, v in config.model.backbone.items()
+                         if k != "weights"},
+            "reconstructor": dict(config.model.reconstructor), "in_channels": int(in_channels),
+            "image_size": int(config.data.image_size), "target": config.train.target}
+
+
+def sample_train_mask(key, h, cfg) -> jax.Array:
+    """One training mask for one (gh, gw, C) feature map: strategy drawn with cfg.mask_probs."""
+    gh, gw = h.shape[:2]
+    n = gh * gw
+    k_choice, k_r, k_b, k_f = jax.random.split(key, 4)
+    probs = jnp.asarray(cfg.mask_probs, jnp.float32)
+    choice = jax.random.choice(k_choice, 3, p=probs / probs.sum())
+    options = []
+    for i, make in enumerate((
+            lambda: masks_lib.random_mask(k_r, n, int(round(cfg.random_ratio * n))),
+            lambda: masks_lib.block_mask(k_b, (gh, gw), int(round(cfg.block_ratio * n))),
+            lambda: masks_lib.foreground_mask(k_f, masks_lib.foreground_weights(h),
+                                              int(round(cfg.foreground_ratio * n))))):
+        options.append(make() if cfg.mask_probs[i] > 0 else jnp.zeros((n,), bool))
+    return jnp.stack(options)[choice]
+
+
+@dataclasses.dataclass
+class TrainResult:
+    params: Any
+    losses: list  # (step, loss) of every step run in this call
+    steps: int
+
+
+def _batch_indices(n: int, batch: int, seed: int, step: int) -> np.ndarray:
+    spe = n // batch
+    epoch, j = divmod(step, spe)
+    perm = np.random.default_rng([seed, epoch]).permutation(n)
+    return perm[j * batch:(j + 1) * batch]
+
+
+def train(config, h_in: np.ndarray, h_tgt: np.ndarray | None, workdir: str | None, *, log=print,
+          max_steps: int | None = None) -> TrainResult:
+    """Train (or resume) the reconstructor on cached features h_in (N, gh, gw, C).
+
+    h_tgt: regression targets (the unnormalised view's features) or None to regress h_in itself.
+    max_steps stops early (to simulate an interruption in tests); the schedule still spans all epochs.
+    """
+    tc = config.train
+    n, gh, gw, c = h_in.shape
+    mesh = data_mesh()
+    ndev = mesh.devices.size
+    batch = int(tc.batch_size)
+    if batch % ndev:
+        raise ValueError(f"train.batch_size {batch} must be divisible by the {ndev} devices")
+    if n < batch:
+        raise ValueError(f"train.batch_size {batch} exceeds the {n} training images; lower it")
+    spe = n // batch  # drop_last: every step a full batch (the released code's schedule bug avoided)
+    total = int(tc.epochs) * spe
+    model = build_reconstructor(config, c, (gh, gw))
+    tx, sched = make_optimizer(tc, total, spe)
+    repl = NamedSharding(mesh, P())
+    data_sh = NamedSharding(mesh, P("data"))
+    base_key = jax.random.key(config.seed)
+
+    def init_fn(key):
+        params = model.init(key, jnp.zeros((1, gh, gw, c)), jnp.zeros((1, gh * gw), bool))["params"]
+        return {"params": params, "opt_state": tx.init(params), "step": jnp.int32(0)}
+
+    state = jax.jit(init_fn, out_shardings=repl)(jax.random.fold_in(base_key, 0))
+
+    ckpt = _checkpoint_manager(workdir, tc) if workdir else None
+    fingerprint = model_fingerprint(config, c)
+    if ckpt is not None and ckpt.latest_step() is not None:
+        state = _restore(ckpt, state, fingerprint, repl)
+        log(f"resumed from step {int(state['step'])} in {workdir}")
+
+    def loss_fn(params, x, y, idx, step):
+        keys = jax.vmap(lambda i: jax.random.fold_in(jax.random.fold_in(base_key, step + 1), i))(idx)
+        mask_keys, drop_keys = jax.vmap(lambda k: jax.random.split(k))(keys).transpose(1, 0)
+        mask = jax.vmap(lambda k, h: sample_train_mask(k, h, tc))(mask_keys, x)
+        pred = model.apply({"params": params}, x, mask, deterministic=False,
+                           rngs={"dropout": jax.random.fold_in(drop_keys[0], 7)})
+        return jnp.mean(jnp.square(pred - y))
+
+    def train_step(state, x, y, idx):
+        loss, grads = jax.value_and_grad(loss_fn)(state["params"], x, y, idx, state["step"])
+        updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
+        params = optax.apply_updates(state["params"], updates)
+        return {"params": params, "opt_state": opt_state, "step": state["step"] + 1}, loss
+
+    train_step = jax.jit(train_step, in_shardings=(repl, data_sh, data_sh, data_sh), out_shardings=(repl, repl),
+                         donate_argnums=(0,))
+    pi, pc = jax.process_index(), jax.process_count()
+    local = batch // pc
+    start = int(state["step"])
+    end = total if max_steps is None else min(total, max_steps)
+    losses = []
+    t0, last_log = time.time(), start
+    log_path = os.path.join(workdir, "train_log.jsonl") if workdir else None
+    for step in range(start, end):
+        idx = _batch_indices(n, batch, config.seed, step)[pi * local:(pi + 1) * local]
+        y_src = h_in if h_tgt is None else h_tgt
+        x = jax.make_array_from_process_local_data(data_sh, h_in[idx])
+        y = jax.make_array_from_process_local_data(data_sh, y_src[idx])
+        ids = jax.make_array_from_process_local_data(data_sh, idx.astype(np.int32))
+        state, loss = train_step(state, x, y, ids)
+        losses.append((step, loss))
+        done = step + 1
+        if done % tc.log_every == 0 or done == end:
+            lv = float(loss)
+            rate = (done - last_log) / max(time.time() - t0, 1e-9)
+            eta = (end - done) / max(rate, 1e-9)
+            log(f"step {done}/{total} loss {lv:.5f} lr {float(sched(step)):.2e} {rate:.2f} steps/s "
+                f"{rate * batch:.1f} img/s eta {eta:.0f}s")
+            if log_path and pi == 0:
+                with open(log_path, "a") as f:
+                    f.write(json.dumps({"step": done, "loss": lv, "lr": float(sched(step)),
+                                        "steps_per_s": rate, "time": time.time()}) + "\n")
+            t0, last_log = time.time(), done
+        if ckpt is not None and (done % tc.checkpoint_every == 0 or done == end):
+            _save(ckpt, done, state, fingerprint)
+    if ckpt is not None:
+        ckpt.wait_until_finished()
+    return TrainResult(state["params"], [(s, float(l)) for s, l in losses], end)
+
+
+# -------------------------------------------------------------------------------------------- orbax
+def _checkpoint_manager(workdir, tc):
+    import orbax.checkpoint as ocp
+    path = os.path.join(os.path.abspath(workdir), "checkpoints")
+    opts = ocp.CheckpointManagerOptions(max_to_keep=int(tc.max_to_keep), create=True)
+    return ocp.CheckpointManager(path, options=opts, item_names=("state", "meta"))
+
+
+def _save(ckpt, step, state, fingerprint):
+    import orbax.checkpoint as ocp
+    ckpt.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                            meta=ocp.args.JsonSave({"fingerprint": fingerprint})), force=True)
+
+
+def _restore(ckpt, template, fingerprint, sharding):
+    import orbax.checkpoint as ocp
+    step = ckpt.latest_step()
+    meta = ckpt.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+    if meta.get("fingerprint") != json.loads(json.dumps(fingerprint)):
+        raise CheckpointMismatchError(
+            f"checkpoint at step {step} in {ckpt.directory} was written with another model config:\n"
+            f"  checkpoint: {json.dumps(meta.get('fingerprint'), sort_keys=True)}\n"
+            f"  this run:   {json.dumps(fingerprint, sort_keys=True)}\n"
+            f"use another --workdir, or the config that wrote it")
+    abstract = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), template)
+    return ckpt.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract)))["state"]
+
+
+def restore_params(workdir: str, config, in_channels: int, grid):
+    """The latest trained reconstructor parameters in workdir (for eval/predict), checked against config."""
+    tc = config.train
+    ckpt = _checkpoint_manager(workdir, tc)
+    if ckpt.latest_step() is None:
+        raise FileNotFoundError(f"no checkpoint in {os.path.join(workdir, 'checkpoints')}: train first "
+                                f"(--mode=train or train_and_eval)")
+    model = build_reconstructor(config, in_channels, grid)
+    tx, _ = make_optimizer(tc, 10, 1)
+    gh, gw = grid
+
+    def init_fn():
+        params = model.init(jax.random.key(0), jnp.zeros((1, gh, gw, in_channels)), jnp.zeros((1, gh * gw), bool))["params"]
+        return {"params": params, "opt_state": tx.init(params), "step": jnp.int32(0)}
+
+    template = jax.eval_shape(init_fn)
+    repl = NamedSharding(data_mesh(), P())
+    state = _restore(ckpt, template, model_fingerprint(config, in_channels), repl)
+    return state["params"], int(state["step"])
+
+
+def config_hash(d: dict) -> str:
+    return hashlib.sha1(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:12]

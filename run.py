@@ -1,0 +1,31 @@
+"""MaskAD in JAX: train, fit and evaluate from a config.
+
+    python run.py --config=configs/demo.py
+    python run.py --config=configs/mvtec.py --config.data.manual_dir=/data/mvtec_ad --workdir=runs/mvtec
+    python run.py --config=configs/mvtec.py --workdir=runs/mvtec --mode=eval
+"""
+from absl import app, flags
+from ml_collections import config_flags
+
+config_flags.DEFINE_config_file("config", "configs/demo.py", "ml_collections config file (path[:variant])")
+flags.DEFINE_string("workdir", None, "directory for checkpoints, metrics and heatmaps (default runs/<config name>)")
+flags.DEFINE_enum("mode", "train_and_eval", ["train_and_eval", "train", "eval"], "what to run")
+FLAGS = flags.FLAGS
+
+
+def main(argv):
+    del argv
+    import os
+    from absl import logging
+    if not FLAGS["verbosity"].present:
+        logging.set_verbosity(logging.WARNING)  # keep orbax/TFDS chatter out of the progress lines
+    from maskad_jax.pipeline import train_and_evaluate
+    config = FLAGS.config
+    workdir = FLAGS.workdir or os.path.join("runs", config.get("name", "run"))
+    result = train_and_evaluate(config, workdir, FLAGS.mode)
+    if "mean" in result:
+        print("results in", workdir, {k: round(100 * v, 1) for k, v in result["mean"].items()})
+
+
+if __name__ == "__main__":
+    app.run(main)
