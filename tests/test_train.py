@@ -1,0 +1,105 @@
+"""Training: device-count invariance, a real two-process mesh, kill-and-resume, config mismatch."""
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+from configs import default
+from maskad_jax.optim import decay_mask
+from maskad_jax.train import CheckpointMismatchError, train
+
+SCRIPT = os.path.join(os.path.dirname(__file__), "scripts", "train_losses.py")
+
+
+def _run(devices, extra=(), timeout=300):
+    env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", JAX_PLATFORMS="cpu")
+    return subprocess.Popen([sys.executable, SCRIPT, *extra], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+
+
+def _losses(proc, timeout=300):
+    out, err = proc.communicate(timeout=timeout)
+    assert proc.returncode == 0, err[-3000:]
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def test_same_losses_on_1_and_4_devices_and_on_two_processes():
+    one = _losses(_run(1))
+    four = _losses(_run(4))
+    assert one["devices"] == 1 and four["devices"] == 4
+    np.testing.assert_allclose(four["losses"], one["losses"], rtol=1e-5)
+    with socket.socket() as s:  # a free loopback port for the coordinator
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    coord = ["--coordinator", f"127.0.0.1:{port}", "--num-processes", "2"]
+    procs = [_run(2, coord + ["--process-id", str(i)]) for i in range(2)]
+    results = [_losses(p) for p in procs]
+    for r in results:
+        assert r["devices"] == 4 and r["processes"] == 2
+        np.testing.assert_allclose(r["losses"], one["losses"], rtol=1e-5)
+
+
+def _tiny_config(**train):
+    c = default.get_config()
+    r = c.model.reconstructor
+    r.embed_dim, r.encoder_depth, r.decoder_depth, r.num_heads = 32, 1, 1, 2
+    c.train.epochs, c.train.batch_size, c.train.warmup_epochs, c.train.log_every = 3, 8, 1, 1000
+    c.train.checkpoint_every = 2
+    for k, v in train.items():
+        setattr(c.train, k, v)
+    return c
+
+
+def _features():
+    return np.random.default_rng(0).normal(size=(24, 4, 4, 8)).astype(np.float32)
+
+
+def test_kill_and_resume_ends_with_the_same_parameters(tmp_path):
+    c, h = _tiny_config(), _features()
+    full = train(c, h, None, str(tmp_path / "full"), log=lambda *_: None)
+    part = train(c, h, None, str(tmp_path / "resumed"), log=lambda *_: None, max_steps=5)  # "killed" after step 5
+    assert part.steps == 5
+    messages = []
+    rest = train(c, h, None, str(tmp_path / "resumed"), log=messages.append)
+    assert any("resumed from step 5" in m for m in messages)
+    assert [s for s, _ in rest.losses] == list(range(5, 9))
+    np.testing.assert_allclose([l for _, l in rest.losses], [l for _, l in full.losses[5:]], rtol=1e-6)
+    for a, b in zip(jax.tree_util.tree_leaves(full.params), jax.tree_util.tree_leaves(rest.params)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6, atol=1e-7)
+
+
+def test_checkpoint_of_another_model_config_is_refused(tmp_path):
+    h = _features()
+    train(_tiny_config(), h, None, str(tmp_path), log=lambda *_: None, max_steps=2)
+    other = _tiny_config()
+    other.model.reconstructor.embed_dim = 64
+    with pytest.raises(CheckpointMismatchError, match="another model config"):
+        train(other, h, None, str(tmp_path), log=lambda *_: None)
+
+
+def test_loss_falls_on_structured_features():
+    """Features with spatial structure (smooth fields) can be inpainted: the loss must drop."""
+    rng = np.random.default_rng(0)
+    base = rng.normal(size=(48, 1, 1, 8)).astype(np.float32)
+    ramp = np.linspace(-1, 1, 4, dtype=np.float32)[None, :, None, None]
+    h = base + ramp * base[:, :, :, ::-1]
+    h = np.broadcast_to(h, (48, 4, 4, 8)).copy()
+    c = _tiny_config(epochs=30, batch_size=16, lr=1e-2, weight_decay=0.0)
+    res = train(c, h, None, None, log=lambda *_: None)
+    losses = [l for _, l in res.losses]
+    assert np.mean(losses[-5:]) < 0.6 * np.mean(losses[:5])
+
+
+def test_weight_decay_mask_follows_the_released_code():
+    params = {"input_proj": {"kernel": np.zeros((2, 3)), "bias": np.zeros(3)}, "mask_token": np.zeros(3),
+              "cls_token": np.zeros(3), "rel_pos_bias": {"table": np.zeros((4, 2))},
+              "encoder_0": {"gamma_1": np.zeros(3), "norm1": {"scale": np.zeros(3)}, "attn": {"q_bias": np.zeros(3)}}}
+    m = decay_mask(params)
+    assert m["input_proj"]["kernel"] and m["mask_token"] and m["rel_pos_bias"]["table"]
+    assert not (m["input_proj"]["bias"] or m["cls_token"] or m["encoder_0"]["gamma_1"]
+                or m["encoder_0"]["norm1"]["scale"] or m["encoder_0"]["attn"]["q_bias"])
