@@ -25,7 +25,9 @@ def paper_assdis(e_h: jax.Array, e_r: jax.Array, epsilon: float, iterations: int
     batch = e_h.shape[:-1]
     n = e_h.shape[-1]
     eh, er = e_h.reshape(-1, n), e_r.reshape(-1, n)
-    solver = sinkhorn.Sinkhorn(threshold=1e-6, max_iterations=iterations, min_iterations=min(iterations, 10))
+    # (min_iterations is left at 0: with min_iterations == inner_iterations ott-jax 0.6 can stop after one
+    # block of updates and report convergence.)
+    solver = sinkhorn.Sinkhorn(threshold=1e-6, max_iterations=iterations)
 
     def one(a, b):
         cost = jnp.abs(a[:, None] - b[None, :])

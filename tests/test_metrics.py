@@ -1,0 +1,106 @@
+"""Metrics against scikit-learn, an independent brute-force AUPRO, hand-worked cases and ADer's definitions."""
+import numpy as np
+import pytest
+
+from maskad_jax import metrics as M
+
+sk = pytest.importorskip("sklearn.metrics")
+
+
+@pytest.mark.parametrize("seed,ties", [(0, False), (1, True), (2, True)])
+def test_image_metrics_equal_sklearn(seed, ties):
+    rng = np.random.default_rng(seed)
+    y = rng.uniform(size=300) < 0.3
+    s = rng.normal(size=300) + y
+    if ties:
+        s = np.round(s, 1)
+    assert abs(M.auroc(s, y) - sk.roc_auc_score(y, s)) < 1e-9
+    assert abs(M.average_precision(s, y) - sk.average_precision_score(y, s)) < 1e-9
+    p, r, _ = sk.precision_recall_curve(y, s)
+    with np.errstate(invalid="ignore"):
+        f1 = np.nanmax(2 * p * r / (p + r))
+    assert abs(M.f1_max(s, y) - f1) < 1e-9
+
+
+def test_pixel_metrics_equal_sklearn_on_maps():
+    rng = np.random.default_rng(3)
+    masks = np.zeros((5, 32, 32), bool)
+    masks[1, 4:12, 5:9] = True
+    masks[3, 20:30, 20:25] = True
+    maps = rng.normal(size=masks.shape) + 1.5 * masks
+    assert abs(M.auroc(maps, masks) - sk.roc_auc_score(masks.ravel(), maps.ravel())) < 1e-9
+    assert abs(M.average_precision(maps, masks) - sk.average_precision_score(masks.ravel(), maps.ravel())) < 1e-9
+
+
+def _aupro_brute_force(maps, masks, limit=0.3):
+    """Straightforward: every distinct threshold, PRO and FPR counted directly, then the same integral."""
+    from scipy import ndimage
+    regions = []
+    for i in range(masks.shape[0]):
+        lab, n = ndimage.label(masks[i], structure=np.ones((3, 3)))
+        regions += [(i, lab == k) for k in range(1, n + 1)]
+    normal = ~masks.astype(bool)
+    pts = [(0.0, 0.0)]
+    for t in np.unique(maps)[::-1]:
+        pro = np.mean([(maps[i][r] >= t).mean() for i, r in regions])
+        fpr = ((maps >= t) & normal).sum() / normal.sum()
+        pts.append((fpr, pro))
+    x, y = np.array(pts).T
+    keep = x <= limit
+    xs, ys = list(x[keep]), list(y[keep])
+    if xs[-1] < limit and keep.sum() < len(x):
+        j = keep.sum()
+        ys.append(y[j - 1] + (y[j] - y[j - 1]) * (limit - x[j - 1]) / (x[j] - x[j - 1]))
+        xs.append(limit)
+    return np.trapezoid(ys, xs) / limit
+
+
+def test_aupro_matches_brute_force():
+    rng = np.random.default_rng(4)
+    masks = np.zeros((3, 16, 16), bool)
+    masks[0, 2:6, 2:6] = True
+    masks[0, 10:12, 10:15] = True
+    masks[2, 5:9, 3:4] = True
+    maps = np.round(rng.normal(size=masks.shape) + 2 * masks, 1)
+    assert abs(M.aupro(maps, masks) - _aupro_brute_force(maps, masks)) < 1e-9
+
+
+def test_aupro_hand_worked_cases():
+    masks = np.zeros((1, 10, 10), bool)
+    masks[0, 1:3, 1:3] = True  # region A
+    masks[0, 6:9, 6:9] = True  # region B
+    perfect = masks.astype(float)
+    assert M.aupro(perfect, masks) == pytest.approx(1.0)
+    half = np.zeros((1, 10, 10))
+    half[0, 1:3, 1:3] = 1.0  # finds A, misses B (scored like the background)
+    # Curve (FPR, PRO): (0, 0) -> (0, 0.5) -> (1, 1); at FPR 0.3: 0.65; area 0.3 (0.5 + 0.65) / 2 / 0.3 = 0.575.
+    assert M.aupro(half, masks) == pytest.approx(0.575)
+    const = np.zeros((1, 10, 10))
+    assert M.aupro(const, masks) == pytest.approx(0.15)  # the diagonal: 0.3 * 0.3 / 2 / 0.3
+    assert M.auroc(np.zeros(10), np.arange(10) < 3) == pytest.approx(0.5)
+    assert M.average_precision(np.zeros(10), np.arange(10) < 3) == pytest.approx(0.3)
+
+
+def test_ader_protocol_follows_its_definition():
+    masks = np.zeros((2, 8, 8), bool)
+    masks[0, 2:5, 2:5] = True
+    maps = np.zeros((2, 8, 8))
+    maps[0, 2:5, 2:5] = 1.0
+    assert M.pixel_f1_max_ader(maps, masks) == pytest.approx(1.0, abs=1e-7)
+    # ADer's F1 uses 21 thresholds of the min-max normalised map: one very low normal pixel squeezes
+    # defects (1.0) and normals (0.0) into the top 5% of the range (0.968 vs 1.0), which no threshold
+    # separates; the exact F1-max still does.
+    maps2 = maps.copy()
+    maps2[1, 0, 0] = -30.0
+    exact = M.f1_max(maps2, masks)
+    ader = M.pixel_f1_max_ader(maps2, masks)
+    assert exact == pytest.approx(1.0) and ader < 0.2
+    # ADer's AUPRO (100 threshold steps, FPR rescaled to [0, 1]) approximates the exact one on a smooth case.
+    rng = np.random.default_rng(0)
+    noisy = rng.normal(size=masks.shape) + 2.0 * masks
+    assert abs(M.aupro_ader(noisy, masks) - M.aupro(noisy, masks)) < 0.05
+
+
+def test_all_metrics_nan_for_undefined():
+    out = M.all_metrics(np.zeros(3), np.zeros(3), np.zeros((3, 4, 4)), np.zeros((3, 4, 4)))
+    assert all(np.isnan(v) for v in out.values())
