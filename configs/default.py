@@ -98,6 +98,10 @@ def get_config():
     c.scoring.sigma = 4.0  # Gaussian smoothing of the pixel map (reflect, truncate 4 sigma)
     c.scoring.test_drop_path = False  # code: the ViT stays in train mode at test (stochastic)
 
+    # ---------------------------------------------------------------- evaluation
+    c.eval = ml_collections.ConfigDict()
+    c.eval.protocol = "exact"  # exact (docs/metrics.md) | ader (the published protocol's approximations)
+
     # ---------------------------------------------------------------- predict
     c.predict = ml_collections.ConfigDict()
     c.predict.input = ""  # an image or a folder (recursive)

@@ -121,7 +121,8 @@ def evaluate(config, workdir, extractor, model, params, pools, data: SplitData) 
     per_class = {}
     for cid in sorted(set(data.class_ids.tolist())):
         sel = data.class_ids == cid
-        per_class[data.class_names[cid]] = metrics_lib.all_metrics(scores[sel], data.labels[sel], maps[sel], masks[sel])
+        per_class[data.class_names[cid]] = metrics_lib.all_metrics(scores[sel], data.labels[sel], maps[sel], masks[sel],
+                                                                  protocol=config.eval.protocol)
     mean = {k: float(np.nanmean([m[k] for m in per_class.values()])) for k in metrics_lib.METRIC_NAMES}
     report = {"per_class": per_class, "mean": mean, "test_images_per_second": rate, "num_test_images": n}
     with open(os.path.join(workdir, "metrics.json"), "w") as f:
@@ -146,5 +147,6 @@ def _write_heatmaps(workdir, data, maps, scores, per_class: int = 4):
         lo, hi = maps[idx].min(), maps[idx].max()
         for i in idx[np.argsort(-scores[idx])[:per_class]]:
             m = ((maps[i] - lo) / max(hi - lo, 1e-12) * 255).astype(np.uint8)
-            safe = "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in data.file_names[i])
+            stem = os.path.splitext(data.file_names[i])[0]
+            safe = "".join(ch if ch.isalnum() or ch in "-_" else "_" for ch in stem)
             Image.fromarray(m, "L").save(os.path.join(out_dir, f"{safe}.png"))
