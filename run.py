@@ -3,13 +3,14 @@
     python run.py --config=configs/demo.py
     python run.py --config=configs/mvtec.py --config.data.manual_dir=/data/mvtec_ad --workdir=runs/mvtec
     python run.py --config=configs/mvtec.py --workdir=runs/mvtec --mode=eval
+    python run.py --config=configs/mvtec.py --workdir=runs/mvtec --mode=predict --config.predict.input=some/folder
 """
 from absl import app, flags
 from ml_collections import config_flags
 
 config_flags.DEFINE_config_file("config", "configs/demo.py", "ml_collections config file (path[:variant])")
 flags.DEFINE_string("workdir", None, "directory for checkpoints, metrics and heatmaps (default runs/<config name>)")
-flags.DEFINE_enum("mode", "train_and_eval", ["train_and_eval", "train", "eval"], "what to run")
+flags.DEFINE_enum("mode", "train_and_eval", ["train_and_eval", "train", "eval", "predict"], "what to run")
 FLAGS = flags.FLAGS
 
 

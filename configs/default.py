@@ -105,6 +105,7 @@ def get_config():
     # ---------------------------------------------------------------- predict
     c.predict = ml_collections.ConfigDict()
     c.predict.input = ""  # an image or a folder (recursive)
+    c.predict.class_name = ""  # the pool to score against; "" = the nearest pool, image by image
     c.predict.threshold = -1.0  # < 0: calibrated as the given quantile of normal held-out scores
     c.predict.threshold_quantile = 0.99
     return c

@@ -6,11 +6,13 @@
   (process_index::process_count); starts at any step, so a resumed run sees the same order.
 - `eval_batches(...)`: in order; the last batch is padded and carries `valid` = 0 on the padding,
   so every image is scored exactly once.
-Each element: image (S, S, 3) float32 in [0, 1], mask (S, S) uint8, label, class_id, index.
+Each element: image (S, S, 3) float32 in [0, 1], mask (S, S) uint8, label, class_id, index (position in
+the split), image_key (content hash, see image_key), valid.
 """
 from __future__ import annotations
 
 import dataclasses
+import zlib
 
 import grain
 from absl import logging
@@ -71,6 +73,12 @@ class SplitData:
         return [self.class_names[i] for i in sorted(set(self.class_ids.tolist()))]
 
 
+def image_key(image01: np.ndarray) -> np.int32:
+    """A content key of a preprocessed image: seeds its test-time masks, so an image gets the same
+    masks (and map) in eval, in predict, alone or in any batch, wherever it sits in a dataset."""
+    return np.int32(zlib.crc32(np.ascontiguousarray(image01, np.float32).tobytes()) & 0x7FFFFFFF)
+
+
 def _text(v) -> str:
     return v.decode("utf-8") if isinstance(v, bytes) else str(v)
 
@@ -90,7 +98,7 @@ class _Preprocess(grain.transforms.Map):
                             "image metrics only", name, self.size)
         return {"image": image, "mask": mask, "label": np.int32(self.data.labels[position]),
                 "class_id": np.int32(self.data.class_ids[position]), "index": np.int32(position),
-                "valid": np.int32(1)}
+                "image_key": image_key(image), "valid": np.int32(1)}
 
 
 class _PaddedLoad(grain.transforms.Map):

@@ -27,6 +27,14 @@ class Pools:
     cal_scale: np.ndarray  # (K,)
     class_names: tuple  # names of the K pools ('*' for a shared pool)
     calibration: dict  # class -> positions (into the training set) of the held-out images
+    cal_scores: dict = dataclasses.field(default_factory=dict)  # class -> image scores of those images
+
+    def threshold(self, cls: str, quantile: float) -> float:
+        """A decision threshold: the given quantile of the held-out normal images' scores of a pool."""
+        scores = self.cal_scores.get(cls) or []
+        if not scores:
+            raise ValueError(f"no calibration scores for pool {cls!r}; set predict.threshold explicitly")
+        return float(np.quantile(np.asarray(scores), quantile))
 
     def pool_index(self, class_names_of_images) -> np.ndarray:
         if self.class_names == ("*",):
@@ -43,7 +51,8 @@ class Pools:
                  valid=self.valid, cal_scale=self.cal_scale)
         with open(os.path.join(directory, "pools.json"), "w") as f:
             json.dump({"class_names": list(self.class_names),
-                       "calibration": {k: [int(i) for i in v] for k, v in self.calibration.items()}}, f)
+                       "calibration": {k: [int(i) for i in v] for k, v in self.calibration.items()},
+                       "cal_scores": {k: [float(x) for x in v] for k, v in self.cal_scores.items()}}, f)
 
     @classmethod
     def load(cls, directory: str) -> "Pools":
@@ -54,7 +63,7 @@ class Pools:
         with open(os.path.join(directory, "pools.json")) as f:
             meta = json.load(f)
         return cls(z["pool_in"], z["pool_tgt"], z["valid"], z["cal_scale"], tuple(meta["class_names"]),
-                   {k: np.asarray(v) for k, v in meta["calibration"].items()})
+                   {k: np.asarray(v, int) for k, v in meta["calibration"].items()}, meta.get("cal_scores", {}))
 
 
 def fit_pools(h_in: np.ndarray, h_tgt: np.ndarray | None, class_names_of_images, fit_cfg, seed: int) -> Pools:

@@ -1,8 +1,9 @@
 """train_and_evaluate(config, workdir, mode): the whole job, shared by run.py and notebooks.
 
-Modes: train_and_eval (default), train, eval (reuse the checkpoint and pools), predict (is issue
-#6's; not yet here). A workdir holds config.json, checkpoints/ (orbax), fit/ (pools), train_log.jsonl,
-metrics.json, scores.csv and heatmaps/.
+Modes: train_and_eval (default), train, eval (reuse the checkpoint and pools), predict (score new
+images with the checkpoint and pools; see predict.py). A workdir holds config.json, checkpoints/
+(orbax), fit/ (pools and calibration), train_log.jsonl, metrics.json, scores.csv, report.html,
+heatmaps/ and predictions/.
 """
 from __future__ import annotations
 
@@ -24,7 +25,7 @@ from maskad_jax.reconstructor import count_params
 from maskad_jax.scoring import make_score_fn, pools_to_device
 from maskad_jax.train import build_reconstructor, restore_params, train
 
-MODES = ("train_and_eval", "train", "eval")
+MODES = ("train_and_eval", "train", "eval", "predict")
 
 
 def _log(msg):
@@ -39,18 +40,23 @@ def load_data(config):
     return builder, SplitData.load(builder, "train", classes), SplitData.load(builder, "test", classes)
 
 
-def extract_features(extractor, data: SplitData, config, normalize: bool) -> np.ndarray:
-    """Backbone features of a whole split, in order (the feature cache)."""
-    fn = jax.jit(extractor.apply, static_argnames=("normalize",))
-    out, n_done, t0 = [], 0, time.time()
+def extract_features(extractor, data: SplitData, config, with_target: bool):
+    """Backbone features of a whole split, in order (the feature cache): (h_in, h_tgt or None, image keys)."""
+    fn = jax.jit(lambda v, x: (extractor.apply(v, x, normalize=True),
+                               extractor.apply(v, x, normalize=False) if with_target else None))
+    h_in, h_tgt, keys, n_done, t0 = [], [], [], 0, time.time()
     for batch in eval_batches(data, config.data.eval_batch_size, image_size=config.data.image_size,
                               num_workers=config.data.num_workers):
-        h = np.asarray(fn(extractor.variables, jnp.asarray(batch["image"]), normalize=normalize))
-        out.append(h[batch["valid"] == 1])
-        n_done += int(batch["valid"].sum())
-    _log(f"features of {n_done} images ({'normalised' if normalize else 'unnormalised'} view): "
+        a, b = fn(extractor.variables, jnp.asarray(batch["image"]))
+        ok = batch["valid"] == 1
+        h_in.append(np.asarray(a)[ok])
+        if with_target:
+            h_tgt.append(np.asarray(b)[ok])
+        keys.append(batch["image_key"][ok])
+        n_done += int(ok.sum())
+    _log(f"features of {n_done} images{' (both views)' if with_target else ''}: "
          f"{n_done / max(time.time() - t0, 1e-9):.1f} img/s")
-    return np.concatenate(out)
+    return np.concatenate(h_in), (np.concatenate(h_tgt) if with_target else None), np.concatenate(keys)
 
 
 def make_extractor(config) -> FeatureExtractor:
@@ -61,12 +67,22 @@ def make_extractor(config) -> FeatureExtractor:
 
 def train_and_evaluate(config, workdir: str, mode: str = "train_and_eval") -> dict:
     if mode not in MODES:
-        raise ValueError(f"--mode must be one of {MODES} (predict arrives with issue #6), got {mode!r}")
+        raise ValueError(f"--mode must be one of {MODES}, got {mode!r}")
     workdir = os.path.abspath(os.path.expanduser(workdir))
     os.makedirs(workdir, exist_ok=True)
-    with open(os.path.join(workdir, "config.json" if mode != "eval" else "config.eval.json"), "w") as f:
+    name = {"eval": "config.eval.json", "predict": "config.predict.json"}.get(mode, "config.json")
+    with open(os.path.join(workdir, name), "w") as f:
         f.write(config.to_json_best_effort(indent=2))
     t_start = time.time()
+    if mode == "predict":
+        from maskad_jax.predict import predict
+        extractor = make_extractor(config)
+        grid = extractor.feature_shape(config.data.image_size)[:2]
+        model = build_reconstructor(config, extractor.channels, grid)
+        params, step = restore_params(workdir, config, extractor.channels, grid)
+        _log(f"restored the reconstructor at step {step} from {workdir}")
+        rows = predict(config, workdir, extractor, model, params, Pools.load(os.path.join(workdir, "fit")), log=_log)
+        return {"predictions": rows, "total_seconds": time.time() - t_start}
     _, train_data, test_data = load_data(config)
     _log(f"dataset {config.data.name}: {len(train_data)} train, {len(test_data)} test images, classes "
          f"{train_data.present_classes()}")
@@ -75,9 +91,8 @@ def train_and_evaluate(config, workdir: str, mode: str = "train_and_eval") -> di
     model = build_reconstructor(config, extractor.channels, grid)
     result = {}
     if mode in ("train", "train_and_eval"):
-        h_in = extract_features(extractor, train_data, config, normalize=True)
-        h_tgt = extract_features(extractor, train_data, config, normalize=False) \
-            if config.train.target == "unnormalized" else None
+        h_in, h_tgt, keys = extract_features(extractor, train_data, config,
+                                             with_target=config.train.target == "unnormalized")
         t0 = time.time()
         res = train(config, h_in, h_tgt, workdir, log=_log)
         params = res.params
@@ -86,6 +101,7 @@ def train_and_evaluate(config, workdir: str, mode: str = "train_and_eval") -> di
         result["train_seconds"] = time.time() - t0
         class_names = [train_data.class_names[i] for i in train_data.class_ids]
         pools = fit_pools(h_in, h_tgt, class_names, config.fit, config.seed)
+        pools.cal_scores = calibration_scores(config, model, params, pools, h_in, h_tgt, keys)
         pools.save(os.path.join(workdir, "fit"))
         _log(f"fitted {len(pools.class_names)} pool(s) of up to {pools.pool_in.shape[1]} tokens")
     if mode in ("eval", "train_and_eval"):
@@ -95,7 +111,29 @@ def train_and_evaluate(config, workdir: str, mode: str = "train_and_eval") -> di
         pools = Pools.load(os.path.join(workdir, "fit"))
         result.update(evaluate(config, workdir, extractor, model, params, pools, test_data))
     result["total_seconds"] = time.time() - t_start
+    if "per_class" in result:
+        from maskad_jax.report import write_report
+        write_report(os.path.join(workdir, "report.html"), config, result, workdir)
     return result
+
+
+def calibration_scores(config, model, params, pools, h_in, h_tgt, keys) -> dict:
+    """Image scores of the held-out normal training images, per pool (for predict's threshold)."""
+    from maskad_jax.scoring import make_score_features_fn
+    fn = jax.jit(make_score_features_fn(config, model), static_argnums=(6,))
+    dev_pools = pools_to_device(pools)
+    out = {}
+    for k, cls in enumerate(pools.class_names):
+        pos = pools.calibration.get(cls, np.zeros(0, int))
+        scores = []
+        for s in range(0, len(pos), config.data.eval_batch_size):
+            p = pos[s:s + config.data.eval_batch_size]
+            tgt = h_in[p] if h_tgt is None else h_tgt[p]
+            r = fn(params, dev_pools, jnp.asarray(h_in[p]), jnp.asarray(tgt), jnp.full(len(p), k, jnp.int32),
+                   jnp.asarray(keys[p]), config.data.image_size)
+            scores += np.asarray(r["score"]).tolist()
+        out[cls] = scores
+    return out
 
 
 def evaluate(config, workdir, extractor, model, params, pools, data: SplitData) -> dict:
@@ -110,7 +148,7 @@ def evaluate(config, workdir, extractor, model, params, pools, data: SplitData) 
     for batch in eval_batches(data, config.data.eval_batch_size, image_size=size, num_workers=config.data.num_workers):
         names = [data.class_names[c] for c in batch["class_id"]]
         out = score(params, extractor.variables, dev_pools, jnp.asarray(batch["image"]),
-                    jnp.asarray(pools.pool_index(names)), jnp.asarray(batch["index"]))
+                    jnp.asarray(pools.pool_index(names)), jnp.asarray(batch["image_key"]))
         ok = batch["valid"] == 1
         pos = batch["index"][ok]
         maps[pos] = np.asarray(out["map"])[ok]
@@ -124,7 +162,8 @@ def evaluate(config, workdir, extractor, model, params, pools, data: SplitData) 
         per_class[data.class_names[cid]] = metrics_lib.all_metrics(scores[sel], data.labels[sel], maps[sel], masks[sel],
                                                                   protocol=config.eval.protocol)
     mean = {k: float(np.nanmean([m[k] for m in per_class.values()])) for k in metrics_lib.METRIC_NAMES}
-    report = {"per_class": per_class, "mean": mean, "test_images_per_second": rate, "num_test_images": n}
+    report = {"per_class": per_class, "mean": mean, "test_images_per_second": rate, "num_test_images": n,
+              "examples": _write_heatmaps(workdir, data, maps, scores, size)}
     with open(os.path.join(workdir, "metrics.json"), "w") as f:
         json.dump(report, f, indent=2)
     with open(os.path.join(workdir, "scores.csv"), "w", newline="") as f:
@@ -133,20 +172,27 @@ def evaluate(config, workdir, extractor, model, params, pools, data: SplitData) 
         for i in range(n):
             w.writerow([data.file_names[i], data.class_names[data.class_ids[i]], data.defect_types[i],
                         int(data.labels[i]), f"{scores[i]:.6g}"])
-    _write_heatmaps(workdir, data, maps, scores)
     _log("mean over classes: " + ", ".join(f"{k} {100 * v:.1f}" for k, v in mean.items()))
     return report
 
 
-def _write_heatmaps(workdir, data, maps, scores, per_class: int = 4):
-    """The highest-scored images of each class as PNG heatmaps (map min-max scaled over the class)."""
+def _write_heatmaps(workdir, data, maps, scores, size, per_class: int = 3) -> list:
+    """Overlays of the highest- and lowest-scored test images of each class (maps scaled per class)."""
+    from maskad_jax.data import _Preprocess
+    from maskad_jax.overlay import overlay, safe_name
     out_dir = os.path.join(workdir, "heatmaps")
     os.makedirs(out_dir, exist_ok=True)
+    pre = _Preprocess(data, size)
+    examples = []
     for cid in sorted(set(data.class_ids.tolist())):
         idx = np.nonzero(data.class_ids == cid)[0]
-        lo, hi = maps[idx].min(), maps[idx].max()
-        for i in idx[np.argsort(-scores[idx])[:per_class]]:
-            m = ((maps[i] - lo) / max(hi - lo, 1e-12) * 255).astype(np.uint8)
-            stem = os.path.splitext(data.file_names[i])[0]
-            safe = "".join(ch if ch.isalnum() or ch in "-_" else "_" for ch in stem)
-            Image.fromarray(m, "L").save(os.path.join(out_dir, f"{safe}.png"))
+        lo, hi = float(maps[idx].min()), float(maps[idx].max())
+        order = idx[np.argsort(-scores[idx])]
+        picks = [("highest", i) for i in order[:per_class]] + [("lowest", i) for i in order[::-1][:per_class]]
+        for kind, i in picks:
+            el = pre.map(int(i))
+            name = safe_name(data.file_names[i], ".png")
+            Image.fromarray(overlay(el["image"], maps[i], lo, hi)).save(os.path.join(out_dir, name))
+            examples.append({"class": data.class_names[cid], "kind": kind, "file": data.file_names[i],
+                             "score": float(scores[i]), "label": int(data.labels[i]), "png": f"heatmaps/{name}"})
+    return examples

@@ -1,10 +1,12 @@
-"""run.py end to end with the smoke config: train_and_eval, then eval from the saved checkpoint."""
+"""run.py end to end with the smoke config: train_and_eval, eval and predict from the saved checkpoint."""
+import csv
 import json
 import os
 import subprocess
 import sys
 
-import pytest
+import numpy as np
+from PIL import Image
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -15,24 +17,61 @@ def _run(args, timeout=600):
     return proc.stdout + proc.stderr
 
 
-@pytest.mark.parametrize("target", ["same", "unnormalized"])
-def test_run_py_train_then_eval(tmp_path, target):
+def _csv(path):
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def test_run_py_train_eval_predict(tmp_path):
     wd, tfds = str(tmp_path / "wd"), str(tmp_path / "tfds")
-    common = ["--config=configs/demo.py:smoke", f"--workdir={wd}", f"--config.data.tfds_dir={tfds}",
-              f"--config.train.target={target}"]
+    common = ["--config=configs/demo.py:smoke", f"--workdir={wd}", f"--config.data.tfds_dir={tfds}"]
     out = _run(common)
     assert "trained to step 6" in out and "mean over classes" in out
-    for f in ("config.json", "metrics.json", "scores.csv", "train_log.jsonl", "fit/pools.npz"):
+    for f in ("config.json", "metrics.json", "scores.csv", "train_log.jsonl", "fit/pools.npz", "report.html"):
         assert os.path.isfile(os.path.join(wd, f)), f
-    assert os.listdir(os.path.join(wd, "heatmaps"))
     first = json.load(open(os.path.join(wd, "metrics.json")))
     assert set(first["per_class"]) == {"weave", "speckle", "disc"}
     assert all(0.0 <= v <= 1.0 for v in first["mean"].values())
+    report = open(os.path.join(wd, "report.html")).read()
+    assert "image_auroc" in report and "speckle" in report and "<img src=\"heatmaps/" in report
+    for ex in first["examples"]:
+        assert os.path.isfile(os.path.join(wd, ex["png"]))
     scores_first = open(os.path.join(wd, "scores.csv")).read()
 
     out = _run(common + ["--mode=eval"])
     assert "restored the reconstructor at step 6" in out and "step 1/" not in out  # no retraining
-    assert open(os.path.join(wd, "scores.csv")).read() == scores_first  # same maps from the checkpoint
+    assert open(os.path.join(wd, "scores.csv")).read() == scores_first  # the same maps from the checkpoint
 
     out = _run(common)  # rerunning the training command resumes (here: already finished)
     assert "resumed from step 6" in out
+
+    # predict: some of the test images exported as files, plus mixed sizes/modes and a hostile name
+    from maskad_jax.data import SplitData
+    from tfds_builders import prepare
+    data = SplitData.load(prepare("synthetic", tfds, config="tiny"), "test", ["disc"])
+    src = tmp_path / "inputs"
+    (src / "sub").mkdir(parents=True)
+    expected = {}
+    for pos in range(3):
+        rec = data.source[int(data.indices[pos])]
+        name = f"disc_{pos}.png"
+        Image.fromarray(np.asarray(rec["image"])).save(src / name)
+        expected[name] = data.file_names[pos]
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 255, (80, 100), dtype=np.uint8), "L").save(src / "sub" / "grey.png")
+    Image.fromarray(rng.integers(0, 255, (70, 50, 4), dtype=np.uint8), "RGBA").save(src / "sub" / "rgba.png")
+    Image.fromarray(rng.integers(0, 65535, (90, 90), dtype=np.uint16)).save(src / "sub" / "deep16.png")
+    hostile = 'x <b>&"..\' name.png'
+    Image.fromarray(rng.integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(src / "sub" / hostile)
+    out = _run(common + ["--mode=predict", f"--config.predict.input={src}", "--config.predict.class_name=disc"])
+    pred = {r["file"]: r for r in _csv(os.path.join(wd, "predictions", "scores.csv"))}
+    assert len(pred) == 7 and all(not r["error"] for r in pred.values())
+    evals = {r["file"]: r for r in _csv(os.path.join(wd, "scores.csv"))}
+    for name, file_name in expected.items():
+        assert float(pred[name]["score"]) == float(evals[file_name]["score"])  # same score as eval
+    for r in pred.values():
+        assert all(ch.isalnum() or ch in "-_" for ch in r["output_name"])
+        for sub, ext in (("maps", ".npy"), ("maps", ".png"), ("overlays", ".png")):
+            assert os.path.isfile(os.path.join(wd, "predictions", sub, r["output_name"] + ext))
+        assert r["anomalous"] in ("True", "False") and float(r["threshold"]) > 0
+    assert set(os.listdir(os.path.join(wd, "predictions"))) == {"maps", "overlays", "scores.csv", "scores.json"}
