@@ -1,0 +1,114 @@
+"""Test-time scoring throughput: the fused one-program step against a Python loop over the masks.
+
+    python benchmarks/scoring.py --model small        # dim 256, 4 blocks (the CPU-sized config)
+    python benchmarks/scoring.py --model paper        # dim 768, 10 blocks (slow on a CPU)
+
+Both paths compute the same thing from the same features: reference maps and M_po from a pool,
+N masks per image, 2N reconstructions, errors, OT, combination, upsampling and smoothing. The
+fused path is `scoring.make_score_features_fn` under one jit; the loop path calls a jitted
+reconstruction once per mask (2N calls per batch) and a jitted tail. Random weights, Lite0-sized
+features (192 channels, 14 x 14), 13 masks (the paper's N). Reports images/s, the ratio, the
+reconstructor stage's GFLOP/s and peak RSS.
+"""
+import argparse
+import os
+import resource
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
+from configs import default  # noqa: E402
+from maskad_jax import association  # noqa: E402
+from maskad_jax.coreset import nearest  # noqa: E402
+from maskad_jax.fit import fit_pools  # noqa: E402
+from maskad_jax.reconstructor import patch_errors  # noqa: E402
+from maskad_jax.resize import resize_map_align_corners  # noqa: E402
+from maskad_jax.scoring import make_masks, make_score_features_fn, num_masks, pools_to_device  # noqa: E402
+from maskad_jax.smoothing import gaussian_smooth  # noqa: E402
+from maskad_jax.train import build_reconstructor  # noqa: E402
+
+
+def reconstructor_gflop_per_pass(d, depth, c, tokens=197, mlp=4.0):
+    per_block = 2 * tokens * d * (3 * d + d + 2 * mlp * d) + 2 * 2 * tokens * tokens * d
+    return (depth * per_block + 2 * 2 * (tokens - 1) * c * d) / 1e9
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("--model", choices=["small", "paper"], default="small")
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--repeats", type=int, default=3)
+    a = p.parse_args()
+    c = default.get_config()
+    r = c.model.reconstructor
+    if a.model == "small":
+        r.embed_dim, r.encoder_depth, r.decoder_depth, r.num_heads = 256, 2, 2, 8
+    ch, grid, size = 192, (14, 14), 224
+    model = build_reconstructor(c, ch, grid)
+    params = model.init(jax.random.key(0), jnp.zeros((1, 14, 14, ch)), jnp.zeros((1, 196), bool))["params"]
+    rng = np.random.default_rng(0)
+    train_h = rng.normal(size=(40, 14, 14, ch)).astype(np.float32)
+    pools = pools_to_device(fit_pools(train_h, None, ["a"] * 40, c.fit, 0))
+    h = jnp.asarray(rng.normal(size=(a.batch, 14, 14, ch)).astype(np.float32))
+    pidx, keys = jnp.zeros(a.batch, jnp.int32), jnp.arange(a.batch, dtype=jnp.int32)
+    sc = c.scoring
+    n_masks = num_masks(sc)
+
+    fused = jax.jit(make_score_features_fn(c, model), static_argnums=(6,))
+
+    @jax.jit
+    def head(h):
+        b = h.shape[0]
+        tok = h.reshape(b, 196, ch)
+        d, idx = jax.vmap(nearest)(tok, pools["pool_in"][pidx], pools["valid"][pidx])
+        mpo = jnp.sqrt(d) / pools["cal_scale"][pidx][:, None]
+        ref = jnp.take_along_axis(pools["pool_in"][pidx], idx[..., None], axis=1).reshape(h.shape)
+        ks = jax.vmap(lambda i: jax.random.fold_in(jax.random.key(0), i))(keys)
+        m = jax.vmap(lambda k, s: make_masks(k, s, grid, sc))(ks, mpo)
+        return mpo, ref, m
+
+    recon = jax.jit(lambda p, x, m, t: patch_errors(model.apply({"params": p}, x, m, deterministic=True), t))
+
+    @jax.jit
+    def tail(e_h, e_r, mpo):
+        b = e_h.shape[0]
+        rec = e_h.mean(-1)
+        ass = association.paper_assdis(e_h, e_r, sc.epsilon, sc.sinkhorn_iterations)
+        up = resize_map_align_corners((rec + ass).reshape(b, 14, 14), (size, size))
+        up = up * resize_map_align_corners(mpo.reshape(b, 14, 14), (size, size))
+        return gaussian_smooth(up, sc.sigma)
+
+    def loop(h):
+        mpo, ref, m = head(h)
+        e_h = jnp.stack([recon(params, h, m[:, k], h) for k in range(n_masks)], -1)
+        e_r = jnp.stack([recon(params, ref, m[:, k], ref) for k in range(n_masks)], -1)
+        return tail(e_h, e_r, mpo)
+
+    def timed(fn):
+        jax.block_until_ready(fn())
+        t = time.perf_counter()
+        for _ in range(a.repeats):
+            jax.block_until_ready(fn())
+        return (time.perf_counter() - t) / a.repeats
+
+    t_fused = timed(lambda: fused(params, pools, h, h, pidx, keys, size))
+    t_loop = timed(lambda: loop(h))
+    x = jnp.concatenate([h] * (2 * n_masks))[: a.batch * 2 * n_masks]
+    mm = jnp.zeros((x.shape[0], 196), bool)
+    t_rec = timed(lambda: recon(params, x, mm, x))
+    gflop = reconstructor_gflop_per_pass(r.embed_dim, r.encoder_depth + r.decoder_depth, ch) * x.shape[0]
+    print(f"model={a.model} batch={a.batch} masks={n_masks} (x2 for h and r)")
+    print(f"fused one-program step: {a.batch / t_fused:.2f} images/s")
+    print(f"python loop over masks: {a.batch / t_loop:.2f} images/s")
+    print(f"fused / loop speed ratio: {t_loop / t_fused:.2f}")
+    print(f"reconstructor stage alone: {gflop / t_rec:.1f} GFLOP/s ({gflop / a.batch:.1f} GFLOP per image)")
+    print(f"peak RSS: {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MiB")
+
+
+if __name__ == "__main__":
+    main()
