@@ -5,8 +5,16 @@
     python run.py --config=configs/mvtec.py --workdir=runs/mvtec --mode=eval
     python run.py --config=configs/mvtec.py --workdir=runs/mvtec --mode=predict --config.predict.input=some/folder
 """
-from absl import app, flags
-from ml_collections import config_flags
+import os
+
+# On a CPU, XLA runs each convolution on one core; presenting every core as a device lets the
+# data-parallel code use them all. Harmless on GPU/TPU hosts (the accelerator stays the default).
+if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
+    _n = max(1, min(os.cpu_count() or 1, 8))
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + f" --xla_force_host_platform_device_count={_n}").strip()
+
+from absl import app, flags  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
 
 config_flags.DEFINE_config_file("config", "configs/demo.py", "ml_collections config file (path[:variant])")
 flags.DEFINE_string("workdir", None, "directory for checkpoints, metrics and heatmaps (default runs/<config name>)")
@@ -16,7 +24,6 @@ FLAGS = flags.FLAGS
 
 def main(argv):
     del argv
-    import os
     from absl import logging
     if not FLAGS["verbosity"].present:
         logging.set_verbosity(logging.WARNING)  # keep orbax/TFDS chatter out of the progress lines

@@ -23,7 +23,7 @@ from maskad_jax.features import FeatureExtractor
 from maskad_jax.fit import Pools, fit_pools
 from maskad_jax.reconstructor import count_params
 from maskad_jax.scoring import make_score_fn, pools_to_device
-from maskad_jax.train import build_reconstructor, restore_params, train
+from maskad_jax.train import build_reconstructor, data_mesh, restore_params, train
 
 MODES = ("train_and_eval", "train", "eval", "predict")
 
@@ -40,14 +40,25 @@ def load_data(config):
     return builder, SplitData.load(builder, "train", classes), SplitData.load(builder, "test", classes)
 
 
+def batch_sharding(config):
+    """NamedSharding of the eval batch over all devices (the batch size must divide evenly)."""
+    from jax.sharding import NamedSharding, PartitionSpec as P
+    mesh = data_mesh()
+    if config.data.eval_batch_size % mesh.devices.size:
+        raise ValueError(f"data.eval_batch_size {config.data.eval_batch_size} must be a multiple of the "
+                         f"{mesh.devices.size} devices")
+    return NamedSharding(mesh, P("data"))
+
+
 def extract_features(extractor, data: SplitData, config, with_target: bool):
     """Backbone features of a whole split, in order (the feature cache): (h_in, h_tgt or None, image keys)."""
     fn = jax.jit(lambda v, x: (extractor.apply(v, x, normalize=True),
                                extractor.apply(v, x, normalize=False) if with_target else None))
     h_in, h_tgt, keys, n_done, t0 = [], [], [], 0, time.time()
+    shard = batch_sharding(config)
     for batch in eval_batches(data, config.data.eval_batch_size, image_size=config.data.image_size,
                               num_workers=config.data.num_workers):
-        a, b = fn(extractor.variables, jnp.asarray(batch["image"]))
+        a, b = fn(extractor.variables, jax.device_put(batch["image"], shard))
         ok = batch["valid"] == 1
         h_in.append(np.asarray(a)[ok])
         if with_target:
@@ -145,10 +156,11 @@ def evaluate(config, workdir, extractor, model, params, pools, data: SplitData) 
     masks = np.zeros((n, size, size), np.uint8)
     scores = np.zeros((n,), np.float32)
     t0 = time.time()
+    shard = batch_sharding(config)
     for batch in eval_batches(data, config.data.eval_batch_size, image_size=size, num_workers=config.data.num_workers):
         names = [data.class_names[c] for c in batch["class_id"]]
-        out = score(params, extractor.variables, dev_pools, jnp.asarray(batch["image"]),
-                    jnp.asarray(pools.pool_index(names)), jnp.asarray(batch["image_key"]))
+        out = score(params, extractor.variables, dev_pools, jax.device_put(batch["image"], shard),
+                    jax.device_put(pools.pool_index(names), shard), jax.device_put(batch["image_key"], shard))
         ok = batch["valid"] == 1
         pos = batch["index"][ok]
         maps[pos] = np.asarray(out["map"])[ok]

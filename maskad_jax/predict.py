@@ -75,6 +75,8 @@ def predict(config, workdir: str, extractor, model, params, pools, log=print) ->
         fixed = int(pools.pool_index([pc.class_name])[0])
     rows, used = [], set()
     bs = config.data.eval_batch_size
+    from maskad_jax.pipeline import batch_sharding
+    shard = batch_sharding(config)
     for start in range(0, len(rels), bs):
         chunk = rels[start:start + bs]
         images, ok_rels = [], []
@@ -91,9 +93,10 @@ def predict(config, workdir: str, extractor, model, params, pools, log=print) ->
         n = len(images)
         batch = np.stack(images + [images[-1]] * (bs - n))  # pad to a fixed shape: one compiled program
         keys = np.asarray([image_key(x) for x in batch])
-        x = jnp.asarray(batch)
+        x = jax.device_put(batch, shard)
         pidx = np.full(bs, fixed, np.int32) if fixed is not None else np.asarray(assign(extractor.variables, x))
-        out = score(params, extractor.variables, dev_pools, x, jnp.asarray(pidx), jnp.asarray(keys))
+        out = score(params, extractor.variables, dev_pools, x, jax.device_put(pidx, shard),
+                    jax.device_put(keys, shard))
         maps, scores = np.asarray(out["map"]), np.asarray(out["score"])
         for i, rel in enumerate(ok_rels):
             cls = pools.class_names[pidx[i]]

@@ -3,8 +3,9 @@
 One code path for 1 CPU, 8 TPU cores or many hosts: a 1-D `Mesh` over a 'data' axis, the batch
 sharded along it (NamedSharding), the state replicated, the step jitted with donated state. The
 frozen backbone runs once per training image (features.py), so training costs only the
-reconstructor. Batches follow a per-epoch permutation of numpy's Generator([seed, epoch]) and
-masks come from PRNG keys folded from (seed, step, image index): a resumed run continues with
+reconstructor. Progress goes to the console (loss, lr, steps/s, images/s, ETA), to
+<workdir>/train_log.jsonl and to TensorBoard event files in <workdir>/tensorboard. Batches follow
+a per-epoch permutation of numpy's Generator([seed, epoch]) and masks come from PRNG keys folded from (seed, step, image index): a resumed run continues with
 exactly the batches and masks an uninterrupted run would have used.
 """
 from __future__ import annotations
@@ -141,6 +142,7 @@ def train(config, h_in: np.ndarray, h_tgt: np.ndarray | None, workdir: str | Non
     losses = []
     t0, last_log = time.time(), start
     log_path = os.path.join(workdir, "train_log.jsonl") if workdir else None
+    tb = _summary_writer(workdir) if workdir and pi == 0 else None
     for step in range(start, end):
         idx = _batch_indices(n, batch, config.seed, step)[pi * local:(pi + 1) * local]
         y_src = h_in if h_tgt is None else h_tgt
@@ -156,6 +158,11 @@ def train(config, h_in: np.ndarray, h_tgt: np.ndarray | None, workdir: str | Non
             eta = (end - done) / max(rate, 1e-9)
             log(f"step {done}/{total} loss {lv:.5f} lr {float(sched(step)):.2e} {rate:.2f} steps/s "
                 f"{rate * batch:.1f} img/s eta {eta:.0f}s")
+            if tb is not None:
+                tb.add_scalar("train/loss", lv, done)
+                tb.add_scalar("train/lr", float(sched(step)), done)
+                tb.add_scalar("train/images_per_second", rate * batch, done)
+                tb.flush()
             if log_path and pi == 0:
                 with open(log_path, "a") as f:
                     f.write(json.dumps({"step": done, "loss": lv, "lr": float(sched(step)),
@@ -165,7 +172,15 @@ def train(config, h_in: np.ndarray, h_tgt: np.ndarray | None, workdir: str | Non
             _save(ckpt, done, state, fingerprint)
     if ckpt is not None:
         ckpt.wait_until_finished()
+    if tb is not None:
+        tb.close()
     return TrainResult(state["params"], [(s, float(l)) for s, l in losses], end)
+
+
+def _summary_writer(workdir):
+    """TensorBoard event files in <workdir>/tensorboard (tensorboardX: no TensorFlow needed)."""
+    from tensorboardX import SummaryWriter
+    return SummaryWriter(os.path.join(workdir, "tensorboard"))
 
 
 # -------------------------------------------------------------------------------------------- orbax

@@ -29,6 +29,8 @@ def test_run_py_train_eval_predict(tmp_path):
     assert "trained to step 6" in out and "mean over classes" in out
     for f in ("config.json", "metrics.json", "scores.csv", "train_log.jsonl", "fit/pools.npz", "report.html"):
         assert os.path.isfile(os.path.join(wd, f)), f
+    events = os.listdir(os.path.join(wd, "tensorboard"))
+    assert events and b"train/loss" in open(os.path.join(wd, "tensorboard", events[0]), "rb").read()
     first = json.load(open(os.path.join(wd, "metrics.json")))
     assert set(first["per_class"]) == {"weave", "speckle", "disc"}
     assert all(0.0 <= v <= 1.0 for v in first["mean"].values())
