@@ -155,6 +155,7 @@ def evaluate(config, workdir, extractor, model, params, pools, data: SplitData) 
     maps = np.zeros((n, size, size), np.float32)
     masks = np.zeros((n, size, size), np.uint8)
     scores = np.zeros((n,), np.float32)
+    rec_mean = np.zeros((n,), np.float32)  # mean per-patch reconstruction error of the image's N branches
     t0 = time.time()
     shard = batch_sharding(config)
     for batch in eval_batches(data, config.data.eval_batch_size, image_size=size, num_workers=config.data.num_workers):
@@ -165,6 +166,7 @@ def evaluate(config, workdir, extractor, model, params, pools, data: SplitData) 
         pos = batch["index"][ok]
         maps[pos] = np.asarray(out["map"])[ok]
         scores[pos] = np.asarray(out["score"])[ok]
+        rec_mean[pos] = np.asarray(out["rec"]).mean(axis=(1, 2))[ok]
         masks[pos] = batch["mask"][ok]
     rate = n / max(time.time() - t0, 1e-9)
     _log(f"scored {n} test images at {rate:.2f} img/s (first batch includes compilation)")
@@ -180,10 +182,10 @@ def evaluate(config, workdir, extractor, model, params, pools, data: SplitData) 
         json.dump(report, f, indent=2)
     with open(os.path.join(workdir, "scores.csv"), "w", newline="") as f:
         w = csv.writer(f)
-        w.writerow(["file", "class", "defect_type", "label", "score"])
+        w.writerow(["file", "class", "defect_type", "label", "score", "rec_mean"])
         for i in range(n):
             w.writerow([data.file_names[i], data.class_names[data.class_ids[i]], data.defect_types[i],
-                        int(data.labels[i]), f"{scores[i]:.6g}"])
+                        int(data.labels[i]), f"{scores[i]:.6g}", f"{rec_mean[i]:.6g}"])
     _log("mean over classes: " + ", ".join(f"{k} {100 * v:.1f}" for k, v in mean.items()))
     return report
 
