@@ -83,7 +83,7 @@ def _text(v) -> str:
     return v.decode("utf-8") if isinstance(v, bytes) else str(v)
 
 
-class _Preprocess(grain.transforms.Map):
+class Preprocess(grain.transforms.Map):
     def __init__(self, data: SplitData, image_size: int):
         self.data, self.size = data, image_size
 
@@ -104,7 +104,7 @@ class _Preprocess(grain.transforms.Map):
 class _PaddedLoad(grain.transforms.Map):
     """Loads position order[i]; valid[i] = 0 marks padding that repeats a real example."""
 
-    def __init__(self, pre: _Preprocess, order: np.ndarray, valid: np.ndarray):
+    def __init__(self, pre: Preprocess, order: np.ndarray, valid: np.ndarray):
         self.pre, self.order, self.valid = pre, order, valid
 
     def map(self, i):
@@ -125,7 +125,7 @@ def train_batches(data: SplitData, batch_size: int, *, seed: int, image_size: in
     """Endless iterator of per-process batches (batch_size is per process), from `start_step` on."""
     ds = grain.MapDataset.range(len(data)).shuffle(seed=seed).repeat()
     ds = ds[process_index::process_count] if process_count > 1 else ds
-    ds = ds.map(_Preprocess(data, image_size)).batch(batch_size, drop_remainder=True)
+    ds = ds.map(Preprocess(data, image_size)).batch(batch_size, drop_remainder=True)
     ds = ds.slice(slice(start_step, None)) if start_step else ds
     return iter(_iterate(ds, num_workers))
 
@@ -138,5 +138,5 @@ def eval_batches(data: SplitData, batch_size: int, *, image_size: int = 224, num
     padded = int(np.ceil(n / batch_size)) * batch_size
     order = np.concatenate([positions, np.full(padded - n, positions[-1] if n else 0)]).astype(np.int64)
     valid = np.arange(padded) < n
-    ds = grain.MapDataset.range(padded).map(_PaddedLoad(_Preprocess(data, image_size), order, valid)).batch(batch_size)
+    ds = grain.MapDataset.range(padded).map(_PaddedLoad(Preprocess(data, image_size), order, valid)).batch(batch_size)
     return iter(_iterate(ds, num_workers))

@@ -96,14 +96,7 @@ def aupro(maps, masks, fpr_limit: float = 0.3) -> float:
     last = np.r_[np.nonzero(np.diff(s))[0], len(s) - 1]
     pro = np.r_[0.0, np.cumsum(w_pro[order])[last]]
     fpr = np.r_[0.0, np.cumsum(w_fpr[order])[last]]
-    keep = fpr <= fpr_limit
-    x, y = fpr[keep], pro[keep]
-    if x[-1] < fpr_limit and keep.sum() < len(fpr):  # interpolate the crossing of the limit
-        j = int(keep.sum())
-        x0, x1, y0, y1 = fpr[j - 1], fpr[j], pro[j - 1], pro[j]
-        y_lim = y0 + (y1 - y0) * (fpr_limit - x0) / (x1 - x0) if x1 > x0 else y1
-        x, y = np.r_[x, fpr_limit], np.r_[y, y_lim]
-    return float(np.trapezoid(y, x) / fpr_limit)
+    return _integrate_pro(fpr, pro, fpr_limit)
 
 
 def pixel_f1_max_ader(maps, masks, steps: int = 21) -> float:
@@ -143,11 +136,91 @@ def aupro_ader(maps, masks, max_step: int = 100, fpr_limit: float = 0.3) -> floa
     return float(np.trapezoid(p[order], f[order]))
 
 
+def _curves_from_counts(pos, neg):
+    """Cumulative TP/FP from the highest bin down, keeping only bins that hold pixels (tie groups)."""
+    keep = (pos + neg) > 0
+    tp = np.cumsum(pos[::-1])[keep[::-1]]
+    fp = np.cumsum(neg[::-1])[keep[::-1]]
+    return tp.astype(np.float64), fp.astype(np.float64)
+
+
+class BinnedPixelMetrics:
+    """Pixel AUROC, AP, F1-max and AUPRO from per-bin counts, in memory independent of the pixel count.
+
+    Scores are put into `bins` equal bins over [lo, hi]; each bin is one threshold (a tie group),
+    so the results are the exact metrics of the quantised maps. With 2**16 bins the difference to
+    the exact metrics is below 1e-4 on the tests' cases (docs/metrics.md). Feed maps with add() in
+    any number of chunks, then call results().
+    """
+
+    def __init__(self, lo: float, hi: float, bins: int = 1 << 16):
+        self.lo, self.hi, self.bins = float(lo), float(hi), int(bins)
+        self.pos = np.zeros(self.bins, np.int64)
+        self.neg = np.zeros(self.bins, np.int64)
+        self.pro = np.zeros(self.bins, np.float64)  # sum over region pixels of 1/|R|
+        self.n_regions = 0
+
+    def _index(self, maps):
+        scale = self.bins / max(self.hi - self.lo, 1e-30)
+        return np.clip(((np.asarray(maps, np.float64) - self.lo) * scale).astype(np.int64), 0, self.bins - 1)
+
+    def add(self, maps, masks):
+        masks = np.asarray(masks).astype(bool)
+        idx = self._index(maps)
+        self.pos += np.bincount(idx[masks], minlength=self.bins)
+        self.neg += np.bincount(idx[~masks], minlength=self.bins)
+        lab, n = regions(masks)
+        if n:
+            sizes = np.bincount(lab.ravel())
+            sel = lab > 0
+            self.pro += np.bincount(idx[sel], weights=1.0 / sizes[lab[sel]], minlength=self.bins)
+            self.n_regions += n
+
+    def results(self, fpr_limit: float = 0.3) -> dict:
+        out = {}
+        if self.pos.sum() and self.neg.sum():
+            tp, fp = _curves_from_counts(self.pos, self.neg)
+            tpr, fpr = np.r_[0, tp] / tp[-1], np.r_[0, fp] / fp[-1]
+            out["pixel_auroc"] = float(np.trapezoid(tpr, fpr))
+            precision = tp / (tp + fp)
+            out["pixel_ap"] = float(np.sum(np.diff(np.r_[0, tp] / tp[-1]) * precision))
+            recall = tp / tp[-1]
+            with np.errstate(invalid="ignore", divide="ignore"):
+                out["pixel_f1_max"] = float(np.nanmax(2 * precision * recall / (precision + recall)))
+        else:
+            out.update(pixel_auroc=float("nan"), pixel_ap=float("nan"), pixel_f1_max=float("nan"))
+        if self.n_regions and self.neg.sum():
+            keep = (self.pos + self.neg) > 0
+            pro = np.r_[0.0, np.cumsum(self.pro[::-1])[keep[::-1]] / self.n_regions]
+            fpr = np.r_[0.0, np.cumsum(self.neg[::-1])[keep[::-1]] / self.neg.sum()]
+            out["aupro"] = _integrate_pro(fpr, pro, fpr_limit)
+        else:
+            out["aupro"] = float("nan")
+        return out
+
+
+def _integrate_pro(fpr, pro, fpr_limit):
+    keep = fpr <= fpr_limit
+    x, y = fpr[keep], pro[keep]
+    if x[-1] < fpr_limit and keep.sum() < len(fpr):
+        j = int(keep.sum())
+        x0, x1, y0, y1 = fpr[j - 1], fpr[j], pro[j - 1], pro[j]
+        y_lim = y0 + (y1 - y0) * (fpr_limit - x0) / (x1 - x0) if x1 > x0 else y1
+        x, y = np.r_[x, fpr_limit], np.r_[y, y_lim]
+    return float(np.trapezoid(y, x) / fpr_limit)
+
+
 METRIC_NAMES = ("image_auroc", "image_ap", "image_f1_max", "pixel_auroc", "pixel_ap", "pixel_f1_max", "aupro")
 
 
-def all_metrics(image_scores, image_labels, maps, masks, protocol: str = "exact") -> dict:
-    """The seven metrics of one class (values in [0, 1]); undefined ones are NaN."""
+def all_metrics(image_scores, image_labels, maps, masks, protocol: str = "exact", bins: int = 1 << 16) -> dict:
+    """The seven metrics of one class (values in [0, 1]); undefined ones are NaN.
+
+    protocol: "exact" (sorting every pixel), "binned" (pixel metrics from per-bin counts, bounded
+    memory, fed image by image), or "ader" (the published protocol's approximations).
+    """
+    if protocol not in ("exact", "binned", "ader"):
+        raise ValueError(f"eval.protocol must be exact | binned | ader, got {protocol!r}")
     out = {}
 
     def safe(name, fn, *args):
@@ -159,6 +232,12 @@ def all_metrics(image_scores, image_labels, maps, masks, protocol: str = "exact"
     safe("image_auroc", auroc, image_scores, image_labels)
     safe("image_ap", average_precision, image_scores, image_labels)
     safe("image_f1_max", f1_max, image_scores, image_labels)
+    if protocol == "binned":
+        acc = BinnedPixelMetrics(float(np.min(maps)), float(np.max(maps)), bins)
+        for i in range(len(maps)):
+            acc.add(maps[i:i + 1], masks[i:i + 1])
+        out.update(acc.results())
+        return out
     safe("pixel_auroc", auroc, maps, masks)
     safe("pixel_ap", average_precision, maps, masks)
     if protocol == "ader":

@@ -174,7 +174,7 @@ def evaluate(config, workdir, extractor, model, params, pools, data: SplitData) 
     for cid in sorted(set(data.class_ids.tolist())):
         sel = data.class_ids == cid
         per_class[data.class_names[cid]] = metrics_lib.all_metrics(scores[sel], data.labels[sel], maps[sel], masks[sel],
-                                                                  protocol=config.eval.protocol)
+                                                                  protocol=config.eval.protocol, bins=config.eval.bins)
     mean = {k: float(np.nanmean([m[k] for m in per_class.values()])) for k in metrics_lib.METRIC_NAMES}
     report = {"per_class": per_class, "mean": mean, "test_images_per_second": rate, "num_test_images": n,
               "examples": _write_heatmaps(workdir, data, maps, scores, size)}
@@ -192,11 +192,11 @@ def evaluate(config, workdir, extractor, model, params, pools, data: SplitData) 
 
 def _write_heatmaps(workdir, data, maps, scores, size, per_class: int = 3) -> list:
     """Overlays of the highest- and lowest-scored test images of each class (maps scaled per class)."""
-    from maskad_jax.data import _Preprocess
+    from maskad_jax.data import Preprocess
     from maskad_jax.overlay import overlay, safe_name
     out_dir = os.path.join(workdir, "heatmaps")
     os.makedirs(out_dir, exist_ok=True)
-    pre = _Preprocess(data, size)
+    pre = Preprocess(data, size)
     examples = []
     for cid in sorted(set(data.class_ids.tolist())):
         idx = np.nonzero(data.class_ids == cid)[0]

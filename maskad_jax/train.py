@@ -11,7 +11,6 @@ exactly the batches and masks an uninterrupted run would have used.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import os
 import time
@@ -231,6 +230,3 @@ def restore_params(workdir: str, config, in_channels: int, grid):
     state = _restore(ckpt, template, model_fingerprint(config, in_channels), repl)
     return state["params"], int(state["step"])
 
-
-def config_hash(d: dict) -> str:
-    return hashlib.sha1(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:12]

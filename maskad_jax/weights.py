@@ -243,7 +243,6 @@ def save_orbax(variables, directory: str, meta: dict, *, overwrite: bool = False
     ckptr = ocp.Checkpointer(ocp.CompositeCheckpointHandler())
     ckptr.save(directory, args=ocp.args.Composite(
         variables=ocp.args.StandardSave(variables), meta=ocp.args.JsonSave(meta)))
-    ckptr.wait_until_finished() if hasattr(ckptr, "wait_until_finished") else None
 
 
 def load_orbax(directory: str):

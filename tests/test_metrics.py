@@ -104,3 +104,26 @@ def test_ader_protocol_follows_its_definition():
 def test_all_metrics_nan_for_undefined():
     out = M.all_metrics(np.zeros(3), np.zeros(3), np.zeros((3, 4, 4)), np.zeros((3, 4, 4)))
     assert all(np.isnan(v) for v in out.values())
+
+
+def test_binned_protocol_is_close_to_exact_and_streams():
+    rng = np.random.default_rng(7)
+    masks = np.zeros((6, 40, 40), bool)
+    masks[0, 5:15, 5:12] = True
+    masks[2, 20:35, 10:14] = True
+    masks[2, 2:5, 30:38] = True
+    masks[5, 10:30, 10:30] = True
+    maps = rng.normal(size=masks.shape) + 1.2 * masks
+    exact = M.all_metrics(maps.max(axis=(1, 2)), masks.any(axis=(1, 2)), maps, masks)
+    binned = M.all_metrics(maps.max(axis=(1, 2)), masks.any(axis=(1, 2)), maps, masks, protocol="binned")
+    for k in M.METRIC_NAMES:
+        assert abs(exact[k] - binned[k]) < 1e-4, k
+    # On maps with few distinct values (all in distinct bins) binned equals exact.
+    q = np.round(maps, 1)
+    acc = M.BinnedPixelMetrics(q.min(), q.max() + 1e-9, bins=1 << 12)
+    for i in range(len(q)):
+        acc.add(q[i:i + 1], masks[i:i + 1])
+    r = acc.results()
+    assert r["pixel_auroc"] == pytest.approx(M.auroc(q, masks), abs=1e-12)
+    assert r["pixel_ap"] == pytest.approx(M.average_precision(q, masks), abs=1e-12)
+    assert r["aupro"] == pytest.approx(M.aupro(q, masks), abs=1e-12)
