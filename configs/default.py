@@ -75,6 +75,10 @@ def get_config():
     # ---------------------------------------------------------------- test-time scoring
     c.scoring = ml_collections.ConfigDict()
     c.scoring.mpo = "knn"  # knn | none  (the normalising-flow M_po is issue #8)
+    # calibration: divide by the mean distance of held-out normal training tokens (an image is scored
+    # on its own). test_max: divide by the max over the class's whole test set (the released code's
+    # transductive normalisation; eval only).
+    c.scoring.mpo_normalisation = "calibration"
     c.scoring.prototype_ratios = (0.01, 0.03, 0.05, 0.07)  # top-k by M_po: 1/5/9/13 of 196 patches
     c.scoring.num_random = 4
     c.scoring.random_ratio = 0.2  # 39 of 196

@@ -34,6 +34,7 @@ def code(c):
     s.squared_error = False
     s.prototype_ratios = (0.01, 0.03, 0.05, 0.07)
     s.num_random, s.num_block = 4, 4
+    s.mpo_normalisation = "test_max"
 
 
 def cpu(c):

@@ -151,6 +151,12 @@ def evaluate(config, workdir, extractor, model, params, pools, data: SplitData) 
     score = make_score_fn(config, extractor, model)
     dev_pools = pools_to_device(pools)
     size = config.data.image_size
+    if config.scoring.mpo_normalisation == "test_max":
+        dev_pools["cal_scale"] = jnp.asarray(_test_max_scale(config, extractor, pools, dev_pools, data))
+        _log("M_po normalised by the max over each class's test set (transductive, as the released code)")
+    elif config.scoring.mpo_normalisation != "calibration":
+        raise ValueError(f"scoring.mpo_normalisation must be calibration | test_max, "
+                         f"got {config.scoring.mpo_normalisation!r}")
     n = len(data)
     maps = np.zeros((n, size, size), np.float32)
     masks = np.zeros((n, size, size), np.uint8)
@@ -188,6 +194,29 @@ def evaluate(config, workdir, extractor, model, params, pools, data: SplitData) 
                         int(data.labels[i]), f"{scores[i]:.6g}", f"{rec_mean[i]:.6g}"])
     _log("mean over classes: " + ", ".join(f"{k} {100 * v:.1f}" for k, v in mean.items()))
     return report
+
+
+def _test_max_scale(config, extractor, pools, dev_pools, data) -> np.ndarray:
+    """Per pool: the largest nearest-pool distance over all test tokens of its images (code variant)."""
+    from maskad_jax.coreset import nearest
+
+    @jax.jit
+    def max_dist(v, x, pidx):
+        h = extractor.apply(v, x)
+        b, gh, gw, c = h.shape
+        d, _ = jax.vmap(nearest)(h.reshape(b, gh * gw, c), dev_pools["pool_in"][pidx], dev_pools["valid"][pidx])
+        return jnp.sqrt(d).max(axis=1)
+
+    scale = np.zeros(len(pools.class_names), np.float32)
+    shard = batch_sharding(config)
+    for batch in eval_batches(data, config.data.eval_batch_size, image_size=config.data.image_size,
+                              num_workers=config.data.num_workers):
+        pidx = pools.pool_index([data.class_names[c] for c in batch["class_id"]])
+        m = np.asarray(max_dist(extractor.variables, jax.device_put(batch["image"], shard), jax.device_put(pidx, shard)))
+        for k, v, ok in zip(pidx, m, batch["valid"]):
+            if ok:
+                scale[k] = max(scale[k], v)
+    return np.where(scale > 0, scale, np.asarray(pools.cal_scale))
 
 
 def _write_heatmaps(workdir, data, maps, scores, size, per_class: int = 3) -> list:

@@ -62,6 +62,9 @@ def predict(config, workdir: str, extractor, model, params, pools, log=print) ->
     pc = config.predict
     if not pc.input:
         raise ValueError("--mode=predict needs --config.predict.input=PATH (an image or a folder)")
+    if config.scoring.mpo_normalisation != "calibration":
+        raise ValueError("predict scores images one by one: scoring.mpo_normalisation must be 'calibration' "
+                         f"(got {config.scoring.mpo_normalisation!r}, which needs a whole test set)")
     root, rels = collect_inputs(pc.input)
     out_dir = os.path.join(workdir, "predictions")
     for sub in ("maps", "overlays"):

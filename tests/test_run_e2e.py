@@ -77,3 +77,14 @@ def test_run_py_train_eval_predict(tmp_path):
             assert os.path.isfile(os.path.join(wd, "predictions", sub, r["output_name"] + ext))
         assert r["anomalous"] in ("True", "False") and float(r["threshold"]) > 0
     assert set(os.listdir(os.path.join(wd, "predictions"))) == {"maps", "overlays", "scores.csv", "scores.json"}
+
+
+def test_run_py_code_variant(tmp_path):
+    """The released code's choices end to end: unnormalised target, 12 masks, the code's OT and
+    combination, transductive M_po normalisation."""
+    wd = str(tmp_path / "wd")
+    out = _run(["--config=configs/demo.py:smoke,code", f"--workdir={wd}", f"--config.data.tfds_dir={tmp_path / 'tfds'}"])
+    assert "transductive" in out and "mean over classes" in out
+    cfg = json.load(open(os.path.join(wd, "config.json")))
+    assert cfg["scoring"]["ot"] == "code" and cfg["train"]["target"] == "unnormalized"
+    assert os.path.isfile(os.path.join(wd, "metrics.json"))
