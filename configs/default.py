@@ -101,6 +101,10 @@ def get_config():
     c.scoring.ot_scale = 1e4
     c.scoring.sigma = 4.0  # Gaussian smoothing of the pixel map (reflect, truncate 4 sigma)
     c.scoring.test_drop_path = False  # code: the ViT stays in train mode at test (stochastic)
+    # The 2N reconstructions of a batch run as one batched call (0) or, inside the same program, in
+    # sequential groups of this many branches x batch images: smaller groups keep the attention
+    # tensors in cache on a CPU (benchmarks/RESULTS.md); 0 suits GPUs/TPUs.
+    c.scoring.branches_per_step = 0
 
     # ---------------------------------------------------------------- evaluation
     c.eval = ml_collections.ConfigDict()

@@ -35,30 +35,36 @@ def _check(labels):
     return labels
 
 
+def _auroc_from(tp, fp) -> float:
+    return float(np.trapezoid(np.r_[0, tp] / tp[-1], np.r_[0, fp] / fp[-1]))
+
+
+def _ap_from(tp, fp) -> float:
+    return float(np.sum(np.diff(np.r_[0, tp] / tp[-1]) * (tp / (tp + fp))))
+
+
+def _f1_max_from(tp, fp) -> float:
+    precision, recall = tp / (tp + fp), tp / tp[-1]
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return float(np.nanmax(2 * precision * recall / (precision + recall)))
+
+
 def auroc(scores, labels) -> float:
-    labels = _check(labels)
-    tp, fp = _curve(scores, labels)
-    tpr = np.r_[0, tp] / tp[-1]
-    fpr = np.r_[0, fp] / fp[-1]
-    return float(np.trapezoid(tpr, fpr))
+    return _auroc_from(*_curve(scores, _check(labels)))
 
 
 def average_precision(scores, labels) -> float:
-    labels = _check(labels)
-    tp, fp = _curve(scores, labels)
-    precision = tp / (tp + fp)
-    recall = np.r_[0, tp] / tp[-1]
-    return float(np.sum(np.diff(recall) * precision))
+    return _ap_from(*_curve(scores, _check(labels)))
 
 
 def f1_max(scores, labels) -> float:
-    labels = _check(labels)
-    tp, fp = _curve(scores, labels)
-    precision = tp / (tp + fp)
-    recall = tp / tp[-1]
-    with np.errstate(invalid="ignore", divide="ignore"):
-        f1 = 2 * precision * recall / (precision + recall)
-    return float(np.nanmax(f1))
+    return _f1_max_from(*_curve(scores, _check(labels)))
+
+
+def curve_metrics(scores, labels) -> dict:
+    """AUROC, AP and F1-max from one sort of the scores."""
+    tp, fp = _curve(scores, _check(labels))
+    return {"auroc": _auroc_from(tp, fp), "ap": _ap_from(tp, fp), "f1_max": _f1_max_from(tp, fp)}
 
 
 _EIGHT = np.ones((3, 3), int)
@@ -180,13 +186,7 @@ class BinnedPixelMetrics:
         out = {}
         if self.pos.sum() and self.neg.sum():
             tp, fp = _curves_from_counts(self.pos, self.neg)
-            tpr, fpr = np.r_[0, tp] / tp[-1], np.r_[0, fp] / fp[-1]
-            out["pixel_auroc"] = float(np.trapezoid(tpr, fpr))
-            precision = tp / (tp + fp)
-            out["pixel_ap"] = float(np.sum(np.diff(np.r_[0, tp] / tp[-1]) * precision))
-            recall = tp / tp[-1]
-            with np.errstate(invalid="ignore", divide="ignore"):
-                out["pixel_f1_max"] = float(np.nanmax(2 * precision * recall / (precision + recall)))
+            out.update(pixel_auroc=_auroc_from(tp, fp), pixel_ap=_ap_from(tp, fp), pixel_f1_max=_f1_max_from(tp, fp))
         else:
             out.update(pixel_auroc=float("nan"), pixel_ap=float("nan"), pixel_f1_max=float("nan"))
         if self.n_regions and self.neg.sum():
@@ -229,21 +229,26 @@ def all_metrics(image_scores, image_labels, maps, masks, protocol: str = "exact"
         except ValueError:
             out[name] = float("nan")
 
-    safe("image_auroc", auroc, image_scores, image_labels)
-    safe("image_ap", average_precision, image_scores, image_labels)
-    safe("image_f1_max", f1_max, image_scores, image_labels)
+    nan3 = {"auroc": float("nan"), "ap": float("nan"), "f1_max": float("nan")}
+    try:
+        img = curve_metrics(image_scores, image_labels)
+    except ValueError:
+        img = nan3
+    out.update(image_auroc=img["auroc"], image_ap=img["ap"], image_f1_max=img["f1_max"])
     if protocol == "binned":
         acc = BinnedPixelMetrics(float(np.min(maps)), float(np.max(maps)), bins)
         for i in range(len(maps)):
             acc.add(maps[i:i + 1], masks[i:i + 1])
         out.update(acc.results())
         return out
-    safe("pixel_auroc", auroc, maps, masks)
-    safe("pixel_ap", average_precision, maps, masks)
+    try:
+        pix = curve_metrics(maps, masks)
+    except ValueError:
+        pix = nan3
+    out.update(pixel_auroc=pix["auroc"], pixel_ap=pix["ap"], pixel_f1_max=pix["f1_max"])
     if protocol == "ader":
         safe("pixel_f1_max", pixel_f1_max_ader, maps, masks)
         safe("aupro", aupro_ader, maps, masks)
     else:
-        safe("pixel_f1_max", f1_max, maps, masks)
         safe("aupro", aupro, maps, masks)
     return out

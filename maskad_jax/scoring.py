@@ -37,6 +37,16 @@ def make_masks(key, mpo_patch, grid, sc):
     return jnp.stack(out)
 
 
+def _branch_steps(branches: int, per_step: int) -> int:
+    """How many sequential groups the 2N branches are reconstructed in (per_step <= 0: one group)."""
+    if per_step <= 0 or per_step >= branches:
+        return 1
+    steps = -(-branches // per_step)
+    while branches % steps:  # equal groups: the smallest count of steps >= the request that divides 2N
+        steps += 1
+    return steps
+
+
 def make_score_features_fn(config, model):
     """Scoring from features: f(params, pools, h_in, h_tgt, pool_idx, image_ids, out_size) -> dict."""
     sc = config.scoring
@@ -59,12 +69,26 @@ def make_score_features_fn(config, model):
         inputs = jnp.concatenate([jnp.repeat(h_in[:, None], nm, 1), jnp.repeat(r_in[:, None], nm, 1)], 1)
         targets = jnp.concatenate([jnp.repeat(h_tgt[:, None], nm, 1), jnp.repeat(r_tgt[:, None], nm, 1)], 1)
         all_masks = jnp.concatenate([m, m], 1)
-        flat = inputs.reshape((b * 2 * nm, gh, gw, c))
         stochastic = bool(sc.test_drop_path)
-        rngs = {"dropout": jax.random.fold_in(keys[0], 1)} if stochastic else {}
-        pred = model.apply({"params": params}, flat, all_masks.reshape(b * 2 * nm, n), deterministic=not stochastic,
-                           rngs=rngs)
-        err = patch_errors(pred, targets.reshape(flat.shape), squared=sc.squared_error).reshape(b, 2, nm, n)
+        dkey = jax.random.fold_in(keys[0], 1)
+
+        def reconstruct(x, mk, t, key):
+            """Errors of a (k, gh, gw, C) stack of masked maps: (k, n)."""
+            rngs = {"dropout": key} if stochastic else {}
+            pred = model.apply({"params": params}, x, mk, deterministic=not stochastic, rngs=rngs)
+            return patch_errors(pred, t, squared=sc.squared_error)
+
+        steps = _branch_steps(2 * nm, sc.branches_per_step)
+        if steps == 1:  # all 2N x B reconstructions in one batched call (best on GPU/TPU)
+            err = reconstruct(inputs.reshape(b * 2 * nm, gh, gw, c), all_masks.reshape(b * 2 * nm, n),
+                              targets.reshape(b * 2 * nm, gh, gw, c), dkey)
+        else:  # a loop inside the program over groups of branches: cache-sized batches (best on CPU)
+            per = 2 * nm // steps
+            move = lambda t: jnp.moveaxis(t, 1, 0).reshape((steps, per * b) + t.shape[2:])
+            err = jax.lax.map(lambda a: reconstruct(*a), (move(inputs), move(all_masks), move(targets),
+                                                          jax.random.split(dkey, steps)))
+            err = jnp.moveaxis(err.reshape(2 * nm, b, n), 0, 1)
+        err = err.reshape(b, 2, nm, n)
         e_h, e_r = jnp.swapaxes(err[:, 0], 1, 2), jnp.swapaxes(err[:, 1], 1, 2)  # (B, n, N)
 
         rec = jnp.mean(e_h, axis=-1) if sc.use_rec else jnp.zeros((b, n))

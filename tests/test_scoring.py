@@ -166,3 +166,19 @@ def test_masks_per_image_follow_the_config(engine):
     assert m[0, 195] and m[3, 183:].all()
     assert (m[4:8].sum(1) == 39).all() and (m[8:12].sum(1) <= 29).all()
     assert m[12].sum() == 0  # the zero mask
+
+
+def test_grouped_branches_give_the_same_maps(engine):
+    """branches_per_step > 0 runs the 2N reconstructions in groups inside the program: same numbers."""
+    import copy
+    from maskad_jax.scoring import _branch_steps, make_score_fn
+    from maskad_jax.train import build_reconstructor
+    assert [_branch_steps(26, k) for k in (0, 1, 2, 4, 26, 30)] == [1, 26, 13, 13, 1, 1]
+    e = engine
+    c = copy.deepcopy(e["c"])
+    c.scoring.branches_per_step = 4
+    grouped = make_score_fn(c, e["ex"], build_reconstructor(c, e["ex"].channels, (4, 4)))
+    a = _call(e, e["imgs"], [0, 1, 0], [1, 2, 3])
+    b = grouped(e["params"], e["ex"].variables, e["pools"], e["imgs"], jnp.asarray([0, 1, 0], jnp.int32),
+                jnp.asarray([1, 2, 3], jnp.int32))
+    np.testing.assert_allclose(np.asarray(b["map"]), np.asarray(a["map"]), rtol=1e-4, atol=1e-5)
