@@ -229,23 +229,21 @@ def all_metrics(image_scores, image_labels, maps, masks, protocol: str = "exact"
         except ValueError:
             out[name] = float("nan")
 
-    nan3 = {"auroc": float("nan"), "ap": float("nan"), "f1_max": float("nan")}
-    try:
-        img = curve_metrics(image_scores, image_labels)
-    except ValueError:
-        img = nan3
-    out.update(image_auroc=img["auroc"], image_ap=img["ap"], image_f1_max=img["f1_max"])
+    def curves(prefix, scores, labels):
+        try:
+            vals = curve_metrics(scores, labels)
+        except ValueError:
+            vals = dict.fromkeys(("auroc", "ap", "f1_max"), float("nan"))
+        out.update({f"{prefix}_{k}": v for k, v in vals.items()})
+
+    curves("image", image_scores, image_labels)
     if protocol == "binned":
         acc = BinnedPixelMetrics(float(np.min(maps)), float(np.max(maps)), bins)
         for i in range(len(maps)):
             acc.add(maps[i:i + 1], masks[i:i + 1])
         out.update(acc.results())
         return out
-    try:
-        pix = curve_metrics(maps, masks)
-    except ValueError:
-        pix = nan3
-    out.update(pixel_auroc=pix["auroc"], pixel_ap=pix["ap"], pixel_f1_max=pix["f1_max"])
+    curves("pixel", maps, masks)
     if protocol == "ader":
         safe("pixel_f1_max", pixel_f1_max_ader, maps, masks)
         safe("aupro", aupro_ader, maps, masks)
