@@ -103,3 +103,16 @@ def test_weight_decay_mask_follows_the_released_code():
     assert m["input_proj"]["kernel"] and m["mask_token"] and m["rel_pos_bias"]["table"]
     assert not (m["input_proj"]["bias"] or m["cls_token"] or m["encoder_0"]["gamma_1"]
                 or m["encoder_0"]["norm1"]["scale"] or m["encoder_0"]["attn"]["q_bias"])
+
+
+def test_bfloat16_switch_trains_with_float32_parameters():
+    c32, c16 = _tiny_config(), _tiny_config()
+    c16.model.dtype = "bfloat16"
+    h = _features()
+    a = train(c32, h, None, None, log=lambda *_: None, max_steps=4)
+    b = train(c16, h, None, None, log=lambda *_: None, max_steps=4)
+    assert all(x.dtype == np.float32 for x in jax.tree_util.tree_leaves(b.params))
+    la, lb = np.array([l for _, l in a.losses]), np.array([l for _, l in b.losses])
+    assert np.isfinite(lb).all()
+    np.testing.assert_allclose(lb, la, rtol=0.05)  # bf16 matmuls: close to float32, not equal
+    assert not np.array_equal(la, lb)
