@@ -23,7 +23,7 @@ from maskad_jax.features import FeatureExtractor
 from maskad_jax.fit import Pools, fit_pools
 from maskad_jax.reconstructor import count_params
 from maskad_jax.scoring import make_score_fn, pools_to_device
-from maskad_jax.train import build_reconstructor, data_mesh, restore_params, train
+from maskad_jax.train import batch_sharding, build_reconstructor, restore_params, train
 
 MODES = ("train_and_eval", "train", "eval", "predict")
 
@@ -38,16 +38,6 @@ def load_data(config):
     builder = prepare(d.name, d.tfds_dir, manual_dir=d.manual_dir or None, config=d.config or None)
     classes = list(d.classes) or None
     return builder, SplitData.load(builder, "train", classes), SplitData.load(builder, "test", classes)
-
-
-def batch_sharding(config):
-    """NamedSharding of the eval batch over all devices (the batch size must divide evenly)."""
-    from jax.sharding import NamedSharding, PartitionSpec as P
-    mesh = data_mesh()
-    if config.data.eval_batch_size % mesh.devices.size:
-        raise ValueError(f"data.eval_batch_size {config.data.eval_batch_size} must be a multiple of the "
-                         f"{mesh.devices.size} devices")
-    return NamedSharding(mesh, P("data"))
 
 
 def extract_features(extractor, data: SplitData, config, with_target: bool):

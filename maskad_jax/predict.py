@@ -25,6 +25,7 @@ from maskad_jax.coreset import nearest
 from maskad_jax.data import image_key
 from maskad_jax.overlay import overlay, safe_name
 from maskad_jax.preprocess import ImageDecodeError, open_image, preprocess_image
+from maskad_jax.train import batch_sharding
 
 EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
 
@@ -78,7 +79,6 @@ def predict(config, workdir: str, extractor, model, params, pools, log=print) ->
         fixed = int(pools.pool_index([pc.class_name])[0])
     rows, used = [], set()
     bs = config.data.eval_batch_size
-    from maskad_jax.pipeline import batch_sharding
     shard = batch_sharding(config)
     for start in range(0, len(rels), bs):
         chunk = rels[start:start + bs]

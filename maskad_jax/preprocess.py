@@ -3,7 +3,7 @@
 Every image goes: decode -> RGB (grey copied to 3 channels, alpha dropped, 16-bit scaled to 8) ->
 shorter side to `size` with LANCZOS (torchvision `Resize(size)` semantics: the longer side becomes
 int(size * long / short)) -> centre crop size x size (torchvision `CenterCrop`) -> float32 in [0, 1].
-Masks take the same geometry with NEAREST and are binarised at > 127 (of 255).
+Masks take the same geometry with NEAREST and are binarised above half their range (binarize_mask).
 
 Normalisation by the backbone's statistics happens on the device (features.py), so the pipeline
 ships one [0, 1] view and the model derives both the normalised and the unnormalised views.
@@ -76,14 +76,17 @@ def preprocess_image(img: Image.Image, size: int = 224, source: str = "<image>")
     return np.asarray(img, np.float32) / 255.0
 
 
-def preprocess_mask(mask: Image.Image, size: int = 224) -> np.ndarray:
-    """(size, size) uint8 in {0, 1}, from a mask image of any mode (binarised at > 127)."""
+def binarize_mask(mask: Image.Image) -> np.ndarray:
+    """(H, W) bool from a mask image of any mode: above half of its range (8- or 16-bit), any channel."""
     arr = np.asarray(mask)
     if arr.ndim == 3:
         arr = arr.max(axis=-1)
-    if arr.dtype != np.uint8:
-        top = 65535 if arr.max(initial=0) > 255 else 255
-        arr = (arr.astype(np.float64) / top * 255).astype(np.uint8)
-    img = Image.fromarray(((arr > 127) * 255).astype(np.uint8), "L")
+    top = 255 if arr.dtype == np.uint8 or arr.max(initial=0) <= 255 else 65535
+    return arr.astype(np.float64) > top / 2
+
+
+def preprocess_mask(mask: Image.Image, size: int = 224) -> np.ndarray:
+    """(size, size) uint8 in {0, 1}, from a mask image of any mode (binarize_mask, then NEAREST)."""
+    img = Image.fromarray(binarize_mask(mask).astype(np.uint8) * 255, "L")
     img = center_crop(resize_shorter_side(img, size, Image.NEAREST), size)
     return (np.asarray(img) > 127).astype(np.uint8)

@@ -35,6 +35,15 @@ def data_mesh() -> Mesh:
     return Mesh(np.asarray(jax.devices()), ("data",))  # Auto axis: XLA propagates shardings
 
 
+def batch_sharding(config):
+    """NamedSharding of the eval batch over all devices (the batch size must divide evenly)."""
+    mesh = data_mesh()
+    if config.data.eval_batch_size % mesh.devices.size:
+        raise ValueError(f"data.eval_batch_size {config.data.eval_batch_size} must be a multiple of the "
+                         f"{mesh.devices.size} devices")
+    return NamedSharding(mesh, P("data"))
+
+
 def build_reconstructor(config, in_channels: int, grid) -> MaskedReconstructor:
     r = config.model.reconstructor
     return MaskedReconstructor(in_channels=in_channels, grid=tuple(grid), embed_dim=r.embed_dim,

@@ -21,7 +21,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 from PIL import Image
 
-from maskad_jax.preprocess import ImageDecodeError, open_image, to_rgb
+from maskad_jax.preprocess import ImageDecodeError, binarize_mask, open_image, to_rgb
 
 
 class DatasetLayoutError(ValueError):
@@ -66,12 +66,7 @@ def encode_mask(path: str | None, size: tuple[int, int], image_path: str) -> byt
     if mask.size != size:
         raise DatasetLayoutError(f"mask {path} is {mask.size[0]}x{mask.size[1]} but its image {image_path} is "
                                  f"{size[0]}x{size[1]}")
-    arr = np.asarray(mask)
-    if arr.ndim == 3:
-        arr = arr.max(axis=-1)
-    top = 255 if arr.dtype == np.uint8 or arr.max(initial=0) <= 255 else 65535
-    binary = (arr.astype(np.float64) > top / 2).astype(np.uint8) * 255
-    return png_bytes(Image.fromarray(binary, "L"))
+    return png_bytes(Image.fromarray(binarize_mask(mask).astype(np.uint8) * 255, "L"))
 
 
 def make_example(root: str, image_path: str, mask_path: str | None, defect_type: str, class_name: str):
