@@ -2,17 +2,20 @@
 
     python benchmarks/scoring.py --model small        # dim 256, 4 blocks (the CPU-sized config)
     python benchmarks/scoring.py --model paper        # dim 768, 10 blocks (slow on a CPU)
+    python benchmarks/scoring.py --model paper --channels 272 --dtype bfloat16 --batch 32 --backbone   # GPU
+
+--backbone also times the whole step from 224 x 224 images (random-weight B4 at 272 channels,
+Lite0 otherwise), as `scoring.make_score_fn` runs it in evaluation.
 
 Both paths compute the same thing from the same features: reference maps and M_po from a pool,
 N masks per image, 2N reconstructions, errors, OT, combination, upsampling and smoothing. The
 fused path is `scoring.make_score_features_fn` under one jit; the loop path calls a jitted
 reconstruction once per mask (2N calls per batch) and a jitted tail. Random weights, Lite0-sized
 features (192 channels, 14 x 14), 13 masks (the paper's N). Reports images/s, the ratio, the
-reconstructor stage's GFLOP/s and peak RSS.
+reconstructor stage's GFLOP/s, peak RSS and, on a GPU/TPU, the device memory peak.
 """
 import argparse
 import os
-import resource
 import sys
 import time
 
@@ -31,6 +34,9 @@ from maskad_jax.resize import resize_map_align_corners  # noqa: E402
 from maskad_jax.scoring import make_masks, make_score_features_fn, num_masks, pools_to_device  # noqa: E402
 from maskad_jax.smoothing import gaussian_smooth  # noqa: E402
 from maskad_jax.train import build_reconstructor  # noqa: E402
+from maskad_jax.features import FeatureExtractor  # noqa: E402
+from maskad_jax.scoring import make_score_fn  # noqa: E402
+from benchmarks.memory_report import memory_report  # noqa: E402
 
 
 def reconstructor_gflop_per_pass(d, depth, c, tokens=197, mlp=4.0):
@@ -43,12 +49,17 @@ def main():
     p.add_argument("--model", choices=["small", "paper"], default="small")
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--channels", type=int, default=192, help="192 = Lite0's taps, 272 = B4's")
+    p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
+    p.add_argument("--backbone", action="store_true", help="also time images -> maps with the backbone")
+    p.add_argument("--no-loop", action="store_true", help="skip the per-mask loop")
     a = p.parse_args()
     c = default.get_config()
     r = c.model.reconstructor
     if a.model == "small":
         r.embed_dim, r.encoder_depth, r.decoder_depth, r.num_heads = 256, 2, 2, 8
-    ch, grid, size = 192, (14, 14), 224
+    c.model.dtype = a.dtype
+    ch, grid, size = a.channels, (14, 14), 224
     model = build_reconstructor(c, ch, grid)
     params = model.init(jax.random.key(0), jnp.zeros((1, 14, 14, ch)), jnp.zeros((1, 196), bool))["params"]
     rng = np.random.default_rng(0)
@@ -97,17 +108,27 @@ def main():
         return (time.perf_counter() - t) / a.repeats
 
     t_fused = timed(lambda: fused(params, pools, h, h, pidx, keys, size))
-    t_loop = timed(lambda: loop(h))
+    t_loop = None if a.no_loop else timed(lambda: loop(h))
     x = jnp.concatenate([h] * (2 * n_masks))[: a.batch * 2 * n_masks]
     mm = jnp.zeros((x.shape[0], 196), bool)
     t_rec = timed(lambda: recon(params, x, mm, x))
     gflop = reconstructor_gflop_per_pass(r.embed_dim, r.encoder_depth + r.decoder_depth, ch) * x.shape[0]
-    print(f"model={a.model} batch={a.batch} masks={n_masks} (x2 for h and r)")
-    print(f"fused one-program step: {a.batch / t_fused:.2f} images/s")
-    print(f"python loop over masks: {a.batch / t_loop:.2f} images/s")
-    print(f"fused / loop speed ratio: {t_loop / t_fused:.2f}")
+    print(f"model={a.model} dtype={a.dtype} channels={ch} batch={a.batch} masks={n_masks} (x2 for h and r)")
+    print(f"fused one-program step (from features): {a.batch / t_fused:.2f} images/s")
+    if t_loop is not None:
+        print(f"python loop over masks: {a.batch / t_loop:.2f} images/s")
+        print(f"fused / loop speed ratio: {t_loop / t_fused:.2f}")
     print(f"reconstructor stage alone: {gflop / t_rec:.1f} GFLOP/s ({gflop / a.batch:.1f} GFLOP per image)")
-    print(f"peak RSS: {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MiB")
+    if a.backbone:
+        arch = "efficientnet-b4" if ch == 272 else "efficientnet-lite0"
+        ext = FeatureExtractor.create(arch, "random", dtype=jnp.dtype(a.dtype))
+        if ext.channels != ch:
+            raise SystemExit(f"--channels {ch} does not match {arch}'s {ext.channels}")
+        full = make_score_fn(c, ext, model)
+        imgs = jnp.asarray(rng.uniform(size=(a.batch, size, size, 3)).astype(np.float32))
+        t_full = timed(lambda: full(params, ext.variables, pools, imgs, pidx, keys))
+        print(f"whole step from {size} px images ({arch}, random weights): {a.batch / t_full:.2f} images/s")
+    print(memory_report())
 
 
 if __name__ == "__main__":

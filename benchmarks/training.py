@@ -2,13 +2,15 @@
 
     python benchmarks/training.py --model small --steps 20       # dim 256, 4 blocks, batch 16
     python benchmarks/training.py --model paper --steps 3        # dim 768, 10 blocks, batch 80 (slow on CPU)
+    python benchmarks/training.py --model paper --steps 60 --channels 272 --dtype bfloat16   # on a GPU
 
-Random Lite0-sized features (192 channels, 14 x 14), the default mask mix. Reports images/s after
-the first (compiling) step and the process's peak RSS.
+--host-cache gathers batches on the host each step (train.device_cache_gb = 0) instead of on the device.
+
+Random features (192 channels = Lite0, 272 = B4; 14 x 14), the default mask mix. Reports images/s
+after the first (compiling) step, the process's peak RSS and, on a GPU/TPU, the device memory peak.
 """
 import argparse
 import os
-import resource
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -17,6 +19,7 @@ import numpy as np  # noqa: E402
 
 from configs import default  # noqa: E402
 from maskad_jax.train import train  # noqa: E402
+from benchmarks.memory_report import memory_report  # noqa: E402
 
 
 def main():
@@ -24,15 +27,25 @@ def main():
     p.add_argument("--model", choices=["small", "paper"], default="small")
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--channels", type=int, default=192)
+    p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
+    p.add_argument("--batch", type=int, default=0, help="global batch (0 = the model's default: 16 or 80)")
+    p.add_argument("--host-cache", action="store_true")
+    p.add_argument("--log-every", type=int, default=1, help="steps per timed interval (use 10+ on a GPU: each log syncs)")
     a = p.parse_args()
     c = default.get_config()
     r = c.model.reconstructor
     if a.model == "small":
         r.embed_dim, r.encoder_depth, r.decoder_depth, r.num_heads = 256, 2, 2, 8
         c.train.batch_size = 16
-    c.train.log_every = 1  # one log line per step: its img/s is that step's rate
-    c.train.epochs = 1
-    n = c.train.batch_size * (a.steps + 1)
+    c.model.dtype = a.dtype
+    if a.batch:
+        c.train.batch_size = a.batch
+    if a.host_cache:
+        c.train.device_cache_gb = 0.0
+    c.train.log_every = a.log_every  # each log line's img/s is the rate over its interval
+    steps = a.steps + a.log_every
+    n = min(c.train.batch_size * steps, max(3600, c.train.batch_size))  # at most an MVTec-sized cache
+    c.train.epochs = -(-steps // (n // c.train.batch_size))
     h = np.random.default_rng(0).normal(size=(n, 14, 14, a.channels)).astype(np.float32)
     rates = []
 
@@ -40,11 +53,11 @@ def main():
         if " img/s" in msg:
             rates.append(float(msg.split(" img/s")[0].rsplit(" ", 1)[-1]))
 
-    res = train(c, h, None, None, log=log)
-    steady = rates[1:]  # the first step includes compilation
-    print(f"model={a.model} batch={c.train.batch_size} steps={len(steady)}: median {np.median(steady):.1f} images/s "
-          f"(first step with compile: {rates[0]:.2f} img/s); peak RSS "
-          f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MiB; last loss {res.losses[-1][1]:.4f}")
+    res = train(c, h, None, None, log=log, max_steps=steps)
+    steady = rates[1:]  # the first interval includes compilation
+    print(f"model={a.model} dtype={a.dtype} channels={a.channels} batch={c.train.batch_size} "
+          f"cache={'host' if a.host_cache else 'device'} steps={len(steady)}: median {np.median(steady):.1f} images/s "
+          f"(first interval with compile: {rates[0]:.2f} img/s); {memory_report()}; last loss {res.losses[-1][1]:.4f}")
 
 
 if __name__ == "__main__":

@@ -60,6 +60,11 @@ def get_config():
     c.train.random_ratio = 150 / 196  # code: exactly 150 of 196 patches
     c.train.block_ratio = 70 / 196  # code: 70 of 196 patches in BEiT blocks
     c.train.foreground_ratio = 150 / 196
+    # Feature cache placement: when the cached features (and targets) take at most this many GiB and
+    # the run has one process, they are copied once to every device and each step gathers its batch
+    # there (no per-step host-to-device copy: what keeps a GPU busy). Otherwise, and always with
+    # several processes, each step gathers its batch on the host. 0 = always on the host.
+    c.train.device_cache_gb = 4.0
     c.train.log_every = 50  # steps between console/JSON-lines logs
     c.train.checkpoint_every = 1000  # steps between checkpoints (and one at the end)
     c.train.max_to_keep = 3

@@ -141,9 +141,22 @@ def train(config, h_in: np.ndarray, h_tgt: np.ndarray | None, workdir: str | Non
         params = optax.apply_updates(state["params"], updates)
         return {"params": params, "opt_state": opt_state, "step": state["step"] + 1}, loss
 
-    train_step = jax.jit(train_step, in_shardings=(repl, data_sh, data_sh, data_sh), out_shardings=(repl, repl),
-                         donate_argnums=(0,))
     pi, pc = jax.process_index(), jax.process_count()
+    cache_bytes = h_in.nbytes + (0 if h_tgt is None else h_tgt.nbytes)
+    on_device = pc == 1 and cache_bytes <= float(tc.device_cache_gb) * 2 ** 30
+    if on_device:  # the cache lives on every device; a step receives only the batch's indices
+        def cached_step(state, cx, cy, idx):
+            x = jax.lax.with_sharding_constraint(cx[idx], data_sh)
+            y = x if cy is None else jax.lax.with_sharding_constraint(cy[idx], data_sh)
+            return train_step(state, x, y, idx)
+
+        step_fn = jax.jit(cached_step, in_shardings=(repl, repl, repl, data_sh), out_shardings=(repl, repl),
+                          donate_argnums=(0,))
+        cache_x = jax.device_put(h_in, repl)
+        cache_y = None if h_tgt is None else jax.device_put(h_tgt, repl)
+    else:  # batches are gathered on the host and copied in each step (multi-process, or a large cache)
+        step_fn = jax.jit(train_step, in_shardings=(repl, data_sh, data_sh, data_sh), out_shardings=(repl, repl),
+                          donate_argnums=(0,))
     local = batch // pc
     start = int(state["step"])
     end = total if max_steps is None else min(total, max_steps)
@@ -153,11 +166,14 @@ def train(config, h_in: np.ndarray, h_tgt: np.ndarray | None, workdir: str | Non
     tb = _summary_writer(workdir) if workdir and pi == 0 else None
     for step in range(start, end):
         idx = _batch_indices(n, batch, config.seed, step)[pi * local:(pi + 1) * local]
-        y_src = h_in if h_tgt is None else h_tgt
-        x = jax.make_array_from_process_local_data(data_sh, h_in[idx])
-        y = jax.make_array_from_process_local_data(data_sh, y_src[idx])
         ids = jax.make_array_from_process_local_data(data_sh, idx.astype(np.int32))
-        state, loss = train_step(state, x, y, ids)
+        if on_device:
+            state, loss = step_fn(state, cache_x, cache_y, ids)
+        else:
+            y_src = h_in if h_tgt is None else h_tgt
+            x = jax.make_array_from_process_local_data(data_sh, h_in[idx])
+            y = jax.make_array_from_process_local_data(data_sh, y_src[idx])
+            state, loss = step_fn(state, x, y, ids)
         losses.append((step, loss))
         done = step + 1
         if done % tc.log_every == 0 or done == end:

@@ -31,8 +31,10 @@ def _losses(proc, timeout=300):
 def test_same_losses_on_1_and_4_devices_and_on_two_processes():
     one = _losses(_run(1))
     four = _losses(_run(4))
-    assert one["devices"] == 1 and four["devices"] == 4
+    four_host = _losses(_run(4, ["--host-cache"]))  # batches gathered on the host, as multi-process runs do
+    assert one["devices"] == 1 and four["devices"] == 4 == four_host["devices"]
     np.testing.assert_allclose(four["losses"], one["losses"], rtol=1e-5)
+    np.testing.assert_allclose(four_host["losses"], one["losses"], rtol=1e-5)
     with socket.socket() as s:  # a free loopback port for the coordinator
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -80,6 +82,17 @@ def test_checkpoint_of_another_model_config_is_refused(tmp_path):
     other.model.reconstructor.embed_dim = 64
     with pytest.raises(CheckpointMismatchError, match="another model config"):
         train(other, h, None, str(tmp_path), log=lambda *_: None)
+
+
+def test_device_cache_and_host_gathering_give_the_same_losses():
+    h = _features()
+    tgt = h * 0.5 + 1.0  # a separate target view exercises the second cache
+    on = train(_tiny_config(epochs=2), h, tgt, None, log=lambda *_: None)
+    off = train(_tiny_config(epochs=2, device_cache_gb=0.0), h, tgt, None, log=lambda *_: None)
+    assert len(on.losses) == len(off.losses) == 6
+    np.testing.assert_allclose([l for _, l in on.losses], [l for _, l in off.losses], rtol=1e-6)
+    for a, b in zip(jax.tree.leaves(on.params), jax.tree.leaves(off.params)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
 
 
 def test_loss_falls_on_structured_features():
