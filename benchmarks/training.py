@@ -28,6 +28,7 @@ def main():
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--channels", type=int, default=192)
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
+    p.add_argument("--attention", choices=["einsum", "jax_xla", "jax_cudnn"], default="einsum")
     p.add_argument("--batch", type=int, default=0, help="global batch (0 = the model's default: 16 or 80)")
     p.add_argument("--host-cache", action="store_true")
     p.add_argument("--log-every", type=int, default=1, help="steps per timed interval (use 10+ on a GPU: each log syncs)")
@@ -38,6 +39,7 @@ def main():
         r.embed_dim, r.encoder_depth, r.decoder_depth, r.num_heads = 256, 2, 2, 8
         c.train.batch_size = 16
     c.model.dtype = a.dtype
+    c.model.reconstructor.attention = a.attention
     if a.batch:
         c.train.batch_size = a.batch
     if a.host_cache:
@@ -55,7 +57,7 @@ def main():
 
     res = train(c, h, None, None, log=log, max_steps=steps)
     steady = rates[1:]  # the first interval includes compilation
-    print(f"model={a.model} dtype={a.dtype} channels={a.channels} batch={c.train.batch_size} "
+    print(f"model={a.model} dtype={a.dtype} attention={a.attention} channels={a.channels} batch={c.train.batch_size} "
           f"cache={'host' if a.host_cache else 'device'} steps={len(steady)}: median {np.median(steady):.1f} images/s "
           f"(first interval with compile: {rates[0]:.2f} img/s); {memory_report()}; last loss {res.losses[-1][1]:.4f}")
 

@@ -41,6 +41,10 @@ def get_config():
     c.model.reconstructor.mlp_ratio = 4.0
     c.model.reconstructor.drop_path = 0.1  # stochastic depth, rising linearly over the blocks
     c.model.reconstructor.layer_scale_init = 0.1
+    # Attention kernel (same parameters and formula; switchable on a trained checkpoint): einsum
+    # (explicit, float32 softmax) | jax_xla (jax.nn.dot_product_attention via XLA) | jax_cudnn (its
+    # cuDNN fused kernel: NVIDIA GPUs with model.dtype bfloat16). benchmarks/RESULTS.md compares them.
+    c.model.reconstructor.attention = "einsum"
 
     # ---------------------------------------------------------------- training
     c.train = ml_collections.ConfigDict()

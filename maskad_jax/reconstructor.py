@@ -62,10 +62,14 @@ class RelativePositionBias(nn.Module):
         return jnp.transpose(table[idx], (2, 0, 1))  # (heads, 1+N, 1+N)
 
 
+ATTENTION_IMPLEMENTATIONS = ("einsum", "jax_xla", "jax_cudnn")
+
+
 class Attention(nn.Module):
     num_heads: int
     out_init_scale: float = 1.0
     dtype: Any = jnp.float32
+    implementation: str = "einsum"  # see MaskedReconstructor.attention
 
     @nn.compact
     def __call__(self, x, rel_bias):
@@ -76,10 +80,17 @@ class Attention(nn.Module):
         v_bias = self.param("v_bias", nn.initializers.zeros, (d,))
         qkv = qkv + jnp.concatenate([q_bias, jnp.zeros_like(q_bias), v_bias]).astype(qkv.dtype)
         q, k, v = jnp.split(qkv.reshape(b, n, 3, self.num_heads, hd), 3, axis=2)
-        q, k, v = (t[:, :, 0].transpose(0, 2, 1, 3) for t in (q, k, v))  # (B, heads, N, hd)
-        logits = jnp.einsum("bhqd,bhkd->bhqk", q * (hd ** -0.5), k) + rel_bias.astype(q.dtype)
-        attn = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(v.dtype)
-        out = jnp.einsum("bhqk,bhkd->bqhd", attn, v).reshape(b, n, d)
+        if self.implementation == "einsum":
+            q, k, v = (t[:, :, 0].transpose(0, 2, 1, 3) for t in (q, k, v))  # (B, heads, N, hd)
+            logits = jnp.einsum("bhqd,bhkd->bhqk", q * (hd ** -0.5), k) + rel_bias.astype(q.dtype)
+            attn = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(v.dtype)
+            out = jnp.einsum("bhqk,bhkd->bqhd", attn, v).reshape(b, n, d)
+        elif self.implementation in ("jax_xla", "jax_cudnn"):  # the same formula, one library call
+            out = jax.nn.dot_product_attention(q[:, :, 0], k[:, :, 0], v[:, :, 0],
+                                               bias=rel_bias[None].astype(q.dtype), scale=hd ** -0.5,
+                                               implementation=self.implementation[4:]).reshape(b, n, d)
+        else:
+            raise ValueError(f"attention must be one of {ATTENTION_IMPLEMENTATIONS}, got {self.implementation!r}")
         return nn.Dense(d, kernel_init=trunc_init(self.out_init_scale), dtype=self.dtype, name="proj")(out)
 
 
@@ -90,6 +101,7 @@ class Block(nn.Module):
     layer_scale_init: float
     layer_id: int  # 1-based, for the output-projection rescaling
     dtype: Any = jnp.float32
+    attention: str = "einsum"
 
     @nn.compact
     def __call__(self, x, rel_bias, deterministic: bool):
@@ -100,7 +112,7 @@ class Block(nn.Module):
         # Stochastic depth: drop a whole residual branch per sample, scaled by 1/keep (timm DropPath).
         drop = nn.Dropout(self.drop_path, broadcast_dims=(1, 2))
         y = nn.LayerNorm(epsilon=1e-6, dtype=self.dtype, name="norm1")(x)
-        y = Attention(self.num_heads, scale, self.dtype, name="attn")(y, rel_bias)
+        y = Attention(self.num_heads, scale, self.dtype, self.attention, name="attn")(y, rel_bias)
         x = x + drop(gamma1 * y, deterministic=deterministic)
         y = nn.LayerNorm(epsilon=1e-6, dtype=self.dtype, name="norm2")(x)
         y = nn.Dense(int(d * self.mlp_ratio), kernel_init=trunc_init(), dtype=self.dtype, name="fc1")(y)
@@ -120,6 +132,10 @@ class MaskedReconstructor(nn.Module):
     drop_path: float = 0.1
     layer_scale_init: float = 0.1
     dtype: Any = jnp.float32
+    # einsum: explicit logits + float32 softmax (the reference); jax_xla: jax.nn.dot_product_attention
+    # lowered by XLA; jax_cudnn: its cuDNN fused kernel (NVIDIA GPUs, bfloat16/float16 only). Same
+    # parameters and formula: a run can switch without retraining.
+    attention: str = "einsum"
 
     @nn.compact
     def __call__(self, h, mask, deterministic: bool = True):
@@ -140,7 +156,7 @@ class MaskedReconstructor(nn.Module):
         for i in range(depth):
             name = f"encoder_{i}" if i < self.encoder_depth else f"decoder_{i - self.encoder_depth}"
             x = Block(self.num_heads, self.mlp_ratio, float(rates[i]), self.layer_scale_init, i + 1, self.dtype,
-                      name=name)(x, rel_bias, deterministic)
+                      self.attention, name=name)(x, rel_bias, deterministic)
         x = nn.Dense(c, kernel_init=trunc_init(), dtype=self.dtype, name="output_proj")(x[:, 1:])
         return x.astype(jnp.float32).reshape(b, gh, gw, c)
 

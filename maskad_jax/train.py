@@ -49,14 +49,15 @@ def build_reconstructor(config, in_channels: int, grid) -> MaskedReconstructor:
     return MaskedReconstructor(in_channels=in_channels, grid=tuple(grid), embed_dim=r.embed_dim,
                                encoder_depth=r.encoder_depth, decoder_depth=r.decoder_depth, num_heads=r.num_heads,
                                mlp_ratio=r.mlp_ratio, drop_path=r.drop_path, layer_scale_init=r.layer_scale_init,
-                               dtype=jnp.dtype(config.model.dtype))
+                               dtype=jnp.dtype(config.model.dtype), attention=r.get("attention", "einsum"))
 
 
 def model_fingerprint(config, in_channels: int) -> dict:
     """What a checkpoint must agree with to be reused."""
     return {"backbone": {k: (list(v) if isinstance(v, tuple) else v) for k, v in config.model.backbone.items()
                          if k != "weights"},
-            "reconstructor": dict(config.model.reconstructor), "in_channels": int(in_channels),
+            "reconstructor": {k: v for k, v in config.model.reconstructor.items() if k != "attention"},
+            "in_channels": int(in_channels),
             "image_size": int(config.data.image_size), "target": config.train.target}
 
 

@@ -4,6 +4,7 @@ import math
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 from scipy.special import erf
 
 from maskad_jax.reconstructor import MaskedReconstructor, count_params, patch_errors, relative_position_index
@@ -71,8 +72,9 @@ def _model(**kw):
     return MaskedReconstructor(**args)
 
 
-def test_forward_matches_numpy_reference_of_the_spec():
-    model = _model()
+@pytest.mark.parametrize("attention", ["einsum", "jax_xla"])
+def test_forward_matches_numpy_reference_of_the_spec(attention):
+    model = _model(attention=attention)
     rng = np.random.default_rng(0)
     h = rng.normal(size=(3, 4, 5, 12)).astype(np.float32)
     mask = rng.uniform(size=(3, 20)) < 0.5
