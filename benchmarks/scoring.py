@@ -54,6 +54,7 @@ def main():
     p.add_argument("--attention", choices=["einsum", "jax_xla", "jax_cudnn"], default="einsum")
     p.add_argument("--backbone", action="store_true", help="also time images -> maps with the backbone")
     p.add_argument("--no-loop", action="store_true", help="skip the per-mask loop")
+    p.add_argument("--branches-per-step", type=int, default=0, help="scoring.branches_per_step (4 suits a CPU)")
     a = p.parse_args()
     c = default.get_config()
     r = c.model.reconstructor
@@ -61,6 +62,7 @@ def main():
         r.embed_dim, r.encoder_depth, r.decoder_depth, r.num_heads = 256, 2, 2, 8
     c.model.dtype = a.dtype
     c.model.reconstructor.attention = a.attention
+    c.scoring.branches_per_step = a.branches_per_step
     ch, grid, size = a.channels, (14, 14), 224
     model = build_reconstructor(c, ch, grid)
     params = model.init(jax.random.key(0), jnp.zeros((1, 14, 14, ch)), jnp.zeros((1, 196), bool))["params"]
@@ -115,7 +117,8 @@ def main():
     mm = jnp.zeros((x.shape[0], 196), bool)
     t_rec = timed(lambda: recon(params, x, mm, x))
     gflop = reconstructor_gflop_per_pass(r.embed_dim, r.encoder_depth + r.decoder_depth, ch) * x.shape[0]
-    print(f"model={a.model} dtype={a.dtype} attention={a.attention} channels={ch} batch={a.batch} masks={n_masks} (x2 for h and r)")
+    print(f"model={a.model} dtype={a.dtype} attention={a.attention} channels={ch} batch={a.batch} masks={n_masks} (x2 for h and r) "
+          f"branches_per_step={a.branches_per_step}")
     print(f"fused one-program step (from features): {a.batch / t_fused:.2f} images/s")
     if t_loop is not None:
         print(f"python loop over masks: {a.batch / t_loop:.2f} images/s")

@@ -43,7 +43,8 @@ def get_config():
     c.model.reconstructor.layer_scale_init = 0.1
     # Attention kernel (same parameters and formula; switchable on a trained checkpoint): einsum
     # (explicit, float32 softmax) | jax_xla (jax.nn.dot_product_attention via XLA) | jax_cudnn (its
-    # cuDNN fused kernel: NVIDIA GPUs with model.dtype bfloat16). benchmarks/RESULTS.md compares them.
+    # cuDNN fused kernel: NVIDIA GPUs with model.dtype bfloat16; scoring only, as its backward does
+    # not take 197 tokens: training then uses einsum). benchmarks/RESULTS.md compares them.
     c.model.reconstructor.attention = "einsum"
 
     # ---------------------------------------------------------------- training

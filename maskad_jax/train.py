@@ -44,12 +44,13 @@ def batch_sharding(config):
     return NamedSharding(mesh, P("data"))
 
 
-def build_reconstructor(config, in_channels: int, grid) -> MaskedReconstructor:
+def build_reconstructor(config, in_channels: int, grid, attention: str | None = None) -> MaskedReconstructor:
+    """The configured reconstructor; `attention` overrides model.reconstructor.attention."""
     r = config.model.reconstructor
     return MaskedReconstructor(in_channels=in_channels, grid=tuple(grid), embed_dim=r.embed_dim,
                                encoder_depth=r.encoder_depth, decoder_depth=r.decoder_depth, num_heads=r.num_heads,
                                mlp_ratio=r.mlp_ratio, drop_path=r.drop_path, layer_scale_init=r.layer_scale_init,
-                               dtype=jnp.dtype(config.model.dtype), attention=r.get("attention", "einsum"))
+                               dtype=jnp.dtype(config.model.dtype), attention=attention or r.get("attention", "einsum"))
 
 
 def model_fingerprint(config, in_channels: int) -> dict:
@@ -101,34 +102,20 @@ def train(config, h_in: np.ndarray, h_tgt: np.ndarray | None, workdir: str | Non
     """
     tc = config.train
     n, gh, gw, c = h_in.shape
-    mesh = data_mesh()
-    ndev = mesh.devices.size
-    batch = int(tc.batch_size)
-    if batch % ndev:
-        raise ValueError(f"train.batch_size {batch} must be divisible by the {ndev} devices")
-    if n < batch:
-        raise ValueError(f"train.batch_size {batch} exceeds the {n} training images; lower it")
-    spe = n // batch  # drop_last: every step a full batch (the released code's schedule bug avoided)
-    total = int(tc.epochs) * spe
-    model = build_reconstructor(config, c, (gh, gw))
-    tx, sched = make_optimizer(tc, total, spe)
-    repl = NamedSharding(mesh, P())
-    data_sh = NamedSharding(mesh, P("data"))
+    attention = config.model.reconstructor.get("attention", "einsum")
+    if attention == "jax_cudnn":  # cuDNN's fused backward needs other sequence lengths than 1 + 196
+        log("model.reconstructor.attention = jax_cudnn is for scoring only; training uses einsum "
+            "(the same parameters; evaluation still uses cuDNN)")
+        attention = "einsum"
+    model = build_reconstructor(config, c, (gh, gw), attention)
     base_key = jax.random.key(config.seed)
 
-    def init_fn(key):
-        params = model.init(key, jnp.zeros((1, gh, gw, c)), jnp.zeros((1, gh * gw), bool))["params"]
-        return {"params": params, "opt_state": tx.init(params), "step": jnp.int32(0)}
+    def init_params(key):
+        return model.init(key, jnp.zeros((1, gh, gw, c)), jnp.zeros((1, gh * gw), bool))["params"]
 
-    state = jax.jit(init_fn, out_shardings=repl)(jax.random.fold_in(base_key, 0))
-
-    ckpt = _checkpoint_manager(workdir, tc) if workdir else None
-    fingerprint = model_fingerprint(config, c)
-    if ckpt is not None and ckpt.latest_step() is not None:
-        state = _restore(ckpt, state, fingerprint, repl)
-        log(f"resumed from step {int(state['step'])} in {workdir}")
-
-    def loss_fn(params, x, y, idx, step):
+    def loss_fn(params, arrays, idx, step):
+        x, y = arrays
+        y = x if y is None else y
         keys = jax.vmap(lambda i: jax.random.fold_in(jax.random.fold_in(base_key, step + 1), i))(idx)
         mask_keys, drop_keys = jax.vmap(lambda k: jax.random.split(k))(keys).transpose(1, 0)
         mask = jax.vmap(lambda k, h: sample_train_mask(k, h, tc))(mask_keys, x)
@@ -136,57 +123,95 @@ def train(config, h_in: np.ndarray, h_tgt: np.ndarray | None, workdir: str | Non
                            rngs={"dropout": jax.random.fold_in(drop_keys[0], 7)})
         return jnp.mean(jnp.square(pred - y))
 
-    def train_step(state, x, y, idx):
-        loss, grads = jax.value_and_grad(loss_fn)(state["params"], x, y, idx, state["step"])
+    return training_loop(tc, config.seed, (h_in, h_tgt), init_params, loss_fn,
+                         lambda total, spe: make_optimizer(tc, total, spe), model_fingerprint(config, c),
+                         workdir, log=log, max_steps=max_steps)
+
+
+def training_loop(tc, seed: int, arrays: tuple, init_params, loss_fn, make_tx, fingerprint: dict,
+                  workdir: str | None, *, name: str = "train", log=print, max_steps: int | None = None) -> TrainResult:
+    """The data-parallel loop shared by the reconstructor and the flow.
+
+    tc: a config section with batch_size, epochs, log_every, checkpoint_every, max_to_keep and
+    device_cache_gb. arrays: per-example arrays (N, ...) or None, gathered by batch indices;
+    loss_fn(params, batch_arrays, indices, step) -> scalar. make_tx(total_steps, steps_per_epoch)
+    -> (optax transform, schedule). Checkpoints go to <workdir>/checkpoints (name "train") or
+    <workdir>/<name>_checkpoints; logs to <workdir>/<name>_log.jsonl and TensorBoard tags <name>/*.
+    """
+    n = len(arrays[0])
+    mesh = data_mesh()
+    ndev = mesh.devices.size
+    batch = int(tc.batch_size)
+    section = "train" if name == "train" else name
+    if batch % ndev:
+        raise ValueError(f"{section}.batch_size {batch} must be divisible by the {ndev} devices")
+    if n < batch:
+        raise ValueError(f"{section}.batch_size {batch} exceeds the {n} training images; lower it")
+    spe = n // batch  # drop_last: every step a full batch (the released code's schedule bug avoided)
+    total = int(tc.epochs) * spe
+    tx, sched = make_tx(total, spe)
+    repl = NamedSharding(mesh, P())
+    data_sh = NamedSharding(mesh, P("data"))
+
+    def init_fn(key):
+        params = init_params(key)
+        return {"params": params, "opt_state": tx.init(params), "step": jnp.int32(0)}
+
+    state = jax.jit(init_fn, out_shardings=repl)(jax.random.fold_in(jax.random.key(seed), 0))
+    ckpt = _checkpoint_manager(workdir, tc, _ckpt_dir(name)) if workdir else None
+    if ckpt is not None and ckpt.latest_step() is not None:
+        state = _restore(ckpt, state, fingerprint, repl)
+        log(f"resumed {'' if name == 'train' else name + ' '}from step {int(state['step'])} in {workdir}")
+
+    def train_step(state, batch_arrays, idx):
+        loss, grads = jax.value_and_grad(loss_fn)(state["params"], batch_arrays, idx, state["step"])
         updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
         params = optax.apply_updates(state["params"], updates)
         return {"params": params, "opt_state": opt_state, "step": state["step"] + 1}, loss
 
     pi, pc = jax.process_index(), jax.process_count()
-    cache_bytes = h_in.nbytes + (0 if h_tgt is None else h_tgt.nbytes)
+    cache_bytes = sum(a.nbytes for a in arrays if a is not None)
     on_device = pc == 1 and cache_bytes <= float(tc.device_cache_gb) * 2 ** 30
     if on_device:  # the cache lives on every device; a step receives only the batch's indices
-        def cached_step(state, cx, cy, idx):
-            x = jax.lax.with_sharding_constraint(cx[idx], data_sh)
-            y = x if cy is None else jax.lax.with_sharding_constraint(cy[idx], data_sh)
-            return train_step(state, x, y, idx)
+        def cached_step(state, caches, idx):
+            picked = tuple(None if a is None else jax.lax.with_sharding_constraint(a[idx], data_sh) for a in caches)
+            return train_step(state, picked, idx)
 
-        step_fn = jax.jit(cached_step, in_shardings=(repl, repl, repl, data_sh), out_shardings=(repl, repl),
+        step_fn = jax.jit(cached_step, in_shardings=(repl, repl, data_sh), out_shardings=(repl, repl),
                           donate_argnums=(0,))
-        cache_x = jax.device_put(h_in, repl)
-        cache_y = None if h_tgt is None else jax.device_put(h_tgt, repl)
+        caches = tuple(None if a is None else jax.device_put(a, repl) for a in arrays)
     else:  # batches are gathered on the host and copied in each step (multi-process, or a large cache)
-        step_fn = jax.jit(train_step, in_shardings=(repl, data_sh, data_sh, data_sh), out_shardings=(repl, repl),
+        step_fn = jax.jit(train_step, in_shardings=(repl, data_sh, data_sh), out_shardings=(repl, repl),
                           donate_argnums=(0,))
     local = batch // pc
     start = int(state["step"])
     end = total if max_steps is None else min(total, max_steps)
     losses = []
     t0, last_log = time.time(), start
-    log_path = os.path.join(workdir, "train_log.jsonl") if workdir else None
+    log_path = os.path.join(workdir, f"{name}_log.jsonl") if workdir else None
     tb = _summary_writer(workdir) if workdir and pi == 0 else None
     for step in range(start, end):
-        idx = _batch_indices(n, batch, config.seed, step)[pi * local:(pi + 1) * local]
+        idx = _batch_indices(n, batch, seed, step)[pi * local:(pi + 1) * local]
         ids = jax.make_array_from_process_local_data(data_sh, idx.astype(np.int32))
         if on_device:
-            state, loss = step_fn(state, cache_x, cache_y, ids)
+            state, loss = step_fn(state, caches, ids)
         else:
-            y_src = h_in if h_tgt is None else h_tgt
-            x = jax.make_array_from_process_local_data(data_sh, h_in[idx])
-            y = jax.make_array_from_process_local_data(data_sh, y_src[idx])
-            state, loss = step_fn(state, x, y, ids)
+            picked = tuple(None if a is None else jax.make_array_from_process_local_data(data_sh, a[idx])
+                           for a in arrays)
+            state, loss = step_fn(state, picked, ids)
         losses.append((step, loss))
         done = step + 1
         if done % tc.log_every == 0 or done == end:
             lv = float(loss)
             rate = (done - last_log) / max(time.time() - t0, 1e-9)
             eta = (end - done) / max(rate, 1e-9)
-            log(f"step {done}/{total} loss {lv:.5f} lr {float(sched(step)):.2e} {rate:.2f} steps/s "
+            prefix = "" if name == "train" else f"{name} "
+            log(f"{prefix}step {done}/{total} loss {lv:.5f} lr {float(sched(step)):.2e} {rate:.2f} steps/s "
                 f"{rate * batch:.1f} img/s eta {eta:.0f}s")
             if tb is not None:
-                tb.add_scalar("train/loss", lv, done)
-                tb.add_scalar("train/lr", float(sched(step)), done)
-                tb.add_scalar("train/images_per_second", rate * batch, done)
+                tb.add_scalar(f"{name}/loss", lv, done)
+                tb.add_scalar(f"{name}/lr", float(sched(step)), done)
+                tb.add_scalar(f"{name}/images_per_second", rate * batch, done)
                 tb.flush()
             if log_path and pi == 0:
                 with open(log_path, "a") as f:
@@ -209,9 +234,13 @@ def _summary_writer(workdir):
 
 
 # -------------------------------------------------------------------------------------------- orbax
-def _checkpoint_manager(workdir, tc):
+def _ckpt_dir(name: str) -> str:
+    return "checkpoints" if name == "train" else f"{name}_checkpoints"
+
+
+def _checkpoint_manager(workdir, tc, subdir: str = "checkpoints"):
     import orbax.checkpoint as ocp
-    path = os.path.join(os.path.abspath(workdir), "checkpoints")
+    path = os.path.join(os.path.abspath(workdir), subdir)
     opts = ocp.CheckpointManagerOptions(max_to_keep=int(tc.max_to_keep), create=True)
     return ocp.CheckpointManager(path, options=opts, item_names=("state", "meta"))
 
@@ -236,23 +265,27 @@ def _restore(ckpt, template, fingerprint, sharding):
     return ckpt.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract)))["state"]
 
 
-def restore_params(workdir: str, config, in_channels: int, grid):
-    """The latest trained reconstructor parameters in workdir (for eval/predict), checked against config."""
-    tc = config.train
-    ckpt = _checkpoint_manager(workdir, tc)
+def restore_trained(workdir: str, tc, name: str, init_params, make_tx, fingerprint: dict):
+    """(params, step) of the latest checkpoint of a training_loop run called `name` in workdir."""
+    ckpt = _checkpoint_manager(workdir, tc, _ckpt_dir(name))
     if ckpt.latest_step() is None:
-        raise FileNotFoundError(f"no checkpoint in {os.path.join(workdir, 'checkpoints')}: train first "
+        raise FileNotFoundError(f"no checkpoint in {os.path.join(workdir, _ckpt_dir(name))}: train first "
                                 f"(--mode=train or train_and_eval)")
-    model = build_reconstructor(config, in_channels, grid)
-    tx, _ = make_optimizer(tc, 10, 1)
-    gh, gw = grid
+    tx, _ = make_tx(10, 1)
 
     def init_fn():
-        params = model.init(jax.random.key(0), jnp.zeros((1, gh, gw, in_channels)), jnp.zeros((1, gh * gw), bool))["params"]
+        params = init_params(jax.random.key(0))
         return {"params": params, "opt_state": tx.init(params), "step": jnp.int32(0)}
 
-    template = jax.eval_shape(init_fn)
-    repl = NamedSharding(data_mesh(), P())
-    state = _restore(ckpt, template, model_fingerprint(config, in_channels), repl)
+    state = _restore(ckpt, jax.eval_shape(init_fn), fingerprint, NamedSharding(data_mesh(), P()))
     return state["params"], int(state["step"])
 
+
+def restore_params(workdir: str, config, in_channels: int, grid):
+    """The latest trained reconstructor parameters in workdir (for eval/predict), checked against config."""
+    model = build_reconstructor(config, in_channels, grid)
+    gh, gw = grid
+    return restore_trained(
+        workdir, config.train, "train",
+        lambda key: model.init(key, jnp.zeros((1, gh, gw, in_channels)), jnp.zeros((1, gh * gw), bool))["params"],
+        lambda total, spe: make_optimizer(config.train, total, spe), model_fingerprint(config, in_channels))

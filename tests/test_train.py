@@ -95,6 +95,16 @@ def test_device_cache_and_host_gathering_give_the_same_losses():
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
 
 
+def test_cudnn_attention_setting_trains_with_einsum_and_says_so():
+    c = _tiny_config(epochs=1)
+    c.model.reconstructor.attention = "jax_cudnn"  # would fail on this CPU if it reached the model
+    said = []
+    res = train(c, _features(), None, None, log=said.append)
+    ref = train(_tiny_config(epochs=1), _features(), None, None, log=lambda *_: None)
+    assert any("jax_cudnn is for scoring only" in m for m in said)
+    np.testing.assert_allclose([l for _, l in res.losses], [l for _, l in ref.losses], rtol=1e-6)
+
+
 def test_loss_falls_on_structured_features():
     """Features with spatial structure (smooth fields) can be inpainted: the loss must drop."""
     rng = np.random.default_rng(0)
