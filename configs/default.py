@@ -74,6 +74,26 @@ def get_config():
     c.train.checkpoint_every = 1000  # steps between checkpoints (and one at the end)
     c.train.max_to_keep = 3
 
+    # ---------------------------------------------------------------- flow M_po (scoring.mpo = "flow")
+    # A conditional normalizing flow over the residual between each position's feature and its nearest
+    # nominal pool token (method-spec 6.1, PMAD's ProtoFlow), trained after the reconstructor and the
+    # fit (maskad_jax/flow.py, flow_fit.py). Defaults: the released code's sizes and recipe.
+    c.flow = ml_collections.ConfigDict()
+    c.flow.features = "reconstructor"  # the reconstructor's own backbone features and pools (h, 14 x 14)
+    c.flow.blocks = 8  # AllInOneBlock-style coupling blocks
+    c.flow.cond_dim = 128  # 2-D sin/cos positional encoding (a multiple of 4)
+    c.flow.hidden_ratio = 2.0  # subnet hidden width / subnet input width (code: 528 / 264)
+    c.flow.clamp = 1.9  # affine clamping of the log-scales
+    c.flow.clamp_form = "current"  # current FrEIA: clamp*tanh(a/clamp); legacy (FrEIA 0.2): clamp*tanh(a)
+    c.flow.epochs = 200  # code: 25 meta-epochs x 8 sub-epochs (with augmentation; none here)
+    c.flow.batch_size = 32  # images per step (all their positions)
+    c.flow.lr = 2e-4  # Adam; linear warm-up from lr/10 over warmup_epochs, then cosine to 0
+    c.flow.warmup_epochs = 2
+    c.flow.log_every = 50
+    c.flow.checkpoint_every = 1000
+    c.flow.max_to_keep = 2
+    c.flow.device_cache_gb = 4.0  # as train.device_cache_gb, for the cached residuals
+
     # ---------------------------------------------------------------- fit (after training)
     c.fit = ml_collections.ConfigDict()
     c.fit.pool_ratio = 0.1  # nominal pool = this fraction of the training tokens (greedy k-center)
@@ -84,10 +104,13 @@ def get_config():
 
     # ---------------------------------------------------------------- test-time scoring
     c.scoring = ml_collections.ConfigDict()
-    c.scoring.mpo = "knn"  # knn | none  (the normalising-flow M_po is issue #8)
+    # M_po: knn (distance to the nearest pool token / calibration mean) | flow (1 - exp(min(L - L_ref, 0))
+    # from the flow's per-position log-likelihood L, see c.flow and flow_fit.py) | none (no final
+    # weighting; the prototype masks still use the knn map).
+    c.scoring.mpo = "knn"
     # calibration: divide by the mean distance of held-out normal training tokens (an image is scored
-    # on its own). test_max: divide by the max over the class's whole test set (the released code's
-    # transductive normalisation; eval only).
+    # on its own; flow: L_ref = the max L over held-out normal images). test_max: the max over the
+    # class's whole test set (the released code's transductive normalisation; eval only).
     c.scoring.mpo_normalisation = "calibration"
     c.scoring.prototype_ratios = (0.01, 0.03, 0.05, 0.07)  # top-k by M_po: 1/5/9/13 of 196 patches
     c.scoring.num_random = 4

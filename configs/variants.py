@@ -45,6 +45,7 @@ def cpu(c):
     c.train.epochs, c.train.batch_size, c.train.warmup_epochs = 10, 16, 1
     c.train.log_every, c.train.checkpoint_every = 25, 200
     c.scoring.num_random, c.scoring.num_block, c.scoring.prototype_ratios = 2, 2, (0.03, 0.07)
+    c.flow.epochs, c.flow.batch_size, c.flow.log_every, c.flow.checkpoint_every = 30, 16, 100, 500
 
 
 def smoke(c):
@@ -55,6 +56,7 @@ def smoke(c):
     r.embed_dim, r.encoder_depth, r.decoder_depth, r.num_heads = 32, 1, 1, 2
     c.train.epochs, c.train.batch_size, c.train.log_every = 1, 8, 1
     c.scoring.sinkhorn_iterations = 20
+    c.flow.blocks, c.flow.cond_dim, c.flow.epochs, c.flow.batch_size, c.flow.log_every = 2, 16, 1, 8, 1
 
 
 def apply(c, variant: str, known=("code", "smoke", "cpu")):

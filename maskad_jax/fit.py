@@ -28,6 +28,7 @@ class Pools:
     class_names: tuple  # names of the K pools ('*' for a shared pool)
     calibration: dict  # class -> positions (into the training set) of the held-out images
     cal_scores: dict = dataclasses.field(default_factory=dict)  # class -> image scores of those images
+    src: np.ndarray | None = None  # (K, P) training-set position of each pool token's image (-1: padding)
 
     def threshold(self, cls: str, quantile: float) -> float:
         """A decision threshold: the given quantile of the held-out normal images' scores of a pool."""
@@ -47,8 +48,9 @@ class Pools:
 
     def save(self, directory: str) -> None:
         os.makedirs(directory, exist_ok=True)
+        extra = {} if self.src is None else {"src": self.src}
         np.savez(os.path.join(directory, "pools.npz"), pool_in=self.pool_in, pool_tgt=self.pool_tgt,
-                 valid=self.valid, cal_scale=self.cal_scale)
+                 valid=self.valid, cal_scale=self.cal_scale, **extra)
         with open(os.path.join(directory, "pools.json"), "w") as f:
             json.dump({"class_names": list(self.class_names),
                        "calibration": {k: [int(i) for i in v] for k, v in self.calibration.items()},
@@ -63,7 +65,8 @@ class Pools:
         with open(os.path.join(directory, "pools.json")) as f:
             meta = json.load(f)
         return cls(z["pool_in"], z["pool_tgt"], z["valid"], z["cal_scale"], tuple(meta["class_names"]),
-                   {k: np.asarray(v, int) for k, v in meta["calibration"].items()}, meta.get("cal_scores", {}))
+                   {k: np.asarray(v, int) for k, v in meta["calibration"].items()}, meta.get("cal_scores", {}),
+                   z["src"] if "src" in z.files else None)
 
 
 def fit_pools(h_in: np.ndarray, h_tgt: np.ndarray | None, class_names_of_images, fit_cfg, seed: int) -> Pools:
@@ -81,12 +84,13 @@ def fit_pools(h_in: np.ndarray, h_tgt: np.ndarray | None, class_names_of_images,
         cal, fit = pos[:n_cal], pos[n_cal:]
         tok_in = h_in[fit].reshape(-1, c_dim)
         tok_tgt = (h_tgt if h_tgt is not None else h_in)[fit].reshape(-1, c_dim)
+        tok_src = np.repeat(fit, h_in.shape[1] * h_in.shape[2])
         if len(tok_in) > fit_cfg.max_pool_tokens:
             sub = rng.choice(len(tok_in), fit_cfg.max_pool_tokens, replace=False)
-            tok_in, tok_tgt = tok_in[sub], tok_tgt[sub]
+            tok_in, tok_tgt, tok_src = tok_in[sub], tok_tgt[sub], tok_src[sub]
         k = int(np.ceil(fit_cfg.pool_ratio * len(tok_in)))
         sel = greedy_kcenter(tok_in, k, start=0, projection_dim=fit_cfg.projection_dim, seed=seed)
-        pools.append((tok_in[sel], tok_tgt[sel]))
+        pools.append((tok_in[sel], tok_tgt[sel], tok_src[sel]))
         if n_cal:
             d, _ = nearest(jnp.asarray(h_in[cal].reshape(-1, c_dim)), jnp.asarray(tok_in[sel]))
             cal_scale.append(float(jnp.mean(jnp.sqrt(d))))
@@ -94,10 +98,11 @@ def fit_pools(h_in: np.ndarray, h_tgt: np.ndarray | None, class_names_of_images,
             cal_scale.append(1.0)
         cal_pos[cls] = cal
         cals.append(cal)
-    p = max(len(a) for a, _ in pools)
+    p = max(len(a) for a, _, _ in pools)
     pool_in = np.zeros((len(pools), p, c_dim), np.float32)
     pool_tgt = np.zeros_like(pool_in)
     valid = np.zeros((len(pools), p), bool)
-    for i, (a, b) in enumerate(pools):
-        pool_in[i, :len(a)], pool_tgt[i, :len(b)], valid[i, :len(a)] = a, b, True
-    return Pools(pool_in, pool_tgt, valid, np.asarray(cal_scale, np.float32), tuple(groups), cal_pos)
+    src = np.full((len(pools), p), -1, np.int32)
+    for i, (a, b, s) in enumerate(pools):
+        pool_in[i, :len(a)], pool_tgt[i, :len(b)], valid[i, :len(a)], src[i, :len(s)] = a, b, True, s
+    return Pools(pool_in, pool_tgt, valid, np.asarray(cal_scale, np.float32), tuple(groups), cal_pos, src=src)

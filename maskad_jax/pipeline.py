@@ -82,7 +82,9 @@ def train_and_evaluate(config, workdir: str, mode: str = "train_and_eval") -> di
         model = build_reconstructor(config, extractor.channels, grid)
         params, step = restore_params(workdir, config, extractor.channels, grid)
         _log(f"restored the reconstructor at step {step} from {workdir}")
-        rows = predict(config, workdir, extractor, model, params, Pools.load(os.path.join(workdir, "fit")), log=_log)
+        pools = Pools.load(os.path.join(workdir, "fit"))
+        flow = restore_flow_state(config, workdir, extractor.channels, grid, pools)
+        rows = predict(config, workdir, extractor, model, params, pools, log=_log, flow=flow)
         return {"predictions": rows, "total_seconds": time.time() - t_start}
     _, train_data, test_data = load_data(config)
     _log(f"dataset {config.data.name}: {len(train_data)} train, {len(test_data)} test images, classes "
@@ -102,15 +104,19 @@ def train_and_evaluate(config, workdir: str, mode: str = "train_and_eval") -> di
         result["train_seconds"] = time.time() - t0
         class_names = [train_data.class_names[i] for i in train_data.class_ids]
         pools = fit_pools(h_in, h_tgt, class_names, config.fit, config.seed)
-        pools.cal_scores = calibration_scores(config, model, params, pools, h_in, h_tgt, keys)
-        pools.save(os.path.join(workdir, "fit"))
         _log(f"fitted {len(pools.class_names)} pool(s) of up to {pools.pool_in.shape[1]} tokens")
+        flow = None
+        if config.scoring.mpo == "flow":
+            flow = _train_flow_stage(config, workdir, h_in, pools, class_names)
+        pools.cal_scores = calibration_scores(config, model, params, pools, h_in, h_tgt, keys, flow)
+        pools.save(os.path.join(workdir, "fit"))
     if mode in ("eval", "train_and_eval"):
         if mode == "eval":
             params, step = restore_params(workdir, config, extractor.channels, grid)
             _log(f"restored the reconstructor at step {step} from {workdir}")
         pools = Pools.load(os.path.join(workdir, "fit"))
-        result.update(evaluate(config, workdir, extractor, model, params, pools, test_data))
+        flow = restore_flow_state(config, workdir, extractor.channels, grid, pools)
+        result.update(evaluate(config, workdir, extractor, model, params, pools, test_data, flow))
     result["total_seconds"] = time.time() - t_start
     if "per_class" in result:
         from maskad_jax.report import write_report
@@ -118,11 +124,45 @@ def train_and_evaluate(config, workdir: str, mode: str = "train_and_eval") -> di
     return result
 
 
-def calibration_scores(config, model, params, pools, h_in, h_tgt, keys) -> dict:
+def _train_flow_stage(config, workdir, h_in, pools, class_names):
+    """Train (or resume) the flow M_po, calibrate L_ref on held-out images, save it; (module, params, ref)."""
+    from maskad_jax.flow_fit import calibrate_flow, save_flow_reference, train_flow
+    if config.flow.features != "reconstructor":
+        raise ValueError(f"flow.features = {config.flow.features!r} is not implemented; use 'reconstructor' "
+                         f"(the released code's second B6 backbone is not supported yet)")
+    t0 = time.time()
+    res = train_flow(config, h_in, pools, pools.pool_index(class_names), workdir, log=_log)
+    ref = calibrate_flow(config, res.params, h_in, pools)
+    save_flow_reference(os.path.join(workdir, "fit"), ref, pools.class_names)
+    _log(f"flow M_po: trained to step {res.steps} in {time.time() - t0:.0f}s; L_ref "
+         + ", ".join(f"{c} {r:.3f}" for c, r in zip(pools.class_names, ref)))
+    from maskad_jax.flow import build_flow
+    return build_flow(config, h_in.shape[-1]), res.params, ref
+
+
+def restore_flow_state(config, workdir, channels, grid, pools):
+    """(flow module, params, L_ref) for scoring.mpo = 'flow', else None."""
+    if config.scoring.mpo != "flow":
+        return None
+    from maskad_jax.flow_fit import load_flow_reference, restore_flow
+    flow, params, step = restore_flow(workdir, config, channels, grid)
+    _log(f"restored the flow at step {step} from {workdir}")
+    return flow, params, load_flow_reference(os.path.join(workdir, "fit"), pools.class_names)
+
+
+def device_pools(pools, flow=None) -> dict:
+    """The pools (and the flow's parameters and L_ref, if any) as the scoring functions take them."""
+    dev = pools_to_device(pools)
+    if flow is not None:
+        dev["flow"] = {"params": flow[1], "logp_ref": jnp.asarray(flow[2])}
+    return dev
+
+
+def calibration_scores(config, model, params, pools, h_in, h_tgt, keys, flow=None) -> dict:
     """Image scores of the held-out normal training images, per pool (for predict's threshold)."""
     from maskad_jax.scoring import make_score_features_fn
-    fn = jax.jit(make_score_features_fn(config, model), static_argnums=(6,))
-    dev_pools = pools_to_device(pools)
+    fn = jax.jit(make_score_features_fn(config, model, flow and flow[0]), static_argnums=(6,))
+    dev_pools = device_pools(pools, flow)
     out = {}
     for k, cls in enumerate(pools.class_names):
         pos = pools.calibration.get(cls, np.zeros(0, int))
@@ -137,12 +177,16 @@ def calibration_scores(config, model, params, pools, h_in, h_tgt, keys) -> dict:
     return out
 
 
-def evaluate(config, workdir, extractor, model, params, pools, data: SplitData) -> dict:
-    score = make_score_fn(config, extractor, model)
-    dev_pools = pools_to_device(pools)
+def evaluate(config, workdir, extractor, model, params, pools, data: SplitData, flow=None) -> dict:
+    score = make_score_fn(config, extractor, model, flow and flow[0])
+    dev_pools = device_pools(pools, flow)
     size = config.data.image_size
     if config.scoring.mpo_normalisation == "test_max":
-        dev_pools["cal_scale"] = jnp.asarray(_test_max_scale(config, extractor, pools, dev_pools, data))
+        if flow is not None:
+            dev_pools["flow"]["logp_ref"] = jnp.asarray(_test_max_flow_ref(config, extractor, pools, dev_pools, flow,
+                                                                            data))
+        else:
+            dev_pools["cal_scale"] = jnp.asarray(_test_max_scale(config, extractor, pools, dev_pools, data))
         _log("M_po normalised by the max over each class's test set (transductive, as the released code)")
     elif config.scoring.mpo_normalisation != "calibration":
         raise ValueError(f"scoring.mpo_normalisation must be calibration | test_max, "
@@ -207,6 +251,31 @@ def _test_max_scale(config, extractor, pools, dev_pools, data) -> np.ndarray:
             if ok:
                 scale[k] = max(scale[k], v)
     return np.where(scale > 0, scale, np.asarray(pools.cal_scale))
+
+
+def _test_max_flow_ref(config, extractor, pools, dev_pools, flow, data) -> np.ndarray:
+    """Per pool: the largest flow log-likelihood over all test positions of its images (code variant)."""
+    from maskad_jax.flow_fit import flow_logp_fn
+    module, fparams, _ = flow
+
+    @jax.jit
+    def max_logp(v, x, pidx):
+        h = extractor.apply(v, x)
+        b, gh, gw, c = h.shape
+        lp = flow_logp_fn(module, (gh, gw))(fparams, h.reshape(b, gh * gw, c), dev_pools["pool_in"][pidx],
+                                             dev_pools["valid"][pidx], config.flow.cond_dim)
+        return lp.max(axis=1)
+
+    ref = np.full(len(pools.class_names), -np.inf, np.float32)
+    shard = batch_sharding(config)
+    for batch in eval_batches(data, config.data.eval_batch_size, image_size=config.data.image_size,
+                              num_workers=config.data.num_workers):
+        pidx = pools.pool_index([data.class_names[c] for c in batch["class_id"]])
+        m = np.asarray(max_logp(extractor.variables, jax.device_put(batch["image"], shard), jax.device_put(pidx, shard)))
+        for k, v, ok in zip(pidx, m, batch["valid"]):
+            if ok:
+                ref[k] = max(ref[k], v)
+    return np.where(np.isfinite(ref), ref, np.asarray(dev_pools["flow"]["logp_ref"]))
 
 
 def _write_heatmaps(workdir, data, maps, scores, size, per_class: int = 3) -> list:

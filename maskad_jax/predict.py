@@ -58,8 +58,10 @@ def _assign_pools(h, pools_dev):
     return jnp.argmin(dist, axis=1).astype(jnp.int32)
 
 
-def predict(config, workdir: str, extractor, model, params, pools, log=print) -> list[dict]:
-    from maskad_jax.scoring import make_score_fn, pools_to_device
+def predict(config, workdir: str, extractor, model, params, pools, log=print, flow=None) -> list[dict]:
+    """flow: (module, params, L_ref) when scoring.mpo = 'flow' (pipeline.restore_flow_state)."""
+    from maskad_jax.pipeline import device_pools
+    from maskad_jax.scoring import make_score_fn
     pc = config.predict
     if not pc.input:
         raise ValueError("--mode=predict needs --config.predict.input=PATH (an image or a folder)")
@@ -71,8 +73,8 @@ def predict(config, workdir: str, extractor, model, params, pools, log=print) ->
     for sub in ("maps", "overlays"):
         os.makedirs(os.path.join(out_dir, sub), exist_ok=True)
     size = config.data.image_size
-    dev_pools = pools_to_device(pools)
-    score = make_score_fn(config, extractor, model)
+    dev_pools = device_pools(pools, flow)
+    score = make_score_fn(config, extractor, model, flow and flow[0])
     assign = jax.jit(lambda v, x: _assign_pools(extractor.apply(v, x), dev_pools))
     fixed = None
     if pc.class_name:

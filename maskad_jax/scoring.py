@@ -16,6 +16,7 @@ import jax.numpy as jnp
 
 from maskad_jax import association, masks as masks_lib
 from maskad_jax.coreset import nearest
+from maskad_jax.flow_fit import residual_logp
 from maskad_jax.reconstructor import patch_errors
 from maskad_jax.resize import resize_map_align_corners
 from maskad_jax.smoothing import gaussian_smooth
@@ -47,10 +48,17 @@ def _branch_steps(branches: int, per_step: int) -> int:
     return steps
 
 
-def make_score_features_fn(config, model):
-    """Scoring from features: f(params, pools, h_in, h_tgt, pool_idx, image_ids, out_size) -> dict."""
+def make_score_features_fn(config, model, flow=None):
+    """Scoring from features: f(params, pools, h_in, h_tgt, pool_idx, image_ids, out_size) -> dict.
+
+    With scoring.mpo = 'flow', `flow` is the ConditionalFlow module and pools["flow"] holds its
+    "params" and "logp_ref" (K,) (flow_fit.py)."""
     sc = config.scoring
     seed = config.seed
+    if sc.mpo not in ("knn", "flow", "none"):
+        raise ValueError(f"scoring.mpo must be knn | flow | none, got {sc.mpo!r}")
+    if sc.mpo == "flow" and flow is None:
+        raise ValueError("scoring.mpo = 'flow' needs the trained flow (flow_fit.restore_flow)")
 
     def score_features(params, pools, h_in, h_tgt, pool_idx, image_ids, out_size):
         b, gh, gw, c = h_in.shape
@@ -61,6 +69,10 @@ def make_score_features_fn(config, model):
         dist = jnp.sqrt(d)  # (B, n)
         mpo = dist / pools["cal_scale"][pool_idx][:, None]
         r_in = jnp.take_along_axis(pool_in, idx[..., None], axis=1).reshape(b, gh, gw, c)
+        if sc.mpo == "flow":  # M_po = 1 - exp(min(L - L_ref, 0)) from the flow's log-likelihood of e - p
+            logp = residual_logp(flow, pools["flow"]["params"], tokens - r_in.reshape(b, n, c), (gh, gw),
+                                 config.flow.cond_dim)
+            mpo = 1.0 - jnp.exp(jnp.minimum(logp - pools["flow"]["logp_ref"][pool_idx][:, None], 0.0))
         r_tgt = jnp.take_along_axis(pool_tgt, idx[..., None], axis=1).reshape(b, gh, gw, c)
 
         keys = jax.vmap(lambda i: jax.random.fold_in(jax.random.fold_in(jax.random.key(seed), 0x5C0E), i))(image_ids)
@@ -113,7 +125,7 @@ def make_score_features_fn(config, model):
             patch = jnp.ones((b, n))  # M_po alone (the nearest-neighbour baseline)
         size = (out_size, out_size)
         up = resize_map_align_corners(patch.reshape(b, gh, gw), size)
-        if sc.use_mpo and sc.mpo == "knn":
+        if sc.use_mpo and sc.mpo in ("knn", "flow"):
             up = up * resize_map_align_corners(mpo.reshape(b, gh, gw), size)
         amap = gaussian_smooth(up, sc.sigma)
         return {"map": amap, "score": jnp.max(amap, axis=(1, 2)), "mpo": mpo.reshape(b, gh, gw),
@@ -122,9 +134,9 @@ def make_score_features_fn(config, model):
     return score_features
 
 
-def make_score_fn(config, extractor, model):
+def make_score_fn(config, extractor, model, flow=None):
     """Jitted f(params, backbone_vars, pools, images01, pool_idx, image_ids) -> dict of maps and scores."""
-    score_features = make_score_features_fn(config, model)
+    score_features = make_score_features_fn(config, model, flow)
     regress_raw = config.train.target == "unnormalized"
 
     def score(params, backbone_vars, pools, images, pool_idx, image_ids):

@@ -88,3 +88,17 @@ def test_run_py_code_variant(tmp_path):
     cfg = json.load(open(os.path.join(wd, "config.json")))
     assert cfg["scoring"]["ot"] == "code" and cfg["train"]["target"] == "unnormalized"
     assert os.path.isfile(os.path.join(wd, "metrics.json"))
+
+
+def test_flow_mpo_train_and_eval_then_eval_from_checkpoints(tmp_path):
+    wd, tfds = str(tmp_path / "wd"), str(tmp_path / "tfds")
+    common = ["--config=configs/demo.py:smoke", f"--workdir={wd}", f"--config.data.tfds_dir={tfds}",
+              "--config.scoring.mpo=flow"]
+    out = _run(common)
+    assert "flow M_po: trained to step" in out and "mean over classes" in out
+    for f in ("flow_log.jsonl", "fit/flow.json", "flow_checkpoints"):
+        assert os.path.exists(os.path.join(wd, f)), f
+    scores_first = open(os.path.join(wd, "scores.csv")).read()
+    out = _run(common + ["--mode=eval"])
+    assert "restored the flow at step" in out and "flow step 1/" not in out
+    assert open(os.path.join(wd, "scores.csv")).read() == scores_first
