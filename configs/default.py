@@ -79,7 +79,16 @@ def get_config():
     # nominal pool token (method-spec 6.1, PMAD's ProtoFlow), trained after the reconstructor and the
     # fit (maskad_jax/flow.py, flow_fit.py). Defaults: the released code's sizes and recipe.
     c.flow = ml_collections.ConfigDict()
-    c.flow.features = "reconstructor"  # the reconstructor's own backbone features and pools (h, 14 x 14)
+    # Flow features. reconstructor: the main backbone's h (14 x 14) and the fit's pools. backbone: a
+    # second backbone (flow.backbone) at the strides given, 3x3 average pooled, coarser taps repeated
+    # onto the finest (the released code: B6 at strides 8 and 16, 28 x 28 x 272), with its own pool.
+    c.flow.features = "reconstructor"
+    c.flow.backbone = ml_collections.ConfigDict()
+    c.flow.backbone.arch = "efficientnet-b6"  # code: timm tf_efficientnet_b6 (AutoAugment weights)
+    c.flow.backbone.weights = "weights/efficientnet-b6"  # as model.backbone.weights
+    c.flow.backbone.padding = "tf-same"  # timm's tf_ models use TensorFlow "same" padding
+    c.flow.backbone.strides = (8, 16)
+    c.flow.pool_ratio = 0.01  # the flow backbone's own nominal pool (k-center), code: 0.01
     c.flow.blocks = 8  # AllInOneBlock-style coupling blocks
     c.flow.cond_dim = 128  # 2-D sin/cos positional encoding (a multiple of 4)
     c.flow.hidden_ratio = 2.0  # subnet hidden width / subnet input width (code: 528 / 264)

@@ -14,8 +14,10 @@ whole test set (scoring.mpo_normalisation = test_max).
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -27,10 +29,24 @@ from maskad_jax.flow import build_flow, flow_loss, log_likelihood, positional_en
 from maskad_jax.train import restore_trained, training_loop
 
 
+@dataclasses.dataclass
+class FlowState:
+    """What scoring needs of a trained flow. embedder/pools: only with flow.features = 'backbone'."""
+    module: Any
+    params: Any
+    logp_ref: np.ndarray  # (K,) per pool
+    embedder: Any = None  # flow_features.FlowEmbedder
+    pools: Any = None  # fit.Pools of the flow backbone's features
+
+
 def flow_fingerprint(config, channels: int) -> dict:
     f = config.flow
-    return {"channels": int(channels), "features": f.features, "blocks": f.blocks, "cond_dim": f.cond_dim,
-            "hidden_ratio": f.hidden_ratio, "clamp": f.clamp, "clamp_form": f.clamp_form, "seed": config.seed}
+    out = {"channels": int(channels), "features": f.features, "blocks": f.blocks, "cond_dim": f.cond_dim,
+           "hidden_ratio": f.hidden_ratio, "clamp": f.clamp, "clamp_form": f.clamp_form, "seed": config.seed}
+    if f.features == "backbone":
+        out["backbone"] = {"arch": f.backbone.arch, "padding": f.backbone.padding,
+                           "strides": list(f.backbone.strides), "pool_ratio": f.pool_ratio}
+    return out
 
 
 def residuals_fn(tokens, pool, valid, src, image_pos):

@@ -105,10 +105,10 @@ def train_and_evaluate(config, workdir: str, mode: str = "train_and_eval") -> di
         class_names = [train_data.class_names[i] for i in train_data.class_ids]
         pools = fit_pools(h_in, h_tgt, class_names, config.fit, config.seed)
         _log(f"fitted {len(pools.class_names)} pool(s) of up to {pools.pool_in.shape[1]} tokens")
-        flow = None
+        flow, f_train = None, None
         if config.scoring.mpo == "flow":
-            flow = _train_flow_stage(config, workdir, h_in, pools, class_names)
-        pools.cal_scores = calibration_scores(config, model, params, pools, h_in, h_tgt, keys, flow)
+            flow, f_train = _train_flow_stage(config, workdir, h_in, pools, class_names, train_data)
+        pools.cal_scores = calibration_scores(config, model, params, pools, h_in, h_tgt, keys, flow, f_train)
         pools.save(os.path.join(workdir, "fit"))
     if mode in ("eval", "train_and_eval"):
         if mode == "eval":
@@ -124,44 +124,71 @@ def train_and_evaluate(config, workdir: str, mode: str = "train_and_eval") -> di
     return result
 
 
-def _train_flow_stage(config, workdir, h_in, pools, class_names):
-    """Train (or resume) the flow M_po, calibrate L_ref on held-out images, save it; (module, params, ref)."""
-    from maskad_jax.flow_fit import calibrate_flow, save_flow_reference, train_flow
-    if config.flow.features != "reconstructor":
-        raise ValueError(f"flow.features = {config.flow.features!r} is not implemented; use 'reconstructor' "
-                         f"(the released code's second B6 backbone is not supported yet)")
-    t0 = time.time()
-    res = train_flow(config, h_in, pools, pools.pool_index(class_names), workdir, log=_log)
-    ref = calibrate_flow(config, res.params, h_in, pools)
-    save_flow_reference(os.path.join(workdir, "fit"), ref, pools.class_names)
-    _log(f"flow M_po: trained to step {res.steps} in {time.time() - t0:.0f}s; L_ref "
-         + ", ".join(f"{c} {r:.3f}" for c, r in zip(pools.class_names, ref)))
+def _train_flow_stage(config, workdir, h_in, pools, class_names, train_data):
+    """Train (or resume) the flow M_po, calibrate L_ref on held-out images, save it.
+
+    Returns (FlowState, the flow features of the training images or None when they are h_in)."""
     from maskad_jax.flow import build_flow
-    return build_flow(config, h_in.shape[-1]), res.params, ref
+    from maskad_jax.flow_fit import FlowState, calibrate_flow, save_flow_reference, train_flow
+    fc = config.flow
+    t0 = time.time()
+    embedder, feats, fpools = None, h_in, pools
+    if fc.features == "backbone":
+        from maskad_jax.flow_features import FlowEmbedder
+        embedder = FlowEmbedder.create(fc, dtype=jnp.dtype(config.model.dtype), seed=config.seed)
+        feats, _, _ = extract_features(embedder, train_data, config, with_target=False)
+        fit_cfg = config.fit.copy_and_resolve_references()
+        fit_cfg.pool_ratio = fc.pool_ratio
+        fpools = fit_pools(feats, None, class_names, fit_cfg, config.seed)
+        fpools.save(os.path.join(workdir, "fit", "flow_pool"))
+        _log(f"flow backbone {fc.backbone.arch}: features {feats.shape[1:]}, pool of up to "
+             f"{fpools.pool_in.shape[1]} tokens")
+    elif fc.features != "reconstructor":
+        raise ValueError(f"flow.features must be reconstructor | backbone, got {fc.features!r}")
+    res = train_flow(config, feats, fpools, fpools.pool_index(class_names), workdir, log=_log)
+    ref = calibrate_flow(config, res.params, feats, fpools)
+    save_flow_reference(os.path.join(workdir, "fit"), ref, fpools.class_names)
+    _log(f"flow M_po: trained to step {res.steps} in {time.time() - t0:.0f}s; L_ref "
+         + ", ".join(f"{c} {r:.3f}" for c, r in zip(fpools.class_names, ref)))
+    state = FlowState(build_flow(config, feats.shape[-1]), res.params, ref, embedder,
+                      fpools if embedder is not None else None)
+    return state, (feats if embedder is not None else None)
 
 
 def restore_flow_state(config, workdir, channels, grid, pools):
-    """(flow module, params, L_ref) for scoring.mpo = 'flow', else None."""
+    """The trained flow (flow_fit.FlowState) for scoring.mpo = 'flow', else None."""
     if config.scoring.mpo != "flow":
         return None
-    from maskad_jax.flow_fit import load_flow_reference, restore_flow
+    from maskad_jax.flow_fit import FlowState, load_flow_reference, restore_flow
+    embedder, fpools = None, None
+    if config.flow.features == "backbone":
+        from maskad_jax.flow_features import FlowEmbedder
+        embedder = FlowEmbedder.create(config.flow, dtype=jnp.dtype(config.model.dtype), seed=config.seed)
+        fpools = Pools.load(os.path.join(workdir, "fit", "flow_pool"))
+        channels, grid = embedder.channels, embedder.feature_shape(config.data.image_size)[:2]
     flow, params, step = restore_flow(workdir, config, channels, grid)
     _log(f"restored the flow at step {step} from {workdir}")
-    return flow, params, load_flow_reference(os.path.join(workdir, "fit"), pools.class_names)
+    return FlowState(flow, params, load_flow_reference(os.path.join(workdir, "fit"), pools.class_names),
+                     embedder, fpools)
 
 
 def device_pools(pools, flow=None) -> dict:
-    """The pools (and the flow's parameters and L_ref, if any) as the scoring functions take them."""
+    """The pools (and the flow's parameters, L_ref and own pool, if any) as the scoring functions take them."""
     dev = pools_to_device(pools)
     if flow is not None:
-        dev["flow"] = {"params": flow[1], "logp_ref": jnp.asarray(flow[2])}
+        dev["flow"] = {"params": flow.params, "logp_ref": jnp.asarray(flow.logp_ref)}
+        if flow.embedder is not None:
+            dev["flow"].update(pool=jnp.asarray(flow.pools.pool_in), valid=jnp.asarray(flow.pools.valid),
+                               backbone_vars=flow.embedder.variables)
     return dev
 
 
-def calibration_scores(config, model, params, pools, h_in, h_tgt, keys, flow=None) -> dict:
-    """Image scores of the held-out normal training images, per pool (for predict's threshold)."""
+def calibration_scores(config, model, params, pools, h_in, h_tgt, keys, flow=None, f_flow=None) -> dict:
+    """Image scores of the held-out normal training images, per pool (for predict's threshold).
+
+    f_flow: the flow backbone's features of the training images (flow.features = 'backbone')."""
     from maskad_jax.scoring import make_score_features_fn
-    fn = jax.jit(make_score_features_fn(config, model, flow and flow[0]), static_argnums=(6,))
+    fn = jax.jit(make_score_features_fn(config, model, flow and flow.module), static_argnums=(6,))
     dev_pools = device_pools(pools, flow)
     out = {}
     for k, cls in enumerate(pools.class_names):
@@ -171,14 +198,14 @@ def calibration_scores(config, model, params, pools, h_in, h_tgt, keys, flow=Non
             p = pos[s:s + config.data.eval_batch_size]
             tgt = h_in[p] if h_tgt is None else h_tgt[p]
             r = fn(params, dev_pools, jnp.asarray(h_in[p]), jnp.asarray(tgt), jnp.full(len(p), k, jnp.int32),
-                   jnp.asarray(keys[p]), config.data.image_size)
+                   jnp.asarray(keys[p]), config.data.image_size, None if f_flow is None else jnp.asarray(f_flow[p]))
             scores += np.asarray(r["score"]).tolist()
         out[cls] = scores
     return out
 
 
 def evaluate(config, workdir, extractor, model, params, pools, data: SplitData, flow=None) -> dict:
-    score = make_score_fn(config, extractor, model, flow and flow[0])
+    score = make_score_fn(config, extractor, model, flow and flow.module, flow and flow.embedder)
     dev_pools = device_pools(pools, flow)
     size = config.data.image_size
     if config.scoring.mpo_normalisation == "test_max":
@@ -256,14 +283,16 @@ def _test_max_scale(config, extractor, pools, dev_pools, data) -> np.ndarray:
 def _test_max_flow_ref(config, extractor, pools, dev_pools, flow, data) -> np.ndarray:
     """Per pool: the largest flow log-likelihood over all test positions of its images (code variant)."""
     from maskad_jax.flow_fit import flow_logp_fn
-    module, fparams, _ = flow
+    fs = dev_pools["flow"]
+    own = flow.embedder is not None  # the flow backbone's features and pool, else h and the fit's pools
 
     @jax.jit
     def max_logp(v, x, pidx):
-        h = extractor.apply(v, x)
+        h = flow.embedder.apply(fs["backbone_vars"], x) if own else extractor.apply(v, x)
         b, gh, gw, c = h.shape
-        lp = flow_logp_fn(module, (gh, gw))(fparams, h.reshape(b, gh * gw, c), dev_pools["pool_in"][pidx],
-                                             dev_pools["valid"][pidx], config.flow.cond_dim)
+        pool, valid = (fs["pool"], fs["valid"]) if own else (dev_pools["pool_in"], dev_pools["valid"])
+        lp = flow_logp_fn(flow.module, (gh, gw))(flow.params, h.reshape(b, gh * gw, c), pool[pidx], valid[pidx],
+                                                  config.flow.cond_dim)
         return lp.max(axis=1)
 
     ref = np.full(len(pools.class_names), -np.inf, np.float32)
@@ -275,7 +304,7 @@ def _test_max_flow_ref(config, extractor, pools, dev_pools, flow, data) -> np.nd
         for k, v, ok in zip(pidx, m, batch["valid"]):
             if ok:
                 ref[k] = max(ref[k], v)
-    return np.where(np.isfinite(ref), ref, np.asarray(dev_pools["flow"]["logp_ref"]))
+    return np.where(np.isfinite(ref), ref, np.asarray(flow.logp_ref))
 
 
 def _write_heatmaps(workdir, data, maps, scores, size, per_class: int = 3) -> list:

@@ -59,7 +59,7 @@ def _assign_pools(h, pools_dev):
 
 
 def predict(config, workdir: str, extractor, model, params, pools, log=print, flow=None) -> list[dict]:
-    """flow: (module, params, L_ref) when scoring.mpo = 'flow' (pipeline.restore_flow_state)."""
+    """flow: the trained flow (flow_fit.FlowState) when scoring.mpo = 'flow' (pipeline.restore_flow_state)."""
     from maskad_jax.pipeline import device_pools
     from maskad_jax.scoring import make_score_fn
     pc = config.predict
@@ -74,7 +74,7 @@ def predict(config, workdir: str, extractor, model, params, pools, log=print, fl
         os.makedirs(os.path.join(out_dir, sub), exist_ok=True)
     size = config.data.image_size
     dev_pools = device_pools(pools, flow)
-    score = make_score_fn(config, extractor, model, flow and flow[0])
+    score = make_score_fn(config, extractor, model, flow and flow.module, flow and flow.embedder)
     assign = jax.jit(lambda v, x: _assign_pools(extractor.apply(v, x), dev_pools))
     fixed = None
     if pc.class_name:

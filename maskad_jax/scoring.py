@@ -52,7 +52,8 @@ def make_score_features_fn(config, model, flow=None):
     """Scoring from features: f(params, pools, h_in, h_tgt, pool_idx, image_ids, out_size) -> dict.
 
     With scoring.mpo = 'flow', `flow` is the ConditionalFlow module and pools["flow"] holds its
-    "params" and "logp_ref" (K,) (flow_fit.py)."""
+    "params" and "logp_ref" (K,) (flow_fit.py); with flow.features = 'backbone' also its own "pool"
+    (K, P, Cf) and "valid", and f_flow (B, fh, fw, Cf) gives the flow backbone's features."""
     sc = config.scoring
     seed = config.seed
     if sc.mpo not in ("knn", "flow", "none"):
@@ -60,7 +61,7 @@ def make_score_features_fn(config, model, flow=None):
     if sc.mpo == "flow" and flow is None:
         raise ValueError("scoring.mpo = 'flow' needs the trained flow (flow_fit.restore_flow)")
 
-    def score_features(params, pools, h_in, h_tgt, pool_idx, image_ids, out_size):
+    def score_features(params, pools, h_in, h_tgt, pool_idx, image_ids, out_size, f_flow=None):
         b, gh, gw, c = h_in.shape
         n = gh * gw
         tokens = h_in.reshape(b, n, c)
@@ -69,10 +70,19 @@ def make_score_features_fn(config, model, flow=None):
         dist = jnp.sqrt(d)  # (B, n)
         mpo = dist / pools["cal_scale"][pool_idx][:, None]
         r_in = jnp.take_along_axis(pool_in, idx[..., None], axis=1).reshape(b, gh, gw, c)
+        mpo_map = mpo.reshape(b, gh, gw)  # the M_po map that weights the final map (upsampled)
         if sc.mpo == "flow":  # M_po = 1 - exp(min(L - L_ref, 0)) from the flow's log-likelihood of e - p
-            logp = residual_logp(flow, pools["flow"]["params"], tokens - r_in.reshape(b, n, c), (gh, gw),
-                                 config.flow.cond_dim)
-            mpo = 1.0 - jnp.exp(jnp.minimum(logp - pools["flow"]["logp_ref"][pool_idx][:, None], 0.0))
+            fs = pools["flow"]
+            if f_flow is None:  # the reconstructor's own features and pools
+                res, fgrid = tokens - r_in.reshape(b, n, c), (gh, gw)
+            else:  # the flow backbone's features against its own pool
+                fh, fw, cf = f_flow.shape[1:]
+                ftok = f_flow.reshape(b, fh * fw, cf)
+                _, fidx = jax.vmap(nearest)(ftok, fs["pool"][pool_idx], fs["valid"][pool_idx])
+                res, fgrid = ftok - jnp.take_along_axis(fs["pool"][pool_idx], fidx[..., None], axis=1), (fh, fw)
+            logp = residual_logp(flow, fs["params"], res, fgrid, config.flow.cond_dim)
+            mpo_map = (1.0 - jnp.exp(jnp.minimum(logp - fs["logp_ref"][pool_idx][:, None], 0.0))).reshape((b,) + fgrid)
+            mpo = (mpo_map if fgrid == (gh, gw) else resize_map_align_corners(mpo_map, (gh, gw))).reshape(b, n)
         r_tgt = jnp.take_along_axis(pool_tgt, idx[..., None], axis=1).reshape(b, gh, gw, c)
 
         keys = jax.vmap(lambda i: jax.random.fold_in(jax.random.fold_in(jax.random.key(seed), 0x5C0E), i))(image_ids)
@@ -126,7 +136,7 @@ def make_score_features_fn(config, model, flow=None):
         size = (out_size, out_size)
         up = resize_map_align_corners(patch.reshape(b, gh, gw), size)
         if sc.use_mpo and sc.mpo in ("knn", "flow"):
-            up = up * resize_map_align_corners(mpo.reshape(b, gh, gw), size)
+            up = up * resize_map_align_corners(mpo_map, size)
         amap = gaussian_smooth(up, sc.sigma)
         return {"map": amap, "score": jnp.max(amap, axis=(1, 2)), "mpo": mpo.reshape(b, gh, gw),
                 "rec": rec.reshape(b, gh, gw), "assdis": ass.reshape(b, gh, gw)}
@@ -134,15 +144,21 @@ def make_score_features_fn(config, model, flow=None):
     return score_features
 
 
-def make_score_fn(config, extractor, model, flow=None):
-    """Jitted f(params, backbone_vars, pools, images01, pool_idx, image_ids) -> dict of maps and scores."""
+def make_score_fn(config, extractor, model, flow=None, flow_embedder=None):
+    """Jitted f(params, backbone_vars, pools, images01, pool_idx, image_ids) -> dict of maps and scores.
+
+    flow: the ConditionalFlow module (scoring.mpo = 'flow'); flow_embedder: the flow's own backbone
+    (flow_features.FlowEmbedder, flow.features = 'backbone'), its variables in pools["flow"]["backbone_vars"]."""
     score_features = make_score_features_fn(config, model, flow)
     regress_raw = config.train.target == "unnormalized"
 
     def score(params, backbone_vars, pools, images, pool_idx, image_ids):
         h_in = extractor.apply(backbone_vars, images, normalize=True)
         h_tgt = extractor.apply(backbone_vars, images, normalize=False) if regress_raw else h_in
-        return score_features(params, pools, h_in, h_tgt, pool_idx, image_ids, images.shape[1])
+        f_flow = None
+        if flow_embedder is not None:  # flow.features = 'backbone': the second backbone, in the same program
+            f_flow = flow_embedder.apply(pools["flow"]["backbone_vars"], images)
+        return score_features(params, pools, h_in, h_tgt, pool_idx, image_ids, images.shape[1], f_flow)
 
     return jax.jit(score)
 

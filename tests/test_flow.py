@@ -163,7 +163,7 @@ def test_flow_training_loss_falls_and_resumes_to_the_same_parameters(tmp_path):
 
 def test_flow_mpo_ranks_an_injected_defect_first():
     from maskad_jax.flow import build_flow
-    from maskad_jax.flow_fit import calibrate_flow, train_flow
+    from maskad_jax.flow_fit import FlowState, calibrate_flow, train_flow
     from maskad_jax.pipeline import device_pools
     from maskad_jax.scoring import make_score_features_fn
     from maskad_jax.train import build_reconstructor
@@ -173,12 +173,12 @@ def test_flow_mpo_ranks_an_injected_defect_first():
     res = train_flow(c, h, pools, np.zeros(len(h), np.int32), None, log=lambda *_: None)
     ref = calibrate_flow(c, res.params, h, pools)
     assert np.isfinite(ref).all()
-    flow = (build_flow(c, 6), res.params, ref)
+    flow = FlowState(build_flow(c, 6), res.params, ref)
     model = build_reconstructor(c, 6, (4, 4))
     params = model.init(jax.random.key(0), jnp.zeros((1, 4, 4, 6)), jnp.zeros((1, 16), bool))["params"]
     test = _structured(n=2, seed=5)
     test[1, 2, 3] += 2.0  # one defective position in the second image
-    fn = jax.jit(make_score_features_fn(c, model, flow[0]), static_argnums=(6,))
+    fn = jax.jit(make_score_features_fn(c, model, flow.module), static_argnums=(6,))
     out = fn(params, device_pools(pools, flow), jnp.asarray(test), jnp.asarray(test), jnp.zeros(2, jnp.int32),
              jnp.arange(2), 16)
     mpo = np.asarray(out["mpo"])
@@ -187,3 +187,22 @@ def test_flow_mpo_ranks_an_injected_defect_first():
     assert mpo[1, 2, 3] > mpo[0].max()
     with pytest.raises(ValueError, match="needs the trained flow"):
         make_score_features_fn(c, model, None)
+
+
+def test_flow_embedder_pools_and_repeats_the_taps_like_the_released_code():
+    from configs import default
+    from maskad_jax.flow_features import FlowEmbedder
+    c = default.get_config().flow
+    c.backbone.arch, c.backbone.weights, c.backbone.padding = "efficientnet-lite0", "random", "static"
+    emb = FlowEmbedder.create(c)
+    x = jnp.asarray(np.random.default_rng(0).uniform(size=(2, 64, 64, 3)).astype(np.float32))
+    out = np.asarray(emb.apply(emb.variables, x))
+    assert out.shape == (2, 8, 8, emb.channels) == (2,) + emb.feature_shape(64)
+    taps = [np.asarray(t, np.float64) for t in emb.extractor.module.apply(emb.variables, emb.extractor.normalize(x))]
+
+    def avg3(t):  # 3x3 mean with zero padding counted (PyTorch AvgPool2d's default)
+        p = np.pad(t, ((0, 0), (1, 1), (1, 1), (0, 0)))
+        return sum(p[:, i:i + t.shape[1], j:j + t.shape[2]] for i in range(3) for j in range(3)) / 9.0
+    fine, coarse = avg3(taps[0]), avg3(taps[1])
+    ref = np.concatenate([fine, coarse.repeat(2, axis=1).repeat(2, axis=2)], axis=-1)
+    np.testing.assert_allclose(out, ref, rtol=1e-4, atol=1e-5)

@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 from PIL import Image
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -90,13 +91,18 @@ def test_run_py_code_variant(tmp_path):
     assert os.path.isfile(os.path.join(wd, "metrics.json"))
 
 
-def test_flow_mpo_train_and_eval_then_eval_from_checkpoints(tmp_path):
+@pytest.mark.parametrize("features", ["reconstructor", "backbone"])
+def test_flow_mpo_train_and_eval_then_eval_from_checkpoints(tmp_path, features):
     wd, tfds = str(tmp_path / "wd"), str(tmp_path / "tfds")
     common = ["--config=configs/demo.py:smoke", f"--workdir={wd}", f"--config.data.tfds_dir={tfds}",
-              "--config.scoring.mpo=flow"]
+              "--config.scoring.mpo=flow", f"--config.flow.features={features}"]
+    if features == "backbone":  # a second backbone (Lite0 here; the released code's is B6) at strides 8 and 16
+        common += ["--config.flow.backbone.arch=efficientnet-lite0", "--config.flow.backbone.weights=packaged",
+                   "--config.flow.backbone.padding=static", "--config.flow.pool_ratio=0.1"]
     out = _run(common)
     assert "flow M_po: trained to step" in out and "mean over classes" in out
-    for f in ("flow_log.jsonl", "fit/flow.json", "flow_checkpoints"):
+    extra = ("fit/flow_pool/pools.npz",) if features == "backbone" else ()
+    for f in ("flow_log.jsonl", "fit/flow.json", "flow_checkpoints") + extra:
         assert os.path.exists(os.path.join(wd, f)), f
     scores_first = open(os.path.join(wd, "scores.csv")).read()
     out = _run(common + ["--mode=eval"])
