@@ -257,26 +257,33 @@ def evaluate(config, workdir, extractor, model, params, pools, data: SplitData, 
     return report
 
 
+def _per_pool_test_max(config, extractor, pools, data, image_max) -> np.ndarray:
+    """Per pool: the max over its class's test images of image_max(backbone_vars, images, pool_idx) -> (B,).
+    -inf for a pool without test images."""
+    out = np.full(len(pools.class_names), -np.inf, np.float32)
+    shard = batch_sharding(config)
+    fn = jax.jit(image_max)
+    for batch in eval_batches(data, config.data.eval_batch_size, image_size=config.data.image_size,
+                              num_workers=config.data.num_workers):
+        pidx = pools.pool_index([data.class_names[c] for c in batch["class_id"]])
+        m = np.asarray(fn(extractor.variables, jax.device_put(batch["image"], shard), jax.device_put(pidx, shard)))
+        for k, v, ok in zip(pidx, m, batch["valid"]):
+            if ok:
+                out[k] = max(out[k], v)
+    return out
+
+
 def _test_max_scale(config, extractor, pools, dev_pools, data) -> np.ndarray:
     """Per pool: the largest nearest-pool distance over all test tokens of its images (code variant)."""
     from maskad_jax.coreset import nearest
 
-    @jax.jit
     def max_dist(v, x, pidx):
         h = extractor.apply(v, x)
         b, gh, gw, c = h.shape
         d, _ = jax.vmap(nearest)(h.reshape(b, gh * gw, c), dev_pools["pool_in"][pidx], dev_pools["valid"][pidx])
         return jnp.sqrt(d).max(axis=1)
 
-    scale = np.zeros(len(pools.class_names), np.float32)
-    shard = batch_sharding(config)
-    for batch in eval_batches(data, config.data.eval_batch_size, image_size=config.data.image_size,
-                              num_workers=config.data.num_workers):
-        pidx = pools.pool_index([data.class_names[c] for c in batch["class_id"]])
-        m = np.asarray(max_dist(extractor.variables, jax.device_put(batch["image"], shard), jax.device_put(pidx, shard)))
-        for k, v, ok in zip(pidx, m, batch["valid"]):
-            if ok:
-                scale[k] = max(scale[k], v)
+    scale = _per_pool_test_max(config, extractor, pools, data, max_dist)
     return np.where(scale > 0, scale, np.asarray(pools.cal_scale))
 
 
@@ -286,7 +293,6 @@ def _test_max_flow_ref(config, extractor, pools, dev_pools, flow, data) -> np.nd
     fs = dev_pools["flow"]
     own = flow.embedder is not None  # the flow backbone's features and pool, else h and the fit's pools
 
-    @jax.jit
     def max_logp(v, x, pidx):
         h = flow.embedder.apply(fs["backbone_vars"], x) if own else extractor.apply(v, x)
         b, gh, gw, c = h.shape
@@ -295,15 +301,7 @@ def _test_max_flow_ref(config, extractor, pools, dev_pools, flow, data) -> np.nd
                                                   config.flow.cond_dim)
         return lp.max(axis=1)
 
-    ref = np.full(len(pools.class_names), -np.inf, np.float32)
-    shard = batch_sharding(config)
-    for batch in eval_batches(data, config.data.eval_batch_size, image_size=config.data.image_size,
-                              num_workers=config.data.num_workers):
-        pidx = pools.pool_index([data.class_names[c] for c in batch["class_id"]])
-        m = np.asarray(max_logp(extractor.variables, jax.device_put(batch["image"], shard), jax.device_put(pidx, shard)))
-        for k, v, ok in zip(pidx, m, batch["valid"]):
-            if ok:
-                ref[k] = max(ref[k], v)
+    ref = _per_pool_test_max(config, extractor, pools, data, max_logp)
     return np.where(np.isfinite(ref), ref, np.asarray(flow.logp_ref))
 
 

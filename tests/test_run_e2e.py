@@ -108,3 +108,6 @@ def test_flow_mpo_train_and_eval_then_eval_from_checkpoints(tmp_path, features):
     out = _run(common + ["--mode=eval"])
     assert "restored the flow at step" in out and "flow step 1/" not in out
     assert open(os.path.join(wd, "scores.csv")).read() == scores_first
+    if features == "reconstructor":  # the released code's transductive L_ref, from the same checkpoints
+        out = _run(common + ["--mode=eval", "--config.scoring.mpo_normalisation=test_max"])
+        assert "max over each class's test set" in out and "mean over classes" in out
