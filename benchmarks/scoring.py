@@ -33,7 +33,8 @@ from maskad_jax.reconstructor import patch_errors  # noqa: E402
 from maskad_jax.resize import resize_map_align_corners  # noqa: E402
 from maskad_jax.scoring import make_masks, make_score_features_fn, num_masks, pools_to_device  # noqa: E402
 from maskad_jax.smoothing import gaussian_smooth  # noqa: E402
-from maskad_jax.train import build_reconstructor  # noqa: E402
+from maskad_jax.train import build_reconstructor, data_mesh  # noqa: E402
+from jax.sharding import NamedSharding, PartitionSpec as P  # noqa: E402
 from maskad_jax.features import FeatureExtractor  # noqa: E402
 from maskad_jax.scoring import make_score_fn  # noqa: E402
 from benchmarks.memory_report import memory_report  # noqa: E402
@@ -54,6 +55,8 @@ def main():
     p.add_argument("--attention", choices=["einsum", "jax_xla", "jax_cudnn"], default="einsum")
     p.add_argument("--backbone", action="store_true", help="also time images -> maps with the backbone")
     p.add_argument("--no-loop", action="store_true", help="skip the per-mask loop")
+    p.add_argument("--whole-only", action="store_true", help="with --backbone: time only the whole step")
+    p.add_argument("--shard", action="store_true", help="shard the whole step's batch over the local devices")
     p.add_argument("--branches-per-step", type=int, default=0, help="scoring.branches_per_step (4 suits a CPU)")
     a = p.parse_args()
     c = default.get_config()
@@ -111,28 +114,34 @@ def main():
             jax.block_until_ready(fn())
         return (time.perf_counter() - t) / a.repeats
 
-    t_fused = timed(lambda: fused(params, pools, h, h, pidx, keys, size))
-    t_loop = None if a.no_loop else timed(lambda: loop(h))
-    x = jnp.concatenate([h] * (2 * n_masks))[: a.batch * 2 * n_masks]
-    mm = jnp.zeros((x.shape[0], 196), bool)
-    t_rec = timed(lambda: recon(params, x, mm, x))
-    gflop = reconstructor_gflop_per_pass(r.embed_dim, r.encoder_depth + r.decoder_depth, ch) * x.shape[0]
-    print(f"model={a.model} dtype={a.dtype} attention={a.attention} channels={ch} batch={a.batch} masks={n_masks} (x2 for h and r) "
-          f"branches_per_step={a.branches_per_step}")
-    print(f"fused one-program step (from features): {a.batch / t_fused:.2f} images/s")
-    if t_loop is not None:
-        print(f"python loop over masks: {a.batch / t_loop:.2f} images/s")
-        print(f"fused / loop speed ratio: {t_loop / t_fused:.2f}")
-    print(f"reconstructor stage alone: {gflop / t_rec:.1f} GFLOP/s ({gflop / a.batch:.1f} GFLOP per image)")
+    print(f"model={a.model} dtype={a.dtype} attention={a.attention} channels={ch} batch={a.batch} "
+          f"masks={n_masks} (x2 for h and r) branches_per_step={a.branches_per_step}")
+    if not (a.whole_only and a.backbone):
+        t_fused = timed(lambda: fused(params, pools, h, h, pidx, keys, size))
+        t_loop = None if a.no_loop else timed(lambda: loop(h))
+        x = jnp.concatenate([h] * (2 * n_masks))[: a.batch * 2 * n_masks]
+        mm = jnp.zeros((x.shape[0], 196), bool)
+        t_rec = timed(lambda: recon(params, x, mm, x))
+        gflop = reconstructor_gflop_per_pass(r.embed_dim, r.encoder_depth + r.decoder_depth, ch) * x.shape[0]
+        print(f"fused one-program step (from features): {a.batch / t_fused:.2f} images/s")
+        if t_loop is not None:
+            print(f"python loop over masks: {a.batch / t_loop:.2f} images/s")
+            print(f"fused / loop speed ratio: {t_loop / t_fused:.2f}")
+        print(f"reconstructor stage alone: {gflop / t_rec:.1f} GFLOP/s ({gflop / a.batch:.1f} GFLOP per image)")
     if a.backbone:
         arch = "efficientnet-b4" if ch == 272 else "efficientnet-lite0"
         ext = FeatureExtractor.create(arch, "random", dtype=jnp.dtype(a.dtype))
         if ext.channels != ch:
             raise SystemExit(f"--channels {ch} does not match {arch}'s {ext.channels}")
         full = make_score_fn(c, ext, model)
-        imgs = jnp.asarray(rng.uniform(size=(a.batch, size, size, 3)).astype(np.float32))
-        t_full = timed(lambda: full(params, ext.variables, pools, imgs, pidx, keys))
-        print(f"whole step from {size} px images ({arch}, random weights): {a.batch / t_full:.2f} images/s")
+        # --shard: the batch sharded over all local devices, as evaluation does. On this 2-core CPU with
+        # two forced host devices that is slower for the whole step (RESULTS.md), so it is an option.
+        shard = NamedSharding(data_mesh(), P("data")) if a.shard else jax.devices()[0]
+        imgs = jax.device_put(rng.uniform(size=(a.batch, size, size, 3)).astype(np.float32), shard)
+        pi, ki = jax.device_put(pidx, shard), jax.device_put(keys, shard)
+        t_full = timed(lambda: full(params, ext.variables, pools, imgs, pi, ki))
+        print(f"whole step from {size} px images ({arch}, random weights, batch sharded over "
+              f"{jax.local_device_count() if a.shard else 1} device(s)): {a.batch / t_full:.2f} images/s")
     print(memory_report())
 
 
