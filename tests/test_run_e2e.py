@@ -18,13 +18,19 @@ def _run(args, timeout=600):
     return proc.stdout + proc.stderr
 
 
+@pytest.fixture(scope="module")
+def tfds_dir(tmp_path_factory):
+    """One prepared copy of the tiny synthetic dataset for every run in this module (read-only use)."""
+    return str(tmp_path_factory.mktemp("tfds"))
+
+
 def _csv(path):
     with open(path, newline="") as f:
         return list(csv.DictReader(f))
 
 
-def test_run_py_train_eval_predict(tmp_path):
-    wd, tfds = str(tmp_path / "wd"), str(tmp_path / "tfds")
+def test_run_py_train_eval_predict(tmp_path, tfds_dir):
+    wd, tfds = str(tmp_path / "wd"), tfds_dir
     common = ["--config=configs/demo.py:smoke", f"--workdir={wd}", f"--config.data.tfds_dir={tfds}"]
     out = _run(common)
     assert "trained to step 6" in out and "mean over classes" in out
@@ -80,11 +86,11 @@ def test_run_py_train_eval_predict(tmp_path):
     assert set(os.listdir(os.path.join(wd, "predictions"))) == {"maps", "overlays", "scores.csv", "scores.json"}
 
 
-def test_run_py_code_variant(tmp_path):
+def test_run_py_code_variant(tmp_path, tfds_dir):
     """The released code's choices end to end: unnormalised target, 12 masks, the code's OT and
     combination, transductive M_po normalisation."""
     wd = str(tmp_path / "wd")
-    out = _run(["--config=configs/demo.py:smoke,code", f"--workdir={wd}", f"--config.data.tfds_dir={tmp_path / 'tfds'}"])
+    out = _run(["--config=configs/demo.py:smoke,code", f"--workdir={wd}", f"--config.data.tfds_dir={tfds_dir}"])
     assert "transductive" in out and "mean over classes" in out
     cfg = json.load(open(os.path.join(wd, "config.json")))
     assert cfg["scoring"]["ot"] == "code" and cfg["train"]["target"] == "unnormalized"
@@ -92,8 +98,8 @@ def test_run_py_code_variant(tmp_path):
 
 
 @pytest.mark.parametrize("features", ["reconstructor", "backbone"])
-def test_flow_mpo_train_and_eval_then_eval_from_checkpoints(tmp_path, features):
-    wd, tfds = str(tmp_path / "wd"), str(tmp_path / "tfds")
+def test_flow_mpo_train_and_eval_then_eval_from_checkpoints(tmp_path, tfds_dir, features):
+    wd, tfds = str(tmp_path / "wd"), tfds_dir
     common = ["--config=configs/demo.py:smoke", f"--workdir={wd}", f"--config.data.tfds_dir={tfds}",
               "--config.scoring.mpo=flow", f"--config.flow.features={features}"]
     if features == "backbone":  # a second backbone (Lite0 here; the released code's is B6) at strides 8 and 16

@@ -31,17 +31,15 @@ def _losses(proc, timeout=300):
 def test_same_losses_on_1_and_4_devices_and_on_two_processes():
     one = _losses(_run(1))
     four = _losses(_run(4))
-    four_host = _losses(_run(4, ["--host-cache"]))  # batches gathered on the host, as multi-process runs do
-    assert one["devices"] == 1 and four["devices"] == 4 == four_host["devices"]
+    assert one["devices"] == 1 and four["devices"] == 4
     np.testing.assert_allclose(four["losses"], one["losses"], rtol=1e-5)
-    np.testing.assert_allclose(four_host["losses"], one["losses"], rtol=1e-5)
     with socket.socket() as s:  # a free loopback port for the coordinator
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     coord = ["--coordinator", f"127.0.0.1:{port}", "--num-processes", "2"]
     procs = [_run(2, coord + ["--process-id", str(i)]) for i in range(2)]
     results = [_losses(p) for p in procs]
-    for r in results:
+    for r in results:  # several processes gather their batches on the host (train.device_cache_gb unused)
         assert r["devices"] == 4 and r["processes"] == 2
         np.testing.assert_allclose(r["losses"], one["losses"], rtol=1e-5)
 

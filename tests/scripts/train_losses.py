@@ -1,7 +1,7 @@
 """Helper for test_train.py: trains a tiny reconstructor on fixed random features, prints the losses.
 
 Run in a fresh process so XLA_FLAGS (forced host devices) and jax.distributed take effect:
-  python tests/scripts/train_losses.py [--host-cache] [--coordinator HOST:PORT --num-processes N --process-id I]
+  python tests/scripts/train_losses.py [--coordinator HOST:PORT --num-processes N --process-id I]
 """
 import argparse
 import json
@@ -17,7 +17,6 @@ p = argparse.ArgumentParser()
 p.add_argument("--coordinator")
 p.add_argument("--num-processes", type=int, default=1)
 p.add_argument("--process-id", type=int, default=0)
-p.add_argument("--host-cache", action="store_true", help="gather batches on the host (device_cache_gb = 0)")
 args = p.parse_args()
 if args.coordinator:
     jax.distributed.initialize(args.coordinator, args.num_processes, args.process_id)
@@ -29,8 +28,6 @@ c = default.get_config()
 r = c.model.reconstructor
 r.embed_dim, r.encoder_depth, r.decoder_depth, r.num_heads = 32, 1, 1, 2
 c.train.epochs, c.train.batch_size, c.train.warmup_epochs, c.train.log_every = 2, 8, 1, 1000
-if args.host_cache:
-    c.train.device_cache_gb = 0.0
 h = np.random.default_rng(0).normal(size=(24, 4, 4, 8)).astype(np.float32)
 res = train(c, h, None, None, log=lambda *_: None)
 print(json.dumps({"devices": jax.device_count(), "processes": jax.process_count(),
