@@ -16,7 +16,7 @@ import jax.numpy as jnp
 
 from maskad_jax import association, masks as masks_lib
 from maskad_jax.coreset import nearest
-from maskad_jax.flow_fit import residual_logp
+from maskad_jax.flow_fit import flow_logp_fn, residual_logp
 from maskad_jax.reconstructor import patch_errors
 from maskad_jax.resize import resize_map_align_corners
 from maskad_jax.smoothing import gaussian_smooth
@@ -73,14 +73,13 @@ def make_score_features_fn(config, model, flow=None):
         mpo_map = mpo.reshape(b, gh, gw)  # the M_po map that weights the final map (upsampled)
         if sc.mpo == "flow":  # M_po = 1 - exp(min(L - L_ref, 0)) from the flow's log-likelihood of e - p
             fs = pools["flow"]
-            if f_flow is None:  # the reconstructor's own features and pools
-                res, fgrid = tokens - r_in.reshape(b, n, c), (gh, gw)
+            if f_flow is None:  # the reconstructor's own features: the residuals to r are at hand
+                fgrid = (gh, gw)
+                logp = residual_logp(flow, fs["params"], tokens - r_in.reshape(b, n, c), fgrid, config.flow.cond_dim)
             else:  # the flow backbone's features against its own pool
-                fh, fw, cf = f_flow.shape[1:]
-                ftok = f_flow.reshape(b, fh * fw, cf)
-                _, fidx = jax.vmap(nearest)(ftok, fs["pool"][pool_idx], fs["valid"][pool_idx])
-                res, fgrid = ftok - jnp.take_along_axis(fs["pool"][pool_idx], fidx[..., None], axis=1), (fh, fw)
-            logp = residual_logp(flow, fs["params"], res, fgrid, config.flow.cond_dim)
+                fgrid = f_flow.shape[1:3]
+                logp = flow_logp_fn(flow, fgrid)(fs["params"], f_flow.reshape(b, fgrid[0] * fgrid[1], -1),
+                                                 fs["pool"][pool_idx], fs["valid"][pool_idx], config.flow.cond_dim)
             mpo_map = (1.0 - jnp.exp(jnp.minimum(logp - fs["logp_ref"][pool_idx][:, None], 0.0))).reshape((b,) + fgrid)
             mpo = (mpo_map if fgrid == (gh, gw) else resize_map_align_corners(mpo_map, (gh, gw))).reshape(b, n)
         r_tgt = jnp.take_along_axis(pool_tgt, idx[..., None], axis=1).reshape(b, gh, gw, c)
