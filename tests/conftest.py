@@ -1,7 +1,19 @@
+import atexit
 import os
 import pathlib
+import shutil
+import tempfile
 
 import pytest
+
+# One persistent XLA compilation cache for this test session, inherited by the run.py and worker
+# subprocesses: the end-to-end tests rerun the same programs (eval after train, predict, resume),
+# which then load instead of compiling again. A fresh directory, so no test sees another session's.
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+    _cache = tempfile.mkdtemp(prefix="maskad-xla-cache-")
+    atexit.register(shutil.rmtree, _cache, ignore_errors=True)
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = _cache
+    os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 SHARED_MTD = ROOT.parent / "shared" / "data" / "mtd"
