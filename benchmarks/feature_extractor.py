@@ -19,7 +19,7 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def jax_worker(arch, batch, repeats):
+def jax_worker(arch, batch, repeats, depthwise="auto"):
     sys.path.insert(0, ROOT)
     import jax
     import jax.numpy as jnp
@@ -27,17 +27,20 @@ def jax_worker(arch, batch, repeats):
     from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
     from maskad_jax.features import FeatureExtractor
 
-    ex = FeatureExtractor.create(arch, weights="random")
+    ex = FeatureExtractor.create(arch, weights="random", depthwise=depthwise)
     mesh = Mesh(np.asarray(jax.devices()), ("data",))
     sh = NamedSharding(mesh, P("data"))
     fn = jax.jit(ex.apply, in_shardings=(NamedSharding(mesh, P()), sh), out_shardings=sh)
     x = jax.device_put(jnp.asarray(np.random.default_rng(0).uniform(size=(batch, 224, 224, 3)).astype(np.float32)), sh)
+    t = time.perf_counter()
     fn(ex.variables, x).block_until_ready()
+    first = time.perf_counter() - t
     t = time.perf_counter()
     for _ in range(repeats):
         fn(ex.variables, x).block_until_ready()
     dt = (time.perf_counter() - t) / repeats
-    return {"images_per_s": batch / dt, "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+    return {"images_per_s": batch / dt, "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+            "first_call_s": first}
 
 
 def torch_worker(arch, batch, repeats):
@@ -84,32 +87,38 @@ def main():
     p.add_argument("--archs", nargs="+", default=["efficientnet-lite0", "efficientnet-b4"])
     p.add_argument("--batches", nargs="+", type=int, default=[8, 32])
     p.add_argument("--devices", nargs="+", type=int, default=[1, 2])
+    p.add_argument("--depthwise", nargs="+", default=["auto"], choices=["auto", "conv", "shifts"],
+                   help="JAX depthwise convolution: auto (= shifts on a CPU) | conv (XLA's grouped convolution) | shifts")
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--worker", choices=["jax", "torch"])
     p.add_argument("--arch")
     p.add_argument("--batch", type=int)
     a = p.parse_args()
     if a.worker:
-        fn = jax_worker if a.worker == "jax" else torch_worker
-        print(json.dumps(fn(a.arch, a.batch, a.repeats)))
+        r = jax_worker(a.arch, a.batch, a.repeats, a.depthwise[0]) if a.worker == "jax" else \
+            torch_worker(a.arch, a.batch, a.repeats)
+        print(json.dumps(r))
         return
-    print(f"{'arch':20s} {'batch':>5s} {'runtime':>14s} {'img/s':>8s} {'peak RSS MiB':>13s}")
+    print(f"{'arch':20s} {'batch':>5s} {'runtime':>22s} {'img/s':>8s} {'peak RSS MiB':>13s} {'first call s':>13s}")
     for arch in a.archs:
         for batch in a.batches:
             rows = []
-            for dev in a.devices:
-                env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={dev}", JAX_PLATFORMS="cpu")
-                rows.append((f"jax {dev} dev", env, "jax"))
-            rows.append(("torch 2 threads", dict(os.environ), "torch"))
-            for name, env, worker in rows:
+            for dw in a.depthwise:
+                for dev in a.devices:
+                    env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={dev}", JAX_PLATFORMS="cpu")
+                    rows.append((f"jax {dw} {dev} dev", env, "jax", dw))
+            rows.append(("torch 2 threads", dict(os.environ), "torch", "auto"))
+            for name, env, worker, dw in rows:
                 cmd = [sys.executable, __file__, "--worker", worker, "--arch", arch, "--batch", str(batch),
-                       "--repeats", str(a.repeats)]
+                       "--repeats", str(a.repeats), "--depthwise", dw]
                 proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
                 if proc.returncode:
-                    print(f"{arch:20s} {batch:5d} {name:>14s}  failed: {proc.stderr.strip().splitlines()[-1:]}")
+                    print(f"{arch:20s} {batch:5d} {name:>22s}  failed: {proc.stderr.strip().splitlines()[-1:]}")
                     continue
                 r = json.loads(proc.stdout.strip().splitlines()[-1])
-                print(f"{arch:20s} {batch:5d} {name:>14s} {r['images_per_s']:8.1f} {r['peak_rss_mib']:13.0f}", flush=True)
+                first = f"{r['first_call_s']:13.1f}" if "first_call_s" in r else ""
+                print(f"{arch:20s} {batch:5d} {name:>22s} {r['images_per_s']:8.1f} {r['peak_rss_mib']:13.0f} {first}",
+                      flush=True)
 
 
 if __name__ == "__main__":

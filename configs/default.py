@@ -32,6 +32,10 @@ def get_config():
     c.model.backbone.weights = "weights/efficientnet-b4"
     c.model.backbone.padding = "static"  # static (lukemelas/UniAD, the paper's features) | tf-same
     c.model.backbone.strides = (2, 4, 8, 16)  # taps: the last block at each of these strides
+    # How depthwise convolutions run, for this backbone and the flow's: auto (shifted multiply-adds on
+    # a CPU, where XLA's grouped convolution is 5-7x slower for B4; the convolution op on GPU/TPU) |
+    # conv | shifts. The same weights and results (tested); not part of the checkpoint fingerprint.
+    c.model.backbone.depthwise = "auto"
 
     c.model.reconstructor = ml_collections.ConfigDict()
     c.model.reconstructor.embed_dim = 768

@@ -31,6 +31,45 @@ def _bn(name: str, dtype) -> nn.BatchNorm:
     return nn.BatchNorm(use_running_average=True, epsilon=ea.BN_EPSILON, momentum=0.99, dtype=dtype, name=name)
 
 
+def use_shifted_depthwise(impl: str) -> bool:
+    """Whether depthwise convolutions run as shifted multiply-adds (see DepthwiseConv)."""
+    if impl not in ("auto", "conv", "shifts"):
+        raise ValueError(f"depthwise implementation must be auto | conv | shifts, got {impl!r}")
+    return impl == "shifts" or (impl == "auto" and jax.default_backend() == "cpu")
+
+
+class DepthwiseConv(nn.Module):
+    """A k x k depthwise convolution (no bias) as k*k shifted, strided slices times per-channel weights.
+
+    The same parameter ("kernel", shape (k, k, 1, C)) and the same result as
+    nn.Conv(C, (k, k), feature_group_count=C); the sum runs over the k*k taps in row-major order.
+    Why: XLA's CPU backend runs grouped convolutions through a generic loop, 20-50x slower than
+    this form, which it fuses into one vectorised elementwise kernel (benchmarks/RESULTS.md). GPUs
+    and TPUs have fast depthwise kernels, so `depthwise="auto"` uses this only on a CPU.
+    """
+
+    kernel_size: int
+    strides: int
+    padding: tuple
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        k, s = self.kernel_size, self.strides
+        c = x.shape[-1]
+        w = self.param("kernel", nn.initializers.lecun_normal(), (k, k, 1, c), jnp.float32).astype(self.dtype)
+        (top, bottom), (left, right) = self.padding
+        x = jnp.pad(x.astype(self.dtype), ((0, 0), (top, bottom), (left, right), (0, 0)))
+        b, hp, wp, _ = x.shape
+        oh, ow = (hp - k) // s + 1, (wp - k) // s + 1
+        out = None
+        for i in range(k):
+            for j in range(k):
+                tap = jax.lax.slice(x, (0, i, j, 0), (b, i + (oh - 1) * s + 1, j + (ow - 1) * s + 1, c), (1, s, s, 1))
+                out = tap * w[i, j, 0] if out is None else out + tap * w[i, j, 0]
+        return out
+
+
 class MBConvBlock(nn.Module):
     """Inverted residual block: [expand 1x1] -> depthwise kxk -> [squeeze-excite] -> project 1x1."""
 
@@ -39,6 +78,7 @@ class MBConvBlock(nn.Module):
     padding_rule: str
     native_size: int
     dtype: Any = jnp.float32
+    depthwise: str = "auto"
 
     @nn.compact
     def __call__(self, x):
@@ -48,10 +88,13 @@ class MBConvBlock(nn.Module):
             x = nn.Conv(s.hidden_channels, (1, 1), use_bias=False, dtype=self.dtype, name="expand_conv")(x)
             x = act(_bn("bn0", self.dtype)(x))
         pad = ea.conv_padding(self.padding_rule, x.shape[1:3], (self.native_size,) * 2, s.kernel, s.stride)
-        x = nn.Conv(
-            s.hidden_channels, (s.kernel, s.kernel), strides=(s.stride, s.stride), padding=pad,
-            feature_group_count=s.hidden_channels, use_bias=False, dtype=self.dtype, name="depthwise_conv",
-        )(x)
+        if use_shifted_depthwise(self.depthwise):
+            x = DepthwiseConv(s.kernel, s.stride, pad, self.dtype, name="depthwise_conv")(x)
+        else:
+            x = nn.Conv(
+                s.hidden_channels, (s.kernel, s.kernel), strides=(s.stride, s.stride), padding=pad,
+                feature_group_count=s.hidden_channels, use_bias=False, dtype=self.dtype, name="depthwise_conv",
+            )(x)
         x = act(_bn("bn1", self.dtype)(x))
         if s.se_channels:
             squeezed = jnp.mean(x, axis=(1, 2), keepdims=True)
@@ -79,6 +122,7 @@ class EfficientNet(nn.Module):
     include_head: bool = False
     num_classes: int = 1000
     dtype: Any = jnp.float32
+    depthwise: str = "auto"  # auto (shifted multiply-adds on a CPU, the conv op elsewhere) | conv | shifts
 
     @nn.compact
     def __call__(self, x):
@@ -100,7 +144,7 @@ class EfficientNet(nn.Module):
         outputs = []
         for i in range(last + 1):
             x = MBConvBlock(arch.blocks[i], arch.activation, self.padding_rule, native[i], self.dtype,
-                            name=f"blocks_{i}")(x)
+                            self.depthwise, name=f"blocks_{i}")(x)
             if i in taps:
                 outputs.append(x)
         if self.include_head:

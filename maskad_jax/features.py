@@ -38,9 +38,10 @@ class FeatureExtractor:
 
     @classmethod
     def create(cls, arch_name: str, weights: str = "packaged", padding: str = "static",
-               strides=(2, 4, 8, 16), dtype=jnp.float32, seed: int = 0) -> "FeatureExtractor":
+               strides=(2, 4, 8, 16), dtype=jnp.float32, seed: int = 0, depthwise: str = "auto") -> "FeatureExtractor":
+        """depthwise: how depthwise convolutions run (efficientnet.DepthwiseConv): auto | conv | shifts."""
         arch = ea.get_arch(arch_name)
-        module = EfficientNet(arch_name, padding, taps=arch.tap_blocks(tuple(strides)), dtype=dtype)
+        module = EfficientNet(arch_name, padding, taps=arch.tap_blocks(tuple(strides)), dtype=dtype, depthwise=depthwise)
         full = weights_lib.load_backbone_variables(arch_name, weights, seed=seed)
         variables = weights_lib.subset_for(full, module)
         return cls(arch, module, variables, tuple(strides))

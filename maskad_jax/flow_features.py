@@ -23,10 +23,10 @@ class FlowEmbedder:
     extractor: FeatureExtractor
 
     @classmethod
-    def create(cls, flow_config, dtype=jnp.float32, seed: int = 0) -> "FlowEmbedder":
+    def create(cls, flow_config, dtype=jnp.float32, seed: int = 0, depthwise: str = "auto") -> "FlowEmbedder":
         b = flow_config.backbone
         return cls(FeatureExtractor.create(b.arch, weights=b.weights, padding=b.padding, strides=tuple(b.strides),
-                                           dtype=dtype, seed=seed))
+                                           dtype=dtype, seed=seed, depthwise=depthwise))
 
     @property
     def variables(self):

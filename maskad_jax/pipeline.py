@@ -63,7 +63,8 @@ def extract_features(extractor, data: SplitData, config, with_target: bool):
 def make_extractor(config) -> FeatureExtractor:
     b = config.model.backbone
     return FeatureExtractor.create(b.arch, weights=b.weights, padding=b.padding, strides=tuple(b.strides),
-                                   dtype=jnp.dtype(config.model.dtype), seed=config.seed)
+                                   dtype=jnp.dtype(config.model.dtype), seed=config.seed,
+                                   depthwise=b.get("depthwise", "auto"))
 
 
 def train_and_evaluate(config, workdir: str, mode: str = "train_and_eval") -> dict:
@@ -135,7 +136,8 @@ def _train_flow_stage(config, workdir, h_in, pools, class_names, train_data):
     embedder, feats, fpools = None, h_in, pools
     if fc.features == "backbone":
         from maskad_jax.flow_features import FlowEmbedder
-        embedder = FlowEmbedder.create(fc, dtype=jnp.dtype(config.model.dtype), seed=config.seed)
+        embedder = FlowEmbedder.create(fc, dtype=jnp.dtype(config.model.dtype), seed=config.seed,
+                                       depthwise=config.model.backbone.get("depthwise", "auto"))
         feats, _, _ = extract_features(embedder, train_data, config, with_target=False)
         fit_cfg = config.fit.copy_and_resolve_references()
         fit_cfg.pool_ratio = fc.pool_ratio
@@ -163,7 +165,8 @@ def restore_flow_state(config, workdir, channels, grid, pools):
     embedder, fpools = None, None
     if config.flow.features == "backbone":
         from maskad_jax.flow_features import FlowEmbedder
-        embedder = FlowEmbedder.create(config.flow, dtype=jnp.dtype(config.model.dtype), seed=config.seed)
+        embedder = FlowEmbedder.create(config.flow, dtype=jnp.dtype(config.model.dtype), seed=config.seed,
+                                       depthwise=config.model.backbone.get("depthwise", "auto"))
         fpools = Pools.load(os.path.join(workdir, "fit", "flow_pool"))
         channels, grid = embedder.channels, embedder.feature_shape(config.data.image_size)[:2]
     flow, params, step = restore_flow(workdir, config, channels, grid)

@@ -56,7 +56,7 @@ def build_reconstructor(config, in_channels: int, grid, attention: str | None = 
 def model_fingerprint(config, in_channels: int) -> dict:
     """What a checkpoint must agree with to be reused."""
     return {"backbone": {k: (list(v) if isinstance(v, tuple) else v) for k, v in config.model.backbone.items()
-                         if k != "weights"},
+                         if k not in ("weights", "depthwise")},
             "reconstructor": {k: v for k, v in config.model.reconstructor.items() if k != "attention"},
             "in_channels": int(in_channels),
             "image_size": int(config.data.image_size), "target": config.train.target}

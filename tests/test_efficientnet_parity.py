@@ -7,6 +7,7 @@ from conftest import torch_or_skip
 torch = torch_or_skip()
 efficientnet_pytorch = pytest.importorskip("efficientnet_pytorch")
 
+import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
 from maskad_jax import efficientnet_arch as ea  # noqa: E402
@@ -50,12 +51,13 @@ def _compare(ours, theirs, what):
         assert err <= 1e-4 * scale, f"{what} output {i}: max abs error {err:.3g} (scale {scale:.3g})"
 
 
-@pytest.mark.parametrize("name,padding,hw,overrides", [
-    ("efficientnet-b4", "static", (224, 224), {}),
-    ("efficientnet-b4", "tf-same", (224, 224), {"image_size": None}),
-    ("efficientnet-b0", "tf-same", (200, 232), {"image_size": None}),
+@pytest.mark.parametrize("name,padding,hw,overrides,depthwise", [
+    ("efficientnet-b4", "static", (224, 224), {}, "auto"),  # auto: shifted multiply-adds on this CPU
+    ("efficientnet-b4", "tf-same", (224, 224), {"image_size": None}, "auto"),
+    ("efficientnet-b0", "tf-same", (200, 232), {"image_size": None}, "conv"),  # XLA's grouped convolution
+    ("efficientnet-b0", "tf-same", (200, 232), {"image_size": None}, "shifts"),
 ])
-def test_taps_match_efficientnet_pytorch(name, padding, hw, overrides):
+def test_taps_match_efficientnet_pytorch(name, padding, hw, overrides, depthwise):
     arch = ea.get_arch(name)
     taps = arch.tap_blocks()
     model = _randomised_torch_model(name, seed=1, **overrides)
@@ -63,10 +65,32 @@ def test_taps_match_efficientnet_pytorch(name, padding, hw, overrides):
     theirs, logits = _torch_block_outputs(model, x, taps)
     variables, report = W.convert_state_dict(_state(model), name)
     assert report["unexpected"] == []
-    flax_model = EfficientNet(name, padding, taps=taps, include_head=True)
-    *ours, our_logits = flax_model.apply(variables, jnp.asarray(x.transpose(0, 2, 3, 1)))
+    flax_model = EfficientNet(name, padding, taps=taps, include_head=True, depthwise=depthwise)
+    *ours, our_logits = jax.jit(flax_model.apply)(variables, jnp.asarray(x.transpose(0, 2, 3, 1)))
     _compare(ours, theirs, f"{name}/{padding}")
     _compare([our_logits], [logits], f"{name}/{padding} logits")
+
+
+@pytest.mark.parametrize("hw,kernel,stride,pad", [
+    ((9, 11), 3, 1, ((1, 1), (1, 1))), ((9, 11), 5, 2, ((1, 2), (2, 2))), ((8, 8), 5, 2, ((2, 2), (2, 2))),
+    ((7, 6), 3, 2, ((0, 1), (1, 0))), ((5, 5), 5, 1, ((0, 0), (0, 0))),
+])
+def test_shifted_depthwise_equals_the_grouped_convolution(hw, kernel, stride, pad):
+    """DepthwiseConv (the CPU path) against XLA's grouped convolution with the same kernel."""
+    import flax.linen as nn
+    import jax
+    from maskad_jax.efficientnet import DepthwiseConv
+    rng = np.random.default_rng(3)
+    x = jnp.asarray(rng.normal(size=(2,) + hw + (6,)).astype(np.float32))
+    kernel_value = jnp.asarray(rng.normal(size=(kernel, kernel, 1, 6)).astype(np.float32))
+    ours = DepthwiseConv(kernel, stride, pad).apply({"params": {"kernel": kernel_value}}, x)
+    ref = nn.Conv(6, (kernel, kernel), strides=(stride, stride), padding=pad, feature_group_count=6,
+                  use_bias=False).apply({"params": {"kernel": kernel_value}}, x)
+    assert ours.shape == ref.shape
+    np.testing.assert_allclose(np.asarray(ours), np.asarray(ref), atol=1e-5)
+    # the same parameter shape as nn.Conv's, so converted weights load unchanged
+    shapes = jax.tree_util.tree_map(jnp.shape, DepthwiseConv(kernel, stride, pad).init(jax.random.key(0), x))
+    assert shapes == {"params": {"kernel": (kernel, kernel, 1, 6)}}
 
 
 def test_static_and_tf_same_really_differ_for_b4_at_224():
@@ -76,8 +100,8 @@ def test_static_and_tf_same_really_differ_for_b4_at_224():
     variables, _ = W.convert_state_dict(_state(model), name)
     x = jnp.asarray(np.random.default_rng(1).normal(size=(1, 224, 224, 3)).astype(np.float32))
     sub = W.subset_for(variables, EfficientNet(name, "static", taps=(9,)))
-    a = EfficientNet(name, "static", taps=(9,)).apply(sub, x)[0]
-    b = EfficientNet(name, "tf-same", taps=(9,)).apply(sub, x)[0]
+    a = jax.jit(EfficientNet(name, "static", taps=(9,)).apply)(sub, x)[0]
+    b = jax.jit(EfficientNet(name, "tf-same", taps=(9,)).apply)(sub, x)[0]
     assert float(jnp.abs(a - b).max()) > 1e-2
     assert ea.conv_padding("static", (56, 56), (ea.native_sizes(ea.get_arch(name))[6],) * 2, 5, 2) == ((2, 2), (2, 2))
     assert ea.conv_padding("tf-same", (56, 56), (95, 95), 5, 2) == ((1, 2), (1, 2))
@@ -106,7 +130,7 @@ def test_lite0_packaged_weights_match_a_torch_lite0():
     x = np.random.default_rng(3).uniform(-1, 1, size=(2, 3, 224, 224)).astype(np.float32)
     theirs, logits = _torch_block_outputs(model, x, arch.tap_blocks())
     variables = W.load_backbone_variables("efficientnet-lite0", "packaged")
-    *ours, our_logits = EfficientNet("efficientnet-lite0", "static", taps=arch.tap_blocks(), include_head=True).apply(
+    *ours, our_logits = jax.jit(EfficientNet("efficientnet-lite0", "static", taps=arch.tap_blocks(), include_head=True).apply)(
         variables, jnp.asarray(x.transpose(0, 2, 3, 1)))
     _compare(ours, theirs, "lite0")
     _compare([our_logits], [logits], "lite0 logits")
