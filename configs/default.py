@@ -151,6 +151,10 @@ def get_config():
     # sequential groups of this many branches x batch images: smaller groups keep the attention
     # tensors in cache on a CPU (benchmarks/RESULTS.md); 0 suits GPUs/TPUs.
     c.scoring.branches_per_step = 0
+    # Devices a scoring batch is spread over: all | one | auto (one on a CPU, all on GPUs/TPUs). On a
+    # CPU the forced host devices (run.py) help the backbone but the scoring program runs faster on
+    # one device using every core (benchmarks/RESULTS.md); eval_batch_size must divide by the count.
+    c.scoring.devices = "auto"
 
     # ---------------------------------------------------------------- evaluation
     c.eval = ml_collections.ConfigDict()

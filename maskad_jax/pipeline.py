@@ -15,6 +15,7 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from PIL import Image
 
 from maskad_jax import metrics as metrics_lib
@@ -23,7 +24,8 @@ from maskad_jax.features import FeatureExtractor
 from maskad_jax.fit import Pools, fit_pools
 from maskad_jax.reconstructor import count_params
 from maskad_jax.scoring import make_score_fn, pools_to_device
-from maskad_jax.train import batch_sharding, build_reconstructor, restore_params, train
+from maskad_jax.train import (batch_sharding, build_reconstructor, place_for_scoring, restore_params, scoring_sharding,
+                              train)
 
 MODES = ("train_and_eval", "train", "eval", "predict")
 
@@ -41,13 +43,36 @@ def load_data(config):
 
 
 def extract_features(extractor, data: SplitData, config, with_target: bool):
-    """Backbone features of a whole split, in order (the feature cache): (h_in, h_tgt or None, image keys)."""
+    """Backbone features of a whole split, in order (the feature cache): (h_in, h_tgt or None, image keys).
+
+    With several processes (jax.distributed), each extracts a contiguous share of the split on its
+    own devices and the shares are gathered, so every process holds the whole cache after 1/P of
+    the work."""
+    pi, pc = jax.process_index(), jax.process_count()
+    if pc == 1:
+        return _extract_share(extractor, data, config, with_target, None, batch_sharding(config))
+    from jax.experimental import multihost_utils
+    if len(data) < pc:
+        raise ValueError(f"{len(data)} images cannot be shared among {pc} processes")
+    shares = np.array_split(np.arange(len(data)), pc)
+    local = NamedSharding(Mesh(np.asarray(jax.local_devices()), ("data",)), P("data"))
+    if config.data.eval_batch_size % jax.local_device_count():
+        raise ValueError(f"data.eval_batch_size {config.data.eval_batch_size} must be a multiple of the "
+                         f"{jax.local_device_count()} local devices")
+    h_in, h_tgt, keys = _extract_share(extractor, data, config, with_target, shares[pi], local)
+    rows = max(len(s) for s in shares)
+    pad = lambda a: None if a is None else np.concatenate([a, np.zeros((rows - len(a),) + a.shape[1:], a.dtype)])
+    gathered = multihost_utils.process_allgather((pad(h_in), pad(h_tgt), pad(keys)), tiled=False)
+    join = lambda g: None if g is None else np.concatenate([np.asarray(g)[p, :len(s)] for p, s in enumerate(shares)])
+    return join(gathered[0]), join(gathered[1]), join(gathered[2])
+
+
+def _extract_share(extractor, data: SplitData, config, with_target: bool, positions, shard):
     fn = jax.jit(lambda v, x: (extractor.apply(v, x, normalize=True),
                                extractor.apply(v, x, normalize=False) if with_target else None))
     h_in, h_tgt, keys, n_done, t0 = [], [], [], 0, time.time()
-    shard = batch_sharding(config)
     for batch in eval_batches(data, config.data.eval_batch_size, image_size=config.data.image_size,
-                              num_workers=config.data.num_workers):
+                              num_workers=config.data.num_workers, positions=positions):
         a, b = fn(extractor.variables, jax.device_put(batch["image"], shard))
         ok = batch["valid"] == 1
         h_in.append(np.asarray(a)[ok])
@@ -192,7 +217,7 @@ def calibration_scores(config, model, params, pools, h_in, h_tgt, keys, flow=Non
     f_flow: the flow backbone's features of the training images (flow.features = 'backbone')."""
     from maskad_jax.scoring import make_score_features_fn
     fn = jax.jit(make_score_features_fn(config, model, flow and flow.module), static_argnums=(6,))
-    dev_pools = device_pools(pools, flow)
+    params, dev_pools = place_for_scoring(config, (params, device_pools(pools, flow)))
     out = {}
     for k, cls in enumerate(pools.class_names):
         pos = pools.calibration.get(cls, np.zeros(0, int))
@@ -209,7 +234,7 @@ def calibration_scores(config, model, params, pools, h_in, h_tgt, keys, flow=Non
 
 def evaluate(config, workdir, extractor, model, params, pools, data: SplitData, flow=None) -> dict:
     score = make_score_fn(config, extractor, model, flow and flow.module, flow and flow.embedder)
-    dev_pools = device_pools(pools, flow)
+    params, dev_pools = place_for_scoring(config, (params, device_pools(pools, flow)))
     size = config.data.image_size
     if config.scoring.mpo_normalisation == "test_max":
         if flow is not None:
@@ -227,7 +252,7 @@ def evaluate(config, workdir, extractor, model, params, pools, data: SplitData, 
     scores = np.zeros((n,), np.float32)
     rec_mean = np.zeros((n,), np.float32)  # mean per-patch reconstruction error of the image's N branches
     t0 = time.time()
-    shard = batch_sharding(config)
+    shard = scoring_sharding(config)
     for batch in eval_batches(data, config.data.eval_batch_size, image_size=size, num_workers=config.data.num_workers):
         names = [data.class_names[c] for c in batch["class_id"]]
         out = score(params, extractor.variables, dev_pools, jax.device_put(batch["image"], shard),
@@ -264,7 +289,7 @@ def _per_pool_test_max(config, extractor, pools, data, image_max) -> np.ndarray:
     """Per pool: the max over its class's test images of image_max(backbone_vars, images, pool_idx) -> (B,).
     -inf for a pool without test images."""
     out = np.full(len(pools.class_names), -np.inf, np.float32)
-    shard = batch_sharding(config)
+    shard = scoring_sharding(config)
     fn = jax.jit(image_max)
     for batch in eval_batches(data, config.data.eval_batch_size, image_size=config.data.image_size,
                               num_workers=config.data.num_workers):

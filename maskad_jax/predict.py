@@ -25,7 +25,7 @@ from maskad_jax.coreset import nearest
 from maskad_jax.data import image_key
 from maskad_jax.overlay import overlay, safe_name
 from maskad_jax.preprocess import ImageDecodeError, open_image, preprocess_image
-from maskad_jax.train import batch_sharding
+from maskad_jax.train import place_for_scoring, scoring_sharding
 
 EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
 
@@ -73,7 +73,7 @@ def predict(config, workdir: str, extractor, model, params, pools, log=print, fl
     for sub in ("maps", "overlays"):
         os.makedirs(os.path.join(out_dir, sub), exist_ok=True)
     size = config.data.image_size
-    dev_pools = device_pools(pools, flow)
+    params, dev_pools = place_for_scoring(config, (params, device_pools(pools, flow)))
     score = make_score_fn(config, extractor, model, flow and flow.module, flow and flow.embedder)
     assign = jax.jit(lambda v, x: _assign_pools(extractor.apply(v, x), dev_pools))
     fixed = None
@@ -81,7 +81,7 @@ def predict(config, workdir: str, extractor, model, params, pools, log=print, fl
         fixed = int(pools.pool_index([pc.class_name])[0])
     rows, used = [], set()
     bs = config.data.eval_batch_size
-    shard = batch_sharding(config)
+    shard = scoring_sharding(config)
     for start in range(0, len(rels), bs):
         chunk = rels[start:start + bs]
         images, ok_rels = [], []

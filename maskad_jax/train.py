@@ -44,6 +44,27 @@ def batch_sharding(config):
     return NamedSharding(mesh, P("data"))
 
 
+def _score_on_one_device(config) -> bool:
+    choice = config.scoring.get("devices", "auto")
+    if choice not in ("auto", "all", "one"):
+        raise ValueError(f"scoring.devices must be auto | all | one, got {choice!r}")
+    return choice == "one" or (choice == "auto" and jax.default_backend() == "cpu" and jax.process_count() == 1)
+
+
+def scoring_sharding(config):
+    """Where a scoring batch goes: batch_sharding (all devices) or the first local device (scoring.devices)."""
+    if _score_on_one_device(config):
+        return jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    return batch_sharding(config)
+
+
+def place_for_scoring(config, tree):
+    """A pytree (parameters, pools) replicated on the devices that scoring.devices selects."""
+    if _score_on_one_device(config):
+        return jax.device_put(tree, jax.sharding.SingleDeviceSharding(jax.local_devices()[0]))
+    return jax.device_put(tree, NamedSharding(data_mesh(), P()))
+
+
 def build_reconstructor(config, in_channels: int, grid, attention: str | None = None) -> MaskedReconstructor:
     """The configured reconstructor; `attention` overrides model.reconstructor.attention."""
     r = config.model.reconstructor

@@ -16,11 +16,11 @@ from maskad_jax.train import CheckpointMismatchError, train
 SCRIPT = os.path.join(os.path.dirname(__file__), "scripts", "train_losses.py")
 
 
-def _run(devices, extra=(), timeout=300):
+def _run(devices, extra=(), script=SCRIPT):
     # tiny models: compiling dominates, and LLVM's cheaper optimisation level halves it (same semantics)
     env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices} "
                "--xla_backend_optimization_level=0", JAX_PLATFORMS="cpu")
-    return subprocess.Popen([sys.executable, SCRIPT, *extra], env=env, stdout=subprocess.PIPE,
+    return subprocess.Popen([sys.executable, script, *extra], env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
 
 
@@ -44,6 +44,37 @@ def test_same_losses_on_1_and_4_devices_and_on_two_processes():
     for r in results:  # several processes gather their batches on the host (train.device_cache_gb unused)
         assert r["devices"] == 4 and r["processes"] == 2
         np.testing.assert_allclose(r["losses"], one["losses"], rtol=1e-5)
+
+
+def test_two_processes_each_extract_a_share_of_the_feature_cache(tmp_path):
+    """pipeline.extract_features under jax.distributed: each process runs the backbone on its share
+    of the split and every process ends with the whole cache, equal to one process's."""
+    from tfds_builders import prepare
+    tfds = str(tmp_path / "tfds")
+    prepare("synthetic", tfds, config="tiny")  # built once here, read by the processes below
+    script = os.path.join(os.path.dirname(__file__), "scripts", "extract_features.py")
+    single = _run(2, [tfds, str(tmp_path / "one.npz")], script)
+    _losses_or_fail(single)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    coord = ["--coordinator", f"127.0.0.1:{port}", "--num-processes", "2"]
+    procs = [_run(2, [tfds, str(tmp_path / f"p{i}.npz")] + coord + ["--process-id", str(i)], script) for i in range(2)]
+    for proc in procs:
+        _losses_or_fail(proc)
+    one = np.load(tmp_path / "one.npz")
+    assert int(one["processes"]) == 1 and len(one["keys"]) == 24
+    for i in range(2):
+        got = np.load(tmp_path / f"p{i}.npz")
+        assert int(got["processes"]) == 2 and int(got["devices"]) == 4
+        np.testing.assert_array_equal(got["keys"], one["keys"])  # the same images in the same order
+        np.testing.assert_allclose(got["h_in"], one["h_in"], rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(got["h_tgt"], one["h_tgt"], rtol=1e-5, atol=1e-5)
+
+
+def _losses_or_fail(proc, timeout=300):
+    out, err = proc.communicate(timeout=timeout)
+    assert proc.returncode == 0, err[-3000:]
 
 
 def _tiny_config(**train):

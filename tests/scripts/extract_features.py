@@ -1,0 +1,34 @@
+"""Helper for test_train.py: the feature cache of the tiny synthetic dataset's training split.
+
+Run in a fresh process so XLA_FLAGS (forced host devices) and jax.distributed take effect:
+  python tests/scripts/extract_features.py TFDS_DIR OUT.npz [--coordinator HOST:PORT --num-processes N --process-id I]
+Writes h_in and the image keys as every process holds them after pipeline.extract_features.
+"""
+import argparse
+import os
+import sys
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", ".."))
+
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+
+p = argparse.ArgumentParser()
+p.add_argument("tfds_dir")
+p.add_argument("out")
+p.add_argument("--coordinator")
+p.add_argument("--num-processes", type=int, default=1)
+p.add_argument("--process-id", type=int, default=0)
+args = p.parse_args()
+if args.coordinator:
+    jax.distributed.initialize(args.coordinator, args.num_processes, args.process_id)
+
+from configs import demo  # noqa: E402
+from maskad_jax import pipeline  # noqa: E402
+
+c = demo.get_config("smoke")
+c.data.tfds_dir = args.tfds_dir
+c.data.eval_batch_size = 4
+_, train_data, _ = pipeline.load_data(c)
+h_in, h_tgt, keys = pipeline.extract_features(pipeline.make_extractor(c), train_data, c, with_target=True)
+np.savez(args.out, h_in=h_in, h_tgt=h_tgt, keys=keys, processes=jax.process_count(), devices=jax.device_count())
