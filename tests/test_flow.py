@@ -196,9 +196,9 @@ def test_flow_embedder_pools_and_repeats_the_taps_like_the_released_code():
     c.backbone.arch, c.backbone.weights, c.backbone.padding = "efficientnet-lite0", "random", "static"
     emb = FlowEmbedder.create(c)
     x = jnp.asarray(np.random.default_rng(0).uniform(size=(2, 64, 64, 3)).astype(np.float32))
-    out = np.asarray(emb.apply(emb.variables, x))
+    out = np.asarray(jax.jit(emb.apply)(emb.variables, x))
     assert out.shape == (2, 8, 8, emb.channels) == (2,) + emb.feature_shape(64)
-    taps = [np.asarray(t, np.float64) for t in emb.extractor.module.apply(emb.variables, emb.extractor.normalize(x))]
+    taps = [np.asarray(t, np.float64) for t in jax.jit(emb.extractor.module.apply)(emb.variables, emb.extractor.normalize(x))]
 
     def avg3(t):  # 3x3 mean with zero padding counted (PyTorch AvgPool2d's default)
         p = np.pad(t, ((0, 0), (1, 1), (1, 1), (0, 0)))

@@ -12,16 +12,12 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", ".."))
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
+from distributed_args import parse_and_initialize  # noqa: E402  (this folder)
 
 p = argparse.ArgumentParser()
 p.add_argument("tfds_dir")
 p.add_argument("out")
-p.add_argument("--coordinator")
-p.add_argument("--num-processes", type=int, default=1)
-p.add_argument("--process-id", type=int, default=0)
-args = p.parse_args()
-if args.coordinator:
-    jax.distributed.initialize(args.coordinator, args.num_processes, args.process_id)
+args = parse_and_initialize(p)
 
 from configs import demo  # noqa: E402
 from maskad_jax import pipeline  # noqa: E402

@@ -3,7 +3,6 @@
 Run in a fresh process so XLA_FLAGS (forced host devices) and jax.distributed take effect:
   python tests/scripts/train_losses.py [--coordinator HOST:PORT --num-processes N --process-id I]
 """
-import argparse
 import json
 import os
 import sys
@@ -12,14 +11,9 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", ".."))
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
+from distributed_args import parse_and_initialize  # noqa: E402  (this folder)
 
-p = argparse.ArgumentParser()
-p.add_argument("--coordinator")
-p.add_argument("--num-processes", type=int, default=1)
-p.add_argument("--process-id", type=int, default=0)
-args = p.parse_args()
-if args.coordinator:
-    jax.distributed.initialize(args.coordinator, args.num_processes, args.process_id)
+parse_and_initialize()
 
 from configs import default  # noqa: E402
 from maskad_jax.train import train  # noqa: E402
