@@ -92,6 +92,13 @@ def make_extractor(config) -> FeatureExtractor:
                                    depthwise=b.get("depthwise", "auto"))
 
 
+def make_flow_embedder(config):
+    """The flow's own backbone (flow.features = 'backbone'), built like make_extractor's."""
+    from maskad_jax.flow_features import FlowEmbedder
+    return FlowEmbedder.create(config.flow, dtype=jnp.dtype(config.model.dtype), seed=config.seed,
+                               depthwise=config.model.backbone.get("depthwise", "auto"))
+
+
 def train_and_evaluate(config, workdir: str, mode: str = "train_and_eval") -> dict:
     if mode not in MODES:
         raise ValueError(f"--mode must be one of {MODES}, got {mode!r}")
@@ -160,9 +167,7 @@ def _train_flow_stage(config, workdir, h_in, pools, class_names, train_data):
     t0 = time.time()
     embedder, feats, fpools = None, h_in, pools
     if fc.features == "backbone":
-        from maskad_jax.flow_features import FlowEmbedder
-        embedder = FlowEmbedder.create(fc, dtype=jnp.dtype(config.model.dtype), seed=config.seed,
-                                       depthwise=config.model.backbone.get("depthwise", "auto"))
+        embedder = make_flow_embedder(config)
         feats, _, _ = extract_features(embedder, train_data, config, with_target=False)
         fit_cfg = config.fit.copy_and_resolve_references()
         fit_cfg.pool_ratio = fc.pool_ratio
@@ -189,9 +194,7 @@ def restore_flow_state(config, workdir, channels, grid, pools):
     from maskad_jax.flow_fit import FlowState, load_flow_reference, restore_flow
     embedder, fpools = None, None
     if config.flow.features == "backbone":
-        from maskad_jax.flow_features import FlowEmbedder
-        embedder = FlowEmbedder.create(config.flow, dtype=jnp.dtype(config.model.dtype), seed=config.seed,
-                                       depthwise=config.model.backbone.get("depthwise", "auto"))
+        embedder = make_flow_embedder(config)
         fpools = Pools.load(os.path.join(workdir, "fit", "flow_pool"))
         channels, grid = embedder.channels, embedder.feature_shape(config.data.image_size)[:2]
     flow, params, step = restore_flow(workdir, config, channels, grid)
