@@ -15,6 +15,11 @@ if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
     os.environ["JAX_COMPILATION_CACHE_DIR"] = _cache
     os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
 
+# For the subprocess smoke runs (run.py, the notebook, the multi-process helpers): tiny models, so
+# compiling dominates, and LLVM's cheaper optimisation level halves it (same semantics; only the
+# generated code is slower).
+FAST_COMPILE = "--xla_backend_optimization_level=0"
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 SHARED_MTD = ROOT.parent / "shared" / "data" / "mtd"
 

@@ -2,6 +2,7 @@
 import os
 
 import pytest
+from conftest import FAST_COMPILE
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -12,8 +13,7 @@ def test_colab_notebook_executes(tmp_path, monkeypatch):
     monkeypatch.setenv("MASKAD_WORKDIR", str(tmp_path / "wd"))
     monkeypatch.setenv("MASKAD_TFDS_DIR", str(tmp_path / "tfds"))
     monkeypatch.setenv("MASKAD_CONFIG", "configs/demo.py:smoke")
-    # a smoke run is mostly compilation: LLVM's cheaper optimisation level halves it (as in test_run_e2e)
-    monkeypatch.setenv("XLA_FLAGS", (os.environ.get("XLA_FLAGS", "") + " --xla_backend_optimization_level=0").strip())
+    monkeypatch.setenv("XLA_FLAGS", (os.environ.get("XLA_FLAGS", "") + " " + FAST_COMPILE).strip())
     nb = nbformat.read(os.path.join(ROOT, "notebooks", "colab_tpu.ipynb"), as_version=4)
     nbclient.NotebookClient(nb, timeout=600, kernel_name="python3", resources={"metadata": {"path": ROOT}}).execute()
     outputs = "".join(o.get("text", "") + str(o.get("data", {}).get("text/plain", ""))

@@ -12,9 +12,7 @@ from PIL import Image
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-# These runs train and score a few dozen 64 px images, so compiling dominates their time: LLVM's
-# cheaper optimisation level halves it (same semantics; only the generated code is slower).
-FAST_COMPILE = "--xla_backend_optimization_level=0"
+from conftest import FAST_COMPILE  # these runs train and score a few dozen 64 px images
 
 
 def _run(args, timeout=600):

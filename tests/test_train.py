@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from configs import default
+from conftest import FAST_COMPILE
 from maskad_jax.optim import decay_mask
 from maskad_jax.train import CheckpointMismatchError, train
 
@@ -17,9 +18,8 @@ SCRIPT = os.path.join(os.path.dirname(__file__), "scripts", "train_losses.py")
 
 
 def _run(devices, extra=(), script=SCRIPT):
-    # tiny models: compiling dominates, and LLVM's cheaper optimisation level halves it (same semantics)
-    env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices} "
-               "--xla_backend_optimization_level=0", JAX_PLATFORMS="cpu")
+    env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices} {FAST_COMPILE}",
+               JAX_PLATFORMS="cpu")
     return subprocess.Popen([sys.executable, script, *extra], env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
 
