@@ -63,18 +63,22 @@ def block_mask(key, grid: tuple[int, int], num_patches: int, min_patches: int = 
     return mask.reshape(-1)
 
 
-def foreground_weights(h: jax.Array) -> jax.Array:
-    """Foreground weight of each position of a (gh, gw, C) feature map, in [0, 1].
+def foreground_weights(h, xp=jnp):
+    """Foreground weight of each position of a (..., gh, gw, C) feature map, in [0, 1]: (..., gh*gw).
 
     Definition (ours; the paper names foreground masking without defining it, the released code
     has it off): the L2 distance of each position's feature to the image's median feature,
     min-max normalised per image. Plain background is close to the median feature of an object
     image; on a texture all positions are about equally far, so the mask degrades gracefully to a
     uniform random mask there.
+
+    xp: jax.numpy (jittable) or numpy: training computes the weights of its whole feature cache
+    once on the host with numpy (XLA's CPU sort, which the median needs, is several times slower).
     """
-    flat = h.reshape(-1, h.shape[-1])
-    d = jnp.linalg.norm(flat - jnp.median(flat, axis=0), axis=-1)
-    return (d - d.min()) / jnp.maximum(d.max() - d.min(), 1e-12)
+    flat = h.reshape(h.shape[:-3] + (-1, h.shape[-1]))
+    d = xp.linalg.norm(flat - xp.median(flat, axis=-2, keepdims=True), axis=-1)
+    lo, hi = d.min(axis=-1, keepdims=True), d.max(axis=-1, keepdims=True)
+    return (d - lo) / xp.maximum(hi - lo, 1e-12)
 
 
 def foreground_mask(key, weights: jax.Array, k: int) -> jax.Array:

@@ -83,8 +83,12 @@ def model_fingerprint(config, in_channels: int) -> dict:
             "image_size": int(config.data.image_size), "target": config.train.target}
 
 
-def sample_train_mask(key, h, cfg) -> jax.Array:
-    """One training mask for one (gh, gw, C) feature map: strategy drawn with cfg.mask_probs."""
+def sample_train_mask(key, h, cfg, fg_weights=None) -> jax.Array:
+    """One training mask for one (gh, gw, C) feature map: strategy drawn with cfg.mask_probs.
+
+    fg_weights: the map's masks.foreground_weights (gh*gw,), if already computed (training computes
+    them once per cached image); None computes them here.
+    """
     gh, gw = h.shape[:2]
     n = gh * gw
     k_choice, k_r, k_b, k_f = jax.random.split(key, 4)
@@ -94,10 +98,16 @@ def sample_train_mask(key, h, cfg) -> jax.Array:
     for i, make in enumerate((
             lambda: masks_lib.random_mask(k_r, n, int(round(cfg.random_ratio * n))),
             lambda: masks_lib.block_mask(k_b, (gh, gw), int(round(cfg.block_ratio * n))),
-            lambda: masks_lib.foreground_mask(k_f, masks_lib.foreground_weights(h),
-                                              int(round(cfg.foreground_ratio * n))))):
+            lambda: masks_lib.foreground_mask(k_f, masks_lib.foreground_weights(h) if fg_weights is None
+                                              else fg_weights, int(round(cfg.foreground_ratio * n))))):
         options.append(make() if cfg.mask_probs[i] > 0 else jnp.zeros((n,), bool))
     return jnp.stack(options)[choice]
+
+
+def foreground_weights_of_cache(h: np.ndarray, chunk: int = 256) -> np.ndarray:
+    """masks.foreground_weights of every cached map (N, gh, gw, C) -> (N, gh*gw) float32, with numpy."""
+    return np.concatenate([masks_lib.foreground_weights(np.asarray(h[i:i + chunk], np.float32), xp=np)
+                           for i in range(0, len(h), chunk)]).astype(np.float32)
 
 
 @dataclasses.dataclass
@@ -134,17 +144,23 @@ def train(config, h_in: np.ndarray, h_tgt: np.ndarray | None, workdir: str | Non
     def init_params(key):
         return model.init(key, jnp.zeros((1, gh, gw, c)), jnp.zeros((1, gh * gw), bool))["params"]
 
+    # The foreground mask's weights depend only on the (fixed) cached features: computed once here.
+    fg = foreground_weights_of_cache(h_in) if tc.mask_probs[2] > 0 else None
+
     def loss_fn(params, arrays, idx, step):
-        x, y = arrays
+        x, y, w = arrays
         y = x if y is None else y
         keys = jax.vmap(lambda i: jax.random.fold_in(jax.random.fold_in(base_key, step + 1), i))(idx)
         mask_keys, drop_keys = jax.vmap(lambda k: jax.random.split(k))(keys).transpose(1, 0)
-        mask = jax.vmap(lambda k, h: sample_train_mask(k, h, tc))(mask_keys, x)
+        if w is None:
+            mask = jax.vmap(lambda k, h: sample_train_mask(k, h, tc))(mask_keys, x)
+        else:
+            mask = jax.vmap(lambda k, h, w: sample_train_mask(k, h, tc, w))(mask_keys, x, w)
         pred = model.apply({"params": params}, x, mask, deterministic=False,
                            rngs={"dropout": jax.random.fold_in(drop_keys[0], 7)})
         return jnp.mean(jnp.square(pred - y))
 
-    return training_loop(tc, config.seed, (h_in, h_tgt), init_params, loss_fn,
+    return training_loop(tc, config.seed, (h_in, h_tgt, fg), init_params, loss_fn,
                          lambda total, spe: make_optimizer(tc, total, spe), model_fingerprint(config, c),
                          workdir, log=log, max_steps=max_steps)
 

@@ -41,3 +41,26 @@ def test_foreground_weights_pick_out_an_object():
     picks = np.asarray(jax.vmap(lambda k: masks.foreground_mask(k, jnp.asarray(w.ravel()), 4))(
         jax.random.split(jax.random.key(0), 100))).reshape(100, 6, 6)
     assert picks[:, 2:4, 2:4].mean() > 5 * picks[:, 0:2, 0:2].mean()
+
+
+def test_foreground_weights_of_a_cache_with_numpy_equal_the_jitted_per_image_ones():
+    from maskad_jax.train import foreground_weights_of_cache
+    h = np.random.default_rng(3).normal(size=(5, 4, 6, 7)).astype(np.float32)
+    h[1] = 2.0  # a constant map: all distances 0, weights 0 (no division by zero)
+    per_image = np.stack([np.asarray(jax.jit(masks.foreground_weights)(jnp.asarray(x))) for x in h])
+    np.testing.assert_allclose(foreground_weights_of_cache(h, chunk=2), per_image, atol=1e-6)
+    assert per_image.shape == (5, 24) and (per_image[1] == 0).all()
+
+
+def test_training_mask_from_precomputed_foreground_weights_is_the_same_mask():
+    from configs import default
+    from maskad_jax.train import foreground_weights_of_cache, sample_train_mask
+    tc = default.get_config().train
+    tc.mask_probs = (0.0, 0.0, 1.0)
+    h = np.random.default_rng(4).normal(size=(8, 14, 14, 6)).astype(np.float32)
+    w = foreground_weights_of_cache(h)
+    keys = jax.random.split(jax.random.key(5), 8)
+    inline = jax.vmap(lambda k, x: sample_train_mask(k, x, tc))(keys, jnp.asarray(h))
+    given = jax.vmap(lambda k, x, w: sample_train_mask(k, x, tc, w))(keys, jnp.asarray(h), jnp.asarray(w))
+    np.testing.assert_array_equal(np.asarray(inline), np.asarray(given))
+    assert int(np.asarray(given).sum(-1).min()) >= round(tc.foreground_ratio * 196)
