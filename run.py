@@ -4,6 +4,7 @@
     python run.py --config=configs/mvtec.py --config.data.manual_dir=/data/mvtec_ad --workdir=runs/mvtec
     python run.py --config=configs/mvtec.py --workdir=runs/mvtec --mode=eval
     python run.py --config=configs/mvtec.py --workdir=runs/mvtec --mode=predict --config.predict.input=some/folder
+    python run.py --config=configs/mvtec.py --workdir=/mnt/shared/mvtec --coordinator=auto  # every host of a pod
 """
 import os
 
@@ -23,6 +24,12 @@ flags.DEFINE_string("xla_cache", None,
                     "persistent XLA compilation cache: a rerun (eval after train, predict, resume) reuses the "
                     "compiled programs instead of compiling again (tens of seconds on a CPU). Default "
                     "$JAX_COMPILATION_CACHE_DIR, else ~/.cache/maskad_jax/xla; 'none' turns it off")
+flags.DEFINE_string("coordinator", None,
+                    "several processes (hosts) as one job via jax.distributed: host:port of process 0 (then "
+                    "--num_processes and --process_id), or 'auto' where JAX detects the cluster (Cloud TPU pods, "
+                    "SLURM). Every process runs the same command; the workdir must be storage they all see")
+flags.DEFINE_integer("num_processes", None, "with --coordinator=host:port: how many processes")
+flags.DEFINE_integer("process_id", None, "with --coordinator=host:port: this process's index, 0 .. num_processes-1")
 FLAGS = flags.FLAGS
 
 
@@ -31,6 +38,7 @@ def main(argv):
     from absl import logging
     if not FLAGS["verbosity"].present:
         logging.set_verbosity(logging.WARNING)  # keep orbax/TFDS chatter out of the progress lines
+    _distributed(FLAGS.coordinator, FLAGS.num_processes, FLAGS.process_id)
     _compilation_cache(FLAGS.xla_cache)
     from maskad_jax.pipeline import train_and_evaluate
     config = FLAGS.config
@@ -38,6 +46,23 @@ def main(argv):
     result = train_and_evaluate(config, workdir, FLAGS.mode)
     if "mean" in result:
         print("results in", workdir, {k: round(100 * v, 1) for k, v in result["mean"].items()})
+
+
+def _distributed(coordinator, num_processes, process_id):
+    """jax.distributed.initialize from --coordinator/--num_processes/--process_id (nothing without them)."""
+    import jax
+    if coordinator is None:
+        if num_processes is not None or process_id is not None:
+            raise app.UsageError("--num_processes and --process_id need --coordinator")
+        return
+    if coordinator == "auto":
+        jax.distributed.initialize()
+        return
+    if num_processes is None or process_id is None:
+        raise app.UsageError(f"--coordinator={coordinator} needs --num_processes and --process_id")
+    if not 0 <= process_id < num_processes:
+        raise app.UsageError(f"--process_id={process_id} must be in 0 .. {num_processes - 1}")
+    jax.distributed.initialize(coordinator, num_processes, process_id)
 
 
 def _compilation_cache(path):

@@ -154,6 +154,7 @@ def get_config():
     # Devices a scoring batch is spread over: all | one | auto (one on a CPU, all on GPUs/TPUs). On a
     # CPU the forced host devices (run.py) help the backbone but the scoring program runs faster on
     # one device using every core (benchmarks/RESULTS.md); eval_batch_size must divide by the count.
+    # Always this process's devices: with several processes each scores its share of the images.
     c.scoring.devices = "auto"
 
     # ---------------------------------------------------------------- evaluation

@@ -35,12 +35,17 @@ def data_mesh() -> Mesh:
     return Mesh(np.asarray(jax.devices()), ("data",))  # Auto axis: XLA propagates shardings
 
 
-def batch_sharding(config):
-    """NamedSharding of the eval batch over all devices (the batch size must divide evenly)."""
-    mesh = data_mesh()
+def local_mesh() -> Mesh:
+    """A 1-D 'data' mesh over this process's devices (all devices when there is one process)."""
+    return Mesh(np.asarray(jax.local_devices()), ("data",))
+
+
+def local_batch_sharding(config):
+    """An eval batch split over this process's devices (data.eval_batch_size must divide evenly)."""
+    mesh = local_mesh()
     if config.data.eval_batch_size % mesh.devices.size:
         raise ValueError(f"data.eval_batch_size {config.data.eval_batch_size} must be a multiple of the "
-                         f"{mesh.devices.size} devices")
+                         f"{mesh.devices.size} local devices")
     return NamedSharding(mesh, P("data"))
 
 
@@ -48,21 +53,35 @@ def _score_on_one_device(config) -> bool:
     choice = config.scoring.get("devices", "auto")
     if choice not in ("auto", "all", "one"):
         raise ValueError(f"scoring.devices must be auto | all | one, got {choice!r}")
-    return choice == "one" or (choice == "auto" and jax.default_backend() == "cpu" and jax.process_count() == 1)
+    return choice == "one" or (choice == "auto" and jax.default_backend() == "cpu")
 
 
 def scoring_sharding(config):
-    """Where a scoring batch goes: batch_sharding (all devices) or the first local device (scoring.devices)."""
+    """Where a scoring batch goes: this process's devices, or the first of them (scoring.devices).
+
+    Scoring never spans processes: with several (jax.distributed), each scores its own share of the
+    images on its own devices (pipeline.evaluate) and the results are gathered on the host."""
     if _score_on_one_device(config):
         return jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-    return batch_sharding(config)
+    return local_batch_sharding(config)
+
+
+def to_local(tree):
+    """A pytree with every array that spans processes (e.g. trained, replicated parameters) replaced by
+    this process's copy, so it can meet host-local arrays in one jitted call. Identity with one process."""
+    def local(a):
+        if isinstance(a, jax.Array) and not a.is_fully_addressable:
+            return a.addressable_data(0)
+        return a
+    return jax.tree_util.tree_map(local, tree)
 
 
 def place_for_scoring(config, tree):
     """A pytree (parameters, pools) replicated on the devices that scoring.devices selects."""
+    tree = to_local(tree)
     if _score_on_one_device(config):
         return jax.device_put(tree, jax.sharding.SingleDeviceSharding(jax.local_devices()[0]))
-    return jax.device_put(tree, NamedSharding(data_mesh(), P()))
+    return jax.device_put(tree, NamedSharding(local_mesh(), P()))
 
 
 def build_reconstructor(config, in_channels: int, grid, attention: str | None = None) -> MaskedReconstructor:

@@ -2,6 +2,7 @@
 import csv
 import json
 import os
+import socket
 import subprocess
 import sys
 
@@ -57,10 +58,18 @@ def _assert_predict_equals_eval(wd, expected):
     return pred
 
 
-def test_run_py_train_eval_predict(tmp_path, tfds_dir):
-    wd, tfds = str(tmp_path / "wd"), tfds_dir
+@pytest.fixture(scope="module")
+def smoke_run(tmp_path_factory, tfds_dir):
+    """One train_and_eval run of the smoke config in one process: (workdir, console, metrics, scores.csv)."""
+    wd = str(tmp_path_factory.mktemp("smoke") / "wd")
+    out = _run(["--config=configs/demo.py:smoke", f"--workdir={wd}", f"--config.data.tfds_dir={tfds_dir}"])
+    return wd, out, json.load(open(os.path.join(wd, "metrics.json"))), _csv(os.path.join(wd, "scores.csv"))
+
+
+def test_run_py_train_eval_predict(tmp_path, tfds_dir, smoke_run):
+    tfds = tfds_dir
+    wd, out, _, _ = smoke_run
     common = ["--config=configs/demo.py:smoke", f"--workdir={wd}", f"--config.data.tfds_dir={tfds}"]
-    out = _run(common)
     assert "trained to step 6" in out and "mean over classes" in out
     for f in ("config.json", "metrics.json", "scores.csv", "train_log.jsonl", "fit/pools.npz", "report.html"):
         assert os.path.isfile(os.path.join(wd, f)), f
@@ -101,6 +110,37 @@ def test_run_py_train_eval_predict(tmp_path, tfds_dir):
             assert os.path.isfile(os.path.join(wd, "predictions", sub, r["output_name"] + ext))
         assert r["anomalous"] in ("True", "False") and float(r["threshold"]) > 0
     assert set(os.listdir(os.path.join(wd, "predictions"))) == {"maps", "overlays", "scores.csv", "scores.json"}
+
+
+def test_two_processes_train_and_eval_like_one(tmp_path, tfds_dir, smoke_run):
+    """run.py under jax.distributed: two processes on loopback, 2 devices each, one 4-device mesh for
+    training; each scores half of the test set on its own devices and the results are gathered. The
+    metrics and every image's score equal the one-process run's; process 0 alone writes the files."""
+    _, _, one_metrics, one_scores = smoke_run
+    wd = str(tmp_path / "wd")
+    with socket.socket() as s:  # a free loopback port for the coordinator
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count=2 {FAST_COMPILE}", JAX_PLATFORMS="cpu")
+    procs = [subprocess.Popen([sys.executable, "run.py", "--config=configs/demo.py:smoke", f"--workdir={wd}",
+                               f"--config.data.tfds_dir={tfds_dir}", f"--coordinator=127.0.0.1:{port}",
+                               "--num_processes=2", f"--process_id={i}"], cwd=ROOT, env=env, text=True,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT) for i in range(2)]
+    outs = [p.communicate(timeout=600)[0] for p in procs]
+    n = one_metrics["num_test_images"]
+    for i, (p, out) in enumerate(zip(procs, outs)):
+        assert p.returncode == 0, out[-4000:]
+        share = len(np.array_split(np.arange(n), 2)[i])
+        assert "trained to step 6" in out and f"over 2 processes ({share} on this one)" in out
+        assert "mean over classes" in out
+    metrics = json.load(open(os.path.join(wd, "metrics.json")))
+    assert metrics["num_test_images"] == one_metrics["num_test_images"]
+    for k, v in one_metrics["mean"].items():
+        assert metrics["mean"][k] == pytest.approx(v, abs=1e-3), k
+    scores = _csv(os.path.join(wd, "scores.csv"))
+    assert [r["file"] for r in scores] == [r["file"] for r in one_scores]  # every image once, in order
+    np.testing.assert_allclose([float(r["score"]) for r in scores], [float(r["score"]) for r in one_scores],
+                               rtol=1e-3)
 
 
 def test_run_py_code_variant(tmp_path, tfds_dir):
