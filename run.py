@@ -13,6 +13,17 @@ import os
 if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
     _n = max(1, min(os.cpu_count() or 1, 8))
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + f" --xla_force_host_platform_device_count={_n}").strip()
+# XLA's CPU backend (jaxlib 0.10) hands matmuls, reductions and elementwise ops to YNNPACK by
+# default; with that off (Eigen matmuls, XLA's own loops) the reconstructor trained 15-20% faster
+# and scored 15-25% faster on a 2-core CPU (benchmarks/RESULTS.md). CPU-only: GPUs/TPUs ignore it.
+# Only for the jaxlib it was measured on (the flag is experimental; an unknown flag aborts XLA).
+try:
+    from importlib.metadata import version as _version
+    _jaxlib = _version("jaxlib")
+except Exception:  # not installed the usual way: leave XLA's defaults
+    _jaxlib = ""
+if _jaxlib.startswith("0.10.") and "xla_cpu_experimental_ynn_fusion_type" not in os.environ.get("XLA_FLAGS", ""):
+    os.environ["XLA_FLAGS"] += " --xla_cpu_experimental_ynn_fusion_type="
 
 from absl import app, flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402

@@ -143,6 +143,18 @@ def test_two_processes_train_and_eval_like_one(tmp_path, tfds_dir, smoke_run):
                                rtol=1e-3)
 
 
+@pytest.mark.parametrize("args, message", [
+    (["--num_processes=2"], "--num_processes and --process_id need --coordinator"),
+    (["--coordinator=127.0.0.1:1234", "--num_processes=2"], "needs --num_processes and --process_id"),
+    (["--coordinator=127.0.0.1:1234", "--num_processes=2", "--process_id=2"], "must be in 0 .. 1"),
+])
+def test_run_py_refuses_incomplete_distributed_flags(tmp_path, args, message):
+    proc = subprocess.run([sys.executable, "run.py", f"--workdir={tmp_path}", *args], cwd=ROOT, capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode != 0 and message in proc.stdout + proc.stderr
+    assert not os.listdir(tmp_path)  # refused before any work
+
+
 def test_run_py_code_variant(tmp_path, tfds_dir):
     """The released code's choices end to end: unnormalised target, 12 masks, the code's OT and
     combination, transductive M_po normalisation."""
