@@ -1,5 +1,6 @@
 """run.py end to end with the smoke config: train_and_eval, eval and predict from the saved checkpoint."""
 import csv
+import io
 import json
 import os
 import socket
@@ -118,21 +119,32 @@ def test_two_processes_train_and_eval_like_one(tmp_path, tfds_dir, smoke_run):
     metrics and every image's score equal the one-process run's; process 0 alone writes the files."""
     _, _, one_metrics, one_scores = smoke_run
     wd = str(tmp_path / "wd")
+    outs = _run_two_processes(["--config=configs/demo.py:smoke", f"--workdir={wd}",
+                               f"--config.data.tfds_dir={tfds_dir}"], one_metrics["num_test_images"])
+    assert all("trained to step 6" in out for out in outs)
+    _assert_same_results(wd, one_metrics, one_scores)
+
+
+def _run_two_processes(args, num_test_images):
+    """run.py as two processes on loopback (2 forced host devices each); checks that each scored its
+    share of the test images. Returns both consoles."""
     with socket.socket() as s:  # a free loopback port for the coordinator
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count=2 {FAST_COMPILE}", JAX_PLATFORMS="cpu")
-    procs = [subprocess.Popen([sys.executable, "run.py", "--config=configs/demo.py:smoke", f"--workdir={wd}",
-                               f"--config.data.tfds_dir={tfds_dir}", f"--coordinator=127.0.0.1:{port}",
+    procs = [subprocess.Popen([sys.executable, "run.py", *args, f"--coordinator=127.0.0.1:{port}",
                                "--num_processes=2", f"--process_id={i}"], cwd=ROOT, env=env, text=True,
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT) for i in range(2)]
     outs = [p.communicate(timeout=600)[0] for p in procs]
-    n = one_metrics["num_test_images"]
     for i, (p, out) in enumerate(zip(procs, outs)):
         assert p.returncode == 0, out[-4000:]
-        share = len(np.array_split(np.arange(n), 2)[i])
-        assert "trained to step 6" in out and f"over 2 processes ({share} on this one)" in out
-        assert "mean over classes" in out
+        share = len(np.array_split(np.arange(num_test_images), 2)[i])
+        assert f"over 2 processes ({share} on this one)" in out and "mean over classes" in out
+    return outs
+
+
+def _assert_same_results(wd, one_metrics, one_scores):
+    """metrics.json and scores.csv in wd equal a one-process run's (float tolerance)."""
     metrics = json.load(open(os.path.join(wd, "metrics.json")))
     assert metrics["num_test_images"] == one_metrics["num_test_images"]
     for k, v in one_metrics["mean"].items():
@@ -188,6 +200,12 @@ def test_flow_mpo_train_and_eval_then_eval_from_checkpoints(tmp_path, tfds_dir, 
         _run(common + ["--mode=predict", f"--config.predict.input={tmp_path / 'inputs'}",
                        "--config.predict.class_name=disc"])
         _assert_predict_equals_eval(wd, expected)
+        # the same as two processes: the flow's backbone features, its pool and L_ref, split and gathered
+        wd2 = str(tmp_path / "wd2")
+        one_metrics = json.load(open(os.path.join(wd, "metrics.json")))
+        outs = _run_two_processes([a.replace(wd, wd2) for a in common], one_metrics["num_test_images"])
+        assert all("flow M_po: trained to step" in out for out in outs)
+        _assert_same_results(wd2, one_metrics, list(csv.DictReader(io.StringIO(scores_first))))
     if features == "reconstructor":  # the released code's transductive L_ref, from the same checkpoints
         out = _run(common + ["--mode=eval", "--config.scoring.mpo_normalisation=test_max"])
         assert "max over each class's test set" in out and "mean over classes" in out
