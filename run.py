@@ -15,7 +15,7 @@ if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", "")
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + f" --xla_force_host_platform_device_count={_n}").strip()
 # XLA's CPU backend (jaxlib 0.10) hands matmuls, reductions and elementwise ops to YNNPACK by
 # default; with that off (Eigen matmuls, XLA's own loops) the reconstructor trained 15-20% faster
-# and scored 15-25% faster on a 2-core CPU (benchmarks/RESULTS.md). CPU-only: GPUs/TPUs ignore it.
+# and scored about 15% faster on a 2-core CPU (benchmarks/RESULTS.md). CPU-only: GPUs/TPUs ignore it.
 # Only for the jaxlib it was measured on (the flag is experimental; an unknown flag aborts XLA).
 try:
     from importlib.metadata import version as _version

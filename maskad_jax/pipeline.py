@@ -171,7 +171,7 @@ def train_and_evaluate(config, workdir: str, mode: str = "train_and_eval") -> di
                                              with_target=config.train.target == "unnormalized")
         t0 = time.time()
         res = train(config, h_in, h_tgt, workdir, log=_log)
-        params = to_local(res.params)  # each process scores with its own copy
+        params = res.params
         _log(f"reconstructor: {count_params(params):,} parameters; trained to step {res.steps} "
              f"in {time.time() - t0:.0f}s")
         result["train_seconds"] = time.time() - t0
@@ -188,7 +188,6 @@ def train_and_evaluate(config, workdir: str, mode: str = "train_and_eval") -> di
     if mode in ("eval", "train_and_eval"):
         if mode == "eval":
             params, step = restore_params(workdir, config, extractor.channels, grid)
-            params = to_local(params)
             _log(f"restored the reconstructor at step {step} from {workdir}")
         pools = Pools.load(os.path.join(workdir, "fit"))
         flow = restore_flow_state(config, workdir, extractor.channels, grid, pools)

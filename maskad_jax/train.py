@@ -171,10 +171,7 @@ def train(config, h_in: np.ndarray, h_tgt: np.ndarray | None, workdir: str | Non
         y = x if y is None else y
         keys = jax.vmap(lambda i: jax.random.fold_in(jax.random.fold_in(base_key, step + 1), i))(idx)
         mask_keys, drop_keys = jax.vmap(lambda k: jax.random.split(k))(keys).transpose(1, 0)
-        if w is None:
-            mask = jax.vmap(lambda k, h: sample_train_mask(k, h, tc))(mask_keys, x)
-        else:
-            mask = jax.vmap(lambda k, h, w: sample_train_mask(k, h, tc, w))(mask_keys, x, w)
+        mask = jax.vmap(lambda k, h, w: sample_train_mask(k, h, tc, w))(mask_keys, x, w)  # w may be None
         pred = model.apply({"params": params}, x, mask, deterministic=False,
                            rngs={"dropout": jax.random.fold_in(drop_keys[0], 7)})
         return jnp.mean(jnp.square(pred - y))
