@@ -2,6 +2,7 @@ import atexit
 import os
 import pathlib
 import shutil
+import socket
 import tempfile
 
 import pytest
@@ -19,6 +20,19 @@ if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
 # compiling dominates, and LLVM's cheaper optimisation level halves it (same semantics; only the
 # generated code is slower).
 FAST_COMPILE = "--xla_backend_optimization_level=0"
+
+
+def forced_devices_env(devices: int) -> dict:
+    """The environment for a CPU subprocess with `devices` forced host devices and FAST_COMPILE."""
+    return dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices} {FAST_COMPILE}",
+                JAX_PLATFORMS="cpu")
+
+
+def loopback_coordinator() -> str:
+    """host:port of a free loopback port, for jax.distributed's coordinator in multi-process tests."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return f"127.0.0.1:{s.getsockname()[1]}"
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 SHARED_MTD = ROOT.parent / "shared" / "data" / "mtd"

@@ -3,7 +3,6 @@ import csv
 import io
 import json
 import os
-import socket
 import subprocess
 import sys
 
@@ -14,7 +13,8 @@ from PIL import Image
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-from conftest import FAST_COMPILE  # these runs train and score a few dozen 64 px images
+# these runs train and score a few dozen 64 px images
+from conftest import FAST_COMPILE, forced_devices_env, loopback_coordinator
 
 
 def _run(args, timeout=600):
@@ -128,13 +128,10 @@ def test_two_processes_train_and_eval_like_one(tmp_path, tfds_dir, smoke_run):
 def _run_two_processes(args, num_test_images):
     """run.py as two processes on loopback (2 forced host devices each); checks that each scored its
     share of the test images. Returns both consoles."""
-    with socket.socket() as s:  # a free loopback port for the coordinator
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count=2 {FAST_COMPILE}", JAX_PLATFORMS="cpu")
-    procs = [subprocess.Popen([sys.executable, "run.py", *args, f"--coordinator=127.0.0.1:{port}",
-                               "--num_processes=2", f"--process_id={i}"], cwd=ROOT, env=env, text=True,
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT) for i in range(2)]
+    coordinator = loopback_coordinator()
+    procs = [subprocess.Popen([sys.executable, "run.py", *args, f"--coordinator={coordinator}",
+                               "--num_processes=2", f"--process_id={i}"], cwd=ROOT, env=forced_devices_env(2),
+                              text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT) for i in range(2)]
     outs = [p.communicate(timeout=600)[0] for p in procs]
     for i, (p, out) in enumerate(zip(procs, outs)):
         assert p.returncode == 0, out[-4000:]

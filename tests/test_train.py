@@ -1,7 +1,6 @@
 """Training: device-count invariance, a real two-process mesh, kill-and-resume, config mismatch."""
 import json
 import os
-import socket
 import subprocess
 import sys
 
@@ -10,7 +9,7 @@ import numpy as np
 import pytest
 
 from configs import default
-from conftest import FAST_COMPILE
+from conftest import forced_devices_env, loopback_coordinator
 from maskad_jax.optim import decay_mask
 from maskad_jax.train import CheckpointMismatchError, train
 
@@ -18,9 +17,7 @@ SCRIPT = os.path.join(os.path.dirname(__file__), "scripts", "train_losses.py")
 
 
 def _run(devices, extra=(), script=SCRIPT):
-    env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices} {FAST_COMPILE}",
-               JAX_PLATFORMS="cpu")
-    return subprocess.Popen([sys.executable, script, *extra], env=env, stdout=subprocess.PIPE,
+    return subprocess.Popen([sys.executable, script, *extra], env=forced_devices_env(devices), stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
 
 
@@ -35,10 +32,7 @@ def test_same_losses_on_1_and_4_devices_and_on_two_processes():
     four = _losses(_run(4))
     assert one["devices"] == 1 and four["devices"] == 4
     np.testing.assert_allclose(four["losses"], one["losses"], rtol=1e-5)
-    with socket.socket() as s:  # a free loopback port for the coordinator
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    coord = ["--coordinator", f"127.0.0.1:{port}", "--num-processes", "2"]
+    coord = ["--coordinator", loopback_coordinator(), "--num-processes", "2"]
     procs = [_run(2, coord + ["--process-id", str(i)]) for i in range(2)]
     results = [_losses(p) for p in procs]
     for r in results:  # several processes gather their batches on the host (train.device_cache_gb unused)
@@ -55,10 +49,7 @@ def test_two_processes_each_extract_a_share_of_the_feature_cache(tmp_path):
     script = os.path.join(os.path.dirname(__file__), "scripts", "extract_features.py")
     single = _run(2, [tfds, str(tmp_path / "one.npz")], script)
     _losses_or_fail(single)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    coord = ["--coordinator", f"127.0.0.1:{port}", "--num-processes", "2"]
+    coord = ["--coordinator", loopback_coordinator(), "--num-processes", "2"]
     procs = [_run(2, [tfds, str(tmp_path / f"p{i}.npz")] + coord + ["--process-id", str(i)], script) for i in range(2)]
     for proc in procs:
         _losses_or_fail(proc)
