@@ -20,6 +20,7 @@ import struct
 import zipfile
 
 import numpy as np
+from maskad_jax.errors import MissingInputError, UserError
 
 LEGACY_MAGIC = 0x1950A86A20F9469CFC6C
 LEGACY_PROTOCOL = 1001
@@ -38,11 +39,11 @@ _STORAGE_DTYPES = {
 _BFLOAT16 = "BFloat16Storage"
 
 
-class UnsafePickleError(ValueError):
+class UnsafePickleError(UserError, ValueError):
     """The file's pickle asks for a global that a tensor state dict never needs."""
 
 
-class CheckpointFormatError(ValueError):
+class CheckpointFormatError(UserError, ValueError):
     """The file is not a readable torch checkpoint (truncated, corrupt, or another format)."""
 
 
@@ -52,31 +53,64 @@ class _StorageType:
 
 
 class _Storage:
-    """A flat numpy buffer standing in for a torch storage."""
+    """A flat numpy buffer standing in for a torch storage. The buffer is allocated only once the
+    file is known to hold its bytes (`allocate`), so a forged element count cannot exhaust memory."""
 
-    def __init__(self, type_name: str, numel: int):
-        if type_name == _BFLOAT16:
-            self.array = np.zeros(numel, np.uint16)  # converted to float32 in _finish
-            self.bfloat16 = True
-        else:
-            self.array = np.zeros(numel, _STORAGE_DTYPES[type_name])
-            self.bfloat16 = False
+    def __init__(self, type_name: str, numel):
+        if not (isinstance(numel, int) and not isinstance(numel, bool) and numel >= 0):
+            raise CheckpointFormatError(f"storage element count {numel!r} is not a non-negative integer")
+        self.bfloat16 = type_name == _BFLOAT16
+        self.dtype = np.dtype(np.uint16 if self.bfloat16 else _STORAGE_DTYPES[type_name])  # bf16: converted in _finish
+        self.numel = numel
+        self.array = None
+
+    @property
+    def nbytes(self) -> int:
+        return self.numel * self.dtype.itemsize
+
+    def allocate(self, raw: bytes) -> None:
+        """Take the storage's bytes (exactly nbytes of them; the caller checks the count)."""
+        self.array = np.frombuffer(raw, dtype=self.dtype, count=self.numel).copy()
+
+
+def _check_ints(name, values):
+    if not isinstance(values, (tuple, list)) or not all(isinstance(v, int) and not isinstance(v, bool) for v in values):
+        raise CheckpointFormatError(f"tensor {name} {values!r} is not a sequence of integers")
 
 
 class _TensorView:
     """A strided view of a storage, materialised once every storage holds its bytes."""
 
-    def __init__(self, storage: _Storage, offset: int, size, stride):
+    def __init__(self, storage: _Storage, offset, size, stride):
+        _check_ints("size", size)
+        _check_ints("stride", stride)
+        _check_ints("offset", (offset,))
         self.storage, self.offset, self.size, self.stride = storage, offset, tuple(size), tuple(stride)
 
     def materialise(self) -> np.ndarray:
+        """The tensor's elements, after proving every index it reaches lies inside its storage:
+        non-negative offset, sizes and strides (no view may reach before its buffer), the largest
+        reachable index below the storage's element count, and no more elements than the storage
+        holds (a view is never larger than the bytes present in the file)."""
+        size, stride, offset, numel = self.size, self.stride, self.offset, self.storage.numel
+        if len(size) != len(stride):
+            raise CheckpointFormatError(f"a tensor has {len(size)} sizes but {len(stride)} strides")
+        if offset < 0 or any(v < 0 for v in size) or any(v < 0 for v in stride):
+            raise CheckpointFormatError(f"a tensor has a negative offset, size or stride (offset {offset}, "
+                                        f"size {size}, stride {stride})")
+        count = 1
+        for v in size:
+            count *= v
+        if count == 0:
+            return np.zeros(size, np.float32 if self.storage.bfloat16 else self.storage.dtype)
+        last = offset + sum((s - 1) * st for s, st in zip(size, stride))
+        if last >= numel or count > numel:
+            raise CheckpointFormatError(f"a tensor of shape {size} (stride {stride}, offset {offset}) reads outside "
+                                        f"its storage of {numel} elements")
         base = self.storage.array
-        n_needed = self.offset + (1 + sum((s - 1) * st for s, st in zip(self.size, self.stride)) if all(self.size) else 0)
-        if n_needed > base.size:
-            raise CheckpointFormatError(f"a tensor of shape {self.size} reads past the end of its storage")
         item = base.itemsize
         view = np.lib.stride_tricks.as_strided(
-            base[self.offset:], shape=self.size, strides=tuple(st * item for st in self.stride), writeable=False
+            base[offset:], shape=size, strides=tuple(st * item for st in stride), writeable=False
         )
         out = np.array(view, copy=True)
         if self.storage.bfloat16:
@@ -126,6 +160,8 @@ class _RestrictedUnpickler(pickle.Unpickler):
 def _finish(obj):
     """Replace every _TensorView in a nest of dicts/lists/tuples by a numpy array."""
     if isinstance(obj, _TensorView):
+        if obj.storage.array is None:
+            raise CheckpointFormatError("a tensor's storage has no data in the file")
         return obj.materialise()
     if isinstance(obj, dict):
         return collections.OrderedDict((k, _finish(v)) for k, v in obj.items())
@@ -150,17 +186,18 @@ def _load_zip(path: str):
         storages = {}
 
         def load_storage(pid):
-            type_name, key, _location, numel = _storage_type_name(pid[0]), str(pid[1]), pid[2], int(pid[3])
+            type_name, key, numel = _storage_type_name(pid[0]), str(pid[1]), pid[3]
             if key not in storages:
                 st = _Storage(type_name, numel)
                 entry = f"{root}data/{key}"
                 try:
-                    raw = zf.read(entry)
+                    size = zf.getinfo(entry).file_size
                 except KeyError:
                     raise CheckpointFormatError(f"{path}: storage {entry} is missing") from None
-                if len(raw) < st.array.nbytes:
-                    raise CheckpointFormatError(f"{path}: storage {entry} holds {len(raw)} bytes, expected {st.array.nbytes}")
-                st.array[:] = np.frombuffer(raw[: st.array.nbytes], dtype=st.array.dtype)
+                if size < st.nbytes:  # checked before anything is allocated
+                    raise CheckpointFormatError(f"{path}: storage {entry} holds {size} bytes, expected {st.nbytes}")
+                with zf.open(entry) as raw:
+                    st.allocate(raw.read(st.nbytes))
                 storages[key] = st
             return storages[key]
 
@@ -170,6 +207,7 @@ def _load_zip(path: str):
 
 
 def _load_legacy(path: str):
+    file_size = os.path.getsize(path)
     with open(path, "rb") as f:
         def safe_load():
             return _RestrictedUnpickler(f, _no_storage).load()
@@ -184,7 +222,7 @@ def _load_legacy(path: str):
         storages = {}
 
         def load_storage(pid):
-            type_name, key, _location, numel = _storage_type_name(pid[0]), str(pid[1]), pid[2], int(pid[3])
+            type_name, key, numel = _storage_type_name(pid[0]), str(pid[1]), pid[3]
             if key not in storages:
                 storages[key] = _Storage(type_name, numel)
             return storages[key]
@@ -193,18 +231,18 @@ def _load_legacy(path: str):
         keys = safe_load()
         for key in keys:
             st = storages.get(str(key))
-            if st is None:
+            if st is None or st.array is not None:
                 raise CheckpointFormatError(f"{path}: storage {key} listed but never referenced")
             header = f.read(8)
             if len(header) != 8:
                 raise CheckpointFormatError(f"{path}: truncated before the data of storage {key}")
             (numel,) = struct.unpack("<q", header)
-            if numel != st.array.size:
-                raise CheckpointFormatError(f"{path}: storage {key} has {numel} elements, expected {st.array.size}")
-            buf = f.read(st.array.nbytes)
-            if len(buf) != st.array.nbytes:
-                raise CheckpointFormatError(f"{path}: truncated inside the data of storage {key}")
-            st.array[:] = np.frombuffer(buf, dtype=st.array.dtype)
+            if numel != st.numel:
+                raise CheckpointFormatError(f"{path}: storage {key} has {numel} elements, expected {st.numel}")
+            if st.nbytes > file_size - f.tell():  # checked before anything is allocated
+                raise CheckpointFormatError(f"{path}: truncated inside the data of storage {key} (it needs "
+                                            f"{st.nbytes} bytes, {file_size - f.tell()} remain)")
+            st.allocate(f.read(st.nbytes))
     return _finish(obj)
 
 
@@ -216,7 +254,7 @@ def load_pth(path: str | os.PathLike):
     """Load a torch checkpoint (zip or legacy) as nested dicts of numpy arrays. Never imports torch."""
     path = os.fspath(path)
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"weights file not found: {path}")
+        raise MissingInputError(f"weights file not found: {path}")
     try:
         if zipfile.is_zipfile(path):
             return _load_zip(path)

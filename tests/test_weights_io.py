@@ -13,7 +13,7 @@ from maskad_jax.torch_pickle import CheckpointFormatError, UnsafePickleError, lo
 
 
 def _torch():
-    from conftest import torch_or_skip
+    from helpers import torch_or_skip
     return torch_or_skip()
 
 
@@ -200,3 +200,110 @@ def test_wrong_architecture_is_refused_with_a_guess(tmp_path, capsys):
 def test_missing_b4_file_says_where_to_get_it():
     with pytest.raises(FileNotFoundError, match=r"(?s)efficientnet-b4-6ed6700e.pth.*convert_weights"):
         W.load_backbone_variables("efficientnet-b4", "/no/such/efficientnet-b4.pth")
+
+
+# ------------------------------------------------------------------ crafted files (never executed)
+def _op_str(s: str) -> bytes:
+    b = s.encode()
+    return b"X" + len(b).to_bytes(4, "little") + b  # BINUNICODE
+
+
+def _op_ints(values) -> bytes:
+    return b"(" + b"".join(b"I%d\n" % v for v in values) + b"t"  # MARK ints TUPLE
+
+
+def _tensor_pickle(numel: int, offset: int, size, stride) -> bytes:
+    """A protocol-2 pickle of {"w": tensor} built opcode by opcode: only the globals a real
+    torch.save uses (collections.OrderedDict, torch._utils._rebuild_tensor_v2, torch.FloatStorage)."""
+    storage = (b"(" + _op_str("storage") + b"ctorch\nFloatStorage\n" + _op_str("0") + _op_str("cpu")
+               + b"I%d\n" % numel + b"tQ")  # the persistent id tuple, then BINPERSID
+    args = (b"(" + storage + b"I%d\n" % offset + _op_ints(size) + _op_ints(stride) + b"\x89"
+            + b"ccollections\nOrderedDict\n)R" + b"t")
+    return b"\x80\x02}" + _op_str("w") + b"ctorch._utils\n_rebuild_tensor_v2\n" + args + b"Rs."
+
+
+def _zip_pth(path, numel, offset, size, stride, data: bytes):
+    import zipfile
+    with zipfile.ZipFile(path, "w") as zf:
+        zf.writestr("archive/data.pkl", _tensor_pickle(numel, offset, size, stride))
+        zf.writestr("archive/data/0", data)
+    return path
+
+
+def _legacy_pth(path, numel, offset, size, stride, data: bytes):
+    from maskad_jax.torch_pickle import LEGACY_MAGIC, LEGACY_PROTOCOL
+    import struct
+    body = (pickle.dumps(LEGACY_MAGIC, protocol=2) + pickle.dumps(LEGACY_PROTOCOL, protocol=2)
+            + pickle.dumps({"little_endian": True}, protocol=2) + _tensor_pickle(numel, offset, size, stride)
+            + pickle.dumps(["0"], protocol=2) + struct.pack("<q", numel) + data)
+    path.write_bytes(body)
+    return path
+
+
+FOUR = np.arange(4, dtype=np.float32).tobytes()
+
+
+@pytest.mark.parametrize("make", [_zip_pth, _legacy_pth])
+def test_crafted_pth_reads_the_good_tensor(tmp_path, make):
+    """The builder itself is sound: a well-formed transposed 2 x 2 view reads correctly."""
+    out = load_pth(make(tmp_path / "ok.pth", 4, 0, (2, 2), (1, 2), FOUR))
+    np.testing.assert_array_equal(out["w"], np.array([[0, 2], [1, 3]], np.float32))
+
+
+@pytest.mark.parametrize("make", [_zip_pth, _legacy_pth])
+@pytest.mark.parametrize("numel, offset, size, stride, why", [
+    (4, 0, (4,), (-(2 ** 40),), "negative"),  # segfaulted in as_strided before the bounds checks
+    (4, 3, (4,), (-64,), "negative"),  # read memory from before the buffer
+    (4, -1, (2,), (1,), "negative"),
+    (4, 0, (2 ** 40,), (0,), "outside its storage"),  # a stride-0 view far larger than the file's bytes
+    (4, 2, (3,), (1,), "outside its storage"),  # one element past the end
+    (4, 0, (2, 2), (1,), "2 sizes but 1 strides"),
+])
+def test_pth_views_outside_their_storage_are_refused(tmp_path, make, numel, offset, size, stride, why):
+    path = make(tmp_path / "forged.pth", numel, offset, size, stride, FOUR)
+    with pytest.raises(CheckpointFormatError, match=why) as err:
+        load_pth(path)
+    assert "forged.pth" in str(err.value)
+
+
+@pytest.mark.parametrize("make", [_zip_pth, _legacy_pth])
+def test_pth_storage_larger_than_the_file_is_refused_before_allocating(tmp_path, make):
+    """A storage of 10**13 elements (40 TB) must not be allocated: the file holds 16 bytes."""
+    path = make(tmp_path / "huge.pth", 10 ** 13, 0, (4,), (1,), FOUR)
+    with pytest.raises(CheckpointFormatError, match="huge.pth"):
+        load_pth(path)
+
+
+def _safetensors_file(path, header, data: bytes = b""):
+    import json
+    import struct
+    raw = json.dumps(header).encode()
+    path.write_bytes(struct.pack("<Q", len(raw)) + raw + data)
+    return path
+
+
+@pytest.mark.parametrize("header, data, why", [
+    ([1, 2], b"", "JSON list"),
+    ({"w": {"shape": [1], "data_offsets": [0, 4]}}, FOUR, "lacks dtype"),
+    ({"w": {"dtype": "F32", "shape": [1]}}, FOUR, "lacks data_offsets"),
+    ({"w": {"dtype": "F32", "shape": [2 ** 62, 4], "data_offsets": [0, 0]}}, b"", "needs 73786976294838206464 bytes"),
+    ({"w": {"dtype": "F32", "shape": [2], "data_offsets": [8, 0]}}, FOUR * 2, "outside the data section"),
+    ({"w": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]},
+      "v": {"dtype": "F32", "shape": [2], "data_offsets": [4, 12]}}, FOUR * 2, "overlap"),
+    ({"w": {"dtype": "F32", "shape": [-1], "data_offsets": [0, 4]}}, FOUR, "non-negative"),
+    ({"w": {"dtype": "F32", "shape": [1], "data_offsets": [0, "4"]}}, FOUR, "pair of integers"),
+    ({"w": {"dtype": "Q7", "shape": [1], "data_offsets": [0, 4]}}, FOUR, "unsupported dtype"),
+    ({"w": {"dtype": "F32", "shape": [4], "data_offsets": [0, 16]}}, FOUR[:8], "outside the data section"),
+    ({"w": "F32"}, FOUR, "not an object"),
+])
+def test_safetensors_header_is_validated(tmp_path, header, data, why):
+    path = _safetensors_file(tmp_path / "bad.safetensors", header, data)
+    with pytest.raises(CheckpointFormatError, match=why) as err:
+        load_safetensors(path)
+    assert "bad.safetensors" in str(err.value)
+
+
+def test_safetensors_well_formed_crafted_file_reads(tmp_path):
+    path = _safetensors_file(tmp_path / "ok.safetensors", {"w": {"dtype": "F32", "shape": [2, 2],
+                                                                 "data_offsets": [0, 16]}, "__metadata__": {}}, FOUR)
+    np.testing.assert_array_equal(load_safetensors(path)["w"], np.arange(4, dtype=np.float32).reshape(2, 2))
