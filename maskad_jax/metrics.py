@@ -67,6 +67,16 @@ def curve_metrics(scores, labels) -> dict:
     return {"auroc": _auroc_from(tp, fp), "ap": _ap_from(tp, fp), "f1_max": _f1_max_from(tp, fp)}
 
 
+def curve_points(scores, labels, max_points: int = 200) -> dict:
+    """ROC (fpr, tpr) and precision-recall (recall, precision) points for plotting, at most
+    max_points of each, always keeping both ends (the same curves the metrics integrate)."""
+    tp, fp = _curve(scores, _check(labels))
+    keep = np.unique(np.linspace(0, len(tp) - 1, min(max_points, len(tp))).round().astype(int))
+    tp, fp = tp[keep], fp[keep]
+    return {"fpr": np.r_[0.0, fp / fp[-1]], "tpr": np.r_[0.0, tp / tp[-1]], "recall": tp / tp[-1],
+            "precision": tp / np.maximum(tp + fp, 1)}
+
+
 _EIGHT = np.ones((3, 3), int)
 
 
@@ -121,13 +131,17 @@ def pixel_f1_max_ader(maps, masks, steps: int = 21) -> float:
 
 
 def aupro_ader(maps, masks, max_step: int = 100, fpr_limit: float = 0.3) -> float:
-    """ADer's cal_pro_score: thresholds min + k (max - min) / max_step, keep FPR < limit, rescale FPR."""
+    """ADer's cal_pro_score (after cflow-ad): thresholds np.arange(min, max, (max - min) / max_step);
+    keep those with FPR < limit; rescale the kept FPRs to [0, 1] by their min and max; integrate PRO
+    over FPR with the trapezoidal rule in threshold order (FPR falls as the threshold rises), as
+    sklearn.metrics.auc does for a decreasing x. NaN where ADer's would be (fewer than two kept
+    thresholds or one FPR value)."""
     maps = np.asarray(maps, np.float64)
     lab, n_regions = regions(masks)
     normal = lab == 0
     lo, hi = maps.min(), maps.max()
     pros, fprs = [], []
-    for th in lo + np.arange(max_step) * (hi - lo) / max_step:
+    for th in np.arange(lo, hi, (hi - lo) / max_step) if hi > lo else []:
         pred = maps > th
         per = [pred[lab == k].mean() for k in range(1, n_regions + 1)]
         pros.append(np.mean(per))
@@ -135,11 +149,10 @@ def aupro_ader(maps, masks, max_step: int = 100, fpr_limit: float = 0.3) -> floa
     pros, fprs = np.asarray(pros), np.asarray(fprs)
     keep = fprs < fpr_limit
     f, p = fprs[keep], pros[keep]
-    if len(f) < 2:
-        return 0.0
-    f = (f - f.min()) / max(f.max() - f.min(), 1e-12)
-    order = np.argsort(f)
-    return float(np.trapezoid(p[order], f[order]))
+    if len(f) < 2 or f.max() == f.min():
+        return float("nan")
+    f = (f - f.min()) / (f.max() - f.min())
+    return float(-np.trapezoid(p, f))  # f is non-increasing in threshold order
 
 
 def _curves_from_counts(pos, neg):

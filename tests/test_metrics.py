@@ -101,6 +101,55 @@ def test_ader_protocol_follows_its_definition():
     assert abs(M.aupro_ader(noisy, masks) - M.aupro(noisy, masks)) < 0.05
 
 
+def _ader_cal_pro_score(masks, amaps, max_step=100, expect_fpr=0.3):
+    """zhangzjn/ADer util/metric.py cal_pro_score (itself cflow-ad's), transcribed: skimage regions,
+    sklearn's auc over the kept FPRs in threshold order."""
+    from skimage import measure
+    from sklearn.metrics import auc
+    binary_amaps = np.zeros_like(amaps, dtype=bool)
+    min_th, max_th = amaps.min(), amaps.max()
+    delta = (max_th - min_th) / max_step
+    pros, fprs = [], []
+    for th in np.arange(min_th, max_th, delta):
+        binary_amaps[amaps <= th], binary_amaps[amaps > th] = 0, 1
+        pro = []
+        for binary_amap, mask in zip(binary_amaps, masks):
+            for region in measure.regionprops(measure.label(mask)):
+                tp_pixels = binary_amap[region.coords[:, 0], region.coords[:, 1]].sum()
+                pro.append(tp_pixels / region.area)
+        inverse_masks = 1 - masks
+        fp_pixels = np.logical_and(inverse_masks, binary_amaps).sum()
+        pros.append(np.array(pro).mean())
+        fprs.append(fp_pixels / inverse_masks.sum())
+    pros, fprs = np.array(pros), np.array(fprs)
+    idxes = fprs < expect_fpr
+    fprs = fprs[idxes]
+    fprs = (fprs - fprs.min()) / (fprs.max() - fprs.min())
+    return auc(fprs, pros[idxes])
+
+
+def test_ader_aupro_equals_adars_algorithm_with_tied_fprs():
+    """Quantised maps make many thresholds share an FPR: the area then depends on integrating in
+    threshold order (ADer), not on an order re-sorted by FPR."""
+    pytest.importorskip("skimage")
+    pytest.importorskip("sklearn")
+    masks = np.zeros((1, 6, 6), np.uint8)
+    masks[0, 1:4, 1:4] = 1
+    maps = np.zeros((1, 6, 6))
+    maps[0][masks[0] == 1] = np.linspace(0.2, 1.0, 9)
+    maps[0, 5, 5], maps[0, 0, 5] = 0.5, 0.1  # two normal pixels: FPR takes three values
+    assert M.aupro_ader(maps, masks) == pytest.approx(_ader_cal_pro_score(masks, maps), abs=1e-12)
+    rng = np.random.default_rng(3)
+    for _ in range(5):
+        m = np.zeros((3, 32, 32), np.uint8)
+        for i in range(3):
+            y, x = rng.integers(0, 24, 2)
+            m[i, y:y + rng.integers(2, 8), x:x + rng.integers(2, 8)] = 1
+        a = np.round(rng.normal(size=m.shape) + 1.5 * m, 1)  # ties
+        for steps in (100, 200):
+            assert M.aupro_ader(a, m, max_step=steps) == pytest.approx(_ader_cal_pro_score(m, a, steps), abs=1e-12)
+
+
 def test_all_metrics_nan_for_undefined():
     out = M.all_metrics(np.zeros(3), np.zeros(3), np.zeros((3, 4, 4)), np.zeros((3, 4, 4)))
     assert all(np.isnan(v) for v in out.values())
