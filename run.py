@@ -1,12 +1,28 @@
-"""MaskAD in JAX: train, fit and evaluate from a config.
+"""MaskAD in JAX: train, fit, evaluate and predict from a config.
 
-    python run.py --config=configs/demo.py
+    python run.py --config=configs/demo.py                      # the embedded default: runs anywhere
+    python run.py --config=configs/folder.py --config.data.manual_dir=/data/my_parts --workdir=runs/parts
     python run.py --config=configs/mvtec.py --config.data.manual_dir=/data/mvtec_ad --workdir=runs/mvtec
     python run.py --config=configs/mvtec.py --workdir=runs/mvtec --mode=eval
     python run.py --config=configs/mvtec.py --workdir=runs/mvtec --mode=predict --config.predict.input=some/folder
+    python run.py --config=configs/mvtec.py --workdir=runs/mvtec --mode=export && python runs/mvtec/export/serve.py img.png
     python run.py --config=configs/mvtec.py --workdir=/mnt/shared/mvtec --coordinator=auto  # every host of a pod
+
+Modes (--mode): train_and_eval (default) | train | eval (reuse the workdir's checkpoint and fit) |
+predict (score new images with them) | export (the trained model as one artifact that scores
+images without this package: <workdir>/export/, docs/deploy.md).
+Configs: configs/demo.py (synthetic data, CPU-sized), folder.py (any folder in MVTec layout),
+mvtec.py, visa.py, realiad.py (the paper's setup). Variants after a colon, comma-separated:
+smoke (tiny, for tests), cpu (the CPU-sized model), paper (folder.py only), code (the released
+code's choices), ablation=<row> (a Table-2 row: rec_only, parallel, parallel_ref, parallel_mpo,
+no_rec, rec_ref_mpo, full, mpo_only, default), e.g. --config=configs/folder.py:ablation=mpo_only.
+Any config field is set with --config.<field>=<value>, e.g. --config.train.epochs=5; every field
+is explained where it is defined, in configs/default.py.
+Exit status: 0 done, 2 a problem with the input (config, data, files, workdir; one line says
+what and how to fix it, --verbose adds the traceback), 1 a bug (with its traceback).
 """
 import os
+import sys
 
 # On a CPU, XLA runs each convolution on one core; presenting every core as a device lets the
 # data-parallel code use them all. Harmless on GPU/TPU hosts (the accelerator stays the default).
@@ -30,7 +46,7 @@ from ml_collections import config_flags  # noqa: E402
 
 config_flags.DEFINE_config_file("config", "configs/demo.py", "ml_collections config file (path[:variant])")
 flags.DEFINE_string("workdir", None, "directory for checkpoints, metrics and heatmaps (default runs/<config name>)")
-flags.DEFINE_enum("mode", "train_and_eval", ["train_and_eval", "train", "eval", "predict"], "what to run")
+flags.DEFINE_enum("mode", "train_and_eval", ["train_and_eval", "train", "eval", "predict", "export"], "what to run")
 flags.DEFINE_string("xla_cache", None,
                     "persistent XLA compilation cache: a rerun (eval after train, predict, resume) reuses the "
                     "compiled programs instead of compiling again (tens of seconds on a CPU). Default "
@@ -41,6 +57,7 @@ flags.DEFINE_string("coordinator", None,
                     "SLURM). Every process runs the same command; the workdir must be storage they all see")
 flags.DEFINE_integer("num_processes", None, "with --coordinator=host:port: how many processes")
 flags.DEFINE_integer("process_id", None, "with --coordinator=host:port: this process's index, 0 .. num_processes-1")
+flags.DEFINE_bool("verbose", False, "show the traceback of input errors too (they print one line otherwise)")
 FLAGS = flags.FLAGS
 
 
@@ -52,11 +69,80 @@ def main(argv):
     _distributed(FLAGS.coordinator, FLAGS.num_processes, FLAGS.process_id)
     _compilation_cache(FLAGS.xla_cache)
     from maskad_jax.pipeline import train_and_evaluate
+    from maskad_jax.errors import UserError
     config = FLAGS.config
     workdir = FLAGS.workdir or os.path.join("runs", config.get("name", "run"))
-    result = train_and_evaluate(config, workdir, FLAGS.mode)
+    try:
+        result = train_and_evaluate(config, workdir, FLAGS.mode)
+    except UserError as e:
+        if FLAGS.verbose:
+            raise
+        _fail(str(e))
     if "mean" in result:
-        print("results in", workdir, {k: round(100 * v, 1) for k, v in result["mean"].items()})
+        print("results in", workdir, "(%):", {k: round(100 * v, 1) for k, v in result["mean"].items()})
+
+
+def _fail(message: str):
+    """A user error: at most two lines on stderr, exit status 2 (tracebacks are for bugs)."""
+    lines = [ln for ln in str(message).strip().splitlines() if ln.strip()] or ["(no message)"]
+    text = lines[0] if len(lines) == 1 else lines[0] + "\n  " + " ".join(ln.strip() for ln in lines[1:])
+    print(f"error: {text}", file=sys.stderr, flush=True)
+    sys.exit(2)
+
+
+def _parse_flags(argv):
+    """absl's flag parsing, with a bad flag or config (a missing file, an unknown variant, a field that
+    does not exist, a value of the wrong type) reported in one line instead of a traceback."""
+    if any(a in ("--help", "-h", "-?", "--helpshort") for a in argv[1:]):
+        app.usage(shorthelp=True, writeto_stdout=True, exitcode=0)  # absl's own --help exits 1
+    try:
+        return FLAGS(argv)
+    except (flags.Error, AttributeError, KeyError, TypeError, ValueError, OSError, ImportError) as e:
+        if "--verbose" in argv:
+            raise
+        about_config = not isinstance(e, flags.Error) or "--config" in str(e)
+        _fail(_config_problem(argv, e) if about_config else f"{e} (see python run.py --help)")
+
+
+def _config_problem(argv, error) -> str:
+    """A readable account of what went wrong while loading --config and its --config.* overrides."""
+    import difflib
+    spec = ([a.split("=", 1)[1] for a in argv if a.startswith("--config=")] or ["configs/demo.py"])[-1]
+    path = spec.split(":", 1)[0]
+    if not os.path.isfile(path):
+        return f"--config={spec}: no such config file (the configs are in configs/: demo.py, folder.py, mvtec.py, ...)"
+    try:
+        from ml_collections.config_flags import config_flags as cf
+        config = cf._ConfigFileParser(name="config").parse(spec)  # noqa: SLF001  (the parser absl itself uses)
+    except Exception as e:  # the config file or its variant is what failed: its last line says why
+        last = [ln for ln in str(e).splitlines() if ln.strip()][-1].strip()
+        return f"--config={spec}: {last.split(': ', 1)[-1] if 'Error: ' in last else last}"
+    for arg in argv:
+        if arg.startswith("--config."):
+            problem = _override_problem(config, *arg[len("--config."):].partition("=")[::2], difflib)
+            if problem:
+                return problem
+    return "--config: " + " ".join(str(error).replace("\\n", " ").split()).strip("'")
+
+
+def _override_problem(config, field, value, difflib):
+    """Why --config.<field>=<value> cannot apply to config, or None."""
+    node, walked = config, []
+    for part in field.split("."):
+        keys = list(node.keys()) if hasattr(node, "keys") else []
+        if part not in keys:
+            near = difflib.get_close_matches(part, keys, n=1)
+            hint = f"; did you mean {'.'.join(walked + near)}?" if near else ""
+            return (f"--config.{field}: {'.'.join(walked + [part])} is not a config field{hint} (the fields are "
+                    f"explained in configs/default.py)")
+        node, walked = node[part], walked + [part]
+    kind = type(node)
+    if kind in (int, float) and not isinstance(node, bool):
+        try:
+            kind(value)
+        except ValueError:
+            return f"--config.{field}={value}: {field} takes a number ({kind.__name__}), e.g. --config.{field}={node}"
+    return None
 
 
 def _distributed(coordinator, num_processes, process_id):
@@ -91,4 +177,4 @@ def _compilation_cache(path):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=_parse_flags)

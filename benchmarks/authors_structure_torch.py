@@ -4,7 +4,7 @@
     python benchmarks/authors_structure_torch.py --model small --images 3     # dim 256, 4 blocks
     python benchmarks/authors_structure_torch.py --model paper --device cuda --images 8
 
-Per image, as M:valad.py does it (method-spec 6.5): the B4 backbone on 12 copies of each of four
+Per image, as the released code's valad.py does it (docs/method.md §6.5): the B4 backbone on 12 copies of each of four
 images (test and reference, each normalised and unnormalised) = 48 passes at batch 1, the four
 tapped maps resized to 14 x 14 and concatenated (272 channels); the ViT on the 24 masked maps
 (12 masks x test/reference) one at a time (24 passes at batch 1); per-patch L2 errors; the code's
@@ -94,7 +94,7 @@ def make_backbone(device):
 
 
 def code_sinkhorn(e_h, e_r, eps=0.1, max_iter=1000, tol=0.1):
-    """M:models/Sinkhorn_distance.py on one image: cosine cost between N-vectors, AssDis per test patch."""
+    """The released code's models/Sinkhorn_distance.py (docs/method.md §6.6) on one image: cosine cost between N-vectors, AssDis per test patch."""
     c = 1 - F.cosine_similarity(e_h[:, None, :], e_r[None, :, :], dim=-1, eps=1e-8)
     n = c.shape[0]
     mu = torch.full((n,), 1.0 / n, device=c.device)

@@ -31,9 +31,10 @@ from maskad_jax.coreset import nearest  # noqa: E402
 from maskad_jax.fit import fit_pools  # noqa: E402
 from maskad_jax.reconstructor import patch_errors  # noqa: E402
 from maskad_jax.resize import resize_map_align_corners  # noqa: E402
-from maskad_jax.scoring import make_masks, make_score_features_fn, num_masks, pools_to_device  # noqa: E402
+from maskad_jax.scoring import device_pools, make_masks, make_score_features_fn, num_masks  # noqa: E402
 from maskad_jax.smoothing import gaussian_smooth  # noqa: E402
-from maskad_jax.train import build_reconstructor, data_mesh  # noqa: E402
+from maskad_jax.parallel import data_mesh  # noqa: E402
+from maskad_jax.reconstructor import build_reconstructor  # noqa: E402
 from jax.sharding import NamedSharding, PartitionSpec as P  # noqa: E402
 from maskad_jax.features import FeatureExtractor  # noqa: E402
 from maskad_jax.scoring import make_score_fn  # noqa: E402
@@ -71,7 +72,7 @@ def main():
     params = model.init(jax.random.key(0), jnp.zeros((1, 14, 14, ch)), jnp.zeros((1, 196), bool))["params"]
     rng = np.random.default_rng(0)
     train_h = rng.normal(size=(40, 14, 14, ch)).astype(np.float32)
-    pools = pools_to_device(fit_pools(train_h, None, ["a"] * 40, c.fit, 0))
+    pools = device_pools(fit_pools(train_h, None, ["a"] * 40, c.fit, 0))
     h = jnp.asarray(rng.normal(size=(a.batch, 14, 14, ch)).astype(np.float32))
     pidx, keys = jnp.zeros(a.batch, jnp.int32), jnp.arange(a.batch, dtype=jnp.int32)
     sc = c.scoring

@@ -1,7 +1,7 @@
 """Shared base config (ml_collections). Dataset configs and variants override parts of it.
 
 Every field where the paper and the released code disagree is documented with both values
-(method-spec section 10); the defaults here follow the paper where it is explicit and the code
+(docs/method.md §10); the defaults here follow the paper where it is explicit and the code
 where the paper is silent.
 """
 import ml_collections
@@ -61,7 +61,7 @@ def get_config():
     c.train.weight_decay = 0.04  # paper 0.04; code 0.05. Not on biases, norms, layer scales, cls token
     c.train.clip_norm = 3.0
     # Regression target: "same" = h of the normalised image (paper); "unnormalized" = features of the
-    # unnormalised [0, 1] image (released code, method-spec 5.2).
+    # unnormalised [0, 1] image (released code, docs/method.md §5.2).
     c.train.target = "same"
     # Training mask strategy drawn per sample with these probabilities: (random, block, foreground).
     # Code: (0.5, 0.5, 0). The paper names all three without probabilities: equal thirds is our choice.
@@ -75,12 +75,19 @@ def get_config():
     # several processes, each step gathers its batch on the host. 0 = always on the host.
     c.train.device_cache_gb = 4.0
     c.train.log_every = 50  # steps between console/JSON-lines logs
+    # Learning curves (maskad_jax/learning_curves.py): every eval_every epochs (0 = off), the seven
+    # metrics of each Table-2 row in eval_rows (maskad_jax/ablations.py) on a fixed subset of at most
+    # eval_images test images, and the training loss on the subset's normal images, to the console,
+    # train_log.jsonl and TensorBoard. For watching training, not for choosing a checkpoint.
+    c.train.eval_every = 0
+    c.train.eval_rows = ("default", "full", "rec_only", "mpo_only")
+    c.train.eval_images = 64
     c.train.checkpoint_every = 1000  # steps between checkpoints (and one at the end)
     c.train.max_to_keep = 3
 
     # ---------------------------------------------------------------- flow M_po (scoring.mpo = "flow")
     # A conditional normalizing flow over the residual between each position's feature and its nearest
-    # nominal pool token (method-spec 6.1, PMAD's ProtoFlow), trained after the reconstructor and the
+    # nominal pool token (docs/method.md §6.1, PMAD's ProtoFlow), trained after the reconstructor and the
     # fit (maskad_jax/flow.py, flow_fit.py). Defaults: the released code's sizes and recipe.
     c.flow = ml_collections.ConfigDict()
     # Flow features. reconstructor: the main backbone's h (14 x 14) and the fit's pools. backbone: a
@@ -113,7 +120,11 @@ def get_config():
     c.fit.projection_dim = 128  # random projection for k-center distances (0 = exact features)
     c.fit.per_class = True  # one pool per class (class identity at test, as the released code); False = shared
     c.fit.calibration_fraction = 0.2  # normal training images held out of the pool for M_po statistics
-    c.fit.max_pool_tokens = 50000  # cap on tokens entering k-center (random subset above it)
+    # Cap on the tokens entering k-center per pool (a random subset above it): k-center costs about
+    # pool_ratio x tokens^2 distance evaluations (120k tokens: 50 s on 2 CPU cores). The earlier cap
+    # of 50k cut magnetic tiles' 120k tokens to a 5k pool and cost M_po 5.6 points of image AUROC
+    # (docs/results.md); 250k keeps every token of MVTec-AD and VisA classes.
+    c.fit.max_pool_tokens = 250000
 
     # ---------------------------------------------------------------- test-time scoring
     c.scoring = ml_collections.ConfigDict()
@@ -132,15 +143,31 @@ def get_config():
     c.scoring.block_ratio = 0.15  # 29 of 196
     c.scoring.zero_mask = True  # paper: N = 3n + 1 = 13 with the zero mask; code: 12 without
     c.scoring.squared_error = False  # paper: squared L2 per patch; code: L2 norm
-    c.scoring.use_reference = True  # Table 2 ablation switches
-    c.scoring.use_assdis = True
+    # Units of the per-patch errors before Rec and AssDis. absolute (paper and code): the raw L2 errors.
+    # reference (ours; the CPU-sized configs' default, variants.cpu): each patch's 2N errors divided by
+    # the mean of its N reference-branch errors, so Rec = Rec_h / Rec_r and AssDis is the OT between
+    # the two samples on that scale: how a patch reconstructs relative to its nominal reference under
+    # the same masks, which removes how predictable the position is in itself (the paper's stated
+    # purpose of the reference branch). Measured in docs/results.md. Needs use_reference; without it
+    # the errors stay absolute.
+    c.scoring.error_units = "absolute"
+    # The terms of (Rec + AssDis) x M_po (Table 2's switches; maskad_jax/ablations.py names the rows).
+    # use_reference: the reference branch r (needed by AssDis and by error_units = reference).
+    c.scoring.use_reference = True
+    c.scoring.use_assdis = True  # the paper's full formula; the CPU-sized configs turn it off (variants.cpu)
     c.scoring.use_rec = True
     c.scoring.use_mpo = True
     # Association discrepancy. paper: per-patch N x N OT between the 1-D error samples of h and r,
     # cost |e_h - e_r|. code: one OT over the patches of an image, cosine cost between N-vectors.
     c.scoring.ot = "paper"
-    c.scoring.epsilon = 0.1
-    c.scoring.sinkhorn_iterations = 200  # paper mode: fixed iterations; code mode: the code's rule (tol 0.1, max 1000)
+    # Entropic regularisation. paper OT: a fraction of the mean of each patch's N x N cost matrix (the
+    # solver is then accurate to ~0.3% of the errors' scale at any error scale, association.py);
+    # code OT: the absolute epsilon of the released code (0.1, set by the code variant).
+    c.scoring.epsilon = 0.02
+    # paper OT: the most Sinkhorn iterations (it stops earlier when the marginals agree to 1e-3; a patch
+    # whose duality gap stays above 1% falls back to the exact 1-D optimum and is counted in the log).
+    # code OT: the released code's own rule (tol 0.1, max 1000) applies instead.
+    c.scoring.sinkhorn_iterations = 200
     # Combination. paper: (Rec + AssDis) x M_po. code: (0.6 x 1e4 x AssDis + 0.4 x Rec) x M_po.
     c.scoring.combine = "paper"
     c.scoring.ot_weight = 0.6
@@ -170,4 +197,10 @@ def get_config():
     c.predict.class_name = ""  # the pool to score against; "" = the nearest pool, image by image
     c.predict.threshold = -1.0  # < 0: calibrated as the given quantile of normal held-out scores
     c.predict.threshold_quantile = 0.99
+
+    # ---------------------------------------------------------------- export (--mode=export, docs/deploy.md)
+    # The scoring program as StableHLO (jax.export) with the trained state baked in, for these XLA
+    # platforms (one artifact serves all of them; lowering needs no such device here).
+    c.export = ml_collections.ConfigDict()
+    c.export.platforms = ("cpu", "cuda", "tpu")
     return c

@@ -11,9 +11,7 @@ def get_config(variant: str = ""):
     c.name = "demo"
     c.data.name = "synthetic"
     c.data.config = "default"
-    variants.cpu(c)
-    c.train.epochs = 20
-    c.train.warmup_epochs = 2
+    variants.cpu(c)  # 20 epochs of the CPU-sized model
     parts = [v.strip() for v in (variant or "").split(",") if v.strip()]
     if "smoke" in parts:
         c.data.config = "tiny"

@@ -39,7 +39,7 @@ def main(argv=None) -> int:
     p.add_argument("--overwrite", action="store_true", help="replace dst if it exists")
     args = p.parse_args(argv)
 
-    from maskad_jax import weights as W
+    from maskad_jax import weights as W  # noqa: PLC0415  (imports jax and flax: --help and arg errors stay instant)
     arch = args.arch or _guess_arch_from_name(args.src)
     if arch is None:
         p.error(f"cannot tell the architecture from {os.path.basename(args.src)!r}; pass --arch")

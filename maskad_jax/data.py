@@ -21,6 +21,20 @@ import tensorflow_datasets as tfds
 from PIL import Image
 
 from maskad_jax.preprocess import preprocess_image, preprocess_mask
+from maskad_jax.errors import ConfigError, DataError
+
+
+class _QuietTfds:
+    """Drops two TFDS log lines that say nothing useful here: that OpenCV is missing (PIL decodes the
+    PNGs) and that a builder config is custom (every folder dataset's is)."""
+
+    NOISE = ("OpenCV is not installed", "Using custom data configuration")
+
+    def filter(self, record) -> bool:
+        return not any(str(record.msg).startswith(n) for n in self.NOISE)
+
+
+logging.get_absl_logger().addFilter(_QuietTfds())
 
 
 @dataclasses.dataclass(frozen=True)
@@ -42,7 +56,7 @@ class SplitData:
         if classes:
             unknown = [c for c in classes if c not in info_classes]
             if unknown:
-                raise ValueError(f"unknown class(es) {unknown} for dataset {builder.name}; it has {list(info_classes)}")
+                raise ConfigError(f"unknown class(es) {unknown} for dataset {builder.name}; it has {list(info_classes)}")
         raw = builder.as_data_source(split=split, decoders={"image": tfds.decode.SkipDecoding(),
                                                             "mask": tfds.decode.SkipDecoding()})
         keep, labels, cids, defects, names = [], [], [], [], []
@@ -60,12 +74,12 @@ class SplitData:
         keep, labels, cids = [np.asarray(v)[order].tolist() for v in (keep, labels, cids)]
         defects, names = [defects[i] for i in order], [names[i] for i in order]
         if not keep:
-            raise ValueError(f"dataset {builder.name} split {split!r} has no examples"
+            raise DataError(f"dataset {builder.name} split {split!r} has no examples"
                              + (f" of classes {list(classes)}" if classes else ""))
         if classes:
             empty = [c for c in classes if info_classes.index(c) not in set(cids)]
             if empty:
-                raise ValueError(f"dataset {builder.name} split {split!r} has no examples of class(es) {empty}")
+                raise DataError(f"dataset {builder.name} split {split!r} has no examples of class(es) {empty}")
         return cls(builder.as_data_source(split=split), np.asarray(keep), np.asarray(labels, np.int32),
                    np.asarray(cids, np.int32), tuple(defects), tuple(names), info_classes)
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from maskad_jax.errors import ConfigError
 
 # (repeats, kernel, stride, expand ratio, in channels, out channels) of EfficientNet-B0's stages.
 _B0_STAGES = (
@@ -109,7 +110,7 @@ class ArchSpec:
         for s in strides:
             idx = [i for i, bs in enumerate(per_block) if bs == s]
             if not idx:
-                raise ValueError(f"{self.name} has no block with output stride {s}; strides are {sorted(set(per_block))}")
+                raise ConfigError(f"{self.name} has no block with output stride {s}; strides are {sorted(set(per_block))}")
             taps.append(idx[-1])
         return tuple(taps)
 
@@ -135,7 +136,7 @@ def round_repeats(repeats: int, depth: float) -> int:
 def get_arch(name: str) -> ArchSpec:
     """Build the spec of a named architecture, e.g. 'efficientnet-b4' or 'efficientnet-lite0'."""
     if name not in _COEFFICIENTS:
-        raise ValueError(f"unknown EfficientNet architecture {name!r}; known: {', '.join(ARCH_NAMES)}")
+        raise ConfigError(f"unknown EfficientNet architecture {name!r}; known: {', '.join(ARCH_NAMES)}")
     width, depth, resolution = _COEFFICIENTS[name]
     lite = "lite" in name
     stem = 32 if lite else round_filters(32, width)
@@ -182,7 +183,7 @@ def conv_padding(rule: str, actual: tuple[int, int], native: tuple[int, int], ke
     elif rule == "static":
         sizes = native
     else:
-        raise ValueError(f"padding rule must be 'tf-same' or 'static', got {rule!r}")
+        raise ConfigError(f"padding rule must be 'tf-same' or 'static', got {rule!r}")
     return tuple(same_padding(n, kernel, stride) for n in sizes)
 
 

@@ -2,7 +2,7 @@
 
     extractor = FeatureExtractor.create("efficientnet-lite0", weights="packaged")
     h = extractor(images)              # images: (B, 224, 224, 3) float in [0, 1] -> (B, 14, 14, 192)
-    h_raw = extractor(images, normalize=False)   # the released code's regression target (method-spec 5.2)
+    h_raw = extractor(images, normalize=False)   # the released code's regression target (docs/method.md §5.2)
 
 The taps are the outputs of the last block at each of `strides` (default 2, 4, 8, 16: B4 -> blocks
 1, 5, 9, 21 with 24+32+56+160 = 272 channels; Lite0 -> blocks 0, 2, 4, 10 with 192 channels). Each
@@ -51,8 +51,10 @@ class FeatureExtractor:
         return sum(self.arch.tap_channels(self.strides))
 
     def feature_shape(self, image_size: int) -> tuple[int, int, int]:
-        side = -(-image_size // max(self.strides))
-        return side, side, self.channels
+        """(gh, gw, C) of h for square images of this size, from tracing the backbone (no compute):
+        the padding rule decides how sizes that are not multiples of the strides round."""
+        x = jax.ShapeDtypeStruct((1, int(image_size), int(image_size), 3), jnp.float32)
+        return tuple(jax.eval_shape(self.apply, self.variables, x).shape[1:])
 
     def normalize(self, images01: jax.Array) -> jax.Array:
         mean = jnp.asarray(self.arch.mean, images01.dtype)

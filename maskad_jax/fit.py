@@ -10,13 +10,28 @@ M_po divides by it, so an image is scored on its own, never against the rest of 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import os
+import zipfile
 
 import jax.numpy as jnp
 import numpy as np
 
 from maskad_jax.coreset import greedy_kcenter, nearest
+from maskad_jax.errors import ConfigError, DataError, MissingInputError, UserError
+
+
+class PoolsCorruptError(UserError, ValueError):
+    """fit/pools.npz or pools.json cannot be read or differs from its saved digest."""
+
+
+def _sha256(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
 
 
 @dataclasses.dataclass
@@ -34,7 +49,7 @@ class Pools:
         """A decision threshold: the given quantile of the held-out normal images' scores of a pool."""
         scores = self.cal_scores.get(cls) or []
         if not scores:
-            raise ValueError(f"no calibration scores for pool {cls!r}; set predict.threshold explicitly")
+            raise ConfigError(f"no calibration scores for pool {cls!r}; set predict.threshold explicitly")
         return float(np.quantile(np.asarray(scores), quantile))
 
     def pool_index(self, class_names_of_images) -> np.ndarray:
@@ -43,16 +58,19 @@ class Pools:
         lookup = {c: i for i, c in enumerate(self.class_names)}
         missing = sorted({c for c in class_names_of_images if c not in lookup})
         if missing:
-            raise ValueError(f"no nominal pool for class(es) {missing}; the model was fitted on {list(self.class_names)}")
+            raise DataError(f"no nominal pool for class(es) {missing}; the model was fitted on {list(self.class_names)}")
         return np.asarray([lookup[c] for c in class_names_of_images], np.int32)
 
     def save(self, directory: str) -> None:
         os.makedirs(directory, exist_ok=True)
         extra = {} if self.src is None else {"src": self.src}
-        np.savez(os.path.join(directory, "pools.npz"), pool_in=self.pool_in, pool_tgt=self.pool_tgt,
-                 valid=self.valid, cal_scale=self.cal_scale, **extra)
+        if not (np.all(np.isfinite(self.cal_scale)) and all(np.all(np.isfinite(v)) for v in self.cal_scores.values())):
+            raise FloatingPointError(f"refusing to save the fit to {directory}: its calibration is not finite (NaN "
+                                     f"features or scores: check the backbone weights and the training)")
+        npz = os.path.join(directory, "pools.npz")
+        np.savez(npz, pool_in=self.pool_in, pool_tgt=self.pool_tgt, valid=self.valid, cal_scale=self.cal_scale, **extra)
         with open(os.path.join(directory, "pools.json"), "w") as f:
-            json.dump({"class_names": list(self.class_names),
+            json.dump({"npz_sha256": _sha256(npz), "class_names": list(self.class_names),
                        "calibration": {k: [int(i) for i in v] for k, v in self.calibration.items()},
                        "cal_scores": {k: [float(x) for x in v] for k, v in self.cal_scores.items()}}, f)
 
@@ -60,13 +78,26 @@ class Pools:
     def load(cls, directory: str) -> "Pools":
         path = os.path.join(directory, "pools.npz")
         if not os.path.isfile(path):
-            raise FileNotFoundError(f"no fitted pools at {path}: run --mode=train or train_and_eval first")
-        z = np.load(path)
-        with open(os.path.join(directory, "pools.json")) as f:
-            meta = json.load(f)
-        return cls(z["pool_in"], z["pool_tgt"], z["valid"], z["cal_scale"], tuple(meta["class_names"]),
-                   {k: np.asarray(v, int) for k, v in meta["calibration"].items()}, meta.get("cal_scores", {}),
-                   z["src"] if "src" in z.files else None)
+            raise MissingInputError(f"no fitted pools at {path}: run --mode=train or train_and_eval first")
+        meta_path = os.path.join(directory, "pools.json")
+        try:
+            with open(meta_path) as f:
+                meta = json.load(f)
+        except (OSError, json.JSONDecodeError) as e:
+            raise PoolsCorruptError(f"{meta_path} is missing or unreadable ({e}): rerun --mode=train") from None
+        digest = meta.get("npz_sha256")
+        if digest is not None and _sha256(path) != digest:
+            raise PoolsCorruptError(f"{path} is corrupt: its contents differ from the digest in pools.json (a "
+                                    f"truncated copy or bit rot); rerun --mode=train to refit")
+        try:
+            with np.load(path) as z:
+                arrays = {k: z[k] for k in z.files}
+            return cls(arrays["pool_in"], arrays["pool_tgt"], arrays["valid"], arrays["cal_scale"],
+                       tuple(meta["class_names"]), {k: np.asarray(v, int) for k, v in meta["calibration"].items()},
+                       meta.get("cal_scores", {}), arrays.get("src"))
+        except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as e:
+            raise PoolsCorruptError(f"{path} is unreadable ({type(e).__name__}: {e}); rerun --mode=train to "
+                                    f"refit") from None
 
 
 def fit_pools(h_in: np.ndarray, h_tgt: np.ndarray | None, class_names_of_images, fit_cfg, seed: int) -> Pools:

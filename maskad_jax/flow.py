@@ -1,4 +1,4 @@
-"""A conditional normalizing flow over prototype residuals: the flow-based M_po (method-spec 6.1).
+"""A conditional normalizing flow over prototype residuals: the flow-based M_po (docs/method.md §6.1).
 
 The released code ranks positions with PMAD's ProtoFlow: for each position, the residual between its
 feature and the nearest nominal pool token goes through a stack of FrEIA `AllInOneBlock`s
@@ -21,12 +21,16 @@ they never see the optimiser and a checkpoint needs only the learned variables a
 """
 from __future__ import annotations
 
+import dataclasses
 import math
+from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from maskad_jax.coreset import nearest
 
 GCONST = 0.5 * math.log(2 * math.pi)  # the released code's _GCONST_ (with the sign folded in below)
 
@@ -155,3 +159,31 @@ def build_flow(config, channels: int) -> ConditionalFlow:
     f = config.flow
     return ConditionalFlow(channels=channels, cond_dim=f.cond_dim, blocks=f.blocks, hidden_ratio=f.hidden_ratio,
                            clamp=f.clamp, clamp_form=f.clamp_form, seed=config.seed)
+
+
+def residual_logp(flow, params, residuals, grid, cond_dim: int):
+    """Per-position log-likelihood (B, n) of residuals (B, n, C) on a (gh, gw) grid. Jittable."""
+    b, n, c = residuals.shape
+    pe = jnp.asarray(positional_encoding_2d(cond_dim, *grid))
+    z, logdet = flow.apply({"params": params}, residuals.reshape(b * n, c), jnp.tile(pe, (b, 1)))
+    return log_likelihood(z, logdet).reshape(b, n)
+
+
+def flow_logp_fn(flow, grid):
+    """f(params, tokens (B, n, C), pool_in (B, P, C), valid (B, P), cond_dim) -> log-likelihood (B, n)."""
+
+    def logp(params, tokens, pool_in, valid, cond_dim):
+        _, idx = jax.vmap(nearest)(tokens, pool_in, valid)
+        r = tokens - jnp.take_along_axis(pool_in, idx[..., None], axis=1)
+        return residual_logp(flow, params, r, grid, cond_dim)
+    return logp
+
+
+@dataclasses.dataclass
+class FlowState:
+    """What scoring needs of a trained flow. embedder/pools: only with flow.features = 'backbone'."""
+    module: Any
+    params: Any
+    logp_ref: np.ndarray  # (K,) per pool
+    embedder: Any = None  # flow_features.FlowEmbedder
+    pools: Any = None  # fit.Pools of the flow backbone's features

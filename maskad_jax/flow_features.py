@@ -37,8 +37,9 @@ class FlowEmbedder:
         return self.extractor.channels
 
     def feature_shape(self, image_size: int) -> tuple[int, int, int]:
-        side = -(-image_size // min(self.extractor.strides))
-        return side, side, self.channels
+        """(fh, fw, C) for square images of this size, from tracing (as FeatureExtractor.feature_shape)."""
+        x = jax.ShapeDtypeStruct((1, int(image_size), int(image_size), 3), jnp.float32)
+        return tuple(jax.eval_shape(self.apply, self.variables, x).shape[1:])
 
     def apply(self, variables, images01: jax.Array, normalize: bool = True) -> jax.Array:
         """(B, H, W, 3) in [0, 1] -> (B, H/s0, W/s0, C): pooled taps, coarser ones repeated onto the finest."""

@@ -25,18 +25,9 @@ import numpy as np
 import optax
 
 from maskad_jax.coreset import nearest
-from maskad_jax.flow import build_flow, flow_loss, log_likelihood, positional_encoding_2d
+from maskad_jax.flow import FlowState, build_flow, flow_logp_fn, flow_loss, positional_encoding_2d, residual_logp  # noqa: F401
 from maskad_jax.train import restore_trained, training_loop
-
-
-@dataclasses.dataclass
-class FlowState:
-    """What scoring needs of a trained flow. embedder/pools: only with flow.features = 'backbone'."""
-    module: Any
-    params: Any
-    logp_ref: np.ndarray  # (K,) per pool
-    embedder: Any = None  # flow_features.FlowEmbedder
-    pools: Any = None  # fit.Pools of the flow backbone's features
+from maskad_jax.errors import MissingInputError
 
 
 def flow_fingerprint(config, channels: int) -> dict:
@@ -106,24 +97,6 @@ def train_flow(config, feats: np.ndarray, pools, pool_idx: np.ndarray, workdir: 
                          flow_fingerprint(config, c), workdir, name="flow", log=log, max_steps=max_steps)
 
 
-def residual_logp(flow, params, residuals, grid, cond_dim: int):
-    """Per-position log-likelihood (B, n) of residuals (B, n, C) on a (gh, gw) grid. Jittable."""
-    b, n, c = residuals.shape
-    pe = jnp.asarray(positional_encoding_2d(cond_dim, *grid))
-    z, logdet = flow.apply({"params": params}, residuals.reshape(b * n, c), jnp.tile(pe, (b, 1)))
-    return log_likelihood(z, logdet).reshape(b, n)
-
-
-def flow_logp_fn(flow, grid):
-    """f(params, tokens (B, n, C), pool_in (B, P, C), valid (B, P), cond_dim) -> log-likelihood (B, n)."""
-
-    def logp(params, tokens, pool_in, valid, cond_dim):
-        _, idx = jax.vmap(nearest)(tokens, pool_in, valid)
-        r = tokens - jnp.take_along_axis(pool_in, idx[..., None], axis=1)
-        return residual_logp(flow, params, r, grid, cond_dim)
-    return logp
-
-
 def calibrate_flow(config, params, feats: np.ndarray, pools, batch: int = 64) -> np.ndarray:
     """L_ref per pool: the largest per-position log-likelihood over the class's held-out normal images."""
     n, gh, gw, c = feats.shape
@@ -154,12 +127,12 @@ def save_flow_reference(directory: str, ref: np.ndarray, class_names) -> None:
 def load_flow_reference(directory: str, class_names) -> np.ndarray:
     path = os.path.join(directory, "flow.json")
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"no flow calibration at {path}: train with scoring.mpo=flow first (--mode=train)")
+        raise MissingInputError(f"no flow calibration at {path}: train with scoring.mpo=flow first (--mode=train)")
     with open(path) as f:
         ref = json.load(f)["logp_ref"]
     missing = [c for c in class_names if c not in ref]
     if missing:
-        raise ValueError(f"{path} has no flow calibration for pool(s) {missing}")
+        raise MissingInputError(f"{path} has no flow calibration for pool(s) {missing}")
     return np.asarray([ref[c] for c in class_names], np.float32)
 
 

@@ -16,8 +16,10 @@ import os
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from maskad_jax.errors import DataError
 
-class ImageDecodeError(ValueError):
+
+class ImageDecodeError(DataError):
     """An image or mask file that cannot be read."""
 
 
@@ -47,6 +49,9 @@ def open_image(path_or_bytes, source: str | None = None) -> Image.Image:
         return img
     except FileNotFoundError:
         raise
+    except Image.DecompressionBombError as e:  # Pillow's guard against huge images (MAX_IMAGE_PIXELS)
+        raise ImageDecodeError(f"refusing image {os.fspath(source)}: {e} (raise PIL.Image.MAX_IMAGE_PIXELS if the "
+                               f"file is genuine)") from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
         raise ImageDecodeError(f"cannot read image {os.fspath(source)}: {e}") from e
 
@@ -64,7 +69,7 @@ def resize_shorter_side(img: Image.Image, size: int, resample=Image.LANCZOS) -> 
 def center_crop(img: Image.Image, size: int) -> Image.Image:
     w, h = img.size
     if w < size or h < size:
-        raise ValueError(f"image of {w}x{h} is smaller than the {size}x{size} crop")
+        raise DataError(f"image of {w}x{h} is smaller than the {size}x{size} crop")
     top = int(round((h - size) / 2.0))
     left = int(round((w - size) / 2.0))
     return img.crop((left, top, left + size, top + size))

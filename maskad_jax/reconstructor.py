@@ -3,7 +3,7 @@
     model = MaskedReconstructor(in_channels=272, grid=(14, 14))       # paper / released-code sizes
     h_hat = model.apply(variables, h, mask, deterministic=True)        # h: (B, 14, 14, C), mask: (B, 196) bool
 
-Structure (method-spec section 4): input projection C -> D; the learned mask token replaces the
+Structure (docs/method.md §4): input projection C -> D; the learned mask token replaces the
 masked positions *after* the projection; a cls token is prepended; one relative position bias table
 is shared by all blocks; pre-norm blocks with q/v biases, layer scale (init 0.1), stochastic depth
 rising linearly to `drop_path`, exact GELU, LayerNorm eps 1e-6; no final norm; output projection
@@ -170,3 +170,12 @@ def patch_errors(h_hat, target, squared: bool = False):
 
 def count_params(params) -> int:
     return int(sum(np.prod(p.shape) for p in jax.tree_util.tree_leaves(params)))
+
+
+def build_reconstructor(config, in_channels: int, grid, attention: str | None = None) -> MaskedReconstructor:
+    """The configured reconstructor; `attention` overrides model.reconstructor.attention."""
+    r = config.model.reconstructor
+    return MaskedReconstructor(in_channels=in_channels, grid=tuple(grid), embed_dim=r.embed_dim,
+                               encoder_depth=r.encoder_depth, decoder_depth=r.decoder_depth, num_heads=r.num_heads,
+                               mlp_ratio=r.mlp_ratio, drop_path=r.drop_path, layer_scale_init=r.layer_scale_init,
+                               dtype=jnp.dtype(config.model.dtype), attention=attention or r.get("attention", "einsum"))

@@ -20,77 +20,18 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import NamedSharding, PartitionSpec as P
 
 from maskad_jax import masks as masks_lib
 from maskad_jax.optim import make_optimizer
-from maskad_jax.reconstructor import MaskedReconstructor
+from maskad_jax.progress import TrainingRecord
+from maskad_jax.parallel import data_mesh, to_local
+from maskad_jax.reconstructor import build_reconstructor
+from maskad_jax.errors import ConfigError, MissingInputError, UserError
 
 
-class CheckpointMismatchError(ValueError):
+class CheckpointMismatchError(UserError, ValueError):
     """A checkpoint written by a run with another model configuration."""
-
-
-def data_mesh() -> Mesh:
-    return Mesh(np.asarray(jax.devices()), ("data",))  # Auto axis: XLA propagates shardings
-
-
-def local_mesh() -> Mesh:
-    """A 1-D 'data' mesh over this process's devices (all devices when there is one process)."""
-    return Mesh(np.asarray(jax.local_devices()), ("data",))
-
-
-def local_batch_sharding(config):
-    """An eval batch split over this process's devices (data.eval_batch_size must divide evenly)."""
-    mesh = local_mesh()
-    if config.data.eval_batch_size % mesh.devices.size:
-        raise ValueError(f"data.eval_batch_size {config.data.eval_batch_size} must be a multiple of the "
-                         f"{mesh.devices.size} local devices")
-    return NamedSharding(mesh, P("data"))
-
-
-def _score_on_one_device(config) -> bool:
-    choice = config.scoring.get("devices", "auto")
-    if choice not in ("auto", "all", "one"):
-        raise ValueError(f"scoring.devices must be auto | all | one, got {choice!r}")
-    return choice == "one" or (choice == "auto" and jax.default_backend() == "cpu")
-
-
-def scoring_sharding(config):
-    """Where a scoring batch goes: this process's devices, or the first of them (scoring.devices).
-
-    Scoring never spans processes: with several (jax.distributed), each scores its own share of the
-    images on its own devices (pipeline.evaluate) and the results are gathered on the host."""
-    if _score_on_one_device(config):
-        return jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-    return local_batch_sharding(config)
-
-
-def to_local(tree):
-    """A pytree with every array that spans processes (e.g. trained, replicated parameters) replaced by
-    this process's copy, so it can meet host-local arrays in one jitted call. Identity with one process."""
-    def local(a):
-        if isinstance(a, jax.Array) and not a.is_fully_addressable:
-            return a.addressable_data(0)
-        return a
-    return jax.tree_util.tree_map(local, tree)
-
-
-def place_for_scoring(config, tree):
-    """A pytree (parameters, pools) replicated on the devices that scoring.devices selects."""
-    tree = to_local(tree)
-    if _score_on_one_device(config):
-        return jax.device_put(tree, jax.sharding.SingleDeviceSharding(jax.local_devices()[0]))
-    return jax.device_put(tree, NamedSharding(local_mesh(), P()))
-
-
-def build_reconstructor(config, in_channels: int, grid, attention: str | None = None) -> MaskedReconstructor:
-    """The configured reconstructor; `attention` overrides model.reconstructor.attention."""
-    r = config.model.reconstructor
-    return MaskedReconstructor(in_channels=in_channels, grid=tuple(grid), embed_dim=r.embed_dim,
-                               encoder_depth=r.encoder_depth, decoder_depth=r.decoder_depth, num_heads=r.num_heads,
-                               mlp_ratio=r.mlp_ratio, drop_path=r.drop_path, layer_scale_init=r.layer_scale_init,
-                               dtype=jnp.dtype(config.model.dtype), attention=attention or r.get("attention", "einsum"))
 
 
 def model_fingerprint(config, in_channels: int) -> dict:
@@ -144,11 +85,12 @@ def _batch_indices(n: int, batch: int, seed: int, step: int) -> np.ndarray:
 
 
 def train(config, h_in: np.ndarray, h_tgt: np.ndarray | None, workdir: str | None, *, log=print,
-          max_steps: int | None = None) -> TrainResult:
+          max_steps: int | None = None, periodic=None) -> TrainResult:
     """Train (or resume) the reconstructor on cached features h_in (N, gh, gw, C).
 
     h_tgt: regression targets (the unnormalised view's features) or None to regress h_in itself.
     max_steps stops early (to simulate an interruption in tests); the schedule still spans all epochs.
+    periodic: f(params) -> ({name: value}, summary line), run every train.eval_every epochs (learning_curves.py).
     """
     tc = config.train
     n, gh, gw, c = h_in.shape
@@ -178,43 +120,123 @@ def train(config, h_in: np.ndarray, h_tgt: np.ndarray | None, workdir: str | Non
 
     return training_loop(tc, config.seed, (h_in, h_tgt, fg), init_params, loss_fn,
                          lambda total, spe: make_optimizer(tc, total, spe), model_fingerprint(config, c),
-                         workdir, log=log, max_steps=max_steps)
+                         workdir, log=log, max_steps=max_steps, periodic=periodic,
+                         periodic_every=int(tc.get("eval_every", 0)))
+
+
+class TrainingDivergedError(UserError, FloatingPointError):
+    """The training loss became NaN or infinite; no checkpoint after it was written."""
+
+
+class _LossGuard:
+    """Holds the steps' losses (device scalars, read in bulk) and stops a run whose loss is not finite."""
+
+    def __init__(self, name: str, section: str, ckpt, workdir):
+        self.name, self.section, self.ckpt, self.workdir = name, section, ckpt, workdir
+        self.losses, self.checked = [], 0
+
+    def add(self, step: int, loss):
+        self.losses.append((step, loss))
+
+    def check(self) -> float:
+        """Raise TrainingDivergedError if a loss since the last check is not finite; the newest loss."""
+        new = self.losses[self.checked:]
+        values = np.asarray(jax.device_get([loss for _, loss in new]), np.float64)
+        self.checked = len(self.losses)
+        bad = np.nonzero(~np.isfinite(values))[0]
+        if len(bad):
+            step = new[bad[0]][0] + 1
+            kept = self.ckpt.latest_step() if self.ckpt is not None else None
+            where = (f"the last good checkpoint (step {kept}) is kept in {self.workdir}" if kept is not None
+                     else "no checkpoint was written")
+            raise TrainingDivergedError(
+                f"{self.name} diverged: the loss became {values[bad[0]]} at step {step}; {where}. Lower "
+                f"{self.section}.lr (or check the features for NaNs) and rerun; a run on the same workdir resumes "
+                f"from that checkpoint")
+        return float(values[-1]) if len(values) else float("nan")
+
+    def values(self) -> list:
+        self.check()
+        return [(s, float(v)) for (s, _), v in zip(self.losses, jax.device_get([x for _, x in self.losses]))]
 
 
 def training_loop(tc, seed: int, arrays: tuple, init_params, loss_fn, make_tx, fingerprint: dict,
-                  workdir: str | None, *, name: str = "train", log=print, max_steps: int | None = None) -> TrainResult:
+                  workdir: str | None, *, name: str = "train", log=print, max_steps: int | None = None,
+                  periodic=None, periodic_every: int = 0) -> TrainResult:
     """The data-parallel loop shared by the reconstructor and the flow.
 
     tc: a config section with batch_size, epochs, log_every, checkpoint_every, max_to_keep and
     device_cache_gb. arrays: per-example arrays (N, ...) or None, gathered by batch indices;
     loss_fn(params, batch_arrays, indices, step) -> scalar. make_tx(total_steps, steps_per_epoch)
     -> (optax transform, schedule). Checkpoints go to <workdir>/checkpoints (name "train") or
-    <workdir>/<name>_checkpoints; logs to <workdir>/<name>_log.jsonl and TensorBoard tags <name>/*.
+    <workdir>/<name>_checkpoints; the record (progress.TrainingRecord) to the console,
+    <workdir>/<name>_log.jsonl and TensorBoard. periodic(params) -> ({name: value}, summary line)
+    runs after every `periodic_every` epochs and after the last step (learning_curves.py). A loss
+    that is not finite stops the run with TrainingDivergedError before any later checkpoint.
     """
-    n = len(arrays[0])
+    n, batch, section = len(arrays[0]), int(tc.batch_size), "train" if name == "train" else name
     mesh = data_mesh()
-    ndev = mesh.devices.size
-    batch = int(tc.batch_size)
-    section = "train" if name == "train" else name
-    if batch % ndev:
-        raise ValueError(f"{section}.batch_size {batch} must be divisible by the {ndev} devices")
+    if batch % mesh.devices.size:
+        raise ConfigError(f"{section}.batch_size {batch} must be divisible by the {mesh.devices.size} devices")
     if n < batch:
-        raise ValueError(f"{section}.batch_size {batch} exceeds the {n} training images; lower it")
+        raise ConfigError(f"{section}.batch_size {batch} exceeds the {n} training images; lower it")
     spe = n // batch  # drop_last: every step a full batch (the released code's schedule bug avoided)
     total = int(tc.epochs) * spe
     tx, sched = make_tx(total, spe)
+    ckpt = _checkpoint_manager(workdir, tc, _ckpt_dir(name)) if workdir else None
+    state = _initial_state(init_params, tx, seed, mesh, ckpt, fingerprint, log, name, workdir)
+    run_step = _step_runner(loss_fn, tx, arrays, tc, mesh, seed)
+    start = int(state["step"])
+    end = total if max_steps is None else min(total, max_steps)
+    record = TrainingRecord(name, workdir, start, total, batch, log)
+    guard = _LossGuard(name, section, ckpt, workdir)
+    try:
+        for step in range(start, end):
+            state, loss = run_step(state, step)
+            guard.add(step, loss)
+            record.tick()
+            done = step + 1
+            if done % tc.log_every == 0 or done == end:
+                record.step(done, guard.check(), float(sched(step)))
+            if periodic is not None and periodic_every > 0 and (done % (periodic_every * spe) == 0 or done == total):
+                guard.check()
+                record.evaluation(*periodic(state["params"]), done, spe)
+            if ckpt is not None and (done % tc.checkpoint_every == 0 or done == end):
+                guard.check()
+                _save(ckpt, done, state, fingerprint)
+        losses = guard.values()
+    finally:
+        if ckpt is not None:
+            ckpt.wait_until_finished()
+        record.close()
+    return TrainResult(state["params"], losses, end)
+
+
+def _initial_state(init_params, tx, seed, mesh, ckpt, fingerprint, log, name, workdir):
+    """Fresh parameters and optimiser state (replicated over the mesh), or the latest checkpoint's."""
     repl = NamedSharding(mesh, P())
-    data_sh = NamedSharding(mesh, P("data"))
 
     def init_fn(key):
         params = init_params(key)
         return {"params": params, "opt_state": tx.init(params), "step": jnp.int32(0)}
 
     state = jax.jit(init_fn, out_shardings=repl)(jax.random.fold_in(jax.random.key(seed), 0))
-    ckpt = _checkpoint_manager(workdir, tc, _ckpt_dir(name)) if workdir else None
     if ckpt is not None and ckpt.latest_step() is not None:
-        state = _restore(ckpt, state, fingerprint, repl)
+        state = _restore(ckpt, state, fingerprint, repl, fall_back=True, log=log)
         log(f"resumed {'' if name == 'train' else name + ' '}from step {int(state['step'])} in {workdir}")
+    return state
+
+
+def _step_runner(loss_fn, tx, arrays, tc, mesh, seed):
+    """f(state, step) -> (state, loss): one jitted, donated update on the step's batch.
+
+    With one process and a cache of at most tc.device_cache_gb GiB the arrays live on every device
+    and a step receives only the batch's indices (no per-step host-to-device copy: what keeps a GPU
+    busy); otherwise each step gathers its batch on the host."""
+    repl, data_sh = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
+    n, batch = len(arrays[0]), int(tc.batch_size)
+    pi, pc = jax.process_index(), jax.process_count()
+    local = batch // pc
 
     def train_step(state, batch_arrays, idx):
         loss, grads = jax.value_and_grad(loss_fn)(state["params"], batch_arrays, idx, state["step"])
@@ -222,68 +244,27 @@ def training_loop(tc, seed: int, arrays: tuple, init_params, loss_fn, make_tx, f
         params = optax.apply_updates(state["params"], updates)
         return {"params": params, "opt_state": opt_state, "step": state["step"] + 1}, loss
 
-    pi, pc = jax.process_index(), jax.process_count()
-    cache_bytes = sum(a.nbytes for a in arrays if a is not None)
-    on_device = pc == 1 and cache_bytes <= float(tc.device_cache_gb) * 2 ** 30
-    if on_device:  # the cache lives on every device; a step receives only the batch's indices
+    if pc == 1 and sum(a.nbytes for a in arrays if a is not None) <= float(tc.device_cache_gb) * 2 ** 30:
         def cached_step(state, caches, idx):
             picked = tuple(None if a is None else jax.lax.with_sharding_constraint(a[idx], data_sh) for a in caches)
             return train_step(state, picked, idx)
 
-        step_fn = jax.jit(cached_step, in_shardings=(repl, repl, data_sh), out_shardings=(repl, repl),
-                          donate_argnums=(0,))
+        fn = jax.jit(cached_step, in_shardings=(repl, repl, data_sh), out_shardings=(repl, repl), donate_argnums=(0,))
         caches = tuple(None if a is None else jax.device_put(a, repl) for a in arrays)
-    else:  # batches are gathered on the host and copied in each step (multi-process, or a large cache)
-        step_fn = jax.jit(train_step, in_shardings=(repl, data_sh, data_sh), out_shardings=(repl, repl),
-                          donate_argnums=(0,))
-    local = batch // pc
-    start = int(state["step"])
-    end = total if max_steps is None else min(total, max_steps)
-    losses = []
-    t0, last_log = time.time(), start
-    log_path = os.path.join(workdir, f"{name}_log.jsonl") if workdir else None
-    tb = _summary_writer(workdir) if workdir and pi == 0 else None
-    for step in range(start, end):
+
+        def batch_of(idx):
+            return caches
+    else:
+        fn = jax.jit(train_step, in_shardings=(repl, data_sh, data_sh), out_shardings=(repl, repl), donate_argnums=(0,))
+
+        def batch_of(idx):
+            return tuple(None if a is None else jax.make_array_from_process_local_data(data_sh, a[idx]) for a in arrays)
+
+    def run(state, step):
         idx = _batch_indices(n, batch, seed, step)[pi * local:(pi + 1) * local]
-        ids = jax.make_array_from_process_local_data(data_sh, idx.astype(np.int32))
-        if on_device:
-            state, loss = step_fn(state, caches, ids)
-        else:
-            picked = tuple(None if a is None else jax.make_array_from_process_local_data(data_sh, a[idx])
-                           for a in arrays)
-            state, loss = step_fn(state, picked, ids)
-        losses.append((step, loss))
-        done = step + 1
-        if done % tc.log_every == 0 or done == end:
-            lv = float(loss)
-            rate = (done - last_log) / max(time.time() - t0, 1e-9)
-            eta = (end - done) / max(rate, 1e-9)
-            prefix = "" if name == "train" else f"{name} "
-            log(f"{prefix}step {done}/{total} loss {lv:.5f} lr {float(sched(step)):.2e} {rate:.2f} steps/s "
-                f"{rate * batch:.1f} img/s eta {eta:.0f}s")
-            if tb is not None:
-                tb.add_scalar(f"{name}/loss", lv, done)
-                tb.add_scalar(f"{name}/lr", float(sched(step)), done)
-                tb.add_scalar(f"{name}/images_per_second", rate * batch, done)
-                tb.flush()
-            if log_path and pi == 0:
-                with open(log_path, "a") as f:
-                    f.write(json.dumps({"step": done, "loss": lv, "lr": float(sched(step)),
-                                        "steps_per_s": rate, "time": time.time()}) + "\n")
-            t0, last_log = time.time(), done
-        if ckpt is not None and (done % tc.checkpoint_every == 0 or done == end):
-            _save(ckpt, done, state, fingerprint)
-    if ckpt is not None:
-        ckpt.wait_until_finished()
-    if tb is not None:
-        tb.close()
-    return TrainResult(state["params"], [(s, float(l)) for s, l in losses], end)
+        return fn(state, batch_of(idx), jax.make_array_from_process_local_data(data_sh, idx.astype(np.int32)))
 
-
-def _summary_writer(workdir):
-    """TensorBoard event files in <workdir>/tensorboard (tensorboardX: no TensorFlow needed)."""
-    from tensorboardX import SummaryWriter
-    return SummaryWriter(os.path.join(workdir, "tensorboard"))
+    return run
 
 
 # -------------------------------------------------------------------------------------------- orbax
@@ -298,16 +279,74 @@ def _checkpoint_manager(workdir, tc, subdir: str = "checkpoints"):
     return ocp.CheckpointManager(path, options=opts, item_names=("state", "meta"))
 
 
+class CheckpointCorruptError(UserError, ValueError):
+    """A checkpoint whose files cannot be read or whose arrays differ from the digests saved with them."""
+
+
+def state_digests(state, require_finite: bool = False) -> dict:
+    """sha256 of every leaf of a (replicated) state pytree, keyed by its path: stored with each
+    checkpoint and verified on restore (orbax's array files carry no checksums). require_finite:
+    raise TrainingDivergedError if a floating-point leaf holds NaN or inf."""
+    import hashlib
+    out = {}
+    for path, leaf in jax.tree_util.tree_leaves_with_path(jax.device_get(to_local(state))):
+        a = np.ascontiguousarray(np.asarray(leaf))
+        name = jax.tree_util.keystr(path)
+        if require_finite and np.issubdtype(a.dtype, np.floating) and not np.all(np.isfinite(a)):
+            raise TrainingDivergedError(f"training diverged: {name} is not finite after step "
+                                        f"{int(np.asarray(jax.device_get(to_local(state['step']))))}; no "
+                                        f"checkpoint was written for it. Lower the learning rate and rerun")
+        h = hashlib.sha256(f"{a.dtype.str}{a.shape}".encode())
+        h.update(a.tobytes())
+        out[name] = h.hexdigest()
+    return out
+
+
 def _save(ckpt, step, state, fingerprint):
     import orbax.checkpoint as ocp
-    ckpt.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
-                                            meta=ocp.args.JsonSave({"fingerprint": fingerprint})), force=True)
+    meta = {"fingerprint": fingerprint, "digests": state_digests(state, require_finite=True)}
+    ckpt.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)),
+              force=True)
 
 
-def _restore(ckpt, template, fingerprint, sharding):
+def _restore(ckpt, template, fingerprint, sharding, fall_back: bool = False, log=print):
+    """The latest checkpoint's state, verified against its digests. A checkpoint written with another
+    model config is refused (CheckpointMismatchError). A corrupt one (unreadable, truncated, or an
+    array that differs from its digest) raises CheckpointCorruptError naming it, or, with fall_back
+    (resuming training), is reported and the previous checkpoint is tried."""
+    steps = sorted(ckpt.all_steps(), reverse=True)
+    for i, step in enumerate(steps):
+        try:
+            return _restore_step(ckpt, step, template, fingerprint, sharding)
+        except CheckpointCorruptError as e:
+            if not fall_back or i == len(steps) - 1:
+                raise
+            aside = _move_aside(ckpt, step)
+            log(f"{e}; moved it to {aside} and falling back to the checkpoint at step {steps[i + 1]}")
+    raise MissingInputError(f"no checkpoint in {ckpt.directory}")
+
+
+def _move_aside(ckpt, step) -> str:
+    """Move a corrupt step's directory out of the checkpoints folder (kept for inspection, never
+    deleted), so training can write that step again."""
+    import shutil
+    src = os.path.join(str(ckpt.directory), str(step))
+    dst = os.path.join(os.path.dirname(str(ckpt.directory).rstrip("/")), "corrupt_checkpoints",
+                       f"{os.path.basename(str(ckpt.directory).rstrip('/'))}_{step}_{time.strftime('%Y%m%d-%H%M%S')}")
+    os.makedirs(os.path.dirname(dst), exist_ok=True)
+    shutil.move(src, dst)
+    ckpt.reload()
+    return dst
+
+
+def _restore_step(ckpt, step, template, fingerprint, sharding):
     import orbax.checkpoint as ocp
-    step = ckpt.latest_step()
-    meta = ckpt.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+    where = os.path.join(str(ckpt.directory), str(step))
+    try:
+        meta = ckpt.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+    except Exception as e:  # orbax/TensorStore raise many types for a damaged directory
+        raise CheckpointCorruptError(f"checkpoint {where} is unreadable: its meta file could not be read "
+                                     f"({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
     if meta.get("fingerprint") != json.loads(json.dumps(fingerprint)):
         raise CheckpointMismatchError(
             f"checkpoint at step {step} in {ckpt.directory} was written with another model config:\n"
@@ -315,14 +354,27 @@ def _restore(ckpt, template, fingerprint, sharding):
             f"  this run:   {json.dumps(fingerprint, sort_keys=True)}\n"
             f"use another --workdir, or the config that wrote it")
     abstract = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), template)
-    return ckpt.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract)))["state"]
+    try:
+        state = ckpt.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract)))["state"]
+    except Exception as e:
+        raise CheckpointCorruptError(f"checkpoint {where} is unreadable: its arrays could not be read, a file "
+                                     f"is missing or truncated ({type(e).__name__}: "
+                                     f"{str(e).splitlines()[0][:200]})") from None
+    expected = meta.get("digests")
+    if expected is not None:  # checkpoints written before digests existed are not verified
+        got = state_digests(state)
+        bad = [k for k in expected if got.get(k) != expected[k]] + [k for k in got if k not in expected]
+        if bad:
+            raise CheckpointCorruptError(f"checkpoint {where} is corrupt: {len(bad)} array(s) differ from the "
+                                         f"digests saved with them (first: {bad[0]})")
+    return state
 
 
 def restore_trained(workdir: str, tc, name: str, init_params, make_tx, fingerprint: dict):
     """(params, step) of the latest checkpoint of a training_loop run called `name` in workdir."""
     ckpt = _checkpoint_manager(workdir, tc, _ckpt_dir(name))
     if ckpt.latest_step() is None:
-        raise FileNotFoundError(f"no checkpoint in {os.path.join(workdir, _ckpt_dir(name))}: train first "
+        raise MissingInputError(f"no checkpoint in {os.path.join(workdir, _ckpt_dir(name))}: train first "
                                 f"(--mode=train or train_and_eval)")
     tx, _ = make_tx(10, 1)
 

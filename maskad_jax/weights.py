@@ -22,11 +22,12 @@ from maskad_jax import efficientnet_arch as ea
 from maskad_jax.efficientnet import EfficientNet
 from maskad_jax.safetensors_reader import load_safetensors
 from maskad_jax.torch_pickle import load_pth
+from maskad_jax.errors import MissingInputError, UserError
 
 B4_URL = "https://github.com/lukemelas/EfficientNet-PyTorch/releases/download/1.0/efficientnet-b4-6ed6700e.pth"
 
 
-class WeightsError(ValueError):
+class WeightsError(UserError, ValueError):
     """Weights that do not fit the requested architecture."""
 
 
@@ -255,11 +256,9 @@ def load_orbax(directory: str):
 
 
 def b4_missing_message(path: str) -> str:
-    return (f"EfficientNet-B4 weights not found at {path!r}. MaskAD's paper features use the lukemelas "
-            f"ImageNet B4 weights, published at {B4_URL} . Download that file on a machine with internet "
-            f"access, then convert it once:\n"
-            f"  python -m maskad_jax.convert_weights efficientnet-b4-6ed6700e.pth weights/efficientnet-b4 "
-            f"--arch efficientnet-b4\nand set --config.model.backbone.weights=weights/efficientnet-b4")
+    return (f"EfficientNet-B4 weights not found at {path!r}: download the lukemelas ImageNet B4 weights ({B4_URL}) "
+            f"where there is internet, then\n  python -m maskad_jax.convert_weights efficientnet-b4-6ed6700e.pth "
+            f"weights/efficientnet-b4 --arch efficientnet-b4 and --config.model.backbone.weights=weights/efficientnet-b4")
 
 
 def random_variables(arch_name: str, seed: int = 0):
@@ -294,8 +293,8 @@ def load_backbone_variables(arch_name: str, source: str, *, seed: int = 0):
         source = packaged_lite0_path()
     if not os.path.exists(source):
         if arch_name == "efficientnet-b4":
-            raise FileNotFoundError(b4_missing_message(source))
-        raise FileNotFoundError(f"backbone weights not found: {source!r} (a .pth, .safetensors or an orbax "
+            raise MissingInputError(b4_missing_message(source))
+        raise MissingInputError(f"backbone weights not found: {source!r} (a .pth, .safetensors or an orbax "
                                 f"directory from `python -m maskad_jax.convert_weights`)")
     if os.path.isdir(source):
         variables, meta = load_orbax(source)

@@ -214,3 +214,53 @@ def test_eval_batches_pad_the_last_batch(tmp_path):
 
 def _take(it, n):
     return [next(it) for _ in range(n)]
+
+
+def test_folder_dataset_is_prepared_again_when_the_folder_changes(tmp_path):
+    """The prepared copy is keyed by the folder's listing: adding training images and a class gives a
+    new copy with them (the earlier one was reused silently: "10 train, 6 test")."""
+    root = tmp_path / "parts"
+    _mvtec_tree(str(root), classes=("bottle",))
+    said = []
+    b1 = prepare("folder", str(tmp_path / "tfds"), manual_dir=str(root), log=said.append)
+    assert len(SplitData.load(b1, "train")) == 3 and any("preparing the folder dataset" in m for m in said)
+    said.clear()
+    assert prepare("folder", str(tmp_path / "tfds"), manual_dir=str(root), log=said.append).data_dir == b1.data_dir
+    assert not said  # unchanged: reused, nothing prepared
+    for i in range(3, 7):
+        _img(f"{root}/bottle/train/good/{i:03d}.png", seed=i)
+    _mvtec_tree(str(root), classes=("cable",))
+    b2 = prepare("folder", str(tmp_path / "tfds"), manual_dir=str(root), log=said.append)
+    assert b2.data_dir != b1.data_dir and any("the folder changed since" in m for m in said)
+    train = SplitData.load(b2, "train")
+    assert len(train) == 10 and train.present_classes() == ["bottle", "cable"]
+
+
+def test_layout_problems_are_reported_not_skipped_silently(tmp_path, caplog):
+    root = tmp_path / "parts"
+    _mvtec_tree(str(root), classes=("bottle",))
+    _img(f"{root}/bottle/test/crack/deeper/000.png")  # a nested folder
+    _mask(f"{root}/bottle/ground_truth/crack/999_mask.png")  # a mask without an image
+    _mask(f"{root}/bottle/ground_truth/scratch/000_mask.png")  # masks of a defect without a test folder
+    os.makedirs(root / "notes")  # not a class
+    with caplog.at_level("WARNING"):
+        prepare("folder", str(tmp_path / "tfds"), manual_dir=str(root), log=lambda *_: None)
+    text = caplog.text
+    assert "deeper" in text and "999_mask.png" in text and "scratch" in text and "notes" in text
+    _img(f"{root}/cable/Train/good/000.png")  # a misspelled train folder: refused, not dropped
+    with pytest.raises(DatasetLayoutError, match="Train/ instead of train/"):
+        prepare("folder", str(tmp_path / "tfds2"), manual_dir=str(root), log=lambda *_: None)
+
+
+def test_decompression_bomb_names_the_file(tmp_path):
+    import struct
+    import zlib
+    from maskad_jax.preprocess import open_image
+
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+    path = tmp_path / "huge.png"  # a 100000 x 100000 header on a few bytes
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", 100000, 100000, 8, 0, 0, 0, 0))
+                     + chunk(b"IDAT", zlib.compress(b"\x00" * 10)) + chunk(b"IEND", b""))
+    with pytest.raises(ImageDecodeError, match="huge.png"):
+        open_image(str(path))

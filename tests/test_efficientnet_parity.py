@@ -2,7 +2,7 @@
 import numpy as np
 import pytest
 
-from conftest import torch_or_skip
+from helpers import torch_or_skip
 
 torch = torch_or_skip()
 efficientnet_pytorch = pytest.importorskip("efficientnet_pytorch")

@@ -14,7 +14,7 @@ from maskad_jax.resize import resize_align_corners, resize_map_align_corners
 @pytest.mark.parametrize("src,dst", [((112, 112), (14, 14)), ((56, 40), (14, 9)), ((14, 14), (224, 224)),
                                      ((7, 5), (1, 3)), ((1, 1), (4, 4))])
 def test_align_corners_resize_matches_torch(src, dst):
-    from conftest import torch_or_skip
+    from helpers import torch_or_skip
     torch = torch_or_skip()
     x = np.random.default_rng(0).normal(size=(2,) + src + (3,)).astype(np.float32)
     ref = torch.nn.functional.interpolate(torch.from_numpy(x.transpose(0, 3, 1, 2)), size=dst, mode="bilinear",

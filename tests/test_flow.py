@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import torch_or_skip
+from helpers import torch_or_skip
 from maskad_jax.flow import ConditionalFlow, flow_loss, log_likelihood, positional_encoding_2d
 
 
@@ -162,11 +162,10 @@ def test_flow_training_loss_falls_and_resumes_to_the_same_parameters(tmp_path):
 
 
 def test_flow_mpo_ranks_an_injected_defect_first():
-    from maskad_jax.flow import build_flow
-    from maskad_jax.flow_fit import FlowState, calibrate_flow, train_flow
-    from maskad_jax.pipeline import device_pools
-    from maskad_jax.scoring import make_score_features_fn
-    from maskad_jax.train import build_reconstructor
+    from maskad_jax.flow import FlowState, build_flow
+    from maskad_jax.flow_fit import calibrate_flow, train_flow
+    from maskad_jax.reconstructor import build_reconstructor
+    from maskad_jax.scoring import device_pools, make_score_features_fn
     c, h = _flow_config(epochs=15), _structured()
     c.scoring.mpo = "flow"
     pools = _fitted(c, h)
@@ -178,7 +177,7 @@ def test_flow_mpo_ranks_an_injected_defect_first():
     params = model.init(jax.random.key(0), jnp.zeros((1, 4, 4, 6)), jnp.zeros((1, 16), bool))["params"]
     test = _structured(n=2, seed=5)
     test[1, 2, 3] += 2.0  # one defective position in the second image
-    fn = jax.jit(make_score_features_fn(c, model, flow.module), static_argnums=(6,))
+    fn = jax.jit(make_score_features_fn(c, model, flow), static_argnums=(6,))
     out = fn(params, device_pools(pools, flow), jnp.asarray(test), jnp.asarray(test), jnp.zeros(2, jnp.int32),
              jnp.arange(2), 16)
     mpo = np.asarray(out["mpo"])

@@ -2,7 +2,9 @@
 import os
 
 import pytest
-from conftest import FAST_COMPILE
+from helpers import FAST_COMPILE
+
+pytestmark = pytest.mark.slow  # subprocess runs of run.py: `pytest -m 'not slow'` skips them
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -20,4 +22,5 @@ def test_colab_notebook_executes(tmp_path, monkeypatch):
                       for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", []))
     assert "image_auroc" in outputs
     assert os.path.isfile(tmp_path / "wd" / "metrics.json")
-    assert os.path.isfile(tmp_path / "wd" / "predictions" / "scores.csv")
+    latest = (tmp_path / "wd" / "predictions" / "latest.txt").read_text().strip()  # each predict run: its own folder
+    assert os.path.isfile(tmp_path / "wd" / "predictions" / latest / "scores.csv")

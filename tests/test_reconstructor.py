@@ -26,7 +26,7 @@ def _softmax(x):
 
 
 def _numpy_forward(p, h, mask, grid, heads):
-    """method-spec section 4, written out in numpy (eval mode: no stochastic depth)."""
+    """docs/method.md §4, written out in numpy (eval mode: no stochastic depth)."""
     b, gh, gw, c = h.shape
     x = h.reshape(b, gh * gw, c) @ p["input_proj"]["kernel"] + p["input_proj"]["bias"]
     w = mask.astype(np.float64)[..., None]

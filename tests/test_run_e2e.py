@@ -3,6 +3,7 @@ import csv
 import io
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -10,11 +11,15 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from maskad_jax.overlay import unique_names
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 # these runs train and score a few dozen 64 px images
-from conftest import FAST_COMPILE, forced_devices_env, loopback_coordinator
+from helpers import FAST_COMPILE, forced_devices_env, loopback_coordinator
+
+pytestmark = pytest.mark.slow  # subprocess runs of run.py: `pytest -m 'not slow'` skips them
 
 
 def _run(args, timeout=600):
@@ -51,8 +56,13 @@ def _export_test_images(tfds, folder, count, class_name="disc") -> dict:
     return expected
 
 
+def _latest_predictions(wd):
+    """The newest predict run's folder (each run writes its own, named in predictions/latest.txt)."""
+    return os.path.join(wd, "predictions", open(os.path.join(wd, "predictions", "latest.txt")).read().strip())
+
+
 def _assert_predict_equals_eval(wd, expected):
-    pred = {r["file"]: r for r in _csv(os.path.join(wd, "predictions", "scores.csv"))}
+    pred = {r["file"]: r for r in _csv(os.path.join(_latest_predictions(wd), "scores.csv"))}
     evals = {r["file"]: r for r in _csv(os.path.join(wd, "scores.csv"))}
     for name, file_name in expected.items():
         assert float(pred[name]["score"]) == float(evals[file_name]["score"])  # same score as eval
@@ -61,9 +71,11 @@ def _assert_predict_equals_eval(wd, expected):
 
 @pytest.fixture(scope="module")
 def smoke_run(tmp_path_factory, tfds_dir):
-    """One train_and_eval run of the smoke config in one process: (workdir, console, metrics, scores.csv)."""
+    """One train_and_eval run of the smoke config in one process, with learning curves every epoch:
+    (workdir, console, metrics, scores.csv)."""
     wd = str(tmp_path_factory.mktemp("smoke") / "wd")
-    out = _run(["--config=configs/demo.py:smoke", f"--workdir={wd}", f"--config.data.tfds_dir={tfds_dir}"])
+    out = _run(["--config=configs/demo.py:smoke", f"--workdir={wd}", f"--config.data.tfds_dir={tfds_dir}",
+                "--config.train.eval_every=1"])
     return wd, out, json.load(open(os.path.join(wd, "metrics.json"))), _csv(os.path.join(wd, "scores.csv"))
 
 
@@ -80,7 +92,8 @@ def test_run_py_train_eval_predict(tmp_path, tfds_dir, smoke_run):
     assert set(first["per_class"]) == {"weave", "speckle", "disc"}
     assert all(0.0 <= v <= 1.0 for v in first["mean"].values())
     report = open(os.path.join(wd, "report.html")).read()
-    assert "image_auroc" in report and "speckle" in report and "<img src=\"heatmaps/" in report
+    assert "image_auroc" in report and "speckle" in report and 'src="data:image/png;base64,' in report
+    assert "heatmaps/" not in report  # self-contained: the heatmap files stay for the notebook, not for the report
     for ex in first["examples"]:
         assert os.path.isfile(os.path.join(wd, ex["png"]))
     scores_first = open(os.path.join(wd, "scores.csv")).read()
@@ -105,12 +118,69 @@ def test_run_py_train_eval_predict(tmp_path, tfds_dir, smoke_run):
     out = _run(common + ["--mode=predict", f"--config.predict.input={src}", "--config.predict.class_name=disc"])
     pred = _assert_predict_equals_eval(wd, expected)
     assert len(pred) == 7 and all(not r["error"] for r in pred.values())
+    first = _latest_predictions(wd)
     for r in pred.values():
         assert all(ch.isalnum() or ch in "-_" for ch in r["output_name"])
         for sub, ext in (("maps", ".npy"), ("maps", ".png"), ("overlays", ".png")):
-            assert os.path.isfile(os.path.join(wd, "predictions", sub, r["output_name"] + ext))
+            assert os.path.isfile(os.path.join(first, sub, r["output_name"] + ext))
         assert r["anomalous"] in ("True", "False") and float(r["threshold"]) > 0
-    assert set(os.listdir(os.path.join(wd, "predictions"))) == {"maps", "overlays", "scores.csv", "scores.json"}
+    assert set(os.listdir(first)) == {"maps", "overlays", "scores.csv", "scores.json"}
+    # a second predict run, on the sample images the demo wrote into the workdir (the README's predict
+    # line), gets its own folder; the first run's files stay as they were
+    before = sorted(os.listdir(os.path.join(first, "maps")))
+    samples = sorted(os.listdir(os.path.join(wd, "samples")))
+    assert len(samples) == 6  # a normal and a defective test image of each of the 3 classes
+    _run(common + ["--mode=predict", f"--config.predict.input={os.path.join(wd, 'samples')}"])
+    second = _latest_predictions(wd)
+    assert second != first and sorted(os.listdir(os.path.join(first, "maps"))) == before
+    evals = {r["file"]: r for r in _csv(os.path.join(wd, "scores.csv"))}
+    names = dict(zip(unique_names(list(evals), ".png"), evals))
+    for r in _csv(os.path.join(second, "scores.csv")):
+        assert float(r["score"]) == float(evals[names[r["file"]]]["score"])  # the class found by itself, same score
+        assert r["class"] == evals[names[r["file"]]]["class"]
+
+
+def test_learning_curves_are_logged_and_match_the_final_evaluation(smoke_run):
+    """train.eval_every=1 on the smoke config (2 epochs of 3 steps): after each epoch the seven metrics
+    of the default (the config's own scoring), full, rec_only and mpo_only rows and the held-out
+    normal loss reach the console, train_log.jsonl and TensorBoard. The tiny test set (24 images) is
+    smaller than train.eval_images, so the last point scores the whole test set with the final
+    parameters: its default row must equal metrics.json, which the evaluation computed separately."""
+    wd, out, metrics, _ = smoke_run
+    assert out.count("eval at step") == 2 and "eval at step 6 (epoch 2): held-out normal loss" in out
+    evals = [r for r in map(json.loads, open(os.path.join(wd, "train_log.jsonl"))) if "eval" in r]
+    assert [r["step"] for r in evals] == [3, 6] and [r["epoch"] for r in evals] == [1, 2]
+    names = ("image_auroc", "image_ap", "image_f1_max", "pixel_auroc", "pixel_ap", "pixel_f1_max", "aupro")
+    for r in evals:
+        assert set(r["eval"]) == {"heldout_normal_loss"} | {f"{row}/{m}" for m in names
+                                                           for row in ("default", "full", "rec_only", "mpo_only")}
+        assert r["eval"]["heldout_normal_loss"] > 0
+    for m in names:
+        assert evals[-1]["eval"][f"default/{m}"] == pytest.approx(metrics["mean"][m], abs=1e-6), m
+    assert evals[0]["eval"]["mpo_only/image_auroc"] == evals[1]["eval"]["mpo_only/image_auroc"]  # no training in it
+    events = os.listdir(os.path.join(wd, "tensorboard"))
+    assert b"eval/full/aupro" in open(os.path.join(wd, "tensorboard", events[0]), "rb").read()
+
+
+def test_a_second_command_loads_its_programs_from_the_compilation_cache(tmp_path, tfds_dir, smoke_run):
+    """run.py's default persistent cache (~/.cache/maskad_jax/xla with a size cap, which needs the
+    filelock package) on a fresh cache folder: the first eval fills it, the second loads from it."""
+    wd = smoke_run[0]
+    env = {k: v for k, v in os.environ.items() if k != "JAX_COMPILATION_CACHE_DIR"}
+    env.update(XDG_CACHE_HOME=str(tmp_path / "cache"), JAX_LOG_COMPILES="1",
+               XLA_FLAGS=(os.environ.get("XLA_FLAGS", "") + " " + FAST_COMPILE).strip())
+    args = [sys.executable, "run.py", "--config=configs/demo.py:smoke", f"--workdir={wd}",
+            f"--config.data.tfds_dir={tfds_dir}", "--mode=eval"]
+    outs = []
+    for _ in range(2):
+        proc = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=600, env=env)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        outs.append(proc.stdout + proc.stderr)
+    assert os.listdir(tmp_path / "cache" / "maskad_jax" / "xla")
+    for out in outs:
+        assert "filelock" not in out and "Error reading persistent compilation cache" not in out
+    assert "Persistent compilation cache hit" not in outs[0]
+    assert "Persistent compilation cache hit" in outs[1]
 
 
 def test_two_processes_train_and_eval_like_one(tmp_path, tfds_dir, smoke_run):
@@ -206,3 +276,53 @@ def test_flow_mpo_train_and_eval_then_eval_from_checkpoints(tmp_path, tfds_dir, 
     if features == "reconstructor":  # the released code's transductive L_ref, from the same checkpoints
         out = _run(common + ["--mode=eval", "--config.scoring.mpo_normalisation=test_max"])
         assert "max over each class's test set" in out and "mean over classes" in out
+
+
+def _serve(export_dir, args):
+    """The exported scorer's serve.py in a fresh process where `import maskad_jax` fails."""
+    code = ("import runpy, sys; sys.modules['maskad_jax'] = None; sys.argv = sys.argv[1:]; "
+            "runpy.run_path(sys.argv[0], run_name='__main__')")
+    return subprocess.run([sys.executable, "-c", code, os.path.join(export_dir, "serve.py"), *args],
+                          cwd=str(export_dir), capture_output=True, text=True, timeout=300)
+
+
+def test_export_scores_like_predict_without_the_package_and_refuses_a_changed_artifact(tmp_path, tfds_dir,
+                                                                                        smoke_run):
+    wd = smoke_run[0]
+    common = ["--config=configs/demo.py:smoke", f"--workdir={wd}", f"--config.data.tfds_dir={tfds_dir}"]
+    _run(common + ["--mode=export"])
+    export_dir = os.path.join(wd, "export")
+    manifest = json.load(open(os.path.join(export_dir, "manifest.json")))
+    assert manifest["input"]["shape"] == ["batch", 64, 64, 3] and manifest["classes"] == ["weave", "speckle", "disc"]
+    assert set(manifest["files"]) == {"scorer.stablehlo", "serve.py"} and manifest["platforms"] == ["cpu", "cuda",
+                                                                                                     "tpu"]
+    samples = os.path.join(wd, "samples")
+    _run(common + ["--mode=predict", f"--config.predict.input={samples}"])
+    pred = {r["file"]: r for r in _csv(os.path.join(_latest_predictions(wd), "scores.csv"))}
+
+    proc = _serve(export_dir, [samples, "--out", str(tmp_path / "maps")])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = [ln.split("\t") for ln in proc.stdout.strip().splitlines()]
+    assert len(lines) == len(pred) == 6
+    worst = 0.0
+    for i, (path, cls, score, thr, decision) in enumerate(lines):
+        row = pred[os.path.basename(path)]
+        assert cls == row["class"] and decision == ("anomalous" if row["anomalous"] == "True" else "normal")
+        assert float(score) == pytest.approx(float(row["score"]), rel=1e-4)
+        assert float(thr) == pytest.approx(float(row["threshold"]), rel=1e-6)
+        ours = np.load(tmp_path / "maps" / f"{i}.npy")
+        ref = np.load(os.path.join(_latest_predictions(wd), "maps", row["output_name"] + ".npy"))
+        worst = max(worst, float(np.abs(ours - ref).max() / np.abs(ref).max()))
+    print(f"exported StableHLO vs predict: max |map difference| / max |map| = {worst:.2e}")
+    assert worst <= 1e-4
+
+    changed = tmp_path / "changed"
+    shutil.copytree(export_dir, changed)
+    blob = bytearray((changed / "scorer.stablehlo").read_bytes())
+    blob[len(blob) // 2] ^= 0xFF
+    (changed / "scorer.stablehlo").write_bytes(bytes(blob))
+    proc = _serve(changed, [samples])
+    assert proc.returncode == 2 and "scorer.stablehlo: its SHA-256 differs" in proc.stderr
+    (changed / "scorer.stablehlo").write_bytes(bytes(blob[:1000]))
+    proc = _serve(changed, [samples])
+    assert proc.returncode == 2 and "changed or truncated" in proc.stderr

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from configs import default
-from conftest import forced_devices_env, loopback_coordinator
+from helpers import forced_devices_env, loopback_coordinator
 from maskad_jax.optim import decay_mask
 from maskad_jax.train import CheckpointMismatchError, train
 
@@ -27,6 +27,7 @@ def _losses(proc, timeout=300):
     return json.loads(out.strip().splitlines()[-1])
 
 
+@pytest.mark.slow
 def test_same_losses_on_1_and_4_devices_and_on_two_processes():
     one = _losses(_run(1))
     four = _losses(_run(4))
@@ -40,8 +41,9 @@ def test_same_losses_on_1_and_4_devices_and_on_two_processes():
         np.testing.assert_allclose(r["losses"], one["losses"], rtol=1e-5)
 
 
+@pytest.mark.slow
 def test_two_processes_each_extract_a_share_of_the_feature_cache(tmp_path):
-    """pipeline.extract_features under jax.distributed: each process runs the backbone on its share
+    """feature_cache.extract_features under jax.distributed: each process runs the backbone on its share
     of the split and every process ends with the whole cache, equal to one process's."""
     from tfds_builders import prepare
     tfds = str(tmp_path / "tfds")
@@ -161,3 +163,84 @@ def test_bfloat16_switch_trains_with_float32_parameters():
     assert np.isfinite(lb).all()
     np.testing.assert_allclose(lb, la, rtol=0.05)  # bf16 matmuls: close to float32, not equal
     assert not np.array_equal(la, lb)
+
+
+def test_diverging_training_stops_with_a_clear_error_and_keeps_the_last_good_checkpoint(tmp_path):
+    """lr 1e12: the loss turns NaN within a few steps. The run stops with TrainingDivergedError
+    instead of finishing with rc 0, and no checkpoint holds non-finite parameters."""
+    from maskad_jax.train import TrainingDivergedError, restore_trained, _checkpoint_manager
+    c = _tiny_config(lr=1e12, checkpoint_every=1, max_to_keep=20)
+    with pytest.raises(TrainingDivergedError, match="diverged") as err:
+        train(c, _features(), None, str(tmp_path), log=lambda *_: None)
+    assert "train.lr" in str(err.value) or "learning rate" in str(err.value)
+    steps = _checkpoint_manager(str(tmp_path), c.train).all_steps()
+    assert 0 < len(steps) < 9  # stopped early, with the good checkpoints before it
+    from maskad_jax.reconstructor import build_reconstructor
+    from maskad_jax.train import model_fingerprint
+    from maskad_jax.optim import make_optimizer
+    model = build_reconstructor(c, 8, (4, 4))
+    params, step = restore_trained(str(tmp_path), c.train, "train",
+                                   lambda k: model.init(k, np.zeros((1, 4, 4, 8)), np.zeros((1, 16), bool))["params"],
+                                   lambda t, s: make_optimizer(c.train, t, s), model_fingerprint(c, 8))
+    assert step == max(steps) and all(np.isfinite(np.asarray(x)).all() for x in jax.tree_util.tree_leaves(params))
+
+
+def _largest_file(folder):
+    files = [os.path.join(d, f) for d, _, fs in os.walk(folder) for f in fs]
+    return max(files, key=os.path.getsize)
+
+
+@pytest.mark.parametrize("damage", ["flip", "truncate"])
+def test_corrupt_checkpoint_is_named_and_resuming_falls_back_to_the_previous_one(tmp_path, damage):
+    from maskad_jax.optim import make_optimizer
+    from maskad_jax.reconstructor import build_reconstructor
+    from maskad_jax.train import CheckpointCorruptError, model_fingerprint, restore_trained
+    c, h = _tiny_config(), _features()
+    full = train(c, h, None, str(tmp_path / "full"), log=lambda *_: None)
+    wd = str(tmp_path / "wd")
+    train(c, h, None, wd, log=lambda *_: None)  # checkpoints at steps 6, 8 and 9 are kept
+    victim = _largest_file(os.path.join(wd, "checkpoints", "9", "state"))
+    data = bytearray(open(victim, "rb").read())
+    if damage == "flip":
+        mid = len(data) // 2
+        data[mid:mid + 16] = bytes(b ^ 0xFF for b in data[mid:mid + 16])
+    else:
+        data = data[: len(data) // 2]
+    open(victim, "wb").write(bytes(data))
+    model = build_reconstructor(c, 8, (4, 4))
+    init = lambda k: model.init(k, np.zeros((1, 4, 4, 8)), np.zeros((1, 16), bool))["params"]  # noqa: E731
+    with pytest.raises(CheckpointCorruptError, match=os.path.join("checkpoints", "9")):
+        restore_trained(wd, c.train, "train", init, lambda t, s: make_optimizer(c.train, t, s), model_fingerprint(c, 8))
+    said = []
+    res = train(c, h, None, wd, log=said.append)  # resuming: falls back to step 8 and redoes step 9
+    assert any("falling back to the checkpoint at step 8" in m for m in said), said
+    assert any("resumed from step 8" in m for m in said)
+    for a, b in zip(jax.tree_util.tree_leaves(full.params), jax.tree_util.tree_leaves(res.params)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("damage", ["flip", "truncate"])
+def test_corrupt_pools_file_is_named(tmp_path, damage):
+    from maskad_jax.fit import Pools, PoolsCorruptError, fit_pools
+    c = default.get_config()
+    pools = fit_pools(_features(), None, ["a"] * 24, c.fit, 0)
+    pools.save(str(tmp_path / "fit"))
+    assert Pools.load(str(tmp_path / "fit")).pool_in.shape == pools.pool_in.shape
+    path = tmp_path / "fit" / "pools.npz"
+    data = bytearray(path.read_bytes())
+    if damage == "flip":
+        data[len(data) // 2] ^= 0xFF
+    else:
+        data = data[:100]
+    path.write_bytes(bytes(data))
+    with pytest.raises(PoolsCorruptError, match="pools.npz"):
+        Pools.load(str(tmp_path / "fit"))
+
+
+def test_a_resumed_run_records_each_step_once(tmp_path):
+    """The record of steps replayed after a resume replaces the first attempt's (no step twice)."""
+    c, h = _tiny_config(log_every=1, checkpoint_every=4), _features()
+    train(c, h, None, str(tmp_path), log=lambda *_: None, max_steps=6)  # "killed" after step 6, last checkpoint 4
+    train(c, h, None, str(tmp_path), log=lambda *_: None)  # resumes from 4, replays 5 and 6
+    steps = [json.loads(line)["step"] for line in open(tmp_path / "train_log.jsonl")]
+    assert steps == list(range(1, 10))

@@ -8,7 +8,10 @@ classes in MVTec layout; manual_dir is that directory), synthetic (procedural, c
 """
 from __future__ import annotations
 
+import contextlib
+import io
 import os
+import time
 
 from tfds_builders.common import DatasetLayoutError
 
@@ -36,15 +39,43 @@ def get_builder(name: str, data_dir: str, manual_dir: str | None = None, config:
     return cls(data_dir=data_dir, file_format="array_record")
 
 
-def prepare(name: str, data_dir: str, manual_dir: str | None = None, config: str | None = None):
-    """Build the dataset once (later calls reuse the prepared files) and return its builder."""
+def prepare(name: str, data_dir: str, manual_dir: str | None = None, config: str | None = None, log=None):
+    """Build the dataset once (later calls reuse the prepared files) and return its builder.
+
+    Preparing says so in two lines of its own (from where, into where, how many images); TFDS's
+    download banner and progress bars are kept quiet, as nothing is downloaded."""
     import tensorflow_datasets as tfds
+    from maskad_jax import progress
+    log = log or progress.log
     builder = get_builder(name, data_dir, manual_dir, config)
-    if name != "synthetic" and not builder.is_prepared():
-        if not manual_dir or not os.path.isdir(os.path.expanduser(manual_dir)):
-            how = getattr(builder, "MANUAL_DOWNLOAD_INSTRUCTIONS", "") or "Point it at a directory of classes in MVTec layout."
-            raise DatasetLayoutError(f"{name}: manual_dir {manual_dir} does not exist.\n{how}")
-    dl_config = tfds.download.DownloadConfig(manual_dir=os.path.abspath(os.path.expanduser(manual_dir))
-                                             if manual_dir else None)
-    builder.download_and_prepare(download_config=dl_config)
+    if builder.is_prepared():
+        return builder
+    if name != "synthetic" and (not manual_dir or not os.path.isdir(os.path.expanduser(manual_dir))):
+        how = getattr(builder, "MANUAL_DOWNLOAD_INSTRUCTIONS", "") or "Point it at a directory of classes in MVTec layout."
+        raise DatasetLayoutError(f"{name}: manual_dir {manual_dir} does not exist.\n{how}")
+    source = "generated images" if name == "synthetic" else os.path.abspath(os.path.expanduser(manual_dir))
+    log(f"preparing the {name} dataset from {source} into {builder.data_dir}" + _stale_note(name, builder))
+    dl_config = tfds.download.DownloadConfig(manual_dir=source if manual_dir else None)
+    t0 = time.time()
+    tfds.disable_progress_bar()
+    with contextlib.redirect_stdout(io.StringIO()):  # TFDS prints a download banner and a "done" line
+        builder.download_and_prepare(download_config=dl_config)
+    splits = builder.info.splits
+    log(f"prepared {name}: {splits['train'].num_examples} train and {splits['test'].num_examples} test images in "
+        f"{time.time() - t0:.0f}s")
     return builder
+
+
+def _stale_note(name: str, builder) -> str:
+    """For the folder dataset: whether an earlier copy of the same folder exists (the folder changed)."""
+    if name != "folder":
+        return ""
+    from tfds_builders.folder import root_prefix
+    parent = os.path.dirname(os.path.dirname(builder.data_dir))  # <data_dir>/folder/<config>/<version>
+    prefix = root_prefix(builder.builder_config.root)
+    old = sorted(d for d in os.listdir(parent) if d.startswith(prefix) and d != builder.builder_config.name) \
+        if os.path.isdir(parent) else []
+    if not old:
+        return ""
+    return (f" (the folder changed since {os.path.join(parent, old[-1])} was prepared: its files were added, removed or "
+            f"modified, so it is prepared again; the old copy is left in place)")

@@ -22,9 +22,10 @@ import tensorflow_datasets as tfds
 from PIL import Image
 
 from maskad_jax.preprocess import ImageDecodeError, binarize_mask, open_image, to_rgb
+from maskad_jax.errors import DataError
 
 
-class DatasetLayoutError(ValueError):
+class DatasetLayoutError(DataError):
     """The dataset on disk does not have the layout the builder reads."""
 
 

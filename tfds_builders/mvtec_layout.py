@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import os
 
+from absl import logging
+
 from tfds_builders.common import DatasetLayoutError, image_files
 
 
@@ -25,7 +27,11 @@ def _mask_for(root: str, cls: str, defect: str, image_path: str) -> str:
 
 
 def class_items(root: str, cls: str, split: str) -> list[tuple[str, str | None, str]]:
-    """[(image path, mask path or None, defect type)] of one class and split ('train' or 'test')."""
+    """[(image path, mask path or None, defect type)] of one class and split ('train' or 'test').
+
+    Whatever the walk would otherwise pass over silently is reported (logged with its paths):
+    subfolders nested inside an image folder, masks without an image, and ground-truth folders of
+    a defect type that has no test folder."""
     base = os.path.join(root, cls, split)
     if not os.path.isdir(base):
         raise DatasetLayoutError(f"class {cls!r}: folder {base} does not exist")
@@ -34,20 +40,63 @@ def class_items(root: str, cls: str, split: str) -> list[tuple[str, str | None, 
         good = os.path.join(base, "good")
         if not os.path.isdir(good):
             raise DatasetLayoutError(f"class {cls!r}: folder {good} does not exist")
+        _warn_nested(good)
         items = [(p, None, "good") for p in image_files(good)]
     else:
-        for defect in sorted(d for d in os.listdir(base) if os.path.isdir(os.path.join(base, d))):
+        defects = sorted(d for d in os.listdir(base) if os.path.isdir(os.path.join(base, d)))
+        for defect in defects:
+            _warn_nested(os.path.join(base, defect))
             for p in image_files(os.path.join(base, defect)):
                 items.append((p, None if defect == "good" else _mask_for(root, cls, defect, p), defect))
+        _warn_unused_masks(root, cls, defects)
     if not items:
         raise DatasetLayoutError(f"class {cls!r}: split {split!r} under {base} has no images")
     return items
 
 
-def discover_classes(root: str) -> list[str]:
+def _warn_nested(folder: str) -> None:
+    nested = sorted(d for d in os.listdir(folder) if os.path.isdir(os.path.join(folder, d)))
+    if nested:
+        logging.warning("%s: its subfolders %s are not read (images must sit directly in the folder)", folder, nested)
+
+
+def _warn_unused_masks(root: str, cls: str, defects: list) -> None:
+    """Ground-truth folders without a test folder, and masks without an image, listed."""
+    gt = os.path.join(root, cls, "ground_truth")
+    if not os.path.isdir(gt):
+        return
+    for defect in sorted(d for d in os.listdir(gt) if os.path.isdir(os.path.join(gt, d))):
+        if defect not in defects:
+            logging.warning("%s: no test folder %s for these masks; they are not used", os.path.join(gt, defect),
+                            os.path.join(root, cls, "test", defect))
+            continue
+        stems = {os.path.splitext(os.path.basename(p))[0] for p in image_files(os.path.join(root, cls, "test", defect))}
+        orphans = [os.path.basename(m) for m in image_files(os.path.join(gt, defect))
+                   if os.path.splitext(os.path.basename(m))[0].removesuffix("_mask") not in stems]
+        if orphans:
+            logging.warning("%s: %d mask(s) without an image in test/%s, not used: %s", os.path.join(gt, defect),
+                            len(orphans), defect, orphans[:10] + (["..."] if len(orphans) > 10 else []))
+
+
+def discover_classes(root: str, warn: bool = False) -> list[str]:
+    """The subfolders of root that hold a train/ folder. A folder with a differently cased train
+    folder (Train/, TRAIN/) is refused; with warn (when the dataset is prepared) other subfolders
+    are listed in a warning, never dropped silently."""
     if not os.path.isdir(root):
         raise DatasetLayoutError(f"dataset root {root} does not exist")
-    classes = sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d, "train")))
+    subdirs = sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d)) and not d.startswith("."))
+    classes = [d for d in subdirs if os.path.isdir(os.path.join(root, d, "train"))]
+    for d in subdirs:
+        if d in classes:
+            continue
+        cased = [e for e in os.listdir(os.path.join(root, d)) if e.lower() == "train"]
+        if cased:
+            raise DatasetLayoutError(f"class folder {os.path.join(root, d)} has {cased[0]}/ instead of train/ (names are "
+                                     f"case-sensitive): rename it to train/")
+    ignored = [d for d in subdirs if d not in classes]
+    if warn and ignored and classes:
+        logging.warning("%s: the subfolders %s have no train/ folder and are not classes (MVTec layout: "
+                        "<class>/train/good, <class>/test/<defect>, <class>/ground_truth/<defect>)", root, ignored)
     if not classes:
         raise DatasetLayoutError(f"no class folder with a train/ subfolder under {root} (expected MVTec layout "
                                  f"<root>/<class>/train/good, <root>/<class>/test/<defect>, "

@@ -2,7 +2,7 @@
 
 Run in a fresh process so XLA_FLAGS (forced host devices) and jax.distributed take effect:
   python tests/scripts/extract_features.py TFDS_DIR OUT.npz [--coordinator HOST:PORT --num-processes N --process-id I]
-Writes h_in and the image keys as every process holds them after pipeline.extract_features.
+Writes h_in and the image keys as every process holds them after feature_cache.extract_features.
 """
 import argparse
 import os
@@ -20,11 +20,11 @@ p.add_argument("out")
 args = parse_and_initialize(p)
 
 from configs import demo  # noqa: E402
-from maskad_jax import pipeline  # noqa: E402
+from maskad_jax import feature_cache, pipeline  # noqa: E402
 
 c = demo.get_config("smoke")
 c.data.tfds_dir = args.tfds_dir
 c.data.eval_batch_size = 4
 _, train_data, _ = pipeline.load_data(c)
-h_in, h_tgt, keys = pipeline.extract_features(pipeline.make_extractor(c), train_data, c, with_target=True)
+h_in, h_tgt, keys = feature_cache.extract_features(feature_cache.make_extractor(c), train_data, c, with_target=True)
 np.savez(args.out, h_in=h_in, h_tgt=h_tgt, keys=keys, processes=jax.process_count(), devices=jax.device_count())

@@ -3,7 +3,9 @@
     builder = Folder(config=FolderConfig.for_root("/data/my_parts"), data_dir=...)
 
 The classes are the subfolders of the root that hold a train/ folder. The config's name is
-derived from the root's absolute path, so two folders never share prepared files.
+derived from the root's absolute path and from a fingerprint of its listing (relative paths,
+sizes, modification times), so two folders never share prepared files and a folder that changed
+is prepared again instead of being read from a stale copy.
 """
 from __future__ import annotations
 
@@ -17,7 +19,7 @@ import tensorflow_datasets as tfds
 from tfds_builders import common
 from tfds_builders.mvtec_layout import class_items, discover_classes
 
-__all__ = ["Folder", "FolderConfig"]
+__all__ = ["Folder", "FolderConfig", "listing_fingerprint", "root_prefix"]
 
 
 @dataclasses.dataclass(eq=False)
@@ -26,10 +28,29 @@ class FolderConfig(tfds.core.BuilderConfig):
 
     @classmethod
     def for_root(cls, root: str) -> "FolderConfig":
+        """The config of a folder as it is now: named <folder>_<path hash>_<listing hash>, so a copy
+        prepared before files were added, removed, renamed or rewritten is never reused."""
         root = os.path.abspath(os.path.expanduser(root))
-        slug = re.sub(r"[^a-z0-9]+", "_", os.path.basename(root.rstrip("/")).lower()).strip("_") or "root"
-        digest = hashlib.sha1(root.encode()).hexdigest()[:8]
-        return cls(name=f"{slug}_{digest}", root=root, description=f"MVTec-layout folder {root}")
+        return cls(name=f"{root_prefix(root)}{listing_fingerprint(root)}", root=root,
+                   description=f"MVTec-layout folder {root}")
+
+
+def root_prefix(root: str) -> str:
+    """The part of a config name that depends only on the folder's path."""
+    slug = re.sub(r"[^a-z0-9]+", "_", os.path.basename(root.rstrip("/")).lower()).strip("_") or "root"
+    return f"{slug}_{hashlib.sha1(root.encode()).hexdigest()[:8]}_"
+
+
+def listing_fingerprint(root: str) -> str:
+    """A hash of every file under root: relative path, size and modification time."""
+    h = hashlib.sha1()
+    if os.path.isdir(root):
+        for d, dirs, files in os.walk(root):
+            dirs.sort()
+            for f in sorted(files):
+                st = os.stat(os.path.join(d, f))
+                h.update(f"{os.path.relpath(os.path.join(d, f), root)}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+    return h.hexdigest()[:10]
 
 
 class Folder(tfds.core.GeneratorBasedBuilder):
@@ -43,7 +64,7 @@ class Folder(tfds.core.GeneratorBasedBuilder):
 
     def _split_generators(self, dl_manager):
         root = self.builder_config.root
-        classes = discover_classes(root)
+        classes = discover_classes(root, warn=True)
         return {split: self._generate_examples(root, classes, split) for split in ("train", "test")}
 
     def _generate_examples(self, root, classes, split):

@@ -1,0 +1,92 @@
+"""Throughput of the exported StableHLO scorer beside --mode=eval's program, same images, one run.
+
+    python run.py --config=configs/demo.py --workdir=runs/demo --mode=export
+    python benchmarks/export.py --config=configs/demo.py --workdir=runs/demo --repeats 3
+
+Both score the same batches of the demo's test images: (a) the program eval runs
+(scoring.make_score_fn under jit, float images, the class given), (b) the exported artifact
+through jax.export.deserialize(...).call (uint8 images, keys; it also picks the class and applies
+the threshold). Reports images/s of each (best of --repeats after a warm-up that compiles) and
+their ratio, and the largest map difference.
+"""
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_cpu_experimental_ynn_fusion_type=").strip()
+
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+from absl import app, flags  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
+
+from maskad_jax import feature_cache, pipeline  # noqa: E402
+from maskad_jax.data import eval_batches  # noqa: E402
+from maskad_jax.fit import Pools  # noqa: E402
+from maskad_jax.parallel import to_local  # noqa: E402
+from maskad_jax.reconstructor import build_reconstructor  # noqa: E402
+from maskad_jax.scoring import device_pools, make_score_fn  # noqa: E402
+from maskad_jax.train import restore_params  # noqa: E402
+
+config_flags.DEFINE_config_file("config", "configs/demo.py", "the config the workdir was trained with")
+flags.DEFINE_string("workdir", None, "a trained and exported workdir (checkpoints/, fit/, export/)", required=True)
+flags.DEFINE_integer("repeats", 3, "timed passes over the images (best is reported)")
+flags.DEFINE_integer("images", 64, "how many test images")
+FLAGS = flags.FLAGS
+
+
+def best_rate(fn, batches, repeats):
+    fn(*batches[0])  # compile
+    best = 0.0
+    for _ in range(repeats):
+        t = time.perf_counter()
+        for args in batches:
+            jax.block_until_ready(fn(*args))
+        best = max(best, sum(len(a[0]) for a in batches) / (time.perf_counter() - t))
+    return best
+
+
+def main(argv):
+    del argv
+    config, workdir = FLAGS.config, FLAGS.workdir
+    _, _, test_data = pipeline.load_data(config)
+    extractor = feature_cache.make_extractor(config)
+    gh, gw, ch = extractor.feature_shape(config.data.image_size)
+    model = build_reconstructor(config, ch, (gh, gw))
+    params = to_local(restore_params(workdir, config, ch, (gh, gw))[0])
+    pools = Pools.load(os.path.join(workdir, "fit"))
+    dev_pools = device_pools(pools)
+    score = make_score_fn(config, extractor, model)
+    with open(os.path.join(workdir, "export", "scorer.stablehlo"), "rb") as f:
+        exported = jax.export.deserialize(bytearray(f.read()))
+    bs = config.data.eval_batch_size
+    eval_args, export_args = [], []
+    for batch in eval_batches(test_data, bs, image_size=config.data.image_size):
+        if len(eval_args) * bs >= FLAGS.images:
+            break
+        pidx = pools.pool_index([test_data.class_names[c] for c in batch["class_id"]])
+        eval_args.append((batch["image"], pidx, batch["image_key"]))
+        u8 = np.round(batch["image"] * 255).astype(np.uint8)
+        export_args.append((u8, batch["image_key"]))
+
+    def run_eval(images, pidx, keys):
+        return score(params, extractor.variables, dev_pools, images, pidx, keys)["map"]
+
+    def run_export(images, keys):
+        return exported.call(images, keys)["map"]
+
+    diff = max(float(np.abs(np.asarray(run_eval(*a)) - np.asarray(run_export(*b))).max())
+               for a, b in zip(eval_args, export_args))
+    r_eval = best_rate(run_eval, eval_args, FLAGS.repeats)
+    r_export = best_rate(run_export, export_args, FLAGS.repeats)
+    n = sum(len(a[0]) for a in eval_args)
+    print(f"{n} test images, batch {bs}, devices {jax.devices()}")
+    print(f"eval program (jit):        {r_eval:.2f} images/s")
+    print(f"exported StableHLO (call): {r_export:.2f} images/s  ratio export/eval {r_export / r_eval:.2f}")
+    print(f"largest |map difference|: {diff:.3g}")
+
+
+if __name__ == "__main__":
+    app.run(main)

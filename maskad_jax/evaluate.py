@@ -1,0 +1,261 @@
+"""Evaluation: score a test split, compute the seven metrics, write metrics.json, scores.csv and heatmaps.
+
+`evaluate` scores every image with scoring.make_score_fn (each process its own share with several
+processes; parallel.gather_rows collects them), refuses to write anything from non-finite maps or
+scores, and writes the results from process 0. `calibration_scores` scores the held-out normal
+training images for predict's threshold. With scoring.mpo_normalisation = test_max (the released
+code's transductive choice, eval only) the M_po scale is first taken from the test set itself.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import os
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from PIL import Image
+
+from maskad_jax import metrics as metrics_lib, progress
+from maskad_jax.coreset import nearest
+from maskad_jax.data import Preprocess, SplitData, eval_batches
+from maskad_jax.errors import NonFiniteError
+from maskad_jax.flow import flow_logp_fn
+from maskad_jax.overlay import overlay, unique_names
+from maskad_jax.parallel import (gather_max, gather_rows, is_writer, place_for_scoring, process_share,
+                                 scoring_sharding)
+from maskad_jax.scoring import device_pools, make_score_features_fn, make_score_fn
+
+
+def calibration_scores(config, model, params, pools, h_in, h_tgt, keys, flow=None, f_flow=None) -> dict:
+    """Image scores of the held-out normal training images, per pool (for predict's threshold).
+
+    f_flow: the flow backbone's features of the training images (flow.features = 'backbone').
+    Several processes each score a share of these images and gather the scores."""
+    fn = jax.jit(make_score_features_fn(config, model, flow), static_argnums=(6,))
+    params, dev_pools = place_for_scoring(config, (params, device_pools(pools, flow)))
+    held = [np.asarray(pools.calibration.get(cls, np.zeros(0, int)), np.int64) for cls in pools.class_names]
+    pos = np.concatenate(held)  # training-image positions, class by class
+    pool = np.concatenate([np.full(len(p), k, np.int32) for k, p in enumerate(held)])
+    rows = process_share(len(pos))
+    scores = np.zeros((len(rows),), np.float32)
+    bs = config.data.eval_batch_size
+    with progress.bar(len(rows), "calibration") as pbar:
+        for s in range(0, len(rows), bs):
+            r = rows[s:s + bs]
+            p = pos[r]
+            tgt = h_in[p] if h_tgt is None else h_tgt[p]
+            out = fn(params, dev_pools, jnp.asarray(h_in[p]), jnp.asarray(tgt), jnp.asarray(pool[r]),
+                     jnp.asarray(keys[p]), config.data.image_size, None if f_flow is None else jnp.asarray(f_flow[p]))
+            scores[s:s + len(r)] = np.asarray(out["score"])
+            pbar.update(len(r))
+    (scores,) = gather_rows(len(pos), rows, scores)
+    if not np.all(np.isfinite(scores)):
+        raise NonFiniteError(f"the scores of {int((~np.isfinite(scores)).sum())} held-out normal training images are "
+                             f"not finite, so no threshold can be calibrated: training or the fit produced NaNs")
+    bounds = np.cumsum([0] + [len(p) for p in held])
+    return {cls: scores[bounds[k]:bounds[k + 1]].tolist() for k, cls in enumerate(pools.class_names)}
+
+
+def evaluate(config, workdir, extractor, model, params, pools, data: SplitData, flow=None) -> dict:
+    """Score the split, check the results are finite, compute the metrics, write the files."""
+    params, dev_pools = place_for_scoring(config, (params, device_pools(pools, flow)))
+    if config.scoring.mpo_normalisation == "test_max":
+        _normalise_on_the_test_set(config, extractor, pools, dev_pools, flow, data)
+    t0 = time.time()
+    maps, masks, scores, rec_mean, uncertified = _score_split(config, extractor, model, params, dev_pools, pools,
+                                                              data, flow)
+    rate = len(data) / max(time.time() - t0, 1e-9)
+    _refuse_non_finite(data, maps, scores)
+    _log_ot_certification(config, uncertified, len(data))
+    several = f" over {jax.process_count()} processes ({len(process_share(len(data)))} on this one)" \
+        if jax.process_count() > 1 else ""
+    progress.log(f"scored {len(data)} test images at {rate:.2f} img/s{several} (first batch includes compilation)")
+    per_class = {}
+    for cid in sorted(set(data.class_ids.tolist())):
+        sel = data.class_ids == cid
+        per_class[data.class_names[cid]] = metrics_lib.all_metrics(scores[sel], data.labels[sel], maps[sel], masks[sel],
+                                                                  protocol=config.eval.protocol, bins=config.eval.bins)
+    mean = {k: float(np.nanmean([m[k] for m in per_class.values()])) for k in metrics_lib.METRIC_NAMES}
+    report = {"per_class": per_class, "mean": mean, "test_images_per_second": rate, "num_test_images": len(data),
+              "metrics_unit": "fraction (the console prints %)",
+              "examples": write_heatmaps(workdir, data, maps, scores, config.data.image_size, write=is_writer())}
+    progress.log("mean over classes (%): " + ", ".join(f"{k} {100 * v:.1f}" for k, v in mean.items()))
+    if is_writer():
+        _write_results(workdir, report, data, scores, rec_mean)
+        report["report_data"] = report_data(config, data, pools, maps, masks, scores, report["examples"])
+    return report
+
+
+def report_data(config, data, pools, maps, masks, scores, examples) -> dict:
+    """What report.html plots, per class: the image scores by label and defect type, the predict
+    threshold (the calibrated quantile of held-out normal scores), image and pixel ROC/PR points;
+    and the examples' images, maps and ground truth."""
+    out = {"classes": {}, "examples": [], "threshold_quantile": float(config.predict.threshold_quantile)}
+    for cid in sorted(set(data.class_ids.tolist())):
+        sel = data.class_ids == cid
+        name = data.class_names[cid]
+        try:
+            thr = pools.threshold(name, config.predict.threshold_quantile)
+        except ValueError:
+            thr = None
+        labels = data.labels[sel]
+        both = 0 < labels.sum() < len(labels)
+        pixels_both = bool(masks[sel].any()) and not bool(masks[sel].all())
+        out["classes"][name] = {
+            "scores": scores[sel], "labels": labels, "defects": [data.defect_types[i] for i in np.nonzero(sel)[0]],
+            "threshold": thr, "image_curves": metrics_lib.curve_points(scores[sel], labels) if both else None,
+            "pixel_curves": metrics_lib.curve_points(maps[sel], masks[sel]) if pixels_both else None}
+    pre = Preprocess(data, config.data.image_size)
+    for ex in examples:
+        el = pre.map(ex["index"])
+        out["examples"].append(dict(ex, image=el["image"], map=maps[ex["index"]], mask=el["mask"]))
+    return out
+
+
+def _score_split(config, extractor, model, params, dev_pools, pools, data, flow):
+    """This process's share of the split scored and every process's rows gathered:
+    (maps, masks, scores, rec_mean, uncertified) over the whole split."""
+    score = make_score_fn(config, extractor, model, flow)
+    size, n = config.data.image_size, len(data)
+    share = process_share(n)  # this process's images (all of them with one process)
+    out = {"map": np.zeros((len(share), size, size), np.float32), "mask": np.zeros((len(share), size, size), np.uint8),
+           "score": np.zeros((len(share),), np.float32),
+           "rec": np.zeros((len(share),), np.float32),  # the image's mean per-patch Rec (scoring.error_units)
+           "ot_uncertified": np.zeros((len(share),), np.int32)}  # patches whose AssDis used the exact optimum
+    shard, row = scoring_sharding(config), 0
+    with progress.bar(len(share), "scoring") as pbar:
+        for batch in eval_batches(data, config.data.eval_batch_size, image_size=size,
+                                  num_workers=config.data.num_workers, positions=share):
+            names = [data.class_names[c] for c in batch["class_id"]]
+            res = score(params, extractor.variables, dev_pools, jax.device_put(batch["image"], shard),
+                        jax.device_put(pools.pool_index(names), shard), jax.device_put(batch["image_key"], shard))
+            ok = batch["valid"] == 1
+            r = slice(row, row + int(ok.sum()))  # batches follow `share` in order
+            for k in ("map", "score", "ot_uncertified"):
+                out[k][r] = np.asarray(res[k])[ok]
+            out["rec"][r] = np.asarray(res["rec"]).mean(axis=(1, 2))[ok]
+            out["mask"][r] = batch["mask"][ok]
+            row = r.stop
+            pbar.update(int(ok.sum()))
+    return gather_rows(n, share, out["map"], out["mask"], out["score"], out["rec"], out["ot_uncertified"])
+
+
+def _refuse_non_finite(data, maps, scores):
+    bad = ~np.isfinite(scores) | ~np.isfinite(maps).all(axis=(1, 2))
+    if bad.any():
+        first = data.file_names[int(np.nonzero(bad)[0][0])]
+        raise NonFiniteError(f"refusing to write metrics: the anomaly maps of {int(bad.sum())} of {len(bad)} test "
+                             f"images are not finite (first: {first}); the checkpoint or the fit is damaged, or "
+                             f"training diverged: retrain (a fresh --workdir) or check the weights")
+
+
+def _write_results(workdir, report, data, scores, rec_mean):
+    with open(os.path.join(workdir, "metrics.json"), "w") as f:
+        json.dump(report, f, indent=2)
+    with open(os.path.join(workdir, "scores.csv"), "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["file", "class", "defect_type", "label", "score", "rec_mean"])
+        for i in range(len(data)):
+            w.writerow([data.file_names[i], data.class_names[data.class_ids[i]], data.defect_types[i],
+                        int(data.labels[i]), f"{scores[i]:.6g}", f"{rec_mean[i]:.6g}"])
+
+
+def _log_ot_certification(config, uncertified: np.ndarray, n_images: int):
+    """How many patches' Sinkhorn AssDis was not certified within 1% (association.paper_ot): those
+    use the exact 1-D optimum instead, so the numbers stay right, but a non-zero count says the
+    solver settings (scoring.epsilon, scoring.sinkhorn_iterations) do not suit these errors."""
+    sc = config.scoring
+    if sc.ot != "paper" or not (sc.use_assdis and sc.use_reference):
+        return
+    total = int(uncertified.sum())
+    if total:
+        progress.log(f"AssDis: Sinkhorn not certified within 1% on {total} patch(es) of {n_images} images; the exact "
+                     f"1-D optimum was used there (raise scoring.sinkhorn_iterations to avoid it)")
+    else:
+        progress.log(f"AssDis: Sinkhorn certified within 1% of the optimum on every patch of {n_images} images")
+
+
+# ------------------------------------------------------------- the released code's test-set normalisation
+def _normalise_on_the_test_set(config, extractor, pools, dev_pools, flow, data):
+    """scoring.mpo_normalisation = test_max: M_po's scale from the class's whole test set (in place)."""
+    if flow is not None:
+        dev_pools["flow"]["logp_ref"] = jnp.asarray(_test_max_flow_ref(config, extractor, pools, dev_pools, flow, data))
+    else:
+        dev_pools["cal_scale"] = jnp.asarray(_test_max_scale(config, extractor, pools, dev_pools, data))
+    progress.log("M_po normalised by the max over each class's test set (transductive, as the released code)")
+
+
+def _per_pool_test_max(config, extractor, pools, data, image_max) -> np.ndarray:
+    """Per pool: the max over its class's test images of image_max(backbone_vars, images, pool_idx) -> (B,).
+    -inf for a pool without test images."""
+    out = np.full(len(pools.class_names), -np.inf, np.float32)
+    shard = scoring_sharding(config)
+    fn = jax.jit(image_max)
+    for batch in eval_batches(data, config.data.eval_batch_size, image_size=config.data.image_size,
+                              num_workers=config.data.num_workers, positions=process_share(len(data))):
+        pidx = pools.pool_index([data.class_names[c] for c in batch["class_id"]])
+        m = np.asarray(fn(extractor.variables, jax.device_put(batch["image"], shard), jax.device_put(pidx, shard)))
+        for k, v, ok in zip(pidx, m, batch["valid"]):
+            if ok:
+                out[k] = max(out[k], v)
+    return gather_max(out)  # each process saw its share of the test images
+
+
+def _test_max_scale(config, extractor, pools, dev_pools, data) -> np.ndarray:
+    """Per pool: the largest nearest-pool distance over all test tokens of its images (code variant)."""
+    def max_dist(v, x, pidx):
+        h = extractor.apply(v, x)
+        b, gh, gw, c = h.shape
+        d, _ = jax.vmap(nearest)(h.reshape(b, gh * gw, c), dev_pools["pool_in"][pidx], dev_pools["valid"][pidx])
+        return jnp.sqrt(d).max(axis=1)
+
+    scale = _per_pool_test_max(config, extractor, pools, data, max_dist)
+    return np.where(scale > 0, scale, np.asarray(pools.cal_scale))
+
+
+def _test_max_flow_ref(config, extractor, pools, dev_pools, flow, data) -> np.ndarray:
+    """Per pool: the largest flow log-likelihood over all test positions of its images (code variant)."""
+    fs = dev_pools["flow"]
+    own = flow.embedder is not None  # the flow backbone's features and pool, else h and the fit's pools
+
+    def max_logp(v, x, pidx):
+        h = flow.embedder.apply(fs["backbone_vars"], x) if own else extractor.apply(v, x)
+        b, gh, gw, c = h.shape
+        pool, valid = (fs["pool"], fs["valid"]) if own else (dev_pools["pool_in"], dev_pools["valid"])
+        lp = flow_logp_fn(flow.module, (gh, gw))(flow.params, h.reshape(b, gh * gw, c), pool[pidx], valid[pidx],
+                                                  config.flow.cond_dim)
+        return lp.max(axis=1)
+
+    ref = _per_pool_test_max(config, extractor, pools, data, max_logp)
+    return np.where(np.isfinite(ref), ref, np.asarray(flow.logp_ref))
+
+
+# ------------------------------------------------------------------------------------------ heatmaps
+def write_heatmaps(workdir, data, maps, scores, size, per_class: int = 3, write: bool = True) -> list:
+    """Overlays of the highest- and lowest-scored test images of each class (colours scaled from the
+    class's lowest to its highest map value). write=False lists them without writing (processes
+    other than the writer)."""
+    out_dir = os.path.join(workdir, "heatmaps")
+    if write:
+        os.makedirs(out_dir, exist_ok=True)
+    pre = Preprocess(data, size)
+    picks = []
+    for cid in sorted(set(data.class_ids.tolist())):
+        idx = np.nonzero(data.class_ids == cid)[0]
+        order = idx[np.argsort(-scores[idx])]
+        picks += [("highest", cid, i) for i in order[:per_class]] + [("lowest", cid, i) for i in order[::-1][:per_class]]
+    names = unique_names([data.file_names[i] for _, _, i in picks], ".png")
+    examples = []
+    for (kind, cid, i), name in zip(picks, names):
+        idx = data.class_ids == cid
+        lo, hi = float(maps[idx].min()), float(maps[idx].max())
+        if write:
+            el = pre.map(int(i))
+            Image.fromarray(overlay(el["image"], maps[i], lo, hi)).save(os.path.join(out_dir, name))
+        examples.append({"class": data.class_names[cid], "kind": kind, "file": data.file_names[i],
+                         "score": float(scores[i]), "label": int(data.labels[i]), "png": f"heatmaps/{name}",
+                         "index": int(i), "scale": [lo, hi]})
+    return examples

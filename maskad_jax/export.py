@@ -1,0 +1,150 @@
+"""--mode=export: a trained workdir as one artifact that scores images without this package.
+
+<workdir>/export/ holds
+  scorer.stablehlo  the whole test-time program (backbone, nearest pool, test masks, the 2N masked
+                    reconstructions, AssDis, combination, upsampling, smoothing, threshold) serialised
+                    with jax.export, the trained parameters, pools and thresholds baked in, the batch
+                    dimension symbolic. Inputs: images (B, S, S, 3) uint8 RGB, already resized and
+                    cropped to S = data.image_size (manifest "preprocess"), and their mask keys (B,)
+                    int32 (manifest "input.key": a CRC32 of the image's bytes as float32 / 255, the key
+                    eval and predict derive from the same image). Outputs: map (B, S, S) float32,
+                    score (B,), anomalous (B,) bool, class_index (B,) int32, threshold (B,).
+  manifest.json     input size and layout, preprocessing, classes and how a class is chosen, the
+                    thresholds and their rule, the config's fingerprint, the versions that made it, and
+                    the SHA-256 of every file (serve.py refuses an artifact whose digest differs).
+  serve.py          a standalone loader (imports numpy, PIL, jax or onnxruntime; never maskad_jax).
+"""
+from __future__ import annotations
+
+import hashlib
+import importlib.metadata as md
+import json
+import os
+import shutil
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from maskad_jax import progress
+from maskad_jax.errors import ConfigError
+from maskad_jax.parallel import to_local
+from maskad_jax.predict import _assign_pools, _threshold_rule
+from maskad_jax.scoring import device_pools, make_score_fn
+
+FORMAT = "maskad-jax export 1"
+KEY_RULE = ("zlib.crc32 of the C-order bytes of image.astype(float32) / 255 (shape S x S x 3), & 0x7fffffff, as "
+            "int32: the key that seeds the image's test masks in eval and predict")
+
+
+def scorer_function(config, extractor, model, params, pools, flow=None):
+    """f(images uint8 (B, S, S, 3), keys int32 (B,)) -> dict: the eval program with everything baked in."""
+    pc = config.predict
+    dev_pools = jax.tree_util.tree_map(jnp.asarray, to_local(device_pools(pools, flow)))
+    params = jax.tree_util.tree_map(jnp.asarray, to_local(params))
+    variables = extractor.variables
+    score = make_score_fn(config, extractor, model, flow)
+    thresholds = jnp.asarray(class_thresholds(config, pools), jnp.float32)
+    fixed = pools.pool_index([pc.class_name])[0] if pc.class_name else None
+
+    def scorer(images, keys):
+        x = images.astype(jnp.float32) / 255.0
+        if fixed is None:
+            pidx = _assign_pools(extractor.apply(variables, x), dev_pools)
+        else:
+            pidx = jnp.full(images.shape[:1], fixed, jnp.int32)
+        out = score(params, variables, dev_pools, x, pidx, keys)
+        thr = thresholds[pidx]
+        return {"map": out["map"], "score": out["score"], "anomalous": out["score"] >= thr, "class_index": pidx,
+                "threshold": thr}
+
+    return scorer
+
+
+def class_thresholds(config, pools) -> list[float]:
+    """Per pool: predict.threshold when set, else the calibrated quantile of held-out normal scores."""
+    pc = config.predict
+    return [float(pc.threshold) if pc.threshold >= 0 else pools.threshold(c, pc.threshold_quantile)
+            for c in pools.class_names]
+
+
+def export_stablehlo(config, scorer) -> bytes:
+    s = config.data.image_size
+    (b,) = jax.export.symbolic_shape("b")
+    args = (jax.ShapeDtypeStruct((b, s, s, 3), jnp.uint8), jax.ShapeDtypeStruct((b,), jnp.int32))
+    exported = jax.export.export(jax.jit(scorer), platforms=tuple(config.export.platforms))(*args)
+    return bytes(exported.serialize())
+
+
+def export(config, workdir: str, extractor, model, params, pools, flow=None) -> str:
+    """Write <workdir>/export/ (replacing an earlier export, which is this program's own output)."""
+    if config.scoring.mpo_normalisation != "calibration":
+        raise ConfigError("export scores images one by one: scoring.mpo_normalisation must be 'calibration' "
+                          f"(got {config.scoring.mpo_normalisation!r}, which needs a whole test set)")
+    t0 = time.time()
+    out = os.path.join(workdir, "export")
+    tmp = out + ".partial"
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    scorer = scorer_function(config, extractor, model, params, pools, flow)
+    with open(os.path.join(tmp, "scorer.stablehlo"), "wb") as f:
+        f.write(export_stablehlo(config, scorer))
+    progress.log(f"exported the scoring program as StableHLO for {', '.join(config.export.platforms)} "
+                 f"in {time.time() - t0:.0f}s")
+    onnx_note = "not exported: docs/deploy.md"
+    shutil.copyfile(os.path.join(os.path.dirname(__file__), "serve_export.py"), os.path.join(tmp, "serve.py"))
+    manifest = build_manifest(config, pools, tmp, onnx_note)
+    with open(os.path.join(tmp, "manifest.json"), "w") as f:
+        json.dump(manifest, f, indent=2)
+    shutil.rmtree(out, ignore_errors=True)
+    os.replace(tmp, out)
+    progress.log(f"export written to {out} ({', '.join(sorted(manifest['files']))}); try: python {out}/serve.py "
+                 f"IMAGE_OR_FOLDER")
+    return out
+
+
+def build_manifest(config, pools, folder: str, onnx_note=None) -> dict:
+    s = config.data.image_size
+    pc = config.predict
+    versions = {"python": sys.version.split()[0]}
+    for pkg in ("jax", "jaxlib", "flax", "numpy", "ott-jax", "maskad-jax", "jax2onnx", "onnx"):
+        try:
+            versions[pkg] = md.version(pkg)
+        except md.PackageNotFoundError:
+            pass
+    files = {name: sha256_file(os.path.join(folder, name)) for name in sorted(os.listdir(folder))}
+    return {
+        "format": FORMAT,
+        "created": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+        "input": {"dtype": "uint8", "shape": ["batch", s, s, 3], "layout": "NHWC, RGB, 0-255",
+                  "key": {"dtype": "int32", "shape": ["batch"], "rule": KEY_RULE}},
+        "preprocess": {"convert": "RGB (grey and palette images converted, alpha dropped)",
+                       "resize": f"shorter side to {s} px, PIL Lanczos, aspect kept", "crop": f"centre {s} x {s}"},
+        "outputs": {"map": ["batch", s, s, "float32, the anomaly map (higher = more anomalous)"],
+                    "score": ["batch", "float32, the map's maximum"],
+                    "anomalous": ["batch", "bool, score >= threshold"],
+                    "class_index": ["batch", "int32, index into classes"],
+                    "threshold": ["batch", "float32, the threshold of the image's class"]},
+        "classes": list(pools.class_names),
+        "class_choice": (f"fixed: {pc.class_name!r} (predict.class_name)" if pc.class_name else
+                         "per image, the pool whose nearest tokens are closest on average"),
+        "thresholds": dict(zip(pools.class_names, class_thresholds(config, pools))),
+        "threshold_rule": _threshold_rule(config),
+        "platforms": list(config.export.platforms),
+        "scoring": {"mpo": config.scoring.mpo, "ot": config.scoring.ot, "combine": config.scoring.combine,
+                    "error_units": config.scoring.error_units},
+        "onnx": onnx_note,
+        "config_sha256": hashlib.sha256(config.to_json(sort_keys=True).encode()).hexdigest(),
+        "versions": versions,
+        "files": files,
+    }
+
+
+def sha256_file(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()

@@ -1,0 +1,148 @@
+"""Learning curves: evaluation during training, every `train.eval_every` epochs.
+
+At each point it reports, for a fixed subset of the test images (`train.eval_images`, normal and
+defective images of every class, chosen by position, the same at every point):
+  - the seven metrics of each Table-2 row in `train.eval_rows` (maskad_jax.ablations), scored with
+    the current parameters exactly as evaluation scores them;
+  - `heldout_normal_loss`: the training loss (masked-feature MSE, training masks from fixed keys)
+    on the subset's normal images, which the reconstructor never trains on.
+The nominal pools are fitted before training (they depend on the backbone features only), so the
+rows that use M_po and the reference branch can be scored from the first point on. With
+scoring.mpo = flow the curves use the kNN M_po (the flow is trained after the reconstructor).
+The training loop writes the values to the console, train_log.jsonl ("eval") and TensorBoard
+(eval/<row>/<metric>).
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from maskad_jax import metrics as metrics_lib
+from maskad_jax.ablations import apply_row
+from maskad_jax.data import eval_batches
+from maskad_jax.scoring import device_pools, make_score_features_fn
+from maskad_jax.train import sample_train_mask
+
+
+@dataclasses.dataclass
+class EvalSet:
+    """The features and ground truth of the images the curves are measured on."""
+    h_in: np.ndarray  # (N, gh, gw, C)
+    h_tgt: np.ndarray  # (N, gh, gw, C): the regression targets (h_in itself unless train.target is unnormalized)
+    masks: np.ndarray  # (N, S, S) uint8 ground truth
+    labels: np.ndarray  # (N,)
+    classes: tuple  # (N,) class name of each image
+    keys: np.ndarray  # (N,) image keys (seed the test masks, as in evaluation)
+
+
+def subset_positions(labels: np.ndarray, class_ids: np.ndarray, max_images: int) -> np.ndarray:
+    """Up to max_images positions: every class gets an equal share, half normal and half defective
+    where it has both, evenly spaced in file order (deterministic)."""
+    classes = sorted(set(class_ids.tolist()))
+    per_class = max(2, max_images // max(len(classes), 1))
+    picked = []
+    for c in classes:
+        groups = [np.nonzero((class_ids == c) & (labels == y))[0] for y in (0, 1)]
+        groups = [g for g in groups if len(g)]
+        for g in groups:
+            k = min(len(g), max(1, per_class // len(groups)))
+            picked.append(g[np.linspace(0, len(g) - 1, k).round().astype(int)])
+    return np.unique(np.concatenate(picked))
+
+
+def build_eval_set(config, extractor, data, max_images: int) -> EvalSet:
+    """The curves' images: subset_positions of a split, their features, masks and keys."""
+    positions = subset_positions(data.labels, data.class_ids, max_images)
+    regress_raw = config.train.target == "unnormalized"
+    fn = jax.jit(lambda v, x: (extractor.apply(v, x, normalize=True),
+                               extractor.apply(v, x, normalize=False) if regress_raw else None))
+    parts = {k: [] for k in ("h_in", "h_tgt", "masks", "labels", "classes", "keys")}
+    for batch in eval_batches(data, config.data.eval_batch_size, image_size=config.data.image_size,
+                              num_workers=config.data.num_workers, positions=positions):
+        ok = batch["valid"] == 1
+        a, b = fn(extractor.variables, jnp.asarray(batch["image"]))
+        parts["h_in"].append(np.asarray(a)[ok])
+        parts["h_tgt"].append(np.asarray(a if b is None else b)[ok])
+        parts["masks"].append(batch["mask"][ok])
+        parts["labels"].append(batch["label"][ok])
+        parts["classes"] += [data.class_names[c] for c in batch["class_id"][ok]]
+        parts["keys"].append(batch["image_key"][ok])
+    return EvalSet(*(np.concatenate(parts[k]) for k in ("h_in", "h_tgt", "masks", "labels")),
+                   tuple(parts["classes"]), np.concatenate(parts["keys"]))
+
+
+def make_learning_curves(config, model, pools, evalset: EvalSet, place):
+    """f(params) -> ({name: value}, console line): the rows' seven metrics (fractions) and the
+    held-out normal loss.
+
+    place(tree): puts parameters and pools where scoring runs (parallel.place_for_scoring)."""
+    tc = config.train
+    rows = tuple(tc.eval_rows)
+    fns = {}
+    for row in rows:
+        cfg = config.copy_and_resolve_references()
+        apply_row(cfg.scoring, row)
+        if cfg.scoring.mpo == "flow":
+            cfg.scoring.mpo = "knn"  # the flow is trained after the reconstructor
+        fns[row] = jax.jit(make_score_features_fn(cfg, model), static_argnums=(6,))
+    dev_pools = place(device_pools(pools))
+    pool_idx = pools.pool_index(list(evalset.classes))
+    normal = np.nonzero(evalset.labels == 0)[0]
+    key = jax.random.fold_in(jax.random.key(config.seed), 0xE7A1)
+
+    @jax.jit
+    def normal_loss(params, h, t, idx):
+        masks = jax.vmap(lambda i, x: sample_train_mask(jax.random.fold_in(key, i), x, tc))(idx, h)
+        pred = model.apply({"params": params}, h, masks, deterministic=True)
+        return jnp.sum(jnp.square(pred - t)), pred.size
+
+    bs = int(config.data.eval_batch_size)
+    size = int(config.data.image_size)
+    classes = np.asarray(evalset.classes)
+
+    def evaluate(params) -> dict:
+        params = place(params)
+        out = {}
+        total, count = 0.0, 0
+        for s in range(0, len(normal), bs):
+            sel = normal[s:s + bs]
+            ls, n = normal_loss(params, jnp.asarray(evalset.h_in[sel]), jnp.asarray(evalset.h_tgt[sel]),
+                                jnp.asarray(sel, jnp.int32))
+            total, count = total + float(ls), count + int(n)
+        out["heldout_normal_loss"] = total / max(count, 1)
+        for row, fn in fns.items():
+            maps = []
+            for s in range(0, len(evalset.labels), bs):
+                sl = slice(s, s + bs)
+                res = fn(params, dev_pools, jnp.asarray(evalset.h_in[sl]), jnp.asarray(evalset.h_tgt[sl]),
+                         jnp.asarray(pool_idx[sl]), jnp.asarray(evalset.keys[sl]), size)
+                maps.append(np.asarray(res["map"]))
+            maps = np.concatenate(maps)
+            per_class = [metrics_lib.all_metrics(maps[classes == c].max(axis=(1, 2)), evalset.labels[classes == c],
+                                                 maps[classes == c], evalset.masks[classes == c])
+                         for c in sorted(set(evalset.classes))]
+            for m in metrics_lib.METRIC_NAMES:
+                out[f"{row}/{m}"] = float(np.nanmean([p[m] for p in per_class]))
+        return out, format_curves(out)
+
+    return evaluate
+
+
+SHORT = {"image_auroc": "I-AUROC", "image_ap": "I-AP", "image_f1_max": "I-F1", "pixel_auroc": "P-AUROC",
+         "pixel_ap": "P-AP", "pixel_f1_max": "P-F1", "aupro": "AUPRO"}
+
+
+def format_curves(values: dict) -> str:
+    """One console line: the held-out loss, then each row's seven metrics in %."""
+    parts = [f"held-out normal loss {values['heldout_normal_loss']:.4f}"]
+    rows = []
+    for k in values:
+        if "/" in k and k.split("/")[0] not in rows:
+            rows.append(k.split("/")[0])
+    for row in rows:
+        parts.append(f"{row} " + " ".join(f"{SHORT[m]} {100 * values[f'{row}/{m}']:.1f}"
+                                          for m in metrics_lib.METRIC_NAMES if f"{row}/{m}" in values))
+    return " | ".join(parts)
