@@ -5,7 +5,7 @@
     python run.py --config=configs/mvtec.py --config.data.manual_dir=/data/mvtec_ad --workdir=runs/mvtec
     python run.py --config=configs/mvtec.py --workdir=runs/mvtec --mode=eval
     python run.py --config=configs/mvtec.py --workdir=runs/mvtec --mode=predict --config.predict.input=some/folder
-    python run.py --config=configs/mvtec.py --workdir=runs/mvtec --mode=export && python runs/mvtec/export/serve.py img.png
+    python run.py --config=configs/mvtec.py --workdir=runs/mvtec --mode=export   # then runs/mvtec/export/serve.py x.png
     python run.py --config=configs/mvtec.py --workdir=/mnt/shared/mvtec --coordinator=auto  # every host of a pod
 
 Modes (--mode): train_and_eval (default) | train | eval (reuse the workdir's checkpoint and fit) |
@@ -21,6 +21,7 @@ is explained where it is defined, in configs/default.py.
 Exit status: 0 done, 2 a problem with the input (config, data, files, workdir; one line says
 what and how to fix it, --verbose adds the traceback), 1 a bug (with its traceback).
 """
+
 import os
 import sys
 
@@ -28,13 +29,16 @@ import sys
 # data-parallel code use them all. Harmless on GPU/TPU hosts (the accelerator stays the default).
 if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
     _n = max(1, min(os.cpu_count() or 1, 8))
-    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + f" --xla_force_host_platform_device_count={_n}").strip()
+    os.environ["XLA_FLAGS"] = (
+        os.environ.get("XLA_FLAGS", "") + f" --xla_force_host_platform_device_count={_n}"
+    ).strip()
 # XLA's CPU backend (jaxlib 0.10) hands matmuls, reductions and elementwise ops to YNNPACK by
 # default; with that off (Eigen matmuls, XLA's own loops) the reconstructor trained 15-20% faster
 # and scored about 15% faster on a 2-core CPU (benchmarks/RESULTS.md). CPU-only: GPUs/TPUs ignore it.
 # Only for the jaxlib it was measured on (the flag is experimental; an unknown flag aborts XLA).
 try:
     from importlib.metadata import version as _version
+
     _jaxlib = _version("jaxlib")
 except Exception:  # not installed the usual way: leave XLA's defaults
     _jaxlib = ""
@@ -47,14 +51,20 @@ from ml_collections import config_flags  # noqa: E402
 config_flags.DEFINE_config_file("config", "configs/demo.py", "ml_collections config file (path[:variant])")
 flags.DEFINE_string("workdir", None, "directory for checkpoints, metrics and heatmaps (default runs/<config name>)")
 flags.DEFINE_enum("mode", "train_and_eval", ["train_and_eval", "train", "eval", "predict", "export"], "what to run")
-flags.DEFINE_string("xla_cache", None,
-                    "persistent XLA compilation cache: a rerun (eval after train, predict, resume) reuses the "
-                    "compiled programs instead of compiling again (tens of seconds on a CPU). Default "
-                    "$JAX_COMPILATION_CACHE_DIR, else ~/.cache/maskad_jax/xla; 'none' turns it off")
-flags.DEFINE_string("coordinator", None,
-                    "several processes (hosts) as one job via jax.distributed: host:port of process 0 (then "
-                    "--num_processes and --process_id), or 'auto' where JAX detects the cluster (Cloud TPU pods, "
-                    "SLURM). Every process runs the same command; the workdir must be storage they all see")
+flags.DEFINE_string(
+    "xla_cache",
+    None,
+    "persistent XLA compilation cache: a rerun (eval after train, predict, resume) reuses the "
+    "compiled programs instead of compiling again (tens of seconds on a CPU). Default "
+    "$JAX_COMPILATION_CACHE_DIR, else ~/.cache/maskad_jax/xla; 'none' turns it off",
+)
+flags.DEFINE_string(
+    "coordinator",
+    None,
+    "several processes (hosts) as one job via jax.distributed: host:port of process 0 (then "
+    "--num_processes and --process_id), or 'auto' where JAX detects the cluster (Cloud TPU pods, "
+    "SLURM). Every process runs the same command; the workdir must be storage they all see",
+)
 flags.DEFINE_integer("num_processes", None, "with --coordinator=host:port: how many processes")
 flags.DEFINE_integer("process_id", None, "with --coordinator=host:port: this process's index, 0 .. num_processes-1")
 flags.DEFINE_bool("verbose", False, "show the traceback of input errors too (they print one line otherwise)")
@@ -64,12 +74,14 @@ FLAGS = flags.FLAGS
 def main(argv):
     del argv
     from absl import logging
+
     if not FLAGS["verbosity"].present:
         logging.set_verbosity(logging.WARNING)  # keep orbax/TFDS chatter out of the progress lines
     _distributed(FLAGS.coordinator, FLAGS.num_processes, FLAGS.process_id)
     _compilation_cache(FLAGS.xla_cache)
-    from maskad_jax.pipeline import train_and_evaluate
     from maskad_jax.errors import UserError
+    from maskad_jax.pipeline import train_and_evaluate
+
     config = FLAGS.config
     workdir = FLAGS.workdir or os.path.join("runs", config.get("name", "run"))
     try:
@@ -107,19 +119,21 @@ def _parse_flags(argv):
 def _config_problem(argv, error) -> str:
     """A readable account of what went wrong while loading --config and its --config.* overrides."""
     import difflib
+
     spec = ([a.split("=", 1)[1] for a in argv if a.startswith("--config=")] or ["configs/demo.py"])[-1]
     path = spec.split(":", 1)[0]
     if not os.path.isfile(path):
         return f"--config={spec}: no such config file (the configs are in configs/: demo.py, folder.py, mvtec.py, ...)"
     try:
         from ml_collections.config_flags import config_flags as cf
+
         config = cf._ConfigFileParser(name="config").parse(spec)  # noqa: SLF001  (the parser absl itself uses)
     except Exception as e:  # the config file or its variant is what failed: its last line says why
         last = [ln for ln in str(e).splitlines() if ln.strip()][-1].strip()
         return f"--config={spec}: {last.split(': ', 1)[-1] if 'Error: ' in last else last}"
     for arg in argv:
         if arg.startswith("--config."):
-            problem = _override_problem(config, *arg[len("--config."):].partition("=")[::2], difflib)
+            problem = _override_problem(config, *arg[len("--config.") :].partition("=")[::2], difflib)
             if problem:
                 return problem
     return "--config: " + " ".join(str(error).replace("\\n", " ").split()).strip("'")
@@ -133,8 +147,10 @@ def _override_problem(config, field, value, difflib):
         if part not in keys:
             near = difflib.get_close_matches(part, keys, n=1)
             hint = f"; did you mean {'.'.join(walked + near)}?" if near else ""
-            return (f"--config.{field}: {'.'.join(walked + [part])} is not a config field{hint} (the fields are "
-                    f"explained in configs/default.py)")
+            return (
+                f"--config.{field}: {'.'.join(walked + [part])} is not a config field{hint} (the fields are "
+                f"explained in configs/default.py)"
+            )
         node, walked = node[part], walked + [part]
     kind = type(node)
     if kind in (int, float) and not isinstance(node, bool):
@@ -148,6 +164,7 @@ def _override_problem(config, field, value, difflib):
 def _distributed(coordinator, num_processes, process_id):
     """jax.distributed.initialize from --coordinator/--num_processes/--process_id (nothing without them)."""
     import jax
+
     if coordinator is None:
         if num_processes is not None or process_id is not None:
             raise app.UsageError("--num_processes and --process_id need --coordinator")
@@ -165,11 +182,12 @@ def _distributed(coordinator, num_processes, process_id):
 def _compilation_cache(path):
     """Point JAX's persistent compilation cache at `path` (see --xla_cache)."""
     import jax
+
     if path is None and os.environ.get("JAX_COMPILATION_CACHE_DIR"):
         return  # JAX reads it (and its JAX_PERSISTENT_CACHE_* settings) itself
     if path is None:
         path = os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "maskad_jax", "xla")
-        jax.config.update("jax_compilation_cache_max_size", 2 * 2 ** 30)  # least recently used entries go first
+        jax.config.update("jax_compilation_cache_max_size", 2 * 2**30)  # least recently used entries go first
     if path.lower() in ("", "none", "off"):
         jax.config.update("jax_enable_compilation_cache", False)
         return

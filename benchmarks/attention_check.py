@@ -5,6 +5,7 @@
 Same random parameters and inputs (8 maps, 14 x 14 x 272, 40% masked); prints each implementation's
 largest difference from einsum relative to the output's scale, or why it could not run.
 """
+
 import argparse
 import os
 import sys
@@ -30,7 +31,9 @@ def main():
         model = MaskedReconstructor(in_channels=272, dtype=jnp.dtype(a.dtype), attention=impl)
         params = MaskedReconstructor(in_channels=272).init(jax.random.key(0), h, mask)["params"]
         # A non-zero relative position bias, so that the bias path is compared too.
-        params["rel_pos_bias"]["table"] = 0.5 * jax.random.normal(jax.random.key(1), params["rel_pos_bias"]["table"].shape)
+        params["rel_pos_bias"]["table"] = 0.5 * jax.random.normal(
+            jax.random.key(1), params["rel_pos_bias"]["table"].shape
+        )
         try:
             outs[impl] = np.asarray(jax.jit(lambda p, x, m: model.apply({"params": p}, x, m))(params, h, mask))
         except Exception as e:  # noqa: BLE001 - report and go on (cuDNN needs an NVIDIA GPU)
@@ -38,8 +41,10 @@ def main():
     ref = outs["einsum"]
     scale = np.abs(ref).max()
     for impl, o in outs.items():
-        print(f"{impl} on {jax.devices()[0].platform}, {a.dtype}: max |out - einsum| / max |einsum| = "
-              f"{np.abs(o - ref).max() / scale:.2e}")
+        print(
+            f"{impl} on {jax.devices()[0].platform}, {a.dtype}: max |out - einsum| / max |einsum| = "
+            f"{np.abs(o - ref).max() / scale:.2e}"
+        )
 
 
 if __name__ == "__main__":

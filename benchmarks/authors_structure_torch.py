@@ -15,10 +15,10 @@ for timing only: the JAX model's numerics are tested against the spec in tests/.
 `benchmarks/scoring.py --channels 272 --backbone` (the fused step, same sizes) in one session.
 Needs torch and efficientnet_pytorch (the test extra) or timm.
 """
+
 import argparse
 import time
 
-import numpy as np
 import scipy.ndimage
 import torch
 import torch.nn.functional as F
@@ -70,6 +70,7 @@ def make_backbone(device):
     """A B4 returning the maps at strides 2, 4, 8, 16 (24 + 32 + 56 + 160 = 272 channels)."""
     try:
         from efficientnet_pytorch import EfficientNet
+
         net = EfficientNet.from_name("efficientnet-b4").to(device).eval()
         ends, s = {}, 2  # the last block at each stride (the stem has stride 2)
         for i, blk in enumerate(net._blocks):
@@ -81,20 +82,23 @@ def make_backbone(device):
         def run(x):
             x = net._swish(net._bn0(net._conv_stem(x)))
             out = []
-            for i, blk in enumerate(net._blocks[:ends[16] + 1]):
+            for i, blk in enumerate(net._blocks[: ends[16] + 1]):
                 x = blk(x)
                 if i in ends.values():
                     out.append(x)
             return out
+
         return run
     except ImportError:
         import timm
+
         net = timm.create_model("efficientnet_b4", features_only=True, out_indices=(0, 1, 2, 3)).to(device).eval()
         return net
 
 
 def code_sinkhorn(e_h, e_r, eps=0.1, max_iter=1000, tol=0.1):
-    """The released code's models/Sinkhorn_distance.py (docs/method.md §6.6) on one image: cosine cost between N-vectors, AssDis per test patch."""
+    """The released code's models/Sinkhorn_distance.py (docs/method.md §6.6) on one image: cosine cost
+    between N-vectors, AssDis per test patch."""
     c = 1 - F.cosine_similarity(e_h[:, None, :], e_r[None, :, :], dim=-1, eps=1e-8)
     n = c.shape[0]
     mu = torch.full((n,), 1.0 / n, device=c.device)
@@ -156,8 +160,10 @@ def main():
     for i in range(1, a.images + 1):
         score_one_image(backbone, vit, imgs[i, 0], imgs[i, 1], a.device)
     per = (time.perf_counter() - t) / a.images
-    print(f"authors' per-image structure, PyTorch {torch.__version__} eager on {a.device} "
-          f"({torch.get_num_threads()} threads), model={a.model}: {per:.3f} s per image ({1 / per:.2f} images/s)")
+    print(
+        f"authors' per-image structure, PyTorch {torch.__version__} eager on {a.device} "
+        f"({torch.get_num_threads()} threads), model={a.model}: {per:.3f} s per image ({1 / per:.2f} images/s)"
+    )
 
 
 if __name__ == "__main__":

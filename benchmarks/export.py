@@ -9,6 +9,7 @@ through jax.export.deserialize(...).call (uint8 images, keys; it also picks the 
 the threshold). Reports images/s of each (best of --repeats after a warm-up that compiles) and
 their ratio, and the largest map difference.
 """
+
 import os
 import sys
 import time
@@ -77,8 +78,10 @@ def main(argv):
     def run_export(images, keys):
         return exported.call(images, keys)["map"]
 
-    diff = max(float(np.abs(np.asarray(run_eval(*a)) - np.asarray(run_export(*b))).max())
-               for a, b in zip(eval_args, export_args))
+    diff = max(
+        float(np.abs(np.asarray(run_eval(*a)) - np.asarray(run_export(*b))).max())
+        for a, b in zip(eval_args, export_args)
+    )
     r_eval = best_rate(run_eval, eval_args, FLAGS.repeats)
     r_export = best_rate(run_export, export_args, FLAGS.repeats)
     n = sum(len(a[0]) for a in eval_args)

@@ -7,6 +7,7 @@ The reference for "GFLOP/s achieved against the machine's peak" in RESULTS.md. S
 config's MLP and qkv matmuls over 12,608 tokens (64 sequences of 197 tokens: 8 images x 8 of the
 26 branches), and a square 4096 one. Best of 5 calls after one warm-up call.
 """
+
 import time
 
 import jax

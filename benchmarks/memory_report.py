@@ -1,4 +1,5 @@
 """Peak memory of the benchmark process: host RSS and, on a GPU/TPU, the devices' allocator peak."""
+
 import resource
 
 import jax
@@ -9,5 +10,5 @@ def memory_report() -> str:
     for d in jax.local_devices():
         stats = d.memory_stats() if hasattr(d, "memory_stats") else None
         if stats and "peak_bytes_in_use" in stats:
-            parts.append(f"{d.platform}:{d.id} peak {stats['peak_bytes_in_use'] / 2 ** 30:.2f} GiB")
+            parts.append(f"{d.platform}:{d.id} peak {stats['peak_bytes_in_use'] / 2**30:.2f} GiB")
     return "; ".join(parts)

@@ -6,6 +6,7 @@
 Each configuration runs in its own process so that its peak RSS is its own. Synthetic maps:
 Gaussian noise plus a raised rectangle on each defective image's mask (30% defective).
 """
+
 import argparse
 import json
 import os
@@ -19,21 +20,27 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 def worker(n, size, protocol):
     import numpy as np
+
     from maskad_jax.metrics import all_metrics
+
     rng = np.random.default_rng(0)
     maps = rng.normal(size=(n, size, size)).astype(np.float32)
     masks = np.zeros((n, size, size), np.uint8)
     for i in range(0, n, 3):
         y, x = rng.integers(0, size - 40, 2)
-        masks[i, y:y + 30, x:x + 25] = 1
+        masks[i, y : y + 30, x : x + 25] = 1
     maps += 1.5 * masks
     scores = maps.max(axis=(1, 2))
     base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     t = time.perf_counter()
     out = all_metrics(scores, masks.any(axis=(1, 2)), maps, masks, protocol=protocol)
     dt = time.perf_counter() - t
-    return {"seconds": dt, "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-            "rss_before_mib": base, "aupro": out["aupro"]}
+    return {
+        "seconds": dt,
+        "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "rss_before_mib": base,
+        "aupro": out["aupro"],
+    }
 
 
 def main():
@@ -54,8 +61,11 @@ def main():
             print(f"{n} images, {protocol}: failed ({proc.stderr.strip().splitlines()[-1:]})")
             continue
         r = json.loads(proc.stdout.strip().splitlines()[-1])
-        print(f"{n} images of {a.size}x{a.size}, {protocol}: {r['seconds']:.2f} s for all seven metrics; peak RSS "
-              f"{r['peak_rss_mib']:.0f} MiB (maps and masks alone: {r['rss_before_mib']:.0f} MiB)", flush=True)
+        print(
+            f"{n} images of {a.size}x{a.size}, {protocol}: {r['seconds']:.2f} s for all seven metrics; peak RSS "
+            f"{r['peak_rss_mib']:.0f} MiB (maps and masks alone: {r['rss_before_mib']:.0f} MiB)",
+            flush=True,
+        )
 
 
 if __name__ == "__main__":

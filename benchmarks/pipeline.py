@@ -6,6 +6,7 @@ Makes a temporary MVTec-layout folder of random-texture 900x900 RGB PNGs, builds
 folder builder, then times full passes of the evaluation pipeline (decode, shorter side to 224
 with LANCZOS, centre crop, masks) after one warm-up batch.
 """
+
 import argparse
 import os
 import sys
@@ -27,6 +28,7 @@ def main():
     flags.FLAGS.mark_as_parsed()  # grain's worker processes read absl flags
     from maskad_jax.data import SplitData, eval_batches
     from tfds_builders import prepare
+
     with tempfile.TemporaryDirectory() as tmp:
         rng = np.random.default_rng(0)
         base = rng.integers(0, 255, (900, 900, 3), dtype=np.uint8)

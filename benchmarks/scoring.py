@@ -14,6 +14,7 @@ reconstruction once per mask (2N calls per batch) and a jitted tail. Random weig
 features (192 channels, 14 x 14), 13 masks (the paper's N). Reports images/s, the ratio, the
 reconstructor stage's GFLOP/s, peak RSS and, on a GPU/TPU, the device memory peak.
 """
+
 import argparse
 import os
 import sys
@@ -24,21 +25,29 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
+from jax.sharding import NamedSharding  # noqa: E402
+from jax.sharding import PartitionSpec as P
 
+from benchmarks.memory_report import memory_report  # noqa: E402
 from configs import default  # noqa: E402
 from maskad_jax import association  # noqa: E402
 from maskad_jax.coreset import nearest  # noqa: E402
-from maskad_jax.fit import fit_pools  # noqa: E402
-from maskad_jax.reconstructor import patch_errors  # noqa: E402
-from maskad_jax.resize import resize_map_align_corners  # noqa: E402
-from maskad_jax.scoring import device_pools, make_masks, make_score_features_fn, num_masks  # noqa: E402
-from maskad_jax.smoothing import gaussian_smooth  # noqa: E402
-from maskad_jax.parallel import data_mesh  # noqa: E402
-from maskad_jax.reconstructor import build_reconstructor  # noqa: E402
-from jax.sharding import NamedSharding, PartitionSpec as P  # noqa: E402
 from maskad_jax.features import FeatureExtractor  # noqa: E402
-from maskad_jax.scoring import make_score_fn  # noqa: E402
-from benchmarks.memory_report import memory_report  # noqa: E402
+from maskad_jax.fit import fit_pools  # noqa: E402
+from maskad_jax.parallel import data_mesh  # noqa: E402
+from maskad_jax.reconstructor import (
+    build_reconstructor,  # noqa: E402
+    patch_errors,  # noqa: E402
+)
+from maskad_jax.resize import resize_map_align_corners  # noqa: E402
+from maskad_jax.scoring import (  # noqa: E402
+    device_pools,
+    make_masks,
+    make_score_features_fn,
+    make_score_fn,  # noqa: E402
+    num_masks,
+)
+from maskad_jax.smoothing import gaussian_smooth  # noqa: E402
 
 
 def reconstructor_gflop_per_pass(d, depth, c, tokens=197, mlp=4.0):
@@ -115,8 +124,10 @@ def main():
             jax.block_until_ready(fn())
         return (time.perf_counter() - t) / a.repeats
 
-    print(f"model={a.model} dtype={a.dtype} attention={a.attention} channels={ch} batch={a.batch} "
-          f"masks={n_masks} (x2 for h and r) branches_per_step={a.branches_per_step}")
+    print(
+        f"model={a.model} dtype={a.dtype} attention={a.attention} channels={ch} batch={a.batch} "
+        f"masks={n_masks} (x2 for h and r) branches_per_step={a.branches_per_step}"
+    )
     if not (a.whole_only and a.backbone):
         t_fused = timed(lambda: fused(params, pools, h, h, pidx, keys, size))
         t_loop = None if a.no_loop else timed(lambda: loop(h))
@@ -141,8 +152,10 @@ def main():
         imgs = jax.device_put(rng.uniform(size=(a.batch, size, size, 3)).astype(np.float32), shard)
         pi, ki = jax.device_put(pidx, shard), jax.device_put(keys, shard)
         t_full = timed(lambda: full(params, ext.variables, pools, imgs, pi, ki))
-        print(f"whole step from {size} px images ({arch}, random weights, batch sharded over "
-              f"{jax.local_device_count() if a.shard else 1} device(s)): {a.batch / t_full:.2f} images/s")
+        print(
+            f"whole step from {size} px images ({arch}, random weights, batch sharded over "
+            f"{jax.local_device_count() if a.shard else 1} device(s)): {a.batch / t_full:.2f} images/s"
+        )
     print(memory_report())
 
 

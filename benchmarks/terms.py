@@ -17,6 +17,7 @@ with with_terms=True), and prints, on the 14 x 14 patch grid:
      defect-free and defective patches, in the h and in the r branches.
 Nothing here changes the model; --config overrides (e.g. --config.scoring.num_random=4) apply.
 """
+
 import os
 import sys
 
@@ -30,13 +31,13 @@ import numpy as np  # noqa: E402
 from absl import app, flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
-from maskad_jax import metrics as metrics_lib  # noqa: E402
 from maskad_jax import feature_cache, pipeline  # noqa: E402
+from maskad_jax import metrics as metrics_lib  # noqa: E402
 from maskad_jax.data import Preprocess, eval_batches  # noqa: E402
 from maskad_jax.fit import Pools  # noqa: E402
-from maskad_jax.scoring import device_pools, make_score_features_fn  # noqa: E402
 from maskad_jax.parallel import to_local  # noqa: E402
 from maskad_jax.reconstructor import build_reconstructor  # noqa: E402
+from maskad_jax.scoring import device_pools, make_score_features_fn  # noqa: E402
 from maskad_jax.train import restore_params  # noqa: E402
 
 config_flags.DEFINE_config_file("config", "configs/demo.py", "the config the workdir was trained with")
@@ -62,9 +63,15 @@ def terms_of(d, cal_scale):
     b = len(e_h)
     rec_h, rec_r = e_h.mean(1), e_r.mean(1)
     w1 = np.abs(np.sort(e_h, 1) - np.sort(e_r, 1)).mean(1)
-    return {"kNN distance": d["mpo"].reshape(b, -1) * cal_scale[:, None], "Rec_h (absolute)": rec_h,
-            "Rec_r (absolute)": rec_r, "AssDis (absolute)": w1, "Rec (reference units)": rec_h / rec_r,
-            "AssDis (reference units)": w1 / rec_r, "Rec + AssDis (reference units)": (rec_h + w1) / rec_r}
+    return {
+        "kNN distance": d["mpo"].reshape(b, -1) * cal_scale[:, None],
+        "Rec_h (absolute)": rec_h,
+        "Rec_r (absolute)": rec_r,
+        "AssDis (absolute)": w1,
+        "Rec (reference units)": rec_h / rec_r,
+        "AssDis (reference units)": w1 / rec_r,
+        "Rec + AssDis (reference units)": (rec_h + w1) / rec_r,
+    }
 
 
 def main(argv):
@@ -93,17 +100,25 @@ def main(argv):
         for batch in eval_batches(test_data, bs, image_size=size):
             ok = batch["valid"] == 1
             names = [test_data.class_names[c] for c in batch["class_id"]]
-            yield (batch["image"], pools.pool_index(names), batch["image_key"],
-                   {"gt": batch["mask"], "label": batch["label"], "cls": batch["class_id"], "ok": ok})
+            yield (
+                batch["image"],
+                pools.pool_index(names),
+                batch["image_key"],
+                {"gt": batch["mask"], "label": batch["label"], "cls": batch["class_id"], "ok": ok},
+            )
 
     def cal_batches():
         pre = Preprocess(train_data, size)
         for k, cls in enumerate(pools.class_names):
             pos = np.asarray(pools.calibration.get(cls, []), int)
             for s in range(0, len(pos), bs):
-                els = [pre.map(int(p)) for p in pos[s:s + bs]]
-                yield (np.stack([e["image"] for e in els]), np.full(len(els), k, np.int32),
-                       np.stack([e["image_key"] for e in els]), {"pool": np.full(len(els), k)})
+                els = [pre.map(int(p)) for p in pos[s : s + bs]]
+                yield (
+                    np.stack([e["image"] for e in els]),
+                    np.full(len(els), k, np.int32),
+                    np.stack([e["image_key"] for e in els]),
+                    {"pool": np.full(len(els), k)},
+                )
 
     test = collect(fn, extractor, test_batches())
     keep = test.pop("ok")
@@ -115,18 +130,28 @@ def main(argv):
     b = len(test["label"])
     frac = test["gt"].reshape(b, gh, size // gh, gw, size // gw).mean((2, 4)).reshape(b, -1)
     defect, clean = frac > 0.5, frac == 0
-    print(f"{b} test images ({int(test['label'].sum())} defective), {len(cal['pool'])} held-out normal images, "
-          f"{test['masks'].shape[1]} masks; patches: {int(defect.sum())} defective, {int(clean.sum())} defect-free")
-    print("| term | held-out normal patches | test defect-free patches | test defective patches | patch AUROC | "
-          "image AUROC |")
+    print(
+        f"{b} test images ({int(test['label'].sum())} defective), {len(cal['pool'])} held-out normal images, "
+        f"{test['masks'].shape[1]} masks; patches: {int(defect.sum())} defective, {int(clean.sum())} defect-free"
+    )
+    print(
+        "| term | held-out normal patches | test defect-free patches | test defective patches | patch AUROC | "
+        "image AUROC |"
+    )
     print("|---|---|---|---|---|---|")
     for name, v in t_terms.items():
         sel = defect | clean
         patch = metrics_lib.auroc(v[sel], defect[sel])
-        image = np.mean([metrics_lib.auroc(v[test["cls"] == c].max(1), test["label"][test["cls"] == c])
-                         for c in sorted(set(test["cls"].tolist()))])
-        print(f"| {name} | {c_terms[name].mean():.3f} | {v[clean].mean():.3f} | {v[defect].mean():.3f} | "
-              f"{100 * patch:.1f} | {100 * image:.1f} |")
+        image = np.mean(
+            [
+                metrics_lib.auroc(v[test["cls"] == c].max(1), test["label"][test["cls"] == c])
+                for c in sorted(set(test["cls"].tolist()))
+            ]
+        )
+        print(
+            f"| {name} | {c_terms[name].mean():.3f} | {v[clean].mean():.3f} | {v[defect].mean():.3f} | "
+            f"{100 * patch:.1f} | {100 * image:.1f} |"
+        )
     masked = np.swapaxes(test["masks"], 1, 2)  # (N, n, N_masks)
     print("\nMean per-patch error (absolute units) of masked and unmasked positions (the paper's Fig. 5):")
     print("| patches | h masked | h unmasked | r masked | r unmasked |")

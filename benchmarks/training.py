@@ -9,6 +9,7 @@
 Random features (192 channels = Lite0, 272 = B4; 14 x 14), the default mask mix. Reports images/s
 after the first (compiling) step, the process's peak RSS and, on a GPU/TPU, the device memory peak.
 """
+
 import argparse
 import os
 import sys
@@ -17,9 +18,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import numpy as np  # noqa: E402
 
+from benchmarks.memory_report import memory_report  # noqa: E402
 from configs import default  # noqa: E402
 from maskad_jax.train import train  # noqa: E402
-from benchmarks.memory_report import memory_report  # noqa: E402
 
 
 def main():
@@ -31,7 +32,9 @@ def main():
     p.add_argument("--attention", choices=["einsum", "jax_xla", "jax_cudnn"], default="einsum")
     p.add_argument("--batch", type=int, default=0, help="global batch (0 = the model's default: 16 or 80)")
     p.add_argument("--host-cache", action="store_true")
-    p.add_argument("--log-every", type=int, default=1, help="steps per timed interval (use 10+ on a GPU: each log syncs)")
+    p.add_argument(
+        "--log-every", type=int, default=1, help="steps per timed interval (use 10+ on a GPU: each log syncs)"
+    )
     a = p.parse_args()
     c = default.get_config()
     r = c.model.reconstructor
@@ -57,9 +60,11 @@ def main():
 
     res = train(c, h, None, None, log=log, max_steps=steps)
     steady = rates[1:]  # the first interval includes compilation
-    print(f"model={a.model} dtype={a.dtype} attention={a.attention} channels={a.channels} batch={c.train.batch_size} "
-          f"cache={'host' if a.host_cache else 'device'} steps={len(steady)}: median {np.median(steady):.1f} images/s "
-          f"(first interval with compile: {rates[0]:.2f} img/s); {memory_report()}; last loss {res.losses[-1][1]:.4f}")
+    print(
+        f"model={a.model} dtype={a.dtype} attention={a.attention} channels={a.channels} batch={c.train.batch_size} "
+        f"cache={'host' if a.host_cache else 'device'} steps={len(steady)}: median {np.median(steady):.1f} images/s "
+        f"(first interval with compile: {rates[0]:.2f} img/s); {memory_report()}; last loss {res.losses[-1][1]:.4f}"
+    )
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ matmuls, attention matmuls, everything else) and the slowest source operations. 
 trace does not show (XLA's Eigen matmul calls) are counted as "untraced": the difference between
 the call's wall time and the traced kernels. One device, random features, half the positions masked.
 """
+
 import argparse
 import collections
 import glob
@@ -35,6 +36,7 @@ def main():
     import jax
     import jax.numpy as jnp
     import numpy as np
+
     from maskad_jax.reconstructor import MaskedReconstructor
 
     model = MaskedReconstructor(in_channels=192, embed_dim=256, encoder_depth=2, decoder_depth=2, num_heads=a.heads)

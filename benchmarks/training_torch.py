@@ -10,6 +10,7 @@ depth (both cheap). The ViT is the BEiT block of benchmarks/authors_structure_to
 shared relative position bias, layer scale, exact GELU), written for timing only. Reports the
 median images/s after two warm-up steps. Needs torch (the test extra).
 """
+
 import argparse
 import os
 import sys
@@ -48,8 +49,10 @@ def main():
         opt.step()
         times.append(time.perf_counter() - t)
     step = float(np.median(times[2:]))
-    print(f"torch {torch.__version__} eager, model={a.model} batch={a.batch} threads={a.threads}: "
-          f"{1000 * step:.0f} ms/step, {a.batch / step:.1f} images/s (loss {loss.item():.4f})")
+    print(
+        f"torch {torch.__version__} eager, model={a.model} batch={a.batch} threads={a.threads}: "
+        f"{1000 * step:.0f} ms/step, {a.batch / step:.1f} images/s (loss {loss.item():.4f})"
+    )
 
 
 if __name__ == "__main__":

@@ -4,6 +4,7 @@ Every field where the paper and the released code disagree is documented with bo
 (docs/method.md §10); the defaults here follow the paper where it is explicit and the code
 where the paper is silent.
 """
+
 import ml_collections
 
 

@@ -3,6 +3,7 @@
 Runs anywhere with no download:  python run.py --config=configs/demo.py
 Variants (comma-separated): smoke (tiny: tests and notebooks), code, ablation=<row>; see configs/variants.py.
 """
+
 from configs import default, variants
 
 

@@ -6,6 +6,7 @@ Variants (comma-separated): paper (B4 and the paper's reconstructor; needs the B
 accelerator), code, smoke, ablation=<row>; see configs/variants.py. Without "paper" the CPU-sized
 model (variant cpu) applies.
 """
+
 from configs import default, variants
 
 

@@ -1,9 +1,11 @@
-"""Real-IAD (30 classes, single view) with the paper's hyperparameters (B4 features, dim-768 5+5-block reconstructor, 600 epochs).
+"""Real-IAD (30 classes, single view) with the paper's hyperparameters (B4 features, dim-768 5+5-block
+reconstructor, 600 epochs).
 
     python run.py --config=configs/realiad.py --config.data.manual_dir=/data/realiad --workdir=runs/realiad
 Variants (comma-separated): code, cpu, smoke, ablation=<row>; see configs/variants.py.
 The B4 weights come from a file: see README "Backbone weights".
 """
+
 from configs import default, variants
 
 

@@ -1,11 +1,11 @@
 """Variants shared by the dataset configs: `configs/<dataset>.py:<variant>[,<variant>...]`.
 
-  code            the released code's choices as far as they can be known (docs/method.md §10)
-  smoke           tiny everything (Lite0 packaged weights, 64 px, a few steps): tests and notebooks
-  cpu             a CPU-sized model: Lite0 packaged weights, dim-256 4-block reconstructor, 7 masks,
-                  20 epochs, and the best-measured scoring at that size (Rec in reference units x M_po)
-  ablation=<row>  a row of the paper's Table 2 (see ABLATIONS); scoring switches only, so an
-                  existing checkpoint can be evaluated under each row with --mode=eval
+code            the released code's choices as far as they can be known (docs/method.md §10)
+smoke           tiny everything (Lite0 packaged weights, 64 px, a few steps): tests and notebooks
+cpu             a CPU-sized model: Lite0 packaged weights, dim-256 4-block reconstructor, 7 masks,
+                20 epochs, and the best-measured scoring at that size (Rec in reference units x M_po)
+ablation=<row>  a row of the paper's Table 2 (see ABLATIONS); scoring switches only, so an
+                existing checkpoint can be evaluated under each row with --mode=eval
 """
 
 from maskad_jax.ablations import ABLATIONS, apply_row  # noqa: F401  (the rows live in the package)

@@ -4,6 +4,7 @@
 Variants (comma-separated): code, cpu, smoke, ablation=<row>; see configs/variants.py.
 The B4 weights come from a file: see README "Backbone weights".
 """
+
 from configs import default, variants
 
 

@@ -6,6 +6,7 @@ multi-branch ("parallel") masking; "M_po" is the final multiplication by the abn
 "reference" adds the reference branch and AssDis. Only scoring switches: a trained workdir can be
 evaluated under every row with --mode=eval.
 """
+
 from __future__ import annotations
 
 from maskad_jax.errors import ConfigError
@@ -14,8 +15,16 @@ _ON = dict(use_rec=True, use_reference=True, use_assdis=True, use_mpo=True)
 
 # Each row sets all four term switches, so it means the same whatever the config's defaults.
 ABLATIONS = {
-    "rec_only": dict(_ON, prototype_ratios=(), num_random=1, num_block=0, zero_mask=False, use_reference=False,
-                     use_assdis=False, use_mpo=False),  # one random mask, Rec alone
+    "rec_only": dict(
+        _ON,
+        prototype_ratios=(),
+        num_random=1,
+        num_block=0,
+        zero_mask=False,
+        use_reference=False,
+        use_assdis=False,
+        use_mpo=False,
+    ),  # one random mask, Rec alone
     "parallel": dict(_ON, use_reference=False, use_assdis=False, use_mpo=False),  # N masks, Rec
     "parallel_ref": dict(_ON, use_mpo=False),  # + the reference branch and AssDis
     "parallel_mpo": dict(_ON, use_reference=False, use_assdis=False),  # N masks, Rec x M_po

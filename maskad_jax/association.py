@@ -22,6 +22,7 @@ code_assdis: the released code's OT (its models/Sinkhorn_distance.py, docs/metho
   errors, cost 1 - cos, log-domain updates from zero potentials, stop when sum |u - u_old| < 0.1
   (max 1000 iterations); AssDis_i = sum_j P_ij C_ij.
 """
+
 from __future__ import annotations
 
 from typing import NamedTuple
@@ -70,8 +71,15 @@ def round_to_marginals(plan: jax.Array, a: jax.Array, b: jax.Array) -> jax.Array
     return y + jnp.where(missing > 1e-12, jnp.outer(err_a, err_b) / jnp.maximum(missing, 1e-12), 0.0)
 
 
-def paper_ot(e_h: jax.Array, e_r: jax.Array, epsilon: float = 0.02, iterations: int = 200,
-             threshold: float = 1e-3, rtol: float = 0.01, momentum: float = 1.5) -> OTResult:
+def paper_ot(
+    e_h: jax.Array,
+    e_r: jax.Array,
+    epsilon: float = 0.02,
+    iterations: int = 200,
+    threshold: float = 1e-3,
+    rtol: float = 0.01,
+    momentum: float = 1.5,
+) -> OTResult:
     """e_h, e_r: (..., N) error samples per patch -> OTResult of (...) arrays.
 
     epsilon: entropic regularisation as a fraction of each patch's mean cost; iterations: the most
@@ -80,8 +88,12 @@ def paper_ot(e_h: jax.Array, e_r: jax.Array, epsilon: float = 0.02, iterations: 
     batch = e_h.shape[:-1]
     n = e_h.shape[-1]
     eh, er = e_h.reshape(-1, n).astype(jnp.float32), e_r.reshape(-1, n).astype(jnp.float32)
-    solver = sinkhorn.Sinkhorn(threshold=threshold, max_iterations=iterations, inner_iterations=10,
-                               momentum=acceleration.Momentum(value=momentum))
+    solver = sinkhorn.Sinkhorn(
+        threshold=threshold,
+        max_iterations=iterations,
+        inner_iterations=10,
+        momentum=acceleration.Momentum(value=momentum),
+    )
     w = jnp.full((n,), 1.0 / n, jnp.float32)
 
     def one(x, y):
@@ -104,8 +116,9 @@ def paper_ot(e_h: jax.Array, e_r: jax.Array, epsilon: float = 0.02, iterations: 
     return OTResult(value.reshape(batch), ok.reshape(batch), gap.reshape(batch))
 
 
-def paper_assdis(e_h: jax.Array, e_r: jax.Array, epsilon: float = 0.02, iterations: int = 200,
-                 threshold: float = 1e-3) -> jax.Array:
+def paper_assdis(
+    e_h: jax.Array, e_r: jax.Array, epsilon: float = 0.02, iterations: int = 200, threshold: float = 1e-3
+) -> jax.Array:
     """paper_ot's AssDis values only: (..., N), (..., N) -> (...)."""
     return paper_ot(e_h, e_r, epsilon, iterations, threshold).cost
 

@@ -3,6 +3,7 @@
 validate(config, mode) raises errors.ConfigError naming every field whose value the run cannot use
 (its message lists all of them, the first first). The field meanings are in configs/default.py.
 """
+
 from __future__ import annotations
 
 import math
@@ -54,8 +55,11 @@ def validate(config, mode: str = "train_and_eval") -> None:
     if mode not in MODES:
         raise ConfigError(f"--mode must be one of {' | '.join(MODES)}, got {mode!r}")
     c.choice("data.name", DATASETS)
-    c.need(config.data.name != "folder" or bool(config.data.manual_dir), "data.manual_dir",
-           "is needed for data.name = 'folder': the folder of classes in MVTec layout")
+    c.need(
+        config.data.name != "folder" or bool(config.data.manual_dir),
+        "data.manual_dir",
+        "is needed for data.name = 'folder': the folder of classes in MVTec layout",
+    )
     c.integer("data.image_size", 32, 4096)
     c.integer("data.eval_batch_size", 1)
     c.integer("data.num_workers", 0)
@@ -72,8 +76,11 @@ def validate(config, mode: str = "train_and_eval") -> None:
     c.integer("eval.bins", 2)
     c.number("predict.threshold_quantile", 0, 1, low_open=True)
     c.number("predict.threshold", None)
-    c.need(bool(config.export.platforms) and set(config.export.platforms) <= {"cpu", "cuda", "rocm", "tpu"},
-           "export.platforms", "must be a non-empty subset of cpu | cuda | rocm | tpu")
+    c.need(
+        bool(config.export.platforms) and set(config.export.platforms) <= {"cpu", "cuda", "rocm", "tpu"},
+        "export.platforms",
+        "must be a non-empty subset of cpu | cuda | rocm | tpu",
+    )
     if mode == "predict":
         c.need(bool(config.predict.input), "predict.input", "is needed with --mode=predict: an image or a folder")
     if c.problems:
@@ -92,8 +99,11 @@ def _model(c):
         c.integer(f"{r}.{f}", 0)
     rc = c.config.model.reconstructor
     c.need(rc.encoder_depth + rc.decoder_depth >= 1, f"{r}.encoder_depth", "with decoder_depth must give >= 1 block")
-    c.need(isinstance(rc.num_heads, int) and rc.num_heads > 0 and rc.embed_dim % rc.num_heads == 0,
-           f"{r}.embed_dim", f"must be a multiple of num_heads ({rc.num_heads})")
+    c.need(
+        isinstance(rc.num_heads, int) and rc.num_heads > 0 and rc.embed_dim % rc.num_heads == 0,
+        f"{r}.embed_dim",
+        f"must be a multiple of num_heads ({rc.num_heads})",
+    )
     c.number(f"{r}.mlp_ratio", 0, low_open=True)
     c.number(f"{r}.drop_path", 0, 1)
     c.choice(f"{r}.attention", ATTENTION_IMPLEMENTATIONS)
@@ -110,8 +120,11 @@ def _train(c):
     c.number(f"{t}.clip_norm", 0, low_open=True)
     c.choice(f"{t}.target", ("same", "unnormalized"))
     probs = c.config.train.mask_probs
-    c.need(len(probs) == 3 and all(isinstance(p, (int, float)) and p >= 0 for p in probs) and sum(probs) > 0,
-           f"{t}.mask_probs", "must be three non-negative numbers (random, block, foreground) with a positive sum")
+    c.need(
+        len(probs) == 3 and all(isinstance(p, (int, float)) and p >= 0 for p in probs) and sum(probs) > 0,
+        f"{t}.mask_probs",
+        "must be three non-negative numbers (random, block, foreground) with a positive sum",
+    )
     for f in ("random_ratio", "block_ratio", "foreground_ratio"):
         c.number(f"{t}.{f}", 0, 1, low_open=True)
     for f in ("log_every", "checkpoint_every", "max_to_keep"):
@@ -119,8 +132,11 @@ def _train(c):
     c.number(f"{t}.device_cache_gb", 0)
     c.integer(f"{t}.eval_every", 0)
     c.integer(f"{t}.eval_images", 2)
-    c.need(all(r in ABLATIONS for r in c.config.train.eval_rows), f"{t}.eval_rows",
-           f"every row must be one of {' | '.join(ABLATIONS)}")
+    c.need(
+        all(r in ABLATIONS for r in c.config.train.eval_rows),
+        f"{t}.eval_rows",
+        f"every row must be one of {' | '.join(ABLATIONS)}",
+    )
 
 
 def _scoring(c):
@@ -130,14 +146,20 @@ def _scoring(c):
     c.choice(f"{s}.mpo_normalisation", ("calibration", "test_max"))
     c.choice(f"{s}.devices", ("auto", "all", "one"))
     sc = c.config.scoring
-    c.need(all(isinstance(r, (int, float)) and 0 < r <= 1 for r in sc.prototype_ratios), f"{s}.prototype_ratios",
-           "every ratio must be in (0, 1]")
+    c.need(
+        all(isinstance(r, (int, float)) and 0 < r <= 1 for r in sc.prototype_ratios),
+        f"{s}.prototype_ratios",
+        "every ratio must be in (0, 1]",
+    )
     for f in ("num_random", "num_block", "branches_per_step"):
         c.integer(f"{s}.{f}", 0)
     for f in ("random_ratio", "block_ratio"):
         c.number(f"{s}.{f}", 0, 1, low_open=True)
-    c.need(len(sc.prototype_ratios) + sc.num_random + sc.num_block + int(sc.zero_mask) >= 1, f"{s}.num_random",
-           "with prototype_ratios, num_block and zero_mask must give at least one test mask")
+    c.need(
+        len(sc.prototype_ratios) + sc.num_random + sc.num_block + int(sc.zero_mask) >= 1,
+        f"{s}.num_random",
+        "with prototype_ratios, num_block and zero_mask must give at least one test mask",
+    )
     c.number(f"{s}.sigma", 0)
     c.number(f"{s}.epsilon", 0, low_open=True)
     c.integer(f"{s}.sinkhorn_iterations", 1)
@@ -148,8 +170,11 @@ def _flow(c):
     c.choice(f"{f}.features", ("reconstructor", "backbone"))
     for k in ("blocks", "epochs", "batch_size", "log_every", "checkpoint_every", "max_to_keep"):
         c.integer(f"{f}.{k}", 1)
-    c.need(isinstance(c.config.flow.cond_dim, int) and c.config.flow.cond_dim > 0 and c.config.flow.cond_dim % 4 == 0,
-           f"{f}.cond_dim", "must be a positive multiple of 4")
+    c.need(
+        isinstance(c.config.flow.cond_dim, int) and c.config.flow.cond_dim > 0 and c.config.flow.cond_dim % 4 == 0,
+        f"{f}.cond_dim",
+        "must be a positive multiple of 4",
+    )
     c.number(f"{f}.lr", 0, low_open=True)
     c.number(f"{f}.pool_ratio", 0, 1, low_open=True)
     c.choice(f"{f}.clamp_form", ("current", "legacy"))

@@ -6,6 +6,7 @@ The file is read without torch (restricted unpickler). The report lists missing 
 keys; shape mismatches and files of another architecture are refused with a message naming them.
 The destination is never overwritten unless --overwrite is given.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -31,8 +32,11 @@ def _sha256(path: str) -> str:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m maskad_jax.convert_weights", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m maskad_jax.convert_weights",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("src", help="a lukemelas .pth (zip or legacy format) or a timm .safetensors file")
     p.add_argument("dst", help="output directory (orbax checkpoint)")
     p.add_argument("--arch", choices=ea.ARCH_NAMES, help="architecture; by default guessed from the file name")
@@ -40,6 +44,7 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
 
     from maskad_jax import weights as W  # noqa: PLC0415  (imports jax and flax: --help and arg errors stay instant)
+
     arch = args.arch or _guess_arch_from_name(args.src)
     if arch is None:
         p.error(f"cannot tell the architecture from {os.path.basename(args.src)!r}; pass --arch")
@@ -53,11 +58,18 @@ def main(argv=None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     n = sum(int(v.size) for v in __import__("jax").tree_util.tree_leaves(variables))
-    meta = {"arch": arch, "source": os.path.basename(args.src), "sha256": _sha256(args.src),
-            "naming": W.detect_naming(state), "num_values": n}
+    meta = {
+        "arch": arch,
+        "source": os.path.basename(args.src),
+        "sha256": _sha256(args.src),
+        "naming": W.detect_naming(state),
+        "num_values": n,
+    }
     W.save_orbax(variables, args.dst, meta, overwrite=args.overwrite)
-    print(f"converted {args.src} -> {args.dst}: {arch}, {n:,} values; "
-          f"missing keys: {report['missing'] or 'none'}; unexpected keys: {report['unexpected'] or 'none'}")
+    print(
+        f"converted {args.src} -> {args.dst}: {arch}, {n:,} values; "
+        f"missing keys: {report['missing'] or 'none'}; unexpected keys: {report['unexpected'] or 'none'}"
+    )
     return 0
 
 

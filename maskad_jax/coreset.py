@@ -6,6 +6,7 @@ to `projection_dim` dimensions (seeded) measures the distances; the selected poi
 full features.
 nearest: the L2 nearest pool row of each query, in chunks of the pool so memory stays bounded.
 """
+
 from __future__ import annotations
 
 import functools

@@ -9,19 +9,20 @@
 Each element: image (S, S, 3) float32 in [0, 1], mask (S, S) uint8, label, class_id, index (position in
 the split), image_key (content hash, see image_key), valid.
 """
+
 from __future__ import annotations
 
 import dataclasses
 import zlib
 
 import grain
-from absl import logging
 import numpy as np
 import tensorflow_datasets as tfds
+from absl import logging
 from PIL import Image
 
-from maskad_jax.preprocess import preprocess_image, preprocess_mask
 from maskad_jax.errors import ConfigError, DataError
+from maskad_jax.preprocess import preprocess_image, preprocess_mask
 
 
 class _QuietTfds:
@@ -56,9 +57,12 @@ class SplitData:
         if classes:
             unknown = [c for c in classes if c not in info_classes]
             if unknown:
-                raise ConfigError(f"unknown class(es) {unknown} for dataset {builder.name}; it has {list(info_classes)}")
-        raw = builder.as_data_source(split=split, decoders={"image": tfds.decode.SkipDecoding(),
-                                                            "mask": tfds.decode.SkipDecoding()})
+                raise ConfigError(
+                    f"unknown class(es) {unknown} for dataset {builder.name}; it has {list(info_classes)}"
+                )
+        raw = builder.as_data_source(
+            split=split, decoders={"image": tfds.decode.SkipDecoding(), "mask": tfds.decode.SkipDecoding()}
+        )
         keep, labels, cids, defects, names = [], [], [], [], []
         wanted = None if not classes else {info_classes.index(c) for c in classes}
         for i in range(len(raw)):
@@ -74,14 +78,23 @@ class SplitData:
         keep, labels, cids = [np.asarray(v)[order].tolist() for v in (keep, labels, cids)]
         defects, names = [defects[i] for i in order], [names[i] for i in order]
         if not keep:
-            raise DataError(f"dataset {builder.name} split {split!r} has no examples"
-                             + (f" of classes {list(classes)}" if classes else ""))
+            raise DataError(
+                f"dataset {builder.name} split {split!r} has no examples"
+                + (f" of classes {list(classes)}" if classes else "")
+            )
         if classes:
             empty = [c for c in classes if info_classes.index(c) not in set(cids)]
             if empty:
                 raise DataError(f"dataset {builder.name} split {split!r} has no examples of class(es) {empty}")
-        return cls(builder.as_data_source(split=split), np.asarray(keep), np.asarray(labels, np.int32),
-                   np.asarray(cids, np.int32), tuple(defects), tuple(names), info_classes)
+        return cls(
+            builder.as_data_source(split=split),
+            np.asarray(keep),
+            np.asarray(labels, np.int32),
+            np.asarray(cids, np.int32),
+            tuple(defects),
+            tuple(names),
+            info_classes,
+        )
 
     def present_classes(self) -> list[str]:
         return [self.class_names[i] for i in sorted(set(self.class_ids.tolist()))]
@@ -108,11 +121,21 @@ class Preprocess(grain.transforms.Map):
         image = preprocess_image(Image.fromarray(np.asarray(record["image"])), self.size, source=name)
         mask = preprocess_mask(Image.fromarray(np.asarray(record["mask"])[..., 0]), self.size)
         if self.data.labels[position] and not mask.any():
-            logging.warning("%s: defective, but its mask is empty after resize and crop to %d; it counts for the "
-                            "image metrics only", name, self.size)
-        return {"image": image, "mask": mask, "label": np.int32(self.data.labels[position]),
-                "class_id": np.int32(self.data.class_ids[position]), "index": np.int32(position),
-                "image_key": image_key(image), "valid": np.int32(1)}
+            logging.warning(
+                "%s: defective, but its mask is empty after resize and crop to %d; it counts for the "
+                "image metrics only",
+                name,
+                self.size,
+            )
+        return {
+            "image": image,
+            "mask": mask,
+            "label": np.int32(self.data.labels[position]),
+            "class_id": np.int32(self.data.class_ids[position]),
+            "index": np.int32(position),
+            "image_key": image_key(image),
+            "valid": np.int32(1),
+        }
 
 
 class _PaddedLoad(grain.transforms.Map):
@@ -134,8 +157,17 @@ def _iterate(ds, num_workers: int):
     return it
 
 
-def train_batches(data: SplitData, batch_size: int, *, seed: int, image_size: int = 224, start_step: int = 0,
-                  num_workers: int = 0, process_index: int = 0, process_count: int = 1):
+def train_batches(
+    data: SplitData,
+    batch_size: int,
+    *,
+    seed: int,
+    image_size: int = 224,
+    start_step: int = 0,
+    num_workers: int = 0,
+    process_index: int = 0,
+    process_count: int = 1,
+):
     """Endless iterator of per-process batches (batch_size is per process), from `start_step` on."""
     ds = grain.MapDataset.range(len(data)).shuffle(seed=seed).repeat()
     ds = ds[process_index::process_count] if process_count > 1 else ds
@@ -144,8 +176,7 @@ def train_batches(data: SplitData, batch_size: int, *, seed: int, image_size: in
     return iter(_iterate(ds, num_workers))
 
 
-def eval_batches(data: SplitData, batch_size: int, *, image_size: int = 224, num_workers: int = 0,
-                 positions=None):
+def eval_batches(data: SplitData, batch_size: int, *, image_size: int = 224, num_workers: int = 0, positions=None):
     """Ordered batches over `positions` (default: all), the last one padded with valid = 0."""
     positions = np.arange(len(data)) if positions is None else np.asarray(positions)
     n = len(positions)

@@ -7,6 +7,7 @@ never built, so a feature extractor holds (and runs) only what it needs.
 Parameter names follow lukemelas/EfficientNet-PyTorch (`stem_conv`, `blocks_5/depthwise_conv`,
 ...), which keeps the weight converter a plain renaming (see weights.py).
 """
+
 from __future__ import annotations
 
 from typing import Any, Sequence
@@ -92,8 +93,14 @@ class MBConvBlock(nn.Module):
             x = DepthwiseConv(s.kernel, s.stride, pad, self.dtype, name="depthwise_conv")(x)
         else:
             x = nn.Conv(
-                s.hidden_channels, (s.kernel, s.kernel), strides=(s.stride, s.stride), padding=pad,
-                feature_group_count=s.hidden_channels, use_bias=False, dtype=self.dtype, name="depthwise_conv",
+                s.hidden_channels,
+                (s.kernel, s.kernel),
+                strides=(s.stride, s.stride),
+                padding=pad,
+                feature_group_count=s.hidden_channels,
+                use_bias=False,
+                dtype=self.dtype,
+                name="depthwise_conv",
             )(x)
         x = act(_bn("bn1", self.dtype)(x))
         if s.se_channels:
@@ -138,13 +145,27 @@ class EfficientNet(nn.Module):
 
         x = x.astype(self.dtype)
         stem_pad = ea.conv_padding(self.padding_rule, x.shape[1:3], (arch.native_resolution,) * 2, 3, 2)
-        x = nn.Conv(arch.stem_channels, (3, 3), strides=(2, 2), padding=stem_pad, use_bias=False,
-                    dtype=self.dtype, name="stem_conv")(x)
+        x = nn.Conv(
+            arch.stem_channels,
+            (3, 3),
+            strides=(2, 2),
+            padding=stem_pad,
+            use_bias=False,
+            dtype=self.dtype,
+            name="stem_conv",
+        )(x)
         x = act(_bn("stem_bn", self.dtype)(x))
         outputs = []
         for i in range(last + 1):
-            x = MBConvBlock(arch.blocks[i], arch.activation, self.padding_rule, native[i], self.dtype,
-                            self.depthwise, name=f"blocks_{i}")(x)
+            x = MBConvBlock(
+                arch.blocks[i],
+                arch.activation,
+                self.padding_rule,
+                native[i],
+                self.dtype,
+                self.depthwise,
+                name=f"blocks_{i}",
+            )(x)
             if i in taps:
                 outputs.append(x)
         if self.include_head:

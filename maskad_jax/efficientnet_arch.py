@@ -9,10 +9,12 @@ Lite variants differ from B variants in four ways: ReLU6 instead of swish, no sq
 a stem of 32 and a head of 1280 channels whatever the width, and the first and last stages keep
 their repeat counts when the depth coefficient grows.
 """
+
 from __future__ import annotations
 
 import dataclasses
 import math
+
 from maskad_jax.errors import ConfigError
 
 # (repeats, kernel, stride, expand ratio, in channels, out channels) of EfficientNet-B0's stages.
@@ -110,7 +112,9 @@ class ArchSpec:
         for s in strides:
             idx = [i for i, bs in enumerate(per_block) if bs == s]
             if not idx:
-                raise ConfigError(f"{self.name} has no block with output stride {s}; strides are {sorted(set(per_block))}")
+                raise ConfigError(
+                    f"{self.name} has no block with output stride {s}; strides are {sorted(set(per_block))}"
+                )
             taps.append(idx[-1])
         return tuple(taps)
 

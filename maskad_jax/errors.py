@@ -5,6 +5,7 @@ run.py prints a UserError as one or two lines (what is wrong, and the fix) and e
 UserError too). Each class also derives from the built-in type code already catches
 (ValueError, FileNotFoundError, ...), so callers that catch those keep working.
 """
+
 from __future__ import annotations
 
 

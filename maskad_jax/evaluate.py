@@ -6,6 +6,7 @@ scores, and writes the results from process 0. `calibration_scores` scores the h
 training images for predict's threshold. With scoring.mpo_normalisation = test_max (the released
 code's transductive choice, eval only) the M_po scale is first taken from the test set itself.
 """
+
 from __future__ import annotations
 
 import csv
@@ -18,14 +19,14 @@ import jax.numpy as jnp
 import numpy as np
 from PIL import Image
 
-from maskad_jax import metrics as metrics_lib, progress
+from maskad_jax import metrics as metrics_lib
+from maskad_jax import progress
 from maskad_jax.coreset import nearest
 from maskad_jax.data import Preprocess, SplitData, eval_batches
 from maskad_jax.errors import NonFiniteError
 from maskad_jax.flow import flow_logp_fn
 from maskad_jax.overlay import overlay, unique_names
-from maskad_jax.parallel import (gather_max, gather_rows, is_writer, place_for_scoring, process_share,
-                                 scoring_sharding)
+from maskad_jax.parallel import gather_max, gather_rows, is_writer, place_for_scoring, process_share, scoring_sharding
 from maskad_jax.scoring import device_pools, make_score_features_fn, make_score_fn
 
 
@@ -44,19 +45,29 @@ def calibration_scores(config, model, params, pools, h_in, h_tgt, keys, flow=Non
     bs = config.data.eval_batch_size
     with progress.bar(len(rows), "calibration") as pbar:
         for s in range(0, len(rows), bs):
-            r = rows[s:s + bs]
+            r = rows[s : s + bs]
             p = pos[r]
             tgt = h_in[p] if h_tgt is None else h_tgt[p]
-            out = fn(params, dev_pools, jnp.asarray(h_in[p]), jnp.asarray(tgt), jnp.asarray(pool[r]),
-                     jnp.asarray(keys[p]), config.data.image_size, None if f_flow is None else jnp.asarray(f_flow[p]))
-            scores[s:s + len(r)] = np.asarray(out["score"])
+            out = fn(
+                params,
+                dev_pools,
+                jnp.asarray(h_in[p]),
+                jnp.asarray(tgt),
+                jnp.asarray(pool[r]),
+                jnp.asarray(keys[p]),
+                config.data.image_size,
+                None if f_flow is None else jnp.asarray(f_flow[p]),
+            )
+            scores[s : s + len(r)] = np.asarray(out["score"])
             pbar.update(len(r))
     (scores,) = gather_rows(len(pos), rows, scores)
     if not np.all(np.isfinite(scores)):
-        raise NonFiniteError(f"the scores of {int((~np.isfinite(scores)).sum())} held-out normal training images are "
-                             f"not finite, so no threshold can be calibrated: training or the fit produced NaNs")
+        raise NonFiniteError(
+            f"the scores of {int((~np.isfinite(scores)).sum())} held-out normal training images are "
+            f"not finite, so no threshold can be calibrated: training or the fit produced NaNs"
+        )
     bounds = np.cumsum([0] + [len(p) for p in held])
-    return {cls: scores[bounds[k]:bounds[k + 1]].tolist() for k, cls in enumerate(pools.class_names)}
+    return {cls: scores[bounds[k] : bounds[k + 1]].tolist() for k, cls in enumerate(pools.class_names)}
 
 
 def evaluate(config, workdir, extractor, model, params, pools, data: SplitData, flow=None) -> dict:
@@ -65,23 +76,33 @@ def evaluate(config, workdir, extractor, model, params, pools, data: SplitData, 
     if config.scoring.mpo_normalisation == "test_max":
         _normalise_on_the_test_set(config, extractor, pools, dev_pools, flow, data)
     t0 = time.time()
-    maps, masks, scores, rec_mean, uncertified = _score_split(config, extractor, model, params, dev_pools, pools,
-                                                              data, flow)
+    maps, masks, scores, rec_mean, uncertified = _score_split(
+        config, extractor, model, params, dev_pools, pools, data, flow
+    )
     rate = len(data) / max(time.time() - t0, 1e-9)
     _refuse_non_finite(data, maps, scores)
     _log_ot_certification(config, uncertified, len(data))
-    several = f" over {jax.process_count()} processes ({len(process_share(len(data)))} on this one)" \
-        if jax.process_count() > 1 else ""
+    several = (
+        f" over {jax.process_count()} processes ({len(process_share(len(data)))} on this one)"
+        if jax.process_count() > 1
+        else ""
+    )
     progress.log(f"scored {len(data)} test images at {rate:.2f} img/s{several} (first batch includes compilation)")
     per_class = {}
     for cid in sorted(set(data.class_ids.tolist())):
         sel = data.class_ids == cid
-        per_class[data.class_names[cid]] = metrics_lib.all_metrics(scores[sel], data.labels[sel], maps[sel], masks[sel],
-                                                                  protocol=config.eval.protocol, bins=config.eval.bins)
+        per_class[data.class_names[cid]] = metrics_lib.all_metrics(
+            scores[sel], data.labels[sel], maps[sel], masks[sel], protocol=config.eval.protocol, bins=config.eval.bins
+        )
     mean = {k: float(np.nanmean([m[k] for m in per_class.values()])) for k in metrics_lib.METRIC_NAMES}
-    report = {"per_class": per_class, "mean": mean, "test_images_per_second": rate, "num_test_images": len(data),
-              "metrics_unit": "fraction (the console prints %)",
-              "examples": write_heatmaps(workdir, data, maps, scores, config.data.image_size, write=is_writer())}
+    report = {
+        "per_class": per_class,
+        "mean": mean,
+        "test_images_per_second": rate,
+        "num_test_images": len(data),
+        "metrics_unit": "fraction (the console prints %)",
+        "examples": write_heatmaps(workdir, data, maps, scores, config.data.image_size, write=is_writer()),
+    }
     progress.log("mean over classes (%): " + ", ".join(f"{k} {100 * v:.1f}" for k, v in mean.items()))
     if is_writer():
         _write_results(workdir, report, data, scores, rec_mean)
@@ -105,9 +126,13 @@ def report_data(config, data, pools, maps, masks, scores, examples) -> dict:
         both = 0 < labels.sum() < len(labels)
         pixels_both = bool(masks[sel].any()) and not bool(masks[sel].all())
         out["classes"][name] = {
-            "scores": scores[sel], "labels": labels, "defects": [data.defect_types[i] for i in np.nonzero(sel)[0]],
-            "threshold": thr, "image_curves": metrics_lib.curve_points(scores[sel], labels) if both else None,
-            "pixel_curves": metrics_lib.curve_points(maps[sel], masks[sel]) if pixels_both else None}
+            "scores": scores[sel],
+            "labels": labels,
+            "defects": [data.defect_types[i] for i in np.nonzero(sel)[0]],
+            "threshold": thr,
+            "image_curves": metrics_lib.curve_points(scores[sel], labels) if both else None,
+            "pixel_curves": metrics_lib.curve_points(maps[sel], masks[sel]) if pixels_both else None,
+        }
     pre = Preprocess(data, config.data.image_size)
     for ex in examples:
         el = pre.map(ex["index"])
@@ -121,17 +146,27 @@ def _score_split(config, extractor, model, params, dev_pools, pools, data, flow)
     score = make_score_fn(config, extractor, model, flow)
     size, n = config.data.image_size, len(data)
     share = process_share(n)  # this process's images (all of them with one process)
-    out = {"map": np.zeros((len(share), size, size), np.float32), "mask": np.zeros((len(share), size, size), np.uint8),
-           "score": np.zeros((len(share),), np.float32),
-           "rec": np.zeros((len(share),), np.float32),  # the image's mean per-patch Rec (scoring.error_units)
-           "ot_uncertified": np.zeros((len(share),), np.int32)}  # patches whose AssDis used the exact optimum
+    out = {
+        "map": np.zeros((len(share), size, size), np.float32),
+        "mask": np.zeros((len(share), size, size), np.uint8),
+        "score": np.zeros((len(share),), np.float32),
+        "rec": np.zeros((len(share),), np.float32),  # the image's mean per-patch Rec (scoring.error_units)
+        "ot_uncertified": np.zeros((len(share),), np.int32),
+    }  # patches whose AssDis used the exact optimum
     shard, row = scoring_sharding(config), 0
     with progress.bar(len(share), "scoring") as pbar:
-        for batch in eval_batches(data, config.data.eval_batch_size, image_size=size,
-                                  num_workers=config.data.num_workers, positions=share):
+        for batch in eval_batches(
+            data, config.data.eval_batch_size, image_size=size, num_workers=config.data.num_workers, positions=share
+        ):
             names = [data.class_names[c] for c in batch["class_id"]]
-            res = score(params, extractor.variables, dev_pools, jax.device_put(batch["image"], shard),
-                        jax.device_put(pools.pool_index(names), shard), jax.device_put(batch["image_key"], shard))
+            res = score(
+                params,
+                extractor.variables,
+                dev_pools,
+                jax.device_put(batch["image"], shard),
+                jax.device_put(pools.pool_index(names), shard),
+                jax.device_put(batch["image_key"], shard),
+            )
             ok = batch["valid"] == 1
             r = slice(row, row + int(ok.sum()))  # batches follow `share` in order
             for k in ("map", "score", "ot_uncertified"):
@@ -147,9 +182,11 @@ def _refuse_non_finite(data, maps, scores):
     bad = ~np.isfinite(scores) | ~np.isfinite(maps).all(axis=(1, 2))
     if bad.any():
         first = data.file_names[int(np.nonzero(bad)[0][0])]
-        raise NonFiniteError(f"refusing to write metrics: the anomaly maps of {int(bad.sum())} of {len(bad)} test "
-                             f"images are not finite (first: {first}); the checkpoint or the fit is damaged, or "
-                             f"training diverged: retrain (a fresh --workdir) or check the weights")
+        raise NonFiniteError(
+            f"refusing to write metrics: the anomaly maps of {int(bad.sum())} of {len(bad)} test "
+            f"images are not finite (first: {first}); the checkpoint or the fit is damaged, or "
+            f"training diverged: retrain (a fresh --workdir) or check the weights"
+        )
 
 
 def _write_results(workdir, report, data, scores, rec_mean):
@@ -159,8 +196,16 @@ def _write_results(workdir, report, data, scores, rec_mean):
         w = csv.writer(f)
         w.writerow(["file", "class", "defect_type", "label", "score", "rec_mean"])
         for i in range(len(data)):
-            w.writerow([data.file_names[i], data.class_names[data.class_ids[i]], data.defect_types[i],
-                        int(data.labels[i]), f"{scores[i]:.6g}", f"{rec_mean[i]:.6g}"])
+            w.writerow(
+                [
+                    data.file_names[i],
+                    data.class_names[data.class_ids[i]],
+                    data.defect_types[i],
+                    int(data.labels[i]),
+                    f"{scores[i]:.6g}",
+                    f"{rec_mean[i]:.6g}",
+                ]
+            )
 
 
 def _log_ot_certification(config, uncertified: np.ndarray, n_images: int):
@@ -172,8 +217,10 @@ def _log_ot_certification(config, uncertified: np.ndarray, n_images: int):
         return
     total = int(uncertified.sum())
     if total:
-        progress.log(f"AssDis: Sinkhorn not certified within 1% on {total} patch(es) of {n_images} images; the exact "
-                     f"1-D optimum was used there (raise scoring.sinkhorn_iterations to avoid it)")
+        progress.log(
+            f"AssDis: Sinkhorn not certified within 1% on {total} patch(es) of {n_images} images; the exact "
+            f"1-D optimum was used there (raise scoring.sinkhorn_iterations to avoid it)"
+        )
     else:
         progress.log(f"AssDis: Sinkhorn certified within 1% of the optimum on every patch of {n_images} images")
 
@@ -194,8 +241,13 @@ def _per_pool_test_max(config, extractor, pools, data, image_max) -> np.ndarray:
     out = np.full(len(pools.class_names), -np.inf, np.float32)
     shard = scoring_sharding(config)
     fn = jax.jit(image_max)
-    for batch in eval_batches(data, config.data.eval_batch_size, image_size=config.data.image_size,
-                              num_workers=config.data.num_workers, positions=process_share(len(data))):
+    for batch in eval_batches(
+        data,
+        config.data.eval_batch_size,
+        image_size=config.data.image_size,
+        num_workers=config.data.num_workers,
+        positions=process_share(len(data)),
+    ):
         pidx = pools.pool_index([data.class_names[c] for c in batch["class_id"]])
         m = np.asarray(fn(extractor.variables, jax.device_put(batch["image"], shard), jax.device_put(pidx, shard)))
         for k, v, ok in zip(pidx, m, batch["valid"]):
@@ -206,6 +258,7 @@ def _per_pool_test_max(config, extractor, pools, data, image_max) -> np.ndarray:
 
 def _test_max_scale(config, extractor, pools, dev_pools, data) -> np.ndarray:
     """Per pool: the largest nearest-pool distance over all test tokens of its images (code variant)."""
+
     def max_dist(v, x, pidx):
         h = extractor.apply(v, x)
         b, gh, gw, c = h.shape
@@ -225,8 +278,9 @@ def _test_max_flow_ref(config, extractor, pools, dev_pools, flow, data) -> np.nd
         h = flow.embedder.apply(fs["backbone_vars"], x) if own else extractor.apply(v, x)
         b, gh, gw, c = h.shape
         pool, valid = (fs["pool"], fs["valid"]) if own else (dev_pools["pool_in"], dev_pools["valid"])
-        lp = flow_logp_fn(flow.module, (gh, gw))(flow.params, h.reshape(b, gh * gw, c), pool[pidx], valid[pidx],
-                                                  config.flow.cond_dim)
+        lp = flow_logp_fn(flow.module, (gh, gw))(
+            flow.params, h.reshape(b, gh * gw, c), pool[pidx], valid[pidx], config.flow.cond_dim
+        )
         return lp.max(axis=1)
 
     ref = _per_pool_test_max(config, extractor, pools, data, max_logp)
@@ -246,7 +300,9 @@ def write_heatmaps(workdir, data, maps, scores, size, per_class: int = 3, write:
     for cid in sorted(set(data.class_ids.tolist())):
         idx = np.nonzero(data.class_ids == cid)[0]
         order = idx[np.argsort(-scores[idx])]
-        picks += [("highest", cid, i) for i in order[:per_class]] + [("lowest", cid, i) for i in order[::-1][:per_class]]
+        picks += [("highest", cid, i) for i in order[:per_class]] + [
+            ("lowest", cid, i) for i in order[::-1][:per_class]
+        ]
     names = unique_names([data.file_names[i] for _, _, i in picks], ".png")
     examples = []
     for (kind, cid, i), name in zip(picks, names):
@@ -255,7 +311,16 @@ def write_heatmaps(workdir, data, maps, scores, size, per_class: int = 3, write:
         if write:
             el = pre.map(int(i))
             Image.fromarray(overlay(el["image"], maps[i], lo, hi)).save(os.path.join(out_dir, name))
-        examples.append({"class": data.class_names[cid], "kind": kind, "file": data.file_names[i],
-                         "score": float(scores[i]), "label": int(data.labels[i]), "png": f"heatmaps/{name}",
-                         "index": int(i), "scale": [lo, hi]})
+        examples.append(
+            {
+                "class": data.class_names[cid],
+                "kind": kind,
+                "file": data.file_names[i],
+                "score": float(scores[i]),
+                "label": int(data.labels[i]),
+                "png": f"heatmaps/{name}",
+                "index": int(i),
+                "scale": [lo, hi],
+            }
+        )
     return examples

@@ -14,6 +14,7 @@
                     the SHA-256 of every file (serve.py refuses an artifact whose digest differs).
   serve.py          a standalone loader (imports numpy, PIL, jax or onnxruntime; never maskad_jax).
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -26,7 +27,6 @@ import time
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from maskad_jax import progress
 from maskad_jax.errors import ConfigError
@@ -35,8 +35,10 @@ from maskad_jax.predict import _assign_pools, _threshold_rule
 from maskad_jax.scoring import device_pools, make_score_fn
 
 FORMAT = "maskad-jax export 1"
-KEY_RULE = ("zlib.crc32 of the C-order bytes of image.astype(float32) / 255 (shape S x S x 3), & 0x7fffffff, as "
-            "int32: the key that seeds the image's test masks in eval and predict")
+KEY_RULE = (
+    "zlib.crc32 of the C-order bytes of image.astype(float32) / 255 (shape S x S x 3), & 0x7fffffff, as "
+    "int32: the key that seeds the image's test masks in eval and predict"
+)
 
 
 def scorer_function(config, extractor, model, params, pools, flow=None):
@@ -57,8 +59,13 @@ def scorer_function(config, extractor, model, params, pools, flow=None):
             pidx = jnp.full(images.shape[:1], fixed, jnp.int32)
         out = score(params, variables, dev_pools, x, pidx, keys)
         thr = thresholds[pidx]
-        return {"map": out["map"], "score": out["score"], "anomalous": out["score"] >= thr, "class_index": pidx,
-                "threshold": thr}
+        return {
+            "map": out["map"],
+            "score": out["score"],
+            "anomalous": out["score"] >= thr,
+            "class_index": pidx,
+            "threshold": thr,
+        }
 
     return scorer
 
@@ -66,8 +73,10 @@ def scorer_function(config, extractor, model, params, pools, flow=None):
 def class_thresholds(config, pools) -> list[float]:
     """Per pool: predict.threshold when set, else the calibrated quantile of held-out normal scores."""
     pc = config.predict
-    return [float(pc.threshold) if pc.threshold >= 0 else pools.threshold(c, pc.threshold_quantile)
-            for c in pools.class_names]
+    return [
+        float(pc.threshold) if pc.threshold >= 0 else pools.threshold(c, pc.threshold_quantile)
+        for c in pools.class_names
+    ]
 
 
 def export_stablehlo(config, scorer) -> bytes:
@@ -81,8 +90,10 @@ def export_stablehlo(config, scorer) -> bytes:
 def export(config, workdir: str, extractor, model, params, pools, flow=None) -> str:
     """Write <workdir>/export/ (replacing an earlier export, which is this program's own output)."""
     if config.scoring.mpo_normalisation != "calibration":
-        raise ConfigError("export scores images one by one: scoring.mpo_normalisation must be 'calibration' "
-                          f"(got {config.scoring.mpo_normalisation!r}, which needs a whole test set)")
+        raise ConfigError(
+            "export scores images one by one: scoring.mpo_normalisation must be 'calibration' "
+            f"(got {config.scoring.mpo_normalisation!r}, which needs a whole test set)"
+        )
     t0 = time.time()
     out = os.path.join(workdir, "export")
     tmp = out + ".partial"
@@ -91,8 +102,9 @@ def export(config, workdir: str, extractor, model, params, pools, flow=None) -> 
     scorer = scorer_function(config, extractor, model, params, pools, flow)
     with open(os.path.join(tmp, "scorer.stablehlo"), "wb") as f:
         f.write(export_stablehlo(config, scorer))
-    progress.log(f"exported the scoring program as StableHLO for {', '.join(config.export.platforms)} "
-                 f"in {time.time() - t0:.0f}s")
+    progress.log(
+        f"exported the scoring program as StableHLO for {', '.join(config.export.platforms)} in {time.time() - t0:.0f}s"
+    )
     onnx_note = "not exported: docs/deploy.md"
     shutil.copyfile(os.path.join(os.path.dirname(__file__), "serve_export.py"), os.path.join(tmp, "serve.py"))
     manifest = build_manifest(config, pools, tmp, onnx_note)
@@ -100,8 +112,9 @@ def export(config, workdir: str, extractor, model, params, pools, flow=None) -> 
         json.dump(manifest, f, indent=2)
     shutil.rmtree(out, ignore_errors=True)
     os.replace(tmp, out)
-    progress.log(f"export written to {out} ({', '.join(sorted(manifest['files']))}); try: python {out}/serve.py "
-                 f"IMAGE_OR_FOLDER")
+    progress.log(
+        f"export written to {out} ({', '.join(sorted(manifest['files']))}); try: python {out}/serve.py IMAGE_OR_FOLDER"
+    )
     return out
 
 
@@ -118,23 +131,39 @@ def build_manifest(config, pools, folder: str, onnx_note=None) -> dict:
     return {
         "format": FORMAT,
         "created": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
-        "input": {"dtype": "uint8", "shape": ["batch", s, s, 3], "layout": "NHWC, RGB, 0-255",
-                  "key": {"dtype": "int32", "shape": ["batch"], "rule": KEY_RULE}},
-        "preprocess": {"convert": "RGB (grey and palette images converted, alpha dropped)",
-                       "resize": f"shorter side to {s} px, PIL Lanczos, aspect kept", "crop": f"centre {s} x {s}"},
-        "outputs": {"map": ["batch", s, s, "float32, the anomaly map (higher = more anomalous)"],
-                    "score": ["batch", "float32, the map's maximum"],
-                    "anomalous": ["batch", "bool, score >= threshold"],
-                    "class_index": ["batch", "int32, index into classes"],
-                    "threshold": ["batch", "float32, the threshold of the image's class"]},
+        "input": {
+            "dtype": "uint8",
+            "shape": ["batch", s, s, 3],
+            "layout": "NHWC, RGB, 0-255",
+            "key": {"dtype": "int32", "shape": ["batch"], "rule": KEY_RULE},
+        },
+        "preprocess": {
+            "convert": "RGB (grey and palette images converted, alpha dropped)",
+            "resize": f"shorter side to {s} px, PIL Lanczos, aspect kept",
+            "crop": f"centre {s} x {s}",
+        },
+        "outputs": {
+            "map": ["batch", s, s, "float32, the anomaly map (higher = more anomalous)"],
+            "score": ["batch", "float32, the map's maximum"],
+            "anomalous": ["batch", "bool, score >= threshold"],
+            "class_index": ["batch", "int32, index into classes"],
+            "threshold": ["batch", "float32, the threshold of the image's class"],
+        },
         "classes": list(pools.class_names),
-        "class_choice": (f"fixed: {pc.class_name!r} (predict.class_name)" if pc.class_name else
-                         "per image, the pool whose nearest tokens are closest on average"),
+        "class_choice": (
+            f"fixed: {pc.class_name!r} (predict.class_name)"
+            if pc.class_name
+            else "per image, the pool whose nearest tokens are closest on average"
+        ),
         "thresholds": dict(zip(pools.class_names, class_thresholds(config, pools))),
         "threshold_rule": _threshold_rule(config),
         "platforms": list(config.export.platforms),
-        "scoring": {"mpo": config.scoring.mpo, "ot": config.scoring.ot, "combine": config.scoring.combine,
-                    "error_units": config.scoring.error_units},
+        "scoring": {
+            "mpo": config.scoring.mpo,
+            "ot": config.scoring.ot,
+            "combine": config.scoring.combine,
+            "error_units": config.scoring.error_units,
+        },
         "onnx": onnx_note,
         "config_sha256": hashlib.sha256(config.to_json(sort_keys=True).encode()).hexdigest(),
         "versions": versions,

@@ -5,6 +5,7 @@ features when training regresses them) for a whole split, in order. With several
 (jax.distributed) each extracts a contiguous share on its own devices and the shares are gathered,
 so every process holds the whole cache after 1/P of the work.
 """
+
 from __future__ import annotations
 
 import time
@@ -23,32 +24,52 @@ from maskad_jax.parallel import gather_rows, local_batch_sharding, process_share
 def make_extractor(config) -> FeatureExtractor:
     """model.backbone as a FeatureExtractor (weights loaded)."""
     b = config.model.backbone
-    return FeatureExtractor.create(b.arch, weights=b.weights, padding=b.padding, strides=tuple(b.strides),
-                                   dtype=jnp.dtype(config.model.dtype), seed=config.seed,
-                                   depthwise=b.get("depthwise", "auto"))
+    return FeatureExtractor.create(
+        b.arch,
+        weights=b.weights,
+        padding=b.padding,
+        strides=tuple(b.strides),
+        dtype=jnp.dtype(config.model.dtype),
+        seed=config.seed,
+        depthwise=b.get("depthwise", "auto"),
+    )
 
 
 def make_flow_embedder(config) -> FlowEmbedder:
     """The flow's own backbone (flow.features = 'backbone'), built like make_extractor's."""
-    return FlowEmbedder.create(config.flow, dtype=jnp.dtype(config.model.dtype), seed=config.seed,
-                               depthwise=config.model.backbone.get("depthwise", "auto"))
+    return FlowEmbedder.create(
+        config.flow,
+        dtype=jnp.dtype(config.model.dtype),
+        seed=config.seed,
+        depthwise=config.model.backbone.get("depthwise", "auto"),
+    )
 
 
 def extract_features(extractor, data: SplitData, config, with_target: bool, desc: str = "features"):
     """Backbone features of a whole split, in order: (h_in, h_tgt or None, image keys)."""
     positions = process_share(len(data))
-    h_in, h_tgt, keys = _extract_share(extractor, data, config, with_target, positions, local_batch_sharding(config),
-                                       desc)
+    h_in, h_tgt, keys = _extract_share(
+        extractor, data, config, with_target, positions, local_batch_sharding(config), desc
+    )
     return gather_rows(len(data), positions, h_in, h_tgt, keys)
 
 
 def _extract_share(extractor, data: SplitData, config, with_target: bool, positions, shard, desc):
-    fn = jax.jit(lambda v, x: (extractor.apply(v, x, normalize=True),
-                               extractor.apply(v, x, normalize=False) if with_target else None))
+    fn = jax.jit(
+        lambda v, x: (
+            extractor.apply(v, x, normalize=True),
+            extractor.apply(v, x, normalize=False) if with_target else None,
+        )
+    )
     h_in, h_tgt, keys, t0 = [], [], [], time.time()
     with progress.bar(len(positions), desc) as pbar:
-        for batch in eval_batches(data, config.data.eval_batch_size, image_size=config.data.image_size,
-                                  num_workers=config.data.num_workers, positions=positions):
+        for batch in eval_batches(
+            data,
+            config.data.eval_batch_size,
+            image_size=config.data.image_size,
+            num_workers=config.data.num_workers,
+            positions=positions,
+        ):
             a, b = fn(extractor.variables, jax.device_put(batch["image"], shard))
             ok = batch["valid"] == 1
             h_in.append(np.asarray(a)[ok])
@@ -57,8 +78,10 @@ def _extract_share(extractor, data: SplitData, config, with_target: bool, positi
             keys.append(batch["image_key"][ok])
             pbar.update(int(ok.sum()))
     n_done = sum(len(k) for k in keys)
-    progress.log(f"{desc} of {n_done} images{' (both views)' if with_target else ''}: "
-                 f"{n_done / max(time.time() - t0, 1e-9):.1f} img/s")
+    progress.log(
+        f"{desc} of {n_done} images{' (both views)' if with_target else ''}: "
+        f"{n_done / max(time.time() - t0, 1e-9):.1f} img/s"
+    )
     if not n_done:  # an empty share (fewer images than processes)
         empty = np.zeros((0,) + tuple(extractor.feature_shape(config.data.image_size)), np.float32)
         return empty, (empty if with_target else None), np.zeros((0,), np.int32)

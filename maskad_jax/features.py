@@ -9,6 +9,7 @@ The taps are the outputs of the last block at each of `strides` (default 2, 4, 8
 is resized to the resolution of the coarsest tap with bilinear align_corners=True (UniAD's MFCN
 neck), then concatenated in stride order. Only the blocks up to the last tap are built and run.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -37,11 +38,21 @@ class FeatureExtractor:
         object.__setattr__(self, "_jitted", jax.jit(self.apply, static_argnames=("normalize",)))
 
     @classmethod
-    def create(cls, arch_name: str, weights: str = "packaged", padding: str = "static",
-               strides=(2, 4, 8, 16), dtype=jnp.float32, seed: int = 0, depthwise: str = "auto") -> "FeatureExtractor":
+    def create(
+        cls,
+        arch_name: str,
+        weights: str = "packaged",
+        padding: str = "static",
+        strides=(2, 4, 8, 16),
+        dtype=jnp.float32,
+        seed: int = 0,
+        depthwise: str = "auto",
+    ) -> "FeatureExtractor":
         """depthwise: how depthwise convolutions run (efficientnet.DepthwiseConv): auto | conv | shifts."""
         arch = ea.get_arch(arch_name)
-        module = EfficientNet(arch_name, padding, taps=arch.tap_blocks(tuple(strides)), dtype=dtype, depthwise=depthwise)
+        module = EfficientNet(
+            arch_name, padding, taps=arch.tap_blocks(tuple(strides)), dtype=dtype, depthwise=depthwise
+        )
         full = weights_lib.load_backbone_variables(arch_name, weights, seed=seed)
         variables = weights_lib.subset_for(full, module)
         return cls(arch, module, variables, tuple(strides))

@@ -7,6 +7,7 @@ view). The pool keeps ceil(pool_ratio x tokens) of them, chosen by greedy k-cent
 images' tokens give `cal_scale`, the mean L2 distance of a normal token to its nearest pool token:
 M_po divides by it, so an image is scored on its own, never against the rest of a test set.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -58,21 +59,31 @@ class Pools:
         lookup = {c: i for i, c in enumerate(self.class_names)}
         missing = sorted({c for c in class_names_of_images if c not in lookup})
         if missing:
-            raise DataError(f"no nominal pool for class(es) {missing}; the model was fitted on {list(self.class_names)}")
+            raise DataError(
+                f"no nominal pool for class(es) {missing}; the model was fitted on {list(self.class_names)}"
+            )
         return np.asarray([lookup[c] for c in class_names_of_images], np.int32)
 
     def save(self, directory: str) -> None:
         os.makedirs(directory, exist_ok=True)
         extra = {} if self.src is None else {"src": self.src}
         if not (np.all(np.isfinite(self.cal_scale)) and all(np.all(np.isfinite(v)) for v in self.cal_scores.values())):
-            raise FloatingPointError(f"refusing to save the fit to {directory}: its calibration is not finite (NaN "
-                                     f"features or scores: check the backbone weights and the training)")
+            raise FloatingPointError(
+                f"refusing to save the fit to {directory}: its calibration is not finite (NaN "
+                f"features or scores: check the backbone weights and the training)"
+            )
         npz = os.path.join(directory, "pools.npz")
         np.savez(npz, pool_in=self.pool_in, pool_tgt=self.pool_tgt, valid=self.valid, cal_scale=self.cal_scale, **extra)
         with open(os.path.join(directory, "pools.json"), "w") as f:
-            json.dump({"npz_sha256": _sha256(npz), "class_names": list(self.class_names),
-                       "calibration": {k: [int(i) for i in v] for k, v in self.calibration.items()},
-                       "cal_scores": {k: [float(x) for x in v] for k, v in self.cal_scores.items()}}, f)
+            json.dump(
+                {
+                    "npz_sha256": _sha256(npz),
+                    "class_names": list(self.class_names),
+                    "calibration": {k: [int(i) for i in v] for k, v in self.calibration.items()},
+                    "cal_scores": {k: [float(x) for x in v] for k, v in self.cal_scores.items()},
+                },
+                f,
+            )
 
     @classmethod
     def load(cls, directory: str) -> "Pools":
@@ -87,24 +98,37 @@ class Pools:
             raise PoolsCorruptError(f"{meta_path} is missing or unreadable ({e}): rerun --mode=train") from None
         digest = meta.get("npz_sha256")
         if digest is not None and _sha256(path) != digest:
-            raise PoolsCorruptError(f"{path} is corrupt: its contents differ from the digest in pools.json (a "
-                                    f"truncated copy or bit rot); rerun --mode=train to refit")
+            raise PoolsCorruptError(
+                f"{path} is corrupt: its contents differ from the digest in pools.json (a "
+                f"truncated copy or bit rot); rerun --mode=train to refit"
+            )
         try:
             with np.load(path) as z:
                 arrays = {k: z[k] for k in z.files}
-            return cls(arrays["pool_in"], arrays["pool_tgt"], arrays["valid"], arrays["cal_scale"],
-                       tuple(meta["class_names"]), {k: np.asarray(v, int) for k, v in meta["calibration"].items()},
-                       meta.get("cal_scores", {}), arrays.get("src"))
+            return cls(
+                arrays["pool_in"],
+                arrays["pool_tgt"],
+                arrays["valid"],
+                arrays["cal_scale"],
+                tuple(meta["class_names"]),
+                {k: np.asarray(v, int) for k, v in meta["calibration"].items()},
+                meta.get("cal_scores", {}),
+                arrays.get("src"),
+            )
         except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as e:
-            raise PoolsCorruptError(f"{path} is unreadable ({type(e).__name__}: {e}); rerun --mode=train to "
-                                    f"refit") from None
+            raise PoolsCorruptError(
+                f"{path} is unreadable ({type(e).__name__}: {e}); rerun --mode=train to refit"
+            ) from None
 
 
 def fit_pools(h_in: np.ndarray, h_tgt: np.ndarray | None, class_names_of_images, fit_cfg, seed: int) -> Pools:
     """h_in (N, gh, gw, C) features of the normal training images; their class names."""
     names = np.asarray(class_names_of_images)
-    groups = {"*": np.arange(len(names))} if not fit_cfg.per_class else {
-        c: np.nonzero(names == c)[0] for c in sorted(set(names.tolist()))}
+    groups = (
+        {"*": np.arange(len(names))}
+        if not fit_cfg.per_class
+        else {c: np.nonzero(names == c)[0] for c in sorted(set(names.tolist()))}
+    )
     c_dim = h_in.shape[-1]
     pools, cals, cal_scale, cal_pos = [], [], [], {}
     for gi, (cls, pos) in enumerate(groups.items()):
@@ -135,5 +159,5 @@ def fit_pools(h_in: np.ndarray, h_tgt: np.ndarray | None, class_names_of_images,
     valid = np.zeros((len(pools), p), bool)
     src = np.full((len(pools), p), -1, np.int32)
     for i, (a, b, s) in enumerate(pools):
-        pool_in[i, :len(a)], pool_tgt[i, :len(b)], valid[i, :len(a)], src[i, :len(s)] = a, b, True, s
+        pool_in[i, : len(a)], pool_tgt[i, : len(b)], valid[i, : len(a)], src[i, : len(s)] = a, b, True, s
     return Pools(pool_in, pool_tgt, valid, np.asarray(cal_scale, np.float32), tuple(groups), cal_pos, src=src)

@@ -19,6 +19,7 @@ fixed random orthogonal matrix. log|det J| = sum(s) + sum(log g) (|det W| = 1). 
 matrices are constants drawn from numpy's Generator([seed, block]) at build time, not parameters:
 they never see the optimiser and a checkpoint needs only the learned variables and the config.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -47,7 +48,7 @@ def positional_encoding_2d(dim: int, height: int, width: int) -> np.ndarray:
     pe[0:half:2] = np.sin(px).T[:, None, :]
     pe[1:half:2] = np.cos(px).T[:, None, :]
     pe[half::2] = np.sin(py).T[:, :, None]
-    pe[half + 1::2] = np.cos(py).T[:, :, None]
+    pe[half + 1 :: 2] = np.cos(py).T[:, :, None]
     return pe.reshape(dim, height * width).T.astype(np.float32)
 
 
@@ -79,8 +80,9 @@ class CouplingBlock(nn.Module):
         self.fc1 = nn.Dense(self.hidden, kernel_init=_torch_linear_init(fan1), bias_init=_torch_linear_init(fan1))
         self.fc2 = nn.Dense(2 * c2, kernel_init=_torch_linear_init(fan2), bias_init=_torch_linear_init(fan2))
         # SOFTPLUS global affine: 0.1 * softplus_beta=0.5(gamma), gamma initialised so the scale starts at 1.
-        self.global_scale = self.param("global_scale", nn.initializers.constant(2.0 * math.log(math.exp(5.0) - 1.0)),
-                                       (self.channels,))
+        self.global_scale = self.param(
+            "global_scale", nn.initializers.constant(2.0 * math.log(math.exp(5.0) - 1.0)), (self.channels,)
+        )
         self.global_offset = self.param("global_offset", nn.initializers.zeros, (self.channels,))
         self.w_perm = random_orthogonal(self.channels, self.seed, self.index)
 
@@ -118,6 +120,7 @@ class CouplingBlock(nn.Module):
 
 class ConditionalFlow(nn.Module):
     """x (B, C) and cond (B, cond_dim) -> z (B, C) and log|det dz/dx| (B,)."""
+
     channels: int
     cond_dim: int = 128
     blocks: int = 8
@@ -128,8 +131,10 @@ class ConditionalFlow(nn.Module):
 
     def setup(self):
         hidden = int(round(self.hidden_ratio * (self.channels - self.channels // 2 + self.cond_dim)))
-        self.layers = [CouplingBlock(self.channels, self.cond_dim, hidden, self.clamp, self.clamp_form, self.seed, i)
-                       for i in range(self.blocks)]
+        self.layers = [
+            CouplingBlock(self.channels, self.cond_dim, hidden, self.clamp, self.clamp_form, self.seed, i)
+            for i in range(self.blocks)
+        ]
 
     def __call__(self, x, cond):
         logdet = jnp.zeros(x.shape[:1], x.dtype)
@@ -157,8 +162,15 @@ def flow_loss(z, logdet):
 
 def build_flow(config, channels: int) -> ConditionalFlow:
     f = config.flow
-    return ConditionalFlow(channels=channels, cond_dim=f.cond_dim, blocks=f.blocks, hidden_ratio=f.hidden_ratio,
-                           clamp=f.clamp, clamp_form=f.clamp_form, seed=config.seed)
+    return ConditionalFlow(
+        channels=channels,
+        cond_dim=f.cond_dim,
+        blocks=f.blocks,
+        hidden_ratio=f.hidden_ratio,
+        clamp=f.clamp,
+        clamp_form=f.clamp_form,
+        seed=config.seed,
+    )
 
 
 def residual_logp(flow, params, residuals, grid, cond_dim: int):
@@ -176,12 +188,14 @@ def flow_logp_fn(flow, grid):
         _, idx = jax.vmap(nearest)(tokens, pool_in, valid)
         r = tokens - jnp.take_along_axis(pool_in, idx[..., None], axis=1)
         return residual_logp(flow, params, r, grid, cond_dim)
+
     return logp
 
 
 @dataclasses.dataclass
 class FlowState:
     """What scoring needs of a trained flow. embedder/pools: only with flow.features = 'backbone'."""
+
     module: Any
     params: Any
     logp_ref: np.ndarray  # (K,) per pool

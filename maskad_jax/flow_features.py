@@ -7,6 +7,7 @@ that it covers (PaDiM's embedding_concat, i.e. a nearest-neighbour upsampling), 
 (H/8, W/8, C8 + C16): 28 x 28 x 272 at 224 px for B6. Any backbone of efficientnet_arch and any
 strides work here; the weights are loaded like the main backbone's.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -25,8 +26,17 @@ class FlowEmbedder:
     @classmethod
     def create(cls, flow_config, dtype=jnp.float32, seed: int = 0, depthwise: str = "auto") -> "FlowEmbedder":
         b = flow_config.backbone
-        return cls(FeatureExtractor.create(b.arch, weights=b.weights, padding=b.padding, strides=tuple(b.strides),
-                                           dtype=dtype, seed=seed, depthwise=depthwise))
+        return cls(
+            FeatureExtractor.create(
+                b.arch,
+                weights=b.weights,
+                padding=b.padding,
+                strides=tuple(b.strides),
+                dtype=dtype,
+                seed=seed,
+                depthwise=depthwise,
+            )
+        )
 
     @property
     def variables(self):
@@ -45,8 +55,10 @@ class FlowEmbedder:
         """(B, H, W, 3) in [0, 1] -> (B, H/s0, W/s0, C): pooled taps, coarser ones repeated onto the finest."""
         x = self.extractor.normalize(images01) if normalize else images01
         taps = self.extractor.module.apply(variables, x)
-        pooled = [nn.avg_pool(t.astype(jnp.float32), (3, 3), strides=(1, 1), padding=((1, 1), (1, 1)),
-                              count_include_pad=True) for t in taps]
+        pooled = [
+            nn.avg_pool(t.astype(jnp.float32), (3, 3), strides=(1, 1), padding=((1, 1), (1, 1)), count_include_pad=True)
+            for t in taps
+        ]
         gh, gw = pooled[0].shape[1:3]
         out = []
         for t in pooled:

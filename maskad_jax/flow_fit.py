@@ -12,12 +12,11 @@ M_po = 1 - P. L_ref, per pool, is the largest L over the held-out normal (calibr
 class, so an image is scored on its own. The released code's L_ref is the largest L over the class's
 whole test set (scoring.mpo_normalisation = test_max).
 """
+
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
-from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -25,18 +24,30 @@ import numpy as np
 import optax
 
 from maskad_jax.coreset import nearest
+from maskad_jax.errors import MissingInputError
 from maskad_jax.flow import FlowState, build_flow, flow_logp_fn, flow_loss, positional_encoding_2d, residual_logp  # noqa: F401
 from maskad_jax.train import restore_trained, training_loop
-from maskad_jax.errors import MissingInputError
 
 
 def flow_fingerprint(config, channels: int) -> dict:
     f = config.flow
-    out = {"channels": int(channels), "features": f.features, "blocks": f.blocks, "cond_dim": f.cond_dim,
-           "hidden_ratio": f.hidden_ratio, "clamp": f.clamp, "clamp_form": f.clamp_form, "seed": config.seed}
+    out = {
+        "channels": int(channels),
+        "features": f.features,
+        "blocks": f.blocks,
+        "cond_dim": f.cond_dim,
+        "hidden_ratio": f.hidden_ratio,
+        "clamp": f.clamp,
+        "clamp_form": f.clamp_form,
+        "seed": config.seed,
+    }
     if f.features == "backbone":
-        out["backbone"] = {"arch": f.backbone.arch, "padding": f.backbone.padding,
-                           "strides": list(f.backbone.strides), "pool_ratio": f.pool_ratio}
+        out["backbone"] = {
+            "arch": f.backbone.arch,
+            "padding": f.backbone.padding,
+            "strides": list(f.backbone.strides),
+            "pool_ratio": f.pool_ratio,
+        }
     return out
 
 
@@ -56,9 +67,16 @@ def compute_residuals(feats: np.ndarray, pools, pool_idx: np.ndarray, positions:
     for k in range(len(pools.class_names)):
         sel = np.nonzero(pool_idx == k)[0]
         for s in range(0, len(sel), batch):
-            b = sel[s:s + batch]
-            out[b] = np.asarray(fn(jnp.asarray(feats[b].reshape(len(b), gh * gw, c)), jnp.asarray(pools.pool_in[k]),
-                                   jnp.asarray(pools.valid[k]), jnp.asarray(src[k]), jnp.asarray(positions[b])))
+            b = sel[s : s + batch]
+            out[b] = np.asarray(
+                fn(
+                    jnp.asarray(feats[b].reshape(len(b), gh * gw, c)),
+                    jnp.asarray(pools.pool_in[k]),
+                    jnp.asarray(pools.valid[k]),
+                    jnp.asarray(src[k]),
+                    jnp.asarray(positions[b]),
+                )
+            )
     return out
 
 
@@ -74,16 +92,27 @@ def _parts(config, channels: int, grid):
         warm = int(f.warmup_epochs * spe)  # linear from lr/10, then cosine (the released recipe)
         sched = optax.warmup_cosine_decay_schedule(f.lr / 10, f.lr, max(warm, 0), max(total, warm + 1), end_value=0.0)
         return optax.adam(sched), sched
+
     return flow, pe, init_params, make_tx
 
 
-def train_flow(config, feats: np.ndarray, pools, pool_idx: np.ndarray, workdir: str | None, *, log=print,
-               max_steps: int | None = None):
+def train_flow(
+    config,
+    feats: np.ndarray,
+    pools,
+    pool_idx: np.ndarray,
+    workdir: str | None,
+    *,
+    log=print,
+    max_steps: int | None = None,
+):
     """Train (or resume) the flow on the training images' residuals. Returns train.TrainResult."""
     n, gh, gw, c = feats.shape
     if pools.src is None:
-        log("flow: these pools record no token sources (fitted before the flow existed); training "
-            "residuals are taken against the whole pool")
+        log(
+            "flow: these pools record no token sources (fitted before the flow existed); training "
+            "residuals are taken against the whole pool"
+        )
     res = compute_residuals(feats, pools, pool_idx, np.arange(n, dtype=np.int32))
     flow, pe, init_params, make_tx = _parts(config, c, (gh, gw))
 
@@ -93,8 +122,19 @@ def train_flow(config, feats: np.ndarray, pools, pool_idx: np.ndarray, workdir: 
         z, logdet = flow.apply({"params": params}, r.reshape(b * gh * gw, c), jnp.tile(pe, (b, 1)))
         return flow_loss(z, logdet)
 
-    return training_loop(config.flow, config.seed, (res,), init_params, loss_fn, make_tx,
-                         flow_fingerprint(config, c), workdir, name="flow", log=log, max_steps=max_steps)
+    return training_loop(
+        config.flow,
+        config.seed,
+        (res,),
+        init_params,
+        loss_fn,
+        make_tx,
+        flow_fingerprint(config, c),
+        workdir,
+        name="flow",
+        log=log,
+        max_steps=max_steps,
+    )
 
 
 def calibrate_flow(config, params, feats: np.ndarray, pools, batch: int = 64) -> np.ndarray:
@@ -109,10 +149,14 @@ def calibrate_flow(config, params, feats: np.ndarray, pools, batch: int = 64) ->
             pos = np.unique(pools.src[k][pools.src[k] >= 0]) if pools.src is not None else np.arange(min(n, batch))
         best = -np.inf
         for s in range(0, len(pos), batch):
-            p = pos[s:s + batch]
-            lp = fn(params, jnp.asarray(feats[p].reshape(len(p), gh * gw, c)),
-                    jnp.broadcast_to(jnp.asarray(pools.pool_in[k]), (len(p),) + pools.pool_in.shape[1:]),
-                    jnp.broadcast_to(jnp.asarray(pools.valid[k]), (len(p),) + pools.valid.shape[1:]), config.flow.cond_dim)
+            p = pos[s : s + batch]
+            lp = fn(
+                params,
+                jnp.asarray(feats[p].reshape(len(p), gh * gw, c)),
+                jnp.broadcast_to(jnp.asarray(pools.pool_in[k]), (len(p),) + pools.pool_in.shape[1:]),
+                jnp.broadcast_to(jnp.asarray(pools.valid[k]), (len(p),) + pools.valid.shape[1:]),
+                config.flow.cond_dim,
+            )
             best = max(best, float(jnp.max(lp)))
         ref[k] = best
     return ref
@@ -139,5 +183,7 @@ def load_flow_reference(directory: str, class_names) -> np.ndarray:
 def restore_flow(workdir: str, config, channels: int, grid):
     """(flow module, params, step) of the latest flow checkpoint in workdir."""
     flow, _, init_params, make_tx = _parts(config, channels, grid)
-    params, step = restore_trained(workdir, config.flow, "flow", init_params, make_tx, flow_fingerprint(config, channels))
+    params, step = restore_trained(
+        workdir, config.flow, "flow", init_params, make_tx, flow_fingerprint(config, channels)
+    )
     return flow, params, step

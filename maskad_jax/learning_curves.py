@@ -12,6 +12,7 @@ scoring.mpo = flow the curves use the kNN M_po (the flow is trained after the re
 The training loop writes the values to the console, train_log.jsonl ("eval") and TensorBoard
 (eval/<row>/<metric>).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -30,6 +31,7 @@ from maskad_jax.train import sample_train_mask
 @dataclasses.dataclass
 class EvalSet:
     """The features and ground truth of the images the curves are measured on."""
+
     h_in: np.ndarray  # (N, gh, gw, C)
     h_tgt: np.ndarray  # (N, gh, gw, C): the regression targets (h_in itself unless train.target is unnormalized)
     masks: np.ndarray  # (N, S, S) uint8 ground truth
@@ -57,11 +59,20 @@ def build_eval_set(config, extractor, data, max_images: int) -> EvalSet:
     """The curves' images: subset_positions of a split, their features, masks and keys."""
     positions = subset_positions(data.labels, data.class_ids, max_images)
     regress_raw = config.train.target == "unnormalized"
-    fn = jax.jit(lambda v, x: (extractor.apply(v, x, normalize=True),
-                               extractor.apply(v, x, normalize=False) if regress_raw else None))
+    fn = jax.jit(
+        lambda v, x: (
+            extractor.apply(v, x, normalize=True),
+            extractor.apply(v, x, normalize=False) if regress_raw else None,
+        )
+    )
     parts = {k: [] for k in ("h_in", "h_tgt", "masks", "labels", "classes", "keys")}
-    for batch in eval_batches(data, config.data.eval_batch_size, image_size=config.data.image_size,
-                              num_workers=config.data.num_workers, positions=positions):
+    for batch in eval_batches(
+        data,
+        config.data.eval_batch_size,
+        image_size=config.data.image_size,
+        num_workers=config.data.num_workers,
+        positions=positions,
+    ):
         ok = batch["valid"] == 1
         a, b = fn(extractor.variables, jnp.asarray(batch["image"]))
         parts["h_in"].append(np.asarray(a)[ok])
@@ -70,8 +81,42 @@ def build_eval_set(config, extractor, data, max_images: int) -> EvalSet:
         parts["labels"].append(batch["label"][ok])
         parts["classes"] += [data.class_names[c] for c in batch["class_id"][ok]]
         parts["keys"].append(batch["image_key"][ok])
-    return EvalSet(*(np.concatenate(parts[k]) for k in ("h_in", "h_tgt", "masks", "labels")),
-                   tuple(parts["classes"]), np.concatenate(parts["keys"]))
+    return EvalSet(
+        *(np.concatenate(parts[k]) for k in ("h_in", "h_tgt", "masks", "labels")),
+        tuple(parts["classes"]),
+        np.concatenate(parts["keys"]),
+    )
+
+
+def _row_functions(config, model) -> dict:
+    """The jitted scoring from features of each row in train.eval_rows (kNN M_po: the flow is trained
+    after the reconstructor)."""
+    fns = {}
+    for row in tuple(config.train.eval_rows):
+        cfg = config.copy_and_resolve_references()
+        apply_row(cfg.scoring, row)
+        if cfg.scoring.mpo == "flow":
+            cfg.scoring.mpo = "knn"
+        fns[row] = jax.jit(make_score_features_fn(cfg, model), static_argnums=(6,))
+    return fns
+
+
+def _row_metrics(fn, params, dev_pools, evalset: EvalSet, pool_idx, bs: int, size: int) -> dict:
+    """The seven metrics (fractions, mean over classes) of one row's maps of the evaluation set."""
+    maps = []
+    for s in range(0, len(evalset.labels), bs):
+        sl = slice(s, s + bs)
+        h_in, h_tgt = jnp.asarray(evalset.h_in[sl]), jnp.asarray(evalset.h_tgt[sl])
+        res = fn(params, dev_pools, h_in, h_tgt, jnp.asarray(pool_idx[sl]), jnp.asarray(evalset.keys[sl]), size)
+        maps.append(np.asarray(res["map"]))
+    maps, classes = np.concatenate(maps), np.asarray(evalset.classes)
+    per_class = []
+    for c in sorted(set(evalset.classes)):
+        sel = classes == c
+        per_class.append(
+            metrics_lib.all_metrics(maps[sel].max(axis=(1, 2)), evalset.labels[sel], maps[sel], evalset.masks[sel])
+        )
+    return {m: float(np.nanmean([p[m] for p in per_class])) for m in metrics_lib.METRIC_NAMES}
 
 
 def make_learning_curves(config, model, pools, evalset: EvalSet, place):
@@ -80,18 +125,12 @@ def make_learning_curves(config, model, pools, evalset: EvalSet, place):
 
     place(tree): puts parameters and pools where scoring runs (parallel.place_for_scoring)."""
     tc = config.train
-    rows = tuple(tc.eval_rows)
-    fns = {}
-    for row in rows:
-        cfg = config.copy_and_resolve_references()
-        apply_row(cfg.scoring, row)
-        if cfg.scoring.mpo == "flow":
-            cfg.scoring.mpo = "knn"  # the flow is trained after the reconstructor
-        fns[row] = jax.jit(make_score_features_fn(cfg, model), static_argnums=(6,))
+    fns = _row_functions(config, model)
     dev_pools = place(device_pools(pools))
     pool_idx = pools.pool_index(list(evalset.classes))
     normal = np.nonzero(evalset.labels == 0)[0]
     key = jax.random.fold_in(jax.random.key(config.seed), 0xE7A1)
+    bs, size = int(config.data.eval_batch_size), int(config.data.image_size)
 
     @jax.jit
     def normal_loss(params, h, t, idx):
@@ -99,40 +138,32 @@ def make_learning_curves(config, model, pools, evalset: EvalSet, place):
         pred = model.apply({"params": params}, h, masks, deterministic=True)
         return jnp.sum(jnp.square(pred - t)), pred.size
 
-    bs = int(config.data.eval_batch_size)
-    size = int(config.data.image_size)
-    classes = np.asarray(evalset.classes)
-
     def evaluate(params) -> dict:
         params = place(params)
-        out = {}
         total, count = 0.0, 0
         for s in range(0, len(normal), bs):
-            sel = normal[s:s + bs]
-            ls, n = normal_loss(params, jnp.asarray(evalset.h_in[sel]), jnp.asarray(evalset.h_tgt[sel]),
-                                jnp.asarray(sel, jnp.int32))
+            sel = normal[s : s + bs]
+            h_in, h_tgt = jnp.asarray(evalset.h_in[sel]), jnp.asarray(evalset.h_tgt[sel])
+            ls, n = normal_loss(params, h_in, h_tgt, jnp.asarray(sel, jnp.int32))
             total, count = total + float(ls), count + int(n)
-        out["heldout_normal_loss"] = total / max(count, 1)
+        out = {"heldout_normal_loss": total / max(count, 1)}
         for row, fn in fns.items():
-            maps = []
-            for s in range(0, len(evalset.labels), bs):
-                sl = slice(s, s + bs)
-                res = fn(params, dev_pools, jnp.asarray(evalset.h_in[sl]), jnp.asarray(evalset.h_tgt[sl]),
-                         jnp.asarray(pool_idx[sl]), jnp.asarray(evalset.keys[sl]), size)
-                maps.append(np.asarray(res["map"]))
-            maps = np.concatenate(maps)
-            per_class = [metrics_lib.all_metrics(maps[classes == c].max(axis=(1, 2)), evalset.labels[classes == c],
-                                                 maps[classes == c], evalset.masks[classes == c])
-                         for c in sorted(set(evalset.classes))]
-            for m in metrics_lib.METRIC_NAMES:
-                out[f"{row}/{m}"] = float(np.nanmean([p[m] for p in per_class]))
+            metrics = _row_metrics(fn, params, dev_pools, evalset, pool_idx, bs, size)
+            out.update({f"{row}/{m}": v for m, v in metrics.items()})
         return out, format_curves(out)
 
     return evaluate
 
 
-SHORT = {"image_auroc": "I-AUROC", "image_ap": "I-AP", "image_f1_max": "I-F1", "pixel_auroc": "P-AUROC",
-         "pixel_ap": "P-AP", "pixel_f1_max": "P-F1", "aupro": "AUPRO"}
+SHORT = {
+    "image_auroc": "I-AUROC",
+    "image_ap": "I-AP",
+    "image_f1_max": "I-F1",
+    "pixel_auroc": "P-AUROC",
+    "pixel_ap": "P-AP",
+    "pixel_f1_max": "P-F1",
+    "aupro": "AUPRO",
+}
 
 
 def format_curves(values: dict) -> str:
@@ -143,6 +174,12 @@ def format_curves(values: dict) -> str:
         if "/" in k and k.split("/")[0] not in rows:
             rows.append(k.split("/")[0])
     for row in rows:
-        parts.append(f"{row} " + " ".join(f"{SHORT[m]} {100 * values[f'{row}/{m}']:.1f}"
-                                          for m in metrics_lib.METRIC_NAMES if f"{row}/{m}" in values))
+        parts.append(
+            f"{row} "
+            + " ".join(
+                f"{SHORT[m]} {100 * values[f'{row}/{m}']:.1f}"
+                for m in metrics_lib.METRIC_NAMES
+                if f"{row}/{m}" in values
+            )
+        )
     return " | ".join(parts)

@@ -9,6 +9,7 @@
   per-position foreground weight (Gumbel top-k). See `foreground_weights` for the definition.
 - topk_mask: the prototype-oriented mask: positions whose score is >= the k-th largest (ties add).
 """
+
 from __future__ import annotations
 
 import math
@@ -23,8 +24,14 @@ def random_mask(key, n: int, k: int) -> jax.Array:
     return noise >= thresh if k > 0 else jnp.zeros((n,), bool)
 
 
-def block_mask(key, grid: tuple[int, int], num_patches: int, min_patches: int = 4, aspect: float = 0.3,
-               max_rounds: int | None = None) -> jax.Array:
+def block_mask(
+    key,
+    grid: tuple[int, int],
+    num_patches: int,
+    min_patches: int = 4,
+    aspect: float = 0.3,
+    max_rounds: int | None = None,
+) -> jax.Array:
     gh, gw = grid
     rows = jnp.arange(gh)[:, None]
     cols = jnp.arange(gw)[None, :]

@@ -10,6 +10,7 @@ regions of the fraction of the region's pixels at or above it; FPR is over all d
 The "ader" variants reproduce the published protocol's approximations (zhangzjn/ADer): pixel
 F1-max over 21 thresholds of min-max normalised maps, AUPRO over `max_step` equal threshold steps.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -73,8 +74,12 @@ def curve_points(scores, labels, max_points: int = 200) -> dict:
     tp, fp = _curve(scores, _check(labels))
     keep = np.unique(np.linspace(0, len(tp) - 1, min(max_points, len(tp))).round().astype(int))
     tp, fp = tp[keep], fp[keep]
-    return {"fpr": np.r_[0.0, fp / fp[-1]], "tpr": np.r_[0.0, tp / tp[-1]], "recall": tp / tp[-1],
-            "precision": tp / np.maximum(tp + fp, 1)}
+    return {
+        "fpr": np.r_[0.0, fp / fp[-1]],
+        "tpr": np.r_[0.0, tp / tp[-1]],
+        "recall": tp / tp[-1],
+        "precision": tp / np.maximum(tp + fp, 1),
+    }
 
 
 _EIGHT = np.ones((3, 3), int)
@@ -253,7 +258,7 @@ def all_metrics(image_scores, image_labels, maps, masks, protocol: str = "exact"
     if protocol == "binned":
         acc = BinnedPixelMetrics(float(np.min(maps)), float(np.max(maps)), bins)
         for i in range(len(maps)):
-            acc.add(maps[i:i + 1], masks[i:i + 1])
+            acc.add(maps[i : i + 1], masks[i : i + 1])
         out.update(acc.results())
         return out
     curves("pixel", maps, masks)

@@ -1,4 +1,5 @@
 """Optimiser: global-norm clipping then AdamW, with per-step linear warm-up and cosine decay."""
+
 from __future__ import annotations
 
 import jax
@@ -10,13 +11,15 @@ def decay_mask(params):
     """True where weight decay applies: matrices, the relative-position table and the mask token;
     never biases, norms, layer scales, q/v biases or the cls token (the released code's groups)."""
     flat = traverse_util.flatten_dict(params)
-    return traverse_util.unflatten_dict({
-        k: (v.ndim >= 2 or k[-1] == "mask_token") and k[-1] != "cls_token" for k, v in flat.items()})
+    return traverse_util.unflatten_dict(
+        {k: (v.ndim >= 2 or k[-1] == "mask_token") and k[-1] != "cls_token" for k, v in flat.items()}
+    )
 
 
 def schedule(lr: float, min_lr: float, warmup_steps: int, total_steps: int):
-    return optax.warmup_cosine_decay_schedule(0.0, lr, max(warmup_steps, 0), max(total_steps, warmup_steps + 1),
-                                              end_value=min_lr)
+    return optax.warmup_cosine_decay_schedule(
+        0.0, lr, max(warmup_steps, 0), max(total_steps, warmup_steps + 1), end_value=min_lr
+    )
 
 
 def make_optimizer(train_cfg, total_steps: int, steps_per_epoch: int):

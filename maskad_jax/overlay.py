@@ -1,5 +1,6 @@
 """Heatmap images and file names: a colour map of an anomaly map, blended over the image, with the outline of the
 region at or above a threshold."""
+
 from __future__ import annotations
 
 import zlib
@@ -19,8 +20,9 @@ def colormap(values01: np.ndarray) -> np.ndarray:
     return (_ANCHORS[lo] * (1 - t) + _ANCHORS[lo + 1] * t).astype(np.uint8)
 
 
-def overlay(image01: np.ndarray, amap: np.ndarray, lo: float, hi: float, threshold: float | None = None,
-            alpha: float = 0.45) -> np.ndarray:
+def overlay(
+    image01: np.ndarray, amap: np.ndarray, lo: float, hi: float, threshold: float | None = None, alpha: float = 0.45
+) -> np.ndarray:
     """image (H, W, 3) in [0, 1], map (H, W) scaled to [lo, hi] -> (H, W, 3) uint8 with an outline in white."""
     heat = colormap((amap - lo) / max(hi - lo, 1e-12)).astype(np.float64)
     out = (1 - alpha) * image01 * 255 + alpha * heat

@@ -10,11 +10,13 @@ sharding helpers apart from training in the same way):
 - files: process 0 alone writes the workdir's shared files (`is_writer`), the others wait at a
   `barrier` before reading them.
 """
+
 from __future__ import annotations
 
 import jax
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from maskad_jax.errors import ConfigError
 
@@ -33,8 +35,10 @@ def local_batch_sharding(config):
     """An eval batch split over this process's devices (data.eval_batch_size must divide evenly)."""
     mesh = local_mesh()
     if config.data.eval_batch_size % mesh.devices.size:
-        raise ConfigError(f"data.eval_batch_size = {config.data.eval_batch_size} must be a multiple of the "
-                          f"{mesh.devices.size} local devices")
+        raise ConfigError(
+            f"data.eval_batch_size = {config.data.eval_batch_size} must be a multiple of the "
+            f"{mesh.devices.size} local devices"
+        )
     return NamedSharding(mesh, P("data"))
 
 
@@ -59,10 +63,12 @@ def scoring_sharding(config):
 def to_local(tree):
     """A pytree with every array that spans processes (e.g. trained, replicated parameters) replaced by
     this process's copy, so it can meet host-local arrays in one jitted call. Identity with one process."""
+
     def local(a):
         if isinstance(a, jax.Array) and not a.is_fully_addressable:
             return a.addressable_data(0)
         return a
+
     return jax.tree_util.tree_map(local, tree)
 
 
@@ -91,11 +97,13 @@ def gather_rows(n: int, positions: np.ndarray, *arrays):
             return arrays
         return tuple(None if a is None else _place(n, positions, a) for a in arrays)
     from jax.experimental import multihost_utils  # noqa: PLC0415  (only multi-process runs need it)
+
     rows = -(-n // jax.process_count())  # the largest share np.array_split makes
     pad = lambda a, v: np.concatenate([a, np.full((rows - len(a),) + a.shape[1:], v, a.dtype)])  # noqa: E731
     present = [a for a in arrays if a is not None]
-    got = multihost_utils.process_allgather((pad(positions, -1),) + tuple(pad(np.asarray(a), 0) for a in present),
-                                            tiled=False)
+    got = multihost_utils.process_allgather(
+        (pad(positions, -1),) + tuple(pad(np.asarray(a), 0) for a in present), tiled=False
+    )
     pos = np.asarray(got[0]).reshape(-1)
     keep = pos >= 0
     full = iter([_place(n, pos[keep], np.asarray(g).reshape((-1,) + g.shape[2:])[keep]) for g in got[1:]])
@@ -113,6 +121,7 @@ def gather_max(values: np.ndarray) -> np.ndarray:
     if jax.process_count() == 1:
         return values
     from jax.experimental import multihost_utils  # noqa: PLC0415
+
     return np.asarray(multihost_utils.process_allgather(values, tiled=False)).max(axis=0)
 
 
@@ -126,4 +135,5 @@ def barrier(name: str):
     """Wait for every process (files written by process 0 are then visible to all). No-op alone."""
     if jax.process_count() > 1:
         from jax.experimental import multihost_utils  # noqa: PLC0415
+
         multihost_utils.sync_global_devices(name)

@@ -10,6 +10,7 @@ export.py). The stages, in order:
 A workdir holds config.json, checkpoints/ (orbax), fit/ (pools and calibration), train_log.jsonl,
 tensorboard/, metrics.json, scores.csv, report.html, heatmaps/ and predictions/.
 """
+
 from __future__ import annotations
 
 import os
@@ -17,7 +18,8 @@ import time
 
 import jax
 
-from maskad_jax import config_check, feature_cache, progress, workdir as workdir_lib
+from maskad_jax import config_check, feature_cache, progress
+from maskad_jax import workdir as workdir_lib
 from maskad_jax.data import SplitData
 from maskad_jax.errors import ConfigError
 from maskad_jax.evaluate import calibration_scores, evaluate
@@ -49,8 +51,9 @@ def train_and_evaluate(config, workdir: str, mode: str = "train_and_eval") -> di
     config_check.validate(config, mode)  # every field, before any work or file
     workdir = os.path.abspath(os.path.expanduser(workdir))
     if mode in ("predict", "export") and jax.process_count() > 1:
-        raise ConfigError(f"--mode={mode} runs in one process (it writes files of its own); start it without "
-                          "jax.distributed")
+        raise ConfigError(
+            f"--mode={mode} runs in one process (it writes files of its own); start it without jax.distributed"
+        )
     if mode in ("eval", "predict", "export"):
         workdir_lib.require_trained(workdir)  # refused before anything is written
     with workdir_lib.locked(workdir, mode):
@@ -94,8 +97,10 @@ def _predict_or_export(config, workdir, mode) -> dict:
 
 def _train_and_eval(config, workdir, mode) -> dict:
     _, train_data, test_data = load_data(config)
-    progress.log(f"dataset {config.data.name}: {len(train_data)} train, {len(test_data)} test images, classes "
-                 f"{train_data.present_classes()}")
+    progress.log(
+        f"dataset {config.data.name}: {len(train_data)} train, {len(test_data)} test images, classes "
+        f"{train_data.present_classes()}"
+    )
     extractor, model, channels, grid = _models(config)
     _write_config(config, workdir, mode)
     result = {}
@@ -110,29 +115,39 @@ def _train_and_eval(config, workdir, mode) -> dict:
         result.update(evaluate(config, workdir, extractor, model, params, pools, test_data, flow))
         if config.data.name == "synthetic" and is_writer():  # images to try --mode=predict on
             out = os.path.join(workdir, "samples")
-            progress.log(f"wrote {len(export_samples(test_data, out))} test images to try --mode=predict on: "
-                         f"--config.predict.input={out}")
+            progress.log(
+                f"wrote {len(export_samples(test_data, out))} test images to try --mode=predict on: "
+                f"--config.predict.input={out}"
+            )
     return result
 
 
 def _train_stage(config, workdir, extractor, model, train_data, test_data):
     """Features, pools, the reconstructor (and flow), calibration; the fit saved. (params, seconds)."""
-    h_in, h_tgt, keys = feature_cache.extract_features(extractor, train_data, config,
-                                                       with_target=config.train.target == "unnormalized")
+    h_in, h_tgt, keys = feature_cache.extract_features(
+        extractor, train_data, config, with_target=config.train.target == "unnormalized"
+    )
     class_names = [train_data.class_names[i] for i in train_data.class_ids]
     t0 = time.time()  # the pools depend on the features only: fitted first, so the learning curves can use them
     pools = fit_pools(h_in, h_tgt, class_names, config.fit, config.seed)
-    progress.log(f"fitted {len(pools.class_names)} pool(s) of up to {pools.pool_in.shape[1]} tokens in "
-                 f"{time.time() - t0:.0f}s")
+    progress.log(
+        f"fitted {len(pools.class_names)} pool(s) of up to {pools.pool_in.shape[1]} tokens in {time.time() - t0:.0f}s"
+    )
     periodic = None
     if config.train.eval_every > 0:
-        periodic = make_learning_curves(config, model, pools,
-                                        build_eval_set(config, extractor, test_data, config.train.eval_images),
-                                        lambda tree: place_for_scoring(config, tree))
+        periodic = make_learning_curves(
+            config,
+            model,
+            pools,
+            build_eval_set(config, extractor, test_data, config.train.eval_images),
+            lambda tree: place_for_scoring(config, tree),
+        )
     t0 = time.time()
     res = train(config, h_in, h_tgt, workdir, log=progress.log, periodic=periodic)
     seconds = time.time() - t0
-    progress.log(f"reconstructor: {count_params(res.params):,} parameters; trained to step {res.steps} in {seconds:.0f}s")
+    progress.log(
+        f"reconstructor: {count_params(res.params):,} parameters; trained to step {res.steps} in {seconds:.0f}s"
+    )
     flow, f_train = None, None
     if config.scoring.mpo == "flow":
         flow, f_train = _train_flow_stage(config, workdir, h_in, pools, class_names, train_data)
@@ -152,24 +167,30 @@ def _train_flow_stage(config, workdir, h_in, pools, class_names, train_data):
     embedder, feats, fpools = None, h_in, pools
     if fc.features == "backbone":
         embedder = feature_cache.make_flow_embedder(config)
-        feats, _, _ = feature_cache.extract_features(embedder, train_data, config, with_target=False,
-                                                     desc="flow features")
+        feats, _, _ = feature_cache.extract_features(
+            embedder, train_data, config, with_target=False, desc="flow features"
+        )
         fit_cfg = config.fit.copy_and_resolve_references()
         fit_cfg.pool_ratio = fc.pool_ratio
         fpools = fit_pools(feats, None, class_names, fit_cfg, config.seed)
         if is_writer():
             fpools.save(os.path.join(workdir, "fit", "flow_pool"))
-        progress.log(f"flow backbone {fc.backbone.arch}: features {feats.shape[1:]}, pool of up to "
-                     f"{fpools.pool_in.shape[1]} tokens")
+        progress.log(
+            f"flow backbone {fc.backbone.arch}: features {feats.shape[1:]}, pool of up to "
+            f"{fpools.pool_in.shape[1]} tokens"
+        )
     res = train_flow(config, feats, fpools, fpools.pool_index(class_names), workdir, log=progress.log)
     flow_params = to_local(res.params)
     ref = calibrate_flow(config, flow_params, feats, fpools)
     if is_writer():
         save_flow_reference(os.path.join(workdir, "fit"), ref, fpools.class_names)
-    progress.log(f"flow M_po: trained to step {res.steps} in {time.time() - t0:.0f}s; L_ref "
-                 + ", ".join(f"{c} {r:.3f}" for c, r in zip(fpools.class_names, ref)))
-    state = FlowState(build_flow(config, feats.shape[-1]), flow_params, ref, embedder,
-                      fpools if embedder is not None else None)
+    progress.log(
+        f"flow M_po: trained to step {res.steps} in {time.time() - t0:.0f}s; L_ref "
+        + ", ".join(f"{c} {r:.3f}" for c, r in zip(fpools.class_names, ref))
+    )
+    state = FlowState(
+        build_flow(config, feats.shape[-1]), flow_params, ref, embedder, fpools if embedder is not None else None
+    )
     return state, (feats if embedder is not None else None)
 
 
@@ -184,5 +205,6 @@ def restore_flow_state(config, workdir, channels, grid, pools):
         channels, grid = embedder.channels, embedder.feature_shape(config.data.image_size)[:2]
     flow, params, step = restore_flow(workdir, config, channels, grid)
     progress.log(f"restored the flow at step {step} from {workdir}")
-    return FlowState(flow, to_local(params), load_flow_reference(os.path.join(workdir, "fit"), pools.class_names),
-                     embedder, fpools)
+    return FlowState(
+        flow, to_local(params), load_flow_reference(os.path.join(workdir, "fit"), pools.class_names), embedder, fpools
+    )

@@ -11,6 +11,7 @@ Class: `predict.class_name`, or (empty) the pool whose tokens lie nearest to the
 Threshold: `predict.threshold` when >= 0, else the `predict.threshold_quantile` quantile of the
 scores of normal training images held out of the pool (never from test labels).
 """
+
 from __future__ import annotations
 
 import csv
@@ -69,8 +70,10 @@ def predict(config, workdir: str, extractor, model, params, pools, log=print, fl
     flow: the trained flow (flow.FlowState) when scoring.mpo = 'flow' (pipeline.restore_flow_state)."""
     pc = config.predict
     if config.scoring.mpo_normalisation != "calibration":
-        raise ConfigError("predict scores images one by one: scoring.mpo_normalisation must be 'calibration' "
-                          f"(got {config.scoring.mpo_normalisation!r}, which needs a whole test set)")
+        raise ConfigError(
+            "predict scores images one by one: scoring.mpo_normalisation must be 'calibration' "
+            f"(got {config.scoring.mpo_normalisation!r}, which needs a whole test set)"
+        )
     root, rels = collect_inputs(pc.input)
     out_dir = output_folder(workdir)
     params, dev_pools = place_for_scoring(config, (params, device_pools(pools, flow)))
@@ -81,19 +84,27 @@ def predict(config, workdir: str, extractor, model, params, pools, log=print, fl
     rows, bs, shard = [], config.data.eval_batch_size, scoring_sharding(config)
     with progress.bar(len(rels), "predict") as pbar:
         for start in range(0, len(rels), bs):
-            images, ok_rels = _load_chunk(rels[start:start + bs], root, config.data.image_size, rows, log)
+            images, ok_rels = _load_chunk(rels[start : start + bs], root, config.data.image_size, rows, log)
             if images:
                 batch = np.stack(images + [images[-1]] * (bs - len(images)))  # a fixed shape: one compiled program
                 x = jax.device_put(batch, shard)
                 pidx = np.full(bs, fixed, np.int32) if fixed is not None else np.asarray(assign(extractor.variables, x))
-                out = score(params, extractor.variables, dev_pools, x, jax.device_put(pidx, shard),
-                            jax.device_put(np.asarray([image_key(im) for im in batch]), shard))
+                out = score(
+                    params,
+                    extractor.variables,
+                    dev_pools,
+                    x,
+                    jax.device_put(pidx, shard),
+                    jax.device_put(np.asarray([image_key(im) for im in batch]), shard),
+                )
                 rows += _write_images(config, pools, out_dir, batch, ok_rels, [names[r] for r in ok_rels], pidx, out)
-            pbar.update(len(rels[start:start + bs]))
+            pbar.update(len(rels[start : start + bs]))
     _write_tables(out_dir, rows)
     flagged = sum(1 for r in rows if r.get("anomalous"))
-    log(f"predicted {len(rows)} images from {root}: {flagged} anomalous ({_threshold_rule(config)}); results in "
-        f"{out_dir}")
+    log(
+        f"predicted {len(rows)} images from {root}: {flagged} anomalous ({_threshold_rule(config)}); results in "
+        f"{out_dir}"
+    )
     return rows
 
 
@@ -118,8 +129,10 @@ def _threshold_rule(config) -> str:
     pc = config.predict
     if pc.threshold >= 0:
         return f"threshold {pc.threshold:g}, set by predict.threshold"
-    return (f"threshold per class = the {pc.threshold_quantile:g} quantile of the scores of normal training images "
-            f"held out of the pools (predict.threshold_quantile)")
+    return (
+        f"threshold per class = the {pc.threshold_quantile:g} quantile of the scores of normal training images "
+        f"held out of the pools (predict.threshold_quantile)"
+    )
 
 
 def _load_chunk(chunk, root, size, rows, log):
@@ -130,8 +143,9 @@ def _load_chunk(chunk, root, size, rows, log):
             ok_rels.append(rel)
         except (ImageDecodeError, ValueError) as e:
             log(f"skipped {rel}: {e}")
-            rows.append({"file": rel, "class": "", "score": None, "threshold": None, "anomalous": None,
-                         "error": str(e)})
+            rows.append(
+                {"file": rel, "class": "", "score": None, "threshold": None, "anomalous": None, "error": str(e)}
+            )
     return images, ok_rels
 
 
@@ -144,15 +158,26 @@ def _write_images(config, pools, out_dir, batch, rels, names, pidx, out) -> list
         cls = pools.class_names[pidx[i]]
         thr = float(pc.threshold) if pc.threshold >= 0 else pools.threshold(cls, pc.threshold_quantile)
         if not (np.isfinite(thr) and np.isfinite(scores[i]) and np.isfinite(maps[i]).all()):
-            raise NonFiniteError(f"{rel}: its score ({scores[i]}) or the threshold of class {cls!r} ({thr}) is not "
-                                 f"finite; the checkpoint or the fit is damaged: retrain, or check the weights")
+            raise NonFiniteError(
+                f"{rel}: its score ({scores[i]}) or the threshold of class {cls!r} ({thr}) is not "
+                f"finite; the checkpoint or the fit is damaged: retrain, or check the weights"
+            )
         np.save(os.path.join(out_dir, "maps", name + ".npy"), maps[i])
         scaled = np.clip(maps[i] / max(2 * thr, 1e-12) * 255, 0, 255).astype(np.uint8)
         Image.fromarray(scaled, "L").save(os.path.join(out_dir, "maps", name + ".png"))
-        Image.fromarray(overlay(batch[i], maps[i], 0.0, 2 * thr, thr)).save(os.path.join(out_dir, "overlays",
-                                                                                          name + ".png"))
-        rows.append({"file": rel, "class": cls, "score": float(scores[i]), "threshold": thr,
-                     "anomalous": bool(scores[i] >= thr), "output_name": name})
+        Image.fromarray(overlay(batch[i], maps[i], 0.0, 2 * thr, thr)).save(
+            os.path.join(out_dir, "overlays", name + ".png")
+        )
+        rows.append(
+            {
+                "file": rel,
+                "class": cls,
+                "score": float(scores[i]),
+                "threshold": thr,
+                "anomalous": bool(scores[i] >= thr),
+                "output_name": name,
+            }
+        )
     return rows
 
 
@@ -163,6 +188,14 @@ def _write_tables(out_dir, rows):
         w = csv.writer(f)
         w.writerow(["file", "class", "score", "threshold", "anomalous", "output_name", "error"])
         for r in rows:
-            w.writerow([r["file"], r["class"], "" if r["score"] is None else f"{r['score']:.6g}",
-                        "" if r["threshold"] is None else f"{r['threshold']:.6g}", r["anomalous"],
-                        r.get("output_name", ""), r.get("error", "")])
+            w.writerow(
+                [
+                    r["file"],
+                    r["class"],
+                    "" if r["score"] is None else f"{r['score']:.6g}",
+                    "" if r["threshold"] is None else f"{r['threshold']:.6g}",
+                    r["anomalous"],
+                    r.get("output_name", ""),
+                    r.get("error", ""),
+                ]
+            )

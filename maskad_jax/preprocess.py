@@ -8,6 +8,7 @@ Masks take the same geometry with NEAREST and are binarised above half their ran
 Normalisation by the backbone's statistics happens on the device (features.py), so the pipeline
 ships one [0, 1] view and the model derives both the normalised and the unnormalised views.
 """
+
 from __future__ import annotations
 
 import io
@@ -50,8 +51,9 @@ def open_image(path_or_bytes, source: str | None = None) -> Image.Image:
     except FileNotFoundError:
         raise
     except Image.DecompressionBombError as e:  # Pillow's guard against huge images (MAX_IMAGE_PIXELS)
-        raise ImageDecodeError(f"refusing image {os.fspath(source)}: {e} (raise PIL.Image.MAX_IMAGE_PIXELS if the "
-                               f"file is genuine)") from None
+        raise ImageDecodeError(
+            f"refusing image {os.fspath(source)}: {e} (raise PIL.Image.MAX_IMAGE_PIXELS if the file is genuine)"
+        ) from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
         raise ImageDecodeError(f"cannot read image {os.fspath(source)}: {e}") from e
 

@@ -8,6 +8,7 @@
   TensorBoard (<workdir>/tensorboard, tags <name>/* and eval/*). A resumed run first drops the
   records of steps after its checkpoint, so each step is recorded once.
 """
+
 from __future__ import annotations
 
 import json
@@ -30,8 +31,16 @@ def interactive() -> bool:
 
 
 def bar(total: int, desc: str, unit: str = "img", initial: int = 0):
-    return tqdm(total=total, desc=desc, unit=unit, initial=initial, disable=not interactive(), dynamic_ncols=True,
-                leave=False, file=sys.stdout)
+    return tqdm(
+        total=total,
+        desc=desc,
+        unit=unit,
+        initial=initial,
+        disable=not interactive(),
+        dynamic_ncols=True,
+        leave=False,
+        file=sys.stdout,
+    )
 
 
 class TrainingRecord:
@@ -54,10 +63,14 @@ class TrainingRecord:
         rate = (done - self.last) / max(time.time() - self.t0, 1e-9)
         eta = (self.total - done) / max(rate, 1e-9)
         prefix = "" if self.name == "train" else f"{self.name} "
-        self._emit(f"{prefix}step {done}/{self.total} loss {loss:.5f} lr {lr:.2e} {rate:.2f} steps/s "
-                   f"{rate * self.batch:.1f} img/s eta {eta:.0f}s")
-        self._tb({f"{self.name}/loss": loss, f"{self.name}/lr": lr, f"{self.name}/images_per_second": rate * self.batch},
-                 done)
+        self._emit(
+            f"{prefix}step {done}/{self.total} loss {loss:.5f} lr {lr:.2e} {rate:.2f} steps/s "
+            f"{rate * self.batch:.1f} img/s eta {eta:.0f}s"
+        )
+        self._tb(
+            {f"{self.name}/loss": loss, f"{self.name}/lr": lr, f"{self.name}/images_per_second": rate * self.batch},
+            done,
+        )
         self._jsonl({"step": done, "loss": loss, "lr": lr, "steps_per_s": rate, "time": time.time()})
         self.t0, self.last = time.time(), done
 
@@ -115,4 +128,5 @@ def _drop_records_after(path: str, step: int):
 def _summary_writer(workdir):
     """TensorBoard event files in <workdir>/tensorboard (tensorboardX: no TensorFlow needed)."""
     from tensorboardX import SummaryWriter  # noqa: PLC0415  (optional heavy import, only when writing)
+
     return SummaryWriter(os.path.join(workdir, "tensorboard"))

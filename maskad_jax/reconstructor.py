@@ -14,6 +14,7 @@ same computation).
 Initialisation: every Dense kernel and both tokens ~ N(0, 0.02) truncated at +-1 std; biases 0;
 the output projections of attention and MLP in block l (1-based) divided by sqrt(2 l).
 """
+
 from __future__ import annotations
 
 import math
@@ -32,6 +33,7 @@ def trunc_init(scale: float = 1.0):
 
     def init(key, shape, dtype=jnp.float32):
         return base(key, shape, dtype) * scale
+
     return init
 
 
@@ -82,13 +84,18 @@ class Attention(nn.Module):
         q, k, v = jnp.split(qkv.reshape(b, n, 3, self.num_heads, hd), 3, axis=2)
         if self.implementation == "einsum":
             q, k, v = (t[:, :, 0].transpose(0, 2, 1, 3) for t in (q, k, v))  # (B, heads, N, hd)
-            logits = jnp.einsum("bhqd,bhkd->bhqk", q * (hd ** -0.5), k) + rel_bias.astype(q.dtype)
+            logits = jnp.einsum("bhqd,bhkd->bhqk", q * (hd**-0.5), k) + rel_bias.astype(q.dtype)
             attn = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(v.dtype)
             out = jnp.einsum("bhqk,bhkd->bqhd", attn, v).reshape(b, n, d)
         elif self.implementation in ("jax_xla", "jax_cudnn"):  # the same formula, one library call
-            out = jax.nn.dot_product_attention(q[:, :, 0], k[:, :, 0], v[:, :, 0],
-                                               bias=rel_bias[None].astype(q.dtype), scale=hd ** -0.5,
-                                               implementation=self.implementation[4:]).reshape(b, n, d)
+            out = jax.nn.dot_product_attention(
+                q[:, :, 0],
+                k[:, :, 0],
+                v[:, :, 0],
+                bias=rel_bias[None].astype(q.dtype),
+                scale=hd**-0.5,
+                implementation=self.implementation[4:],
+            ).reshape(b, n, d)
         else:
             raise ValueError(f"attention must be one of {ATTENTION_IMPLEMENTATIONS}, got {self.implementation!r}")
         return nn.Dense(d, kernel_init=trunc_init(self.out_init_scale), dtype=self.dtype, name="proj")(out)
@@ -145,7 +152,8 @@ class MaskedReconstructor(nn.Module):
             raise ValueError(f"reconstructor built for {tuple(self.grid)}x{self.in_channels}, got {(gh, gw, c)}")
         depth = self.encoder_depth + self.decoder_depth
         x = nn.Dense(self.embed_dim, kernel_init=trunc_init(), dtype=self.dtype, name="input_proj")(
-            h.reshape(b, gh * gw, c))
+            h.reshape(b, gh * gw, c)
+        )
         mask_token = self.param("mask_token", trunc_init(), (self.embed_dim,))
         w = mask.astype(x.dtype)[..., None]
         x = x * (1 - w) + mask_token.astype(x.dtype) * w
@@ -155,8 +163,16 @@ class MaskedReconstructor(nn.Module):
         rates = np.linspace(0.0, self.drop_path, depth) if depth > 1 else [0.0]
         for i in range(depth):
             name = f"encoder_{i}" if i < self.encoder_depth else f"decoder_{i - self.encoder_depth}"
-            x = Block(self.num_heads, self.mlp_ratio, float(rates[i]), self.layer_scale_init, i + 1, self.dtype,
-                      self.attention, name=name)(x, rel_bias, deterministic)
+            x = Block(
+                self.num_heads,
+                self.mlp_ratio,
+                float(rates[i]),
+                self.layer_scale_init,
+                i + 1,
+                self.dtype,
+                self.attention,
+                name=name,
+            )(x, rel_bias, deterministic)
         x = nn.Dense(c, kernel_init=trunc_init(), dtype=self.dtype, name="output_proj")(x[:, 1:])
         return x.astype(jnp.float32).reshape(b, gh, gw, c)
 
@@ -175,7 +191,16 @@ def count_params(params) -> int:
 def build_reconstructor(config, in_channels: int, grid, attention: str | None = None) -> MaskedReconstructor:
     """The configured reconstructor; `attention` overrides model.reconstructor.attention."""
     r = config.model.reconstructor
-    return MaskedReconstructor(in_channels=in_channels, grid=tuple(grid), embed_dim=r.embed_dim,
-                               encoder_depth=r.encoder_depth, decoder_depth=r.decoder_depth, num_heads=r.num_heads,
-                               mlp_ratio=r.mlp_ratio, drop_path=r.drop_path, layer_scale_init=r.layer_scale_init,
-                               dtype=jnp.dtype(config.model.dtype), attention=attention or r.get("attention", "einsum"))
+    return MaskedReconstructor(
+        in_channels=in_channels,
+        grid=tuple(grid),
+        embed_dim=r.embed_dim,
+        encoder_depth=r.encoder_depth,
+        decoder_depth=r.decoder_depth,
+        num_heads=r.num_heads,
+        mlp_ratio=r.mlp_ratio,
+        drop_path=r.drop_path,
+        layer_scale_init=r.layer_scale_init,
+        dtype=jnp.dtype(config.model.dtype),
+        attention=attention or r.get("attention", "einsum"),
+    )

@@ -8,6 +8,7 @@ highest- and lowest-scored test images with the ground-truth outline and a colou
 map's scale; the config. Plots with matplotlib (Agg). Everything user-provided (class, defect and
 file names, config values) is HTML-escaped.
 """
+
 from __future__ import annotations
 
 import base64
@@ -25,7 +26,8 @@ from scipy import ndimage  # noqa: E402
 from maskad_jax import metrics as metrics_lib  # noqa: E402
 from maskad_jax.metrics import METRIC_NAMES  # noqa: E402
 
-_CSS = """body{font-family:sans-serif;margin:2em;color:#222;max-width:1200px}table{border-collapse:collapse;margin:.5em 0}
+_CSS = """body{font-family:sans-serif;margin:2em;color:#222;max-width:1200px}
+table{border-collapse:collapse;margin:.5em 0}
 td,th{border:1px solid #bbb;padding:3px 8px;text-align:right}th{background:#eee}td.c,th.c{text-align:left}
 figure{display:inline-block;margin:4px;text-align:center;font-size:12px;vertical-align:top}
 img.plot{width:300px}img.wide{width:560px}img.ex{width:230px}
@@ -106,37 +108,69 @@ def defect_table(c: dict) -> str:
     for t in sorted(set(d.tolist()), key=lambda t: (t != "good", t)):
         sel = d == t
         above = "n/a" if thr is None else f"{100 * float(np.mean(s[sel] >= thr)):.1f}"
-        auroc = "" if t == "good" or not (y == 0).any() else _pct(
-            metrics_lib.auroc(np.r_[s[y == 0], s[sel]], np.r_[np.zeros((y == 0).sum()), np.ones(sel.sum())]))
-        rows.append(f"<tr><td class=c>{_E(t)}</td><td>{int(sel.sum())}</td><td>{s[sel].mean():.4g}</td>"
-                    f"<td>{above}</td><td>{auroc}</td></tr>")
-    return ("<table><tr><th class=c>defect type</th><th>images</th><th>mean score</th><th>% at or above the "
-            "threshold</th><th>I-AUROC vs good</th></tr>" + "".join(rows) + "</table>")
+        auroc = (
+            ""
+            if t == "good" or not (y == 0).any()
+            else _pct(metrics_lib.auroc(np.r_[s[y == 0], s[sel]], np.r_[np.zeros((y == 0).sum()), np.ones(sel.sum())]))
+        )
+        rows.append(
+            f"<tr><td class=c>{_E(t)}</td><td>{int(sel.sum())}</td><td>{s[sel].mean():.4g}</td>"
+            f"<td>{above}</td><td>{auroc}</td></tr>"
+        )
+    return (
+        "<table><tr><th class=c>defect type</th><th>images</th><th>mean score</th><th>% at or above the "
+        "threshold</th><th>I-AUROC vs good</th></tr>" + "".join(rows) + "</table>"
+    )
 
 
 def _summary(config, result, workdir) -> str:
     b, r = config.model.backbone, config.model.reconstructor
     d = config.data
-    items = [("when", time.strftime("%Y-%m-%d %H:%M:%S")), ("workdir", workdir),
-             ("data", f"{d.name} {d.config or ''} {d.manual_dir or ''}".strip() + f", {result.get('num_test_images', 0)} "
-                      f"test images at {d.image_size} px"),
-             ("model", f"{b.arch} ({b.weights}), reconstructor dim {r.embed_dim}, {r.encoder_depth}+{r.decoder_depth} "
-                       f"blocks, {config.train.epochs} epochs"),
-             ("scoring", f"M_po {config.scoring.mpo}, OT {config.scoring.ot}, errors {config.scoring.error_units}, "
-                         f"combination {config.scoring.combine}"),
-             ("time", ", ".join(([f"training {result['train_seconds']:.0f} s"] if "train_seconds" in result else [])
-                                + [f"total {result.get('total_seconds', 0):.0f} s",
-                                   f"test scoring {result.get('test_images_per_second', 0):.2f} images/s"]))]
-    return "<table class=summary>" + "".join(f"<tr><th class=c>{_E(k)}</th><td>{_E(str(v))}</td></tr>"
-                                             for k, v in items) + "</table>"
+    items = [
+        ("when", time.strftime("%Y-%m-%d %H:%M:%S")),
+        ("workdir", workdir),
+        (
+            "data",
+            f"{d.name} {d.config or ''} {d.manual_dir or ''}".strip() + f", {result.get('num_test_images', 0)} "
+            f"test images at {d.image_size} px",
+        ),
+        (
+            "model",
+            f"{b.arch} ({b.weights}), reconstructor dim {r.embed_dim}, {r.encoder_depth}+{r.decoder_depth} "
+            f"blocks, {config.train.epochs} epochs",
+        ),
+        (
+            "scoring",
+            f"M_po {config.scoring.mpo}, OT {config.scoring.ot}, errors {config.scoring.error_units}, "
+            f"combination {config.scoring.combine}",
+        ),
+        (
+            "time",
+            ", ".join(
+                ([f"training {result['train_seconds']:.0f} s"] if "train_seconds" in result else [])
+                + [
+                    f"total {result.get('total_seconds', 0):.0f} s",
+                    f"test scoring {result.get('test_images_per_second', 0):.2f} images/s",
+                ]
+            ),
+        ),
+    ]
+    return (
+        "<table class=summary>"
+        + "".join(f"<tr><th class=c>{_E(k)}</th><td>{_E(str(v))}</td></tr>" for k, v in items)
+        + "</table>"
+    )
 
 
 def _metrics_table(result) -> str:
     head = "<tr><th class=c>class</th>" + "".join(f"<th>{_E(k)}</th>" for k in METRIC_NAMES) + "</tr>"
-    rows = ["<tr><td class=c>" + _E(cls) + "</td>" + "".join(f"<td>{_pct(m[k])}</td>" for k in METRIC_NAMES) + "</tr>"
-            for cls, m in result["per_class"].items()]
-    rows.append("<tr><th class=c>mean</th>" + "".join(f"<th>{_pct(result['mean'][k])}</th>" for k in METRIC_NAMES)
-                + "</tr>")
+    rows = [
+        "<tr><td class=c>" + _E(cls) + "</td>" + "".join(f"<td>{_pct(m[k])}</td>" for k in METRIC_NAMES) + "</tr>"
+        for cls, m in result["per_class"].items()
+    ]
+    rows.append(
+        "<tr><th class=c>mean</th>" + "".join(f"<th>{_pct(result['mean'][k])}</th>" for k in METRIC_NAMES) + "</tr>"
+    )
     return "<table>" + head + "".join(rows) + "</table>"
 
 
@@ -150,11 +184,15 @@ def write_report(path: str, config, result: dict, workdir: str) -> None:
             f"held-out normal training images' scores)</p>"
             + _img(score_distribution(c, name), f"{name} score distributions")
             + _img(curves(c, name, "image"), f"{name} image ROC and PR curves", "wide")
-            + _img(curves(c, name, "pixel"), f"{name} pixel ROC and PR curves", "wide") + defect_table(c))
+            + _img(curves(c, name, "pixel"), f"{name} pixel ROC and PR curves", "wide")
+            + defect_table(c)
+        )
     figs = []
     for ex in data["examples"]:
-        caption = (f"{_E(ex['class'])} / {_E(ex['kind'])}<br>{_E(ex['file'])}<br>score {ex['score']:.4g}, "
-                   f"{'defective' if ex['label'] else 'normal'}")
+        caption = (
+            f"{_E(ex['class'])} / {_E(ex['kind'])}<br>{_E(ex['file'])}<br>score {ex['score']:.4g}, "
+            f"{'defective' if ex['label'] else 'normal'}"
+        )
         figs.append(f"<figure>{_img(overlay_figure(ex), ex['file'], 'ex')}<figcaption>{caption}</figcaption></figure>")
     doc = f"""<!doctype html><html lang="en"><head><meta charset="utf-8"><title>maskad-jax report</title>
 <style>{_CSS}</style></head><body>
@@ -163,10 +201,11 @@ def write_report(path: str, config, result: dict, workdir: str) -> None:
 <h2>Metrics (%, protocol: {_E(str(config.eval.protocol))}; definitions in docs/metrics.md)</h2>
 {_metrics_table(result)}
 <h2>Per class</h2>
-{''.join(sections) or '<p>no per-class data</p>'}
+{"".join(sections) or "<p>no per-class data</p>"}
 <h2>Highest- and lowest-scored test images per class</h2>
-<p>Colours: the anomaly map from the class's lowest to its highest value (colour bar); white: the ground-truth outline.</p>
-{''.join(figs) or '<p>none</p>'}
+<p>Colours: the anomaly map from the class's lowest to its highest value (colour bar);
+white: the ground-truth outline.</p>
+{"".join(figs) or "<p>none</p>"}
 <h2>Config</h2><pre>{_E(config.to_json_best_effort(indent=2))}</pre>
 </body></html>"""
     with open(path, "w", encoding="utf-8") as f:

@@ -6,6 +6,7 @@ centres and anti-aliased downsampling), so MFCN-style feature alignment and the 
 upsampling use this instead. The resize is two small interpolation matrices applied with einsum,
 which XLA fuses and runs as matmuls on any backend.
 """
+
 from __future__ import annotations
 
 import functools

@@ -8,6 +8,7 @@ shape of non-negative integers and two integer offsets with 0 <= begin <= end <=
 end - begin equal to the shape's byte count, computed with Python integers (no int64 overflow);
 no two tensors' byte ranges overlapping. Every error names the file and the tensor.
 """
+
 from __future__ import annotations
 
 import collections
@@ -17,14 +18,22 @@ import struct
 
 import numpy as np
 
-from maskad_jax.torch_pickle import CheckpointFormatError
 from maskad_jax.errors import MissingInputError
+from maskad_jax.torch_pickle import CheckpointFormatError
 
 _DTYPES = {
-    "F64": np.float64, "F32": np.float32, "F16": np.float16, "I64": np.int64, "I32": np.int32,
-    "I16": np.int16, "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_, "BF16": np.uint16,
+    "F64": np.float64,
+    "F32": np.float32,
+    "F16": np.float16,
+    "I64": np.int64,
+    "I32": np.int32,
+    "I16": np.int16,
+    "I8": np.int8,
+    "U8": np.uint8,
+    "BOOL": np.bool_,
+    "BF16": np.uint16,
 }
-_MAX_HEADER = 100 * 2 ** 20  # the format's own limit (100 MB)
+_MAX_HEADER = 100 * 2**20  # the format's own limit (100 MB)
 
 
 def _is_int(v) -> bool:
@@ -34,8 +43,9 @@ def _is_int(v) -> bool:
 def _entries(path: str, header, data_size: int) -> list:
     """[(name, dtype, shape, begin, end)] sorted by begin, after validating every field."""
     if not isinstance(header, dict):
-        raise CheckpointFormatError(f"{path}: the safetensors header is a JSON {type(header).__name__}, "
-                                    f"not an object of tensors")
+        raise CheckpointFormatError(
+            f"{path}: the safetensors header is a JSON {type(header).__name__}, not an object of tensors"
+        )
     out = []
     for name, info in header.items():
         if name == "__metadata__":
@@ -55,21 +65,24 @@ def _entries(path: str, header, data_size: int) -> list:
             raise CheckpointFormatError(f"{where}: data_offsets {offsets!r} is not a pair of integers")
         begin, end = offsets
         if not 0 <= begin <= end <= data_size:
-            raise CheckpointFormatError(f"{where}: data_offsets [{begin}, {end}] outside the data section of "
-                                        f"{data_size} bytes (truncated?)")
+            raise CheckpointFormatError(
+                f"{where}: data_offsets [{begin}, {end}] outside the data section of {data_size} bytes (truncated?)"
+            )
         count = 1
         for s in shape:  # Python integers: no overflow whatever the shape
             count *= s
         nbytes = count * np.dtype(_DTYPES[dtype]).itemsize
         if end - begin != nbytes:
-            raise CheckpointFormatError(f"{where}: {dtype}{shape} needs {nbytes} bytes but data_offsets "
-                                        f"[{begin}, {end}] hold {end - begin}")
+            raise CheckpointFormatError(
+                f"{where}: {dtype}{shape} needs {nbytes} bytes but data_offsets [{begin}, {end}] hold {end - begin}"
+            )
         out.append((name, dtype, tuple(shape), begin, end))
     out.sort(key=lambda e: (e[3], e[4]))
     for prev, cur in zip(out, out[1:]):
         if cur[3] < prev[4]:
-            raise CheckpointFormatError(f"{path}: tensors {prev[0]!r} [{prev[3]}, {prev[4]}] and {cur[0]!r} "
-                                        f"[{cur[3]}, {cur[4]}] overlap")
+            raise CheckpointFormatError(
+                f"{path}: tensors {prev[0]!r} [{prev[3]}, {prev[4]}] and {cur[0]!r} [{cur[3]}, {cur[4]}] overlap"
+            )
     return out
 
 
@@ -85,10 +98,10 @@ def load_safetensors(path: str | os.PathLike) -> "collections.OrderedDict[str, n
     if n > min(len(data) - 8, _MAX_HEADER):
         raise CheckpointFormatError(f"{path}: header of {n} bytes runs past the end of the file (truncated?)")
     try:
-        header = json.loads(data[8:8 + n])
+        header = json.loads(data[8 : 8 + n])
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise CheckpointFormatError(f"{path}: unreadable safetensors header ({e})") from e
-    body = memoryview(data)[8 + n:]
+    body = memoryview(data)[8 + n :]
     out = collections.OrderedDict()
     for name, dtype, shape, begin, end in _entries(path, header, len(body)):
         arr = np.frombuffer(body[begin:end], dtype=_DTYPES[dtype]).reshape(shape).copy()

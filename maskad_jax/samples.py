@@ -6,6 +6,7 @@ so the README's predict command runs as written:
 
     python run.py --config=configs/demo.py --workdir=runs/demo --mode=predict --config.predict.input=runs/demo/samples
 """
+
 from __future__ import annotations
 
 import os

@@ -15,21 +15,27 @@ stages (each a pure function below, testable alone):
      upsampling, Gaussian smoothing; the image score is the map's max.
 Invalid scoring.* values are refused when the function is built, not inside jit.
 """
+
 from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
 
-from maskad_jax import association, masks as masks_lib
+from maskad_jax import association
+from maskad_jax import masks as masks_lib
 from maskad_jax.coreset import nearest
+from maskad_jax.errors import ConfigError
 from maskad_jax.flow import flow_logp_fn, residual_logp
 from maskad_jax.reconstructor import patch_errors
 from maskad_jax.resize import resize_map_align_corners
 from maskad_jax.smoothing import gaussian_smooth
-from maskad_jax.errors import ConfigError
 
-CHOICES = {"mpo": ("knn", "flow", "none"), "error_units": ("reference", "absolute"),
-           "ot": ("paper", "exact", "code"), "combine": ("paper", "code")}
+CHOICES = {
+    "mpo": ("knn", "flow", "none"),
+    "error_units": ("reference", "absolute"),
+    "ot": ("paper", "exact", "code"),
+    "combine": ("paper", "code"),
+}
 
 
 def validate(sc) -> None:
@@ -89,8 +95,13 @@ def flow_mpo(flow, flow_pools, tokens, residuals, pool_idx, grid, cond_dim, f_fl
         logp = residual_logp(flow, flow_pools["params"], residuals, fgrid, cond_dim)
     else:  # the flow backbone's features against its own pool
         fgrid = f_flow.shape[1:3]
-        logp = flow_logp_fn(flow, fgrid)(flow_pools["params"], f_flow.reshape(b, fgrid[0] * fgrid[1], -1),
-                                         flow_pools["pool"][pool_idx], flow_pools["valid"][pool_idx], cond_dim)
+        logp = flow_logp_fn(flow, fgrid)(
+            flow_pools["params"],
+            f_flow.reshape(b, fgrid[0] * fgrid[1], -1),
+            flow_pools["pool"][pool_idx],
+            flow_pools["valid"][pool_idx],
+            cond_dim,
+        )
     return (1.0 - jnp.exp(jnp.minimum(logp - flow_pools["logp_ref"][pool_idx][:, None], 0.0))).reshape((b,) + fgrid)
 
 
@@ -112,13 +123,18 @@ def branch_errors(reconstruct, h_in, h_tgt, r_in, r_tgt, masks, per_step: int, k
     all_masks = jnp.concatenate([masks, masks], 1)
     steps = _branch_steps(2 * nm, per_step)
     if steps == 1:  # all 2N x B reconstructions in one batched call (best on GPU/TPU)
-        err = reconstruct(inputs.reshape(b * 2 * nm, gh, gw, c), all_masks.reshape(b * 2 * nm, n),
-                          targets.reshape(b * 2 * nm, gh, gw, c), key)
+        err = reconstruct(
+            inputs.reshape(b * 2 * nm, gh, gw, c),
+            all_masks.reshape(b * 2 * nm, n),
+            targets.reshape(b * 2 * nm, gh, gw, c),
+            key,
+        )
     else:  # a loop inside the program over groups of branches: cache-sized batches (best on CPU)
         per = 2 * nm // steps
         move = lambda t: jnp.moveaxis(t, 1, 0).reshape((steps, per * b) + t.shape[2:])
-        err = jax.lax.map(lambda a: reconstruct(*a), (move(inputs), move(all_masks), move(targets),
-                                                      jax.random.split(key, steps)))
+        err = jax.lax.map(
+            lambda a: reconstruct(*a), (move(inputs), move(all_masks), move(targets), jax.random.split(key, steps))
+        )
         err = jnp.moveaxis(err.reshape(2 * nm, b, n), 0, 1)
     err = err.reshape(b, 2, nm, n)
     return jnp.swapaxes(err[:, 0], 1, 2), jnp.swapaxes(err[:, 1], 1, 2)
@@ -185,9 +201,10 @@ def make_score_features_fn(config, model, flow=None, with_terms: bool = False):
         r_in = gather_pool(pools["pool_in"], pool_idx, idx)
         mpo_map = mpo.reshape(b, gh, gw)  # the M_po map that weights the final map (upsampled)
         if sc.mpo == "flow":
-            mpo_map = flow_mpo(flow.module, pools["flow"], tokens, tokens - r_in, pool_idx, (gh, gw),
-                               config.flow.cond_dim, f_flow)
-            mpo = (mpo_map if mpo_map.shape[1:] == (gh, gw) else resize_map_align_corners(mpo_map, (gh, gw)))
+            mpo_map = flow_mpo(
+                flow.module, pools["flow"], tokens, tokens - r_in, pool_idx, (gh, gw), config.flow.cond_dim, f_flow
+            )
+            mpo = mpo_map if mpo_map.shape[1:] == (gh, gw) else resize_map_align_corners(mpo_map, (gh, gw))
             mpo = mpo.reshape(b, n)
         r_tgt = gather_pool(pools["pool_tgt"], pool_idx, idx)
         m, keys = test_masks(config.seed, image_ids, mpo, (gh, gw), sc)
@@ -197,12 +214,26 @@ def make_score_features_fn(config, model, flow=None, with_terms: bool = False):
             pred = model.apply({"params": params}, x, mk, deterministic=not stochastic, rngs=rngs)
             return patch_errors(pred, t, squared=sc.squared_error)
 
-        e_h, e_r = branch_errors(reconstruct, h_in, h_tgt, r_in.reshape(h_in.shape), r_tgt.reshape(h_in.shape), m,
-                                 sc.branches_per_step, jax.random.fold_in(keys[0], 1))
+        e_h, e_r = branch_errors(
+            reconstruct,
+            h_in,
+            h_tgt,
+            r_in.reshape(h_in.shape),
+            r_tgt.reshape(h_in.shape),
+            m,
+            sc.branches_per_step,
+            jax.random.fold_in(keys[0], 1),
+        )
         rec, ass, uncertified = rec_and_assdis(e_h, e_r, sc)
         amap = to_map(combine(rec, ass, sc).reshape(b, gh, gw), mpo_map, sc, out_size)
-        out = {"map": amap, "score": jnp.max(amap, axis=(1, 2)), "mpo": mpo.reshape(b, gh, gw),
-               "rec": rec.reshape(b, gh, gw), "assdis": ass.reshape(b, gh, gw), "ot_uncertified": uncertified}
+        out = {
+            "map": amap,
+            "score": jnp.max(amap, axis=(1, 2)),
+            "mpo": mpo.reshape(b, gh, gw),
+            "rec": rec.reshape(b, gh, gw),
+            "assdis": ass.reshape(b, gh, gw),
+            "ot_uncertified": uncertified,
+        }
         if with_terms:
             out.update(e_h=e_h, e_r=e_r, masks=m)
         return out
@@ -233,11 +264,18 @@ def device_pools(pools, flow=None) -> dict:
     """The one layout of what scoring reads besides the parameters: the fit's pools (fit.Pools) and,
     with a trained flow (flow.FlowState), its parameters, L_ref and (flow.features = backbone) its own
     pool and backbone variables. Arrays are placed by the caller (parallel.place_for_scoring)."""
-    dev = {"pool_in": jnp.asarray(pools.pool_in), "pool_tgt": jnp.asarray(pools.pool_tgt),
-           "valid": jnp.asarray(pools.valid), "cal_scale": jnp.asarray(pools.cal_scale)}
+    dev = {
+        "pool_in": jnp.asarray(pools.pool_in),
+        "pool_tgt": jnp.asarray(pools.pool_tgt),
+        "valid": jnp.asarray(pools.valid),
+        "cal_scale": jnp.asarray(pools.cal_scale),
+    }
     if flow is not None:
         dev["flow"] = {"params": flow.params, "logp_ref": jnp.asarray(flow.logp_ref)}
         if flow.embedder is not None:
-            dev["flow"].update(pool=jnp.asarray(flow.pools.pool_in), valid=jnp.asarray(flow.pools.valid),
-                               backbone_vars=flow.embedder.variables)
+            dev["flow"].update(
+                pool=jnp.asarray(flow.pools.pool_in),
+                valid=jnp.asarray(flow.pools.valid),
+                backbone_vars=flow.embedder.variables,
+            )
     return dev

@@ -8,6 +8,7 @@ folder is the one this file sits in unless --export names another. Every file's 
 against manifest.json first: a changed or truncated artifact is refused. Prints one line per image:
 file, class, score, threshold, anomalous; --out DIR also saves each map as DIR/<n>.npy.
 """
+
 import argparse
 import hashlib
 import json
@@ -128,13 +129,15 @@ def main(argv=None):
     if args.out:
         os.makedirs(args.out, exist_ok=True)
     for start in range(0, len(files), args.batch):
-        chunk = files[start:start + args.batch]
+        chunk = files[start : start + args.batch]
         images = np.stack([preprocess(p, size) for p in chunk])
         out = run(images, np.asarray([image_key(im) for im in images], np.int32))
         for i, path in enumerate(chunk):
             cls = manifest["classes"][int(out["class_index"][i])]
-            print(f"{path}\t{cls}\t{float(out['score'][i]):.6g}\t{float(out['threshold'][i]):.6g}\t"
-                  f"{'anomalous' if out['anomalous'][i] else 'normal'}")
+            print(
+                f"{path}\t{cls}\t{float(out['score'][i]):.6g}\t{float(out['threshold'][i]):.6g}\t"
+                f"{'anomalous' if out['anomalous'][i] else 'normal'}"
+            )
             if args.out:
                 np.save(os.path.join(args.out, f"{start + i}.npy"), out["map"][i])
     return 0

@@ -4,6 +4,7 @@ scipy's defaults: mode 'reflect' (d c b a | a b c d | d c b a, numpy's 'symmetri
 int(truncate * sigma + 0.5) with truncate 4. The reflection is folded into an (n, n) matrix per
 axis, so a batch of maps is smoothed by two einsums inside the jitted scoring program.
 """
+
 from __future__ import annotations
 
 import functools

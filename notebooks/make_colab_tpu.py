@@ -1,35 +1,50 @@
 """Writes notebooks/colab_tpu.ipynb from the cells below (edit here, then run this script)."""
+
 import json
 import os
 
 CELLS = [
-    ("markdown", """# MaskAD in JAX on a Colab TPU
+    (
+        "markdown",
+        """# MaskAD in JAX on a Colab TPU
 
 Train one MaskAD model for all classes of a dataset on every TPU core (the same mesh code as on
 a CPU or GPU), evaluate it, look at heatmaps, and keep the orbax checkpoints on Drive.
 
 Runtime > Change runtime type > TPU. The cells also run on a CPU (CI executes this notebook with
-the `smoke` config)."""),
-    ("code", """import os, subprocess, sys
+the `smoke` config).""",
+    ),
+    (
+        "code",
+        """import os, subprocess, sys
 IN_COLAB = "COLAB_RELEASE_TAG" in os.environ
-REPO = os.environ.get("MASKAD_REPO", "")  # on Colab: the git URL of your maskad-jax copy, or upload it to /content/maskad-jax
+# on Colab: the git URL of your maskad-jax copy, or upload it to /content/maskad-jax
+REPO = os.environ.get("MASKAD_REPO", "")
 if IN_COLAB:  # get the code and install it; elsewhere the notebook runs inside a checkout
     if not os.path.isdir("maskad-jax"):
         if not REPO:
-            raise SystemExit("set MASKAD_REPO to the git URL of maskad-jax, or upload the repository to /content/maskad-jax")
+            raise SystemExit(
+                "set MASKAD_REPO to the git URL of maskad-jax, or upload the repository to /content/maskad-jax"
+            )
         subprocess.run(["git", "clone", REPO, "maskad-jax"], check=True)
     os.chdir("maskad-jax")
     subprocess.run([sys.executable, "-m", "pip", "install", "-q", "-e", "."], check=True)
 elif os.path.basename(os.getcwd()) == "notebooks":
     os.chdir("..")
-sys.path.insert(0, os.getcwd())"""),
-    ("markdown", """## Where the data and the outputs live
+sys.path.insert(0, os.getcwd())""",
+    ),
+    (
+        "markdown",
+        """## Where the data and the outputs live
 
 `CONFIG` picks a config file and variant (`configs/mvtec.py`, `configs/folder.py:cpu`, ...);
 `MANUAL_DIR` points at the dataset (a Drive folder or a mounted bucket); `WORKDIR` keeps the
 checkpoints, metrics and heatmaps (put it on Drive to keep them). On Colab, mount Drive first:
-`from google.colab import drive; drive.mount('/content/drive')`."""),
-    ("code", """CONFIG = os.environ.get("MASKAD_CONFIG", "configs/demo.py:smoke")
+`from google.colab import drive; drive.mount('/content/drive')`.""",
+    ),
+    (
+        "code",
+        """CONFIG = os.environ.get("MASKAD_CONFIG", "configs/demo.py:smoke")
 MANUAL_DIR = os.environ.get("MASKAD_MANUAL_DIR", "")          # e.g. /content/drive/MyDrive/mvtec_ad
 WORKDIR = os.environ.get("MASKAD_WORKDIR", "runs/colab")     # e.g. /content/drive/MyDrive/maskad_runs/mvtec
 TFDS_DIR = os.environ.get("MASKAD_TFDS_DIR", "~/tensorflow_datasets")
@@ -44,31 +59,48 @@ if MANUAL_DIR:
     config.data.manual_dir = MANUAL_DIR
 import jax
 print(jax.devices())
-print(config.data.name, config.model.backbone.arch, config.model.reconstructor.embed_dim)"""),
+print(config.data.name, config.model.backbone.arch, config.model.reconstructor.embed_dim)""",
+    ),
     ("markdown", "## Train, fit and evaluate (rerunning resumes from the latest checkpoint)"),
-    ("code", """from maskad_jax.pipeline import train_and_evaluate
+    (
+        "code",
+        """from maskad_jax.pipeline import train_and_evaluate
 result = train_and_evaluate(config, WORKDIR, "train_and_eval")
-{k: round(100 * v, 1) for k, v in result["mean"].items()}"""),
+{k: round(100 * v, 1) for k, v in result["mean"].items()}""",
+    ),
     ("markdown", "## Heatmaps: the highest- and lowest-scored test images of each class"),
-    ("code", """from IPython.display import display
+    (
+        "code",
+        """from IPython.display import display
 from PIL import Image
 for ex in result["examples"][:6]:
     print(ex["class"], ex["kind"], ex["file"], round(ex["score"], 4))
-    display(Image.open(os.path.join(WORKDIR, ex["png"])))"""),
+    display(Image.open(os.path.join(WORKDIR, ex["png"])))""",
+    ),
     ("markdown", "## Reuse the orbax checkpoint: evaluate again without training, then score new images"),
-    ("code", """again = train_and_evaluate(config, WORKDIR, "eval")
+    (
+        "code",
+        """again = train_and_evaluate(config, WORKDIR, "eval")
 assert again["mean"] == result["mean"]
 heatmaps = os.path.join(WORKDIR, "heatmaps")
 config.predict.input = heatmaps  # any image or folder; here the overlays themselves, as a demonstration
 rows = train_and_evaluate(config, WORKDIR, "predict")["predictions"]
-rows[:3]"""),
+rows[:3]""",
+    ),
 ]
 
 
 def main():
-    nb = {"nbformat": 4, "nbformat_minor": 5, "metadata": {"accelerator": "TPU", "kernelspec": {
-        "name": "python3", "display_name": "Python 3", "language": "python"}, "language_info": {"name": "python"}},
-          "cells": []}
+    nb = {
+        "nbformat": 4,
+        "nbformat_minor": 5,
+        "metadata": {
+            "accelerator": "TPU",
+            "kernelspec": {"name": "python3", "display_name": "Python 3", "language": "python"},
+            "language_info": {"name": "python"},
+        },
+        "cells": [],
+    }
     for i, (kind, src) in enumerate(CELLS):
         cell = {"cell_type": kind, "metadata": {}, "source": src.splitlines(keepends=True), "id": f"cell-{i}"}
         if kind == "code":

@@ -4,7 +4,6 @@ import shutil
 import tempfile
 
 import pytest
-
 from helpers import SHARED_MTD
 
 # One persistent XLA compilation cache for this test session, inherited by the run.py and worker
@@ -21,6 +20,8 @@ if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
 def mtd_root():
     """../shared/data/mtd (real magnetic-tile data), or a skip with the reason."""
     if not (SHARED_MTD / "magnetic_tile" / "train" / "good").is_dir():
-        pytest.skip(f"real data folder {SHARED_MTD} is absent (it sits beside the repository only on the "
-                    f"developers' and CI machines)")
+        pytest.skip(
+            f"real data folder {SHARED_MTD} is absent (it sits beside the repository only on the "
+            f"developers' and CI machines)"
+        )
     return SHARED_MTD

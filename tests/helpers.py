@@ -1,5 +1,6 @@
 """Helpers shared by the tests (imported as `from helpers import ...`; conftest.py holds only
 pytest's session setup and fixtures)."""
+
 import os
 import pathlib
 import socket
@@ -17,8 +18,9 @@ SHARED_MTD = ROOT.parent / "shared" / "data" / "mtd"
 
 def forced_devices_env(devices: int) -> dict:
     """The environment for a CPU subprocess with `devices` forced host devices and FAST_COMPILE."""
-    return dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices} {FAST_COMPILE}",
-                JAX_PLATFORMS="cpu")
+    return dict(
+        os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices} {FAST_COMPILE}", JAX_PLATFORMS="cpu"
+    )
 
 
 def loopback_coordinator() -> str:

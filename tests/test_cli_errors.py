@@ -1,5 +1,6 @@
 """run.py's answer to mistakes in the user's input: one line (two at most) starting with "error:",
 exit status 2, no traceback, nothing written; --help exits 0 and lists modes, configs and variants."""
+
 import fcntl
 import os
 import subprocess
@@ -13,8 +14,14 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _run(*args, timeout=300):
-    proc = subprocess.run([sys.executable, "run.py", *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout,
-                          env=dict(os.environ, JAX_PLATFORMS="cpu"))
+    proc = subprocess.run(
+        [sys.executable, "run.py", *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=dict(os.environ, JAX_PLATFORMS="cpu"),
+    )
     return proc.returncode, proc.stdout, proc.stderr
 
 
@@ -23,20 +30,26 @@ def tfds_dir(tmp_path_factory):
     return str(tmp_path_factory.mktemp("tfds"))
 
 
-@pytest.mark.parametrize("extra, expected", [
-    (["--config.train.epochz=3"], "did you mean train.epochs?"),
-    (["--config.train.epochs=0"], "train.epochs = 0: must be an integer >= 1"),
-    (["--config.train.batch_size=-4", "--config.fit.pool_ratio=2"], "train.batch_size = -4"),
-    (["--config.train.epochs=abc"], "train.epochs takes a number"),
-    (["--config.scoring.ot=fast"], "scoring.ot = 'fast': must be one of paper | exact | code"),
-    (["--config=configs/demo.py:bogus"], "unknown config variant 'bogus'"),
-    (["--config=configs/nope.py"], "no such config file"),
-    (["--mode=bogus"], "--mode=bogus"),
-    (["--config.data.name=folder", "--config.data.manual_dir=/nonexistent/parts"], "/nonexistent/parts does not exist"),
-    (["--config.model.backbone.weights=/nonexistent/b.pth"], "backbone weights not found: '/nonexistent/b.pth'"),
-    (["--mode=eval"], "does not exist: train first"),
-    (["--mode=predict", "--config.predict.input=/nonexistent"], "does not exist: train first"),
-])
+@pytest.mark.parametrize(
+    "extra, expected",
+    [
+        (["--config.train.epochz=3"], "did you mean train.epochs?"),
+        (["--config.train.epochs=0"], "train.epochs = 0: must be an integer >= 1"),
+        (["--config.train.batch_size=-4", "--config.fit.pool_ratio=2"], "train.batch_size = -4"),
+        (["--config.train.epochs=abc"], "train.epochs takes a number"),
+        (["--config.scoring.ot=fast"], "scoring.ot = 'fast': must be one of paper | exact | code"),
+        (["--config=configs/demo.py:bogus"], "unknown config variant 'bogus'"),
+        (["--config=configs/nope.py"], "no such config file"),
+        (["--mode=bogus"], "--mode=bogus"),
+        (
+            ["--config.data.name=folder", "--config.data.manual_dir=/nonexistent/parts"],
+            "/nonexistent/parts does not exist",
+        ),
+        (["--config.model.backbone.weights=/nonexistent/b.pth"], "backbone weights not found: '/nonexistent/b.pth'"),
+        (["--mode=eval"], "does not exist: train first"),
+        (["--mode=predict", "--config.predict.input=/nonexistent"], "does not exist: train first"),
+    ],
+)
 def test_user_errors_are_one_line_with_status_2(tmp_path, tfds_dir, extra, expected):
     wd = tmp_path / "wd"
     args = ["--config=configs/demo.py:smoke", f"--workdir={wd}", f"--config.data.tfds_dir={tfds_dir}"]
@@ -44,7 +57,7 @@ def test_user_errors_are_one_line_with_status_2(tmp_path, tfds_dir, extra, expec
     rc, out, err = _run(*args, *extra)
     assert rc == 2, out[-2000:] + err[-2000:]
     assert "Traceback" not in out + err
-    tail = err[err.index("error: "):].strip().splitlines()
+    tail = err[err.index("error: ") :].strip().splitlines()
     assert len(tail) <= 2 and expected in " ".join(tail), err[-1500:]
     assert not wd.exists()  # nothing written, not even the workdir
 
@@ -56,8 +69,9 @@ def test_a_second_run_on_a_locked_workdir_is_refused_at_once(tmp_path, tfds_dir)
         fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
         f.write("pid 4242 on somehost, --mode=train, since 2026-11-29 10:00:00")
         f.flush()
-        rc, out, err = _run("--config=configs/demo.py:smoke", f"--workdir={wd}", f"--config.data.tfds_dir={tfds_dir}",
-                            "--mode=train")
+        rc, out, err = _run(
+            "--config=configs/demo.py:smoke", f"--workdir={wd}", f"--config.data.tfds_dir={tfds_dir}", "--mode=train"
+        )
     assert rc == 2 and "in use by another run (pid 4242 on somehost" in err and "Traceback" not in err
     assert sorted(os.listdir(wd)) == [".maskad.lock"]  # no config.json, no checkpoints
 
@@ -70,6 +84,14 @@ def test_verbose_shows_the_traceback():
 def test_help_exits_0_and_lists_modes_configs_and_variants():
     rc, out, err = _run("--help")
     assert rc == 0
-    for word in ("train_and_eval", "predict", "configs/folder.py", "smoke", "ablation=<row>", "--config.train.epochs=5",
-                 "configs/default.py", "--verbose"):
+    for word in (
+        "train_and_eval",
+        "predict",
+        "configs/folder.py",
+        "smoke",
+        "ablation=<row>",
+        "--config.train.epochs=5",
+        "configs/default.py",
+        "--verbose",
+    ):
         assert word in out, word

@@ -1,4 +1,5 @@
 """Every config and variant builds; variants change what they say."""
+
 import pytest
 
 from configs import default, demo, folder, mvtec, realiad, variants, visa

@@ -1,4 +1,5 @@
 """TFDS builders on generated trees in each real layout, bad-input errors, and the grain pipelines."""
+
 import csv
 import json
 import os
@@ -23,7 +24,11 @@ def _img(path, size=(40, 30), mode="RGB", value=None, seed=0):
         img.save(path)
         return
     channels = {"RGB": 3, "RGBA": 4, "L": 1}[mode]
-    arr = rng.integers(0, 255, (h, w, channels), dtype=np.uint8) if value is None else np.full((h, w, channels), value, np.uint8)
+    arr = (
+        rng.integers(0, 255, (h, w, channels), dtype=np.uint8)
+        if value is None
+        else np.full((h, w, channels), value, np.uint8)
+    )
     Image.fromarray(arr[..., 0] if channels == 1 else arr, mode).save(path)
 
 
@@ -150,13 +155,16 @@ def test_image_modes_are_converted(tmp_path):
     np.testing.assert_allclose(batch["image"][2], 1.0)  # 16-bit white is white, not clipped garbage
 
 
-@pytest.mark.parametrize("case,error,match", [
-    ("no_manual_dir", DatasetLayoutError, "manual_dir .* does not exist"),
-    ("mask_missing", DatasetLayoutError, "000.png has no mask"),
-    ("mask_size", DatasetLayoutError, "000_mask.png is 20x20 but its image"),
-    ("truncated", ImageDecodeError, "cannot read image .*001.png"),
-    ("empty_split", DatasetLayoutError, "split 'train' .* has no images"),
-])
+@pytest.mark.parametrize(
+    "case,error,match",
+    [
+        ("no_manual_dir", DatasetLayoutError, "manual_dir .* does not exist"),
+        ("mask_missing", DatasetLayoutError, "000.png has no mask"),
+        ("mask_size", DatasetLayoutError, "000_mask.png is 20x20 but its image"),
+        ("truncated", ImageDecodeError, "cannot read image .*001.png"),
+        ("empty_split", DatasetLayoutError, "split 'train' .* has no images"),
+    ],
+)
 def test_bad_inputs_name_the_file(tmp_path, case, error, match):
     root = tmp_path / "mvtec"
     _mvtec_tree(str(root), classes=("bottle",))
@@ -183,7 +191,7 @@ def test_synthetic_is_deterministic_and_has_exact_masks(tmp_path):
     assert da.file_names == db.file_names and len(da) == 24
     ba, bb = next(eval_batches(da, 24, image_size=64)), next(eval_batches(db, 24, image_size=64))
     np.testing.assert_array_equal(ba["image"], bb["image"])
-    assert all((m.sum() > 0) == bool(l) for m, l in zip(ba["mask"], ba["label"]))
+    assert all((m.sum() > 0) == bool(lab) for m, lab in zip(ba["mask"], ba["label"]))
 
 
 def test_train_batches_are_seeded_resumable_and_shard_by_process(tmp_path):
@@ -196,8 +204,10 @@ def test_train_batches_are_seeded_resumable_and_shard_by_process(tmp_path):
     epoch = sorted(sum(first[:6], []))
     assert epoch == list(range(24))  # 6 batches of 4 = one pass over the 24 images
     p0 = [x["index"].tolist() for x in _take(train_batches(data, 2, seed=1, image_size=16, process_count=2), 3)]
-    p1 = [x["index"].tolist() for x in _take(train_batches(data, 2, seed=1, image_size=16, process_index=1,
-                                                            process_count=2), 3)]
+    p1 = [
+        x["index"].tolist()
+        for x in _take(train_batches(data, 2, seed=1, image_size=16, process_index=1, process_count=2), 3)
+    ]
     assert sum(p0, []) + sum(p1, []) and not set(sum(p0, [])) & set(sum(p1, []))
     assert sorted(sum(p0, []) + sum(p1, [])) == sorted(sum(first[:3], []))
 
@@ -255,12 +265,18 @@ def test_layout_problems_are_reported_not_skipped_silently(tmp_path, caplog):
 def test_decompression_bomb_names_the_file(tmp_path):
     import struct
     import zlib
+
     from maskad_jax.preprocess import open_image
 
     def chunk(kind, data):
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
     path = tmp_path / "huge.png"  # a 100000 x 100000 header on a few bytes
-    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", 100000, 100000, 8, 0, 0, 0, 0))
-                     + chunk(b"IDAT", zlib.compress(b"\x00" * 10)) + chunk(b"IEND", b""))
+    path.write_bytes(
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", struct.pack(">IIBBBBB", 100000, 100000, 8, 0, 0, 0, 0))
+        + chunk(b"IDAT", zlib.compress(b"\x00" * 10))
+        + chunk(b"IEND", b"")
+    )
     with pytest.raises(ImageDecodeError, match="huge.png"):
         open_image(str(path))

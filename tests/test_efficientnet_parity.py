@@ -1,7 +1,7 @@
 """Our Flax EfficientNet against lukemelas' efficientnet_pytorch on the same random weights."""
+
 import numpy as np
 import pytest
-
 from helpers import torch_or_skip
 
 torch = torch_or_skip()
@@ -51,12 +51,15 @@ def _compare(ours, theirs, what):
         assert err <= 1e-4 * scale, f"{what} output {i}: max abs error {err:.3g} (scale {scale:.3g})"
 
 
-@pytest.mark.parametrize("name,padding,hw,overrides,depthwise", [
-    ("efficientnet-b4", "static", (224, 224), {}, "auto"),  # auto: shifted multiply-adds on this CPU
-    ("efficientnet-b4", "tf-same", (224, 224), {"image_size": None}, "auto"),
-    ("efficientnet-b0", "tf-same", (200, 232), {"image_size": None}, "conv"),  # XLA's grouped convolution
-    ("efficientnet-b0", "tf-same", (200, 232), {"image_size": None}, "shifts"),
-])
+@pytest.mark.parametrize(
+    "name,padding,hw,overrides,depthwise",
+    [
+        ("efficientnet-b4", "static", (224, 224), {}, "auto"),  # auto: shifted multiply-adds on this CPU
+        ("efficientnet-b4", "tf-same", (224, 224), {"image_size": None}, "auto"),
+        ("efficientnet-b0", "tf-same", (200, 232), {"image_size": None}, "conv"),  # XLA's grouped convolution
+        ("efficientnet-b0", "tf-same", (200, 232), {"image_size": None}, "shifts"),
+    ],
+)
 def test_taps_match_efficientnet_pytorch(name, padding, hw, overrides, depthwise):
     arch = ea.get_arch(name)
     taps = arch.tap_blocks()
@@ -71,21 +74,30 @@ def test_taps_match_efficientnet_pytorch(name, padding, hw, overrides, depthwise
     _compare([our_logits], [logits], f"{name}/{padding} logits")
 
 
-@pytest.mark.parametrize("hw,kernel,stride,pad", [
-    ((9, 11), 3, 1, ((1, 1), (1, 1))), ((9, 11), 5, 2, ((1, 2), (2, 2))), ((8, 8), 5, 2, ((2, 2), (2, 2))),
-    ((7, 6), 3, 2, ((0, 1), (1, 0))), ((5, 5), 5, 1, ((0, 0), (0, 0))),
-])
+@pytest.mark.parametrize(
+    "hw,kernel,stride,pad",
+    [
+        ((9, 11), 3, 1, ((1, 1), (1, 1))),
+        ((9, 11), 5, 2, ((1, 2), (2, 2))),
+        ((8, 8), 5, 2, ((2, 2), (2, 2))),
+        ((7, 6), 3, 2, ((0, 1), (1, 0))),
+        ((5, 5), 5, 1, ((0, 0), (0, 0))),
+    ],
+)
 def test_shifted_depthwise_equals_the_grouped_convolution(hw, kernel, stride, pad):
     """DepthwiseConv (the CPU path) against XLA's grouped convolution with the same kernel."""
     import flax.linen as nn
     import jax
+
     from maskad_jax.efficientnet import DepthwiseConv
+
     rng = np.random.default_rng(3)
     x = jnp.asarray(rng.normal(size=(2,) + hw + (6,)).astype(np.float32))
     kernel_value = jnp.asarray(rng.normal(size=(kernel, kernel, 1, 6)).astype(np.float32))
     ours = DepthwiseConv(kernel, stride, pad).apply({"params": {"kernel": kernel_value}}, x)
-    ref = nn.Conv(6, (kernel, kernel), strides=(stride, stride), padding=pad, feature_group_count=6,
-                  use_bias=False).apply({"params": {"kernel": kernel_value}}, x)
+    ref = nn.Conv(
+        6, (kernel, kernel), strides=(stride, stride), padding=pad, feature_group_count=6, use_bias=False
+    ).apply({"params": {"kernel": kernel_value}}, x)
     assert ours.shape == ref.shape
     np.testing.assert_allclose(np.asarray(ours), np.asarray(ref), atol=1e-5)
     # the same parameter shape as nn.Conv's, so converted weights load unchanged
@@ -110,12 +122,31 @@ def test_static_and_tf_same_really_differ_for_b4_at_224():
 def _lite0_torch_model():
     """efficientnet_pytorch's EfficientNet with Lite0's blocks (no SE) and ReLU6: an independent Lite0."""
     from efficientnet_pytorch.utils import BlockDecoder, GlobalParams
-    blocks = BlockDecoder.decode([
-        "r1_k3_s11_e1_i32_o16", "r2_k3_s22_e6_i16_o24", "r2_k5_s22_e6_i24_o40", "r3_k3_s22_e6_i40_o80",
-        "r3_k5_s11_e6_i80_o112", "r4_k5_s22_e6_i112_o192", "r1_k3_s11_e6_i192_o320"])
-    gp = GlobalParams(width_coefficient=1.0, depth_coefficient=1.0, image_size=224, dropout_rate=0.2,
-                      num_classes=1000, batch_norm_momentum=0.99, batch_norm_epsilon=1e-3, drop_connect_rate=0.2,
-                      depth_divisor=8, min_depth=None, include_top=True)
+
+    blocks = BlockDecoder.decode(
+        [
+            "r1_k3_s11_e1_i32_o16",
+            "r2_k3_s22_e6_i16_o24",
+            "r2_k5_s22_e6_i24_o40",
+            "r3_k3_s22_e6_i40_o80",
+            "r3_k5_s11_e6_i80_o112",
+            "r4_k5_s22_e6_i112_o192",
+            "r1_k3_s11_e6_i192_o320",
+        ]
+    )
+    gp = GlobalParams(
+        width_coefficient=1.0,
+        depth_coefficient=1.0,
+        image_size=224,
+        dropout_rate=0.2,
+        num_classes=1000,
+        batch_norm_momentum=0.99,
+        batch_norm_epsilon=1e-3,
+        drop_connect_rate=0.2,
+        depth_divisor=8,
+        min_depth=None,
+        include_top=True,
+    )
     model = efficientnet_pytorch.EfficientNet(blocks, gp)
     for mod in list(model.modules()):
         if hasattr(mod, "_swish"):
@@ -130,7 +161,8 @@ def test_lite0_packaged_weights_match_a_torch_lite0():
     x = np.random.default_rng(3).uniform(-1, 1, size=(2, 3, 224, 224)).astype(np.float32)
     theirs, logits = _torch_block_outputs(model, x, arch.tap_blocks())
     variables = W.load_backbone_variables("efficientnet-lite0", "packaged")
-    *ours, our_logits = jax.jit(EfficientNet("efficientnet-lite0", "static", taps=arch.tap_blocks(), include_head=True).apply)(
-        variables, jnp.asarray(x.transpose(0, 2, 3, 1)))
+    *ours, our_logits = jax.jit(
+        EfficientNet("efficientnet-lite0", "static", taps=arch.tap_blocks(), include_head=True).apply
+    )(variables, jnp.asarray(x.transpose(0, 2, 3, 1)))
     _compare(ours, theirs, "lite0")
     _compare([our_logits], [logits], "lite0 logits")

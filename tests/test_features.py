@@ -1,9 +1,9 @@
 """Feature extractor: align-corners resize vs torch, taps and channels, real ImageNet weights."""
+
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from PIL import Image
-
-import jax.numpy as jnp
 
 from maskad_jax import efficientnet_arch as ea
 from maskad_jax.features import FeatureExtractor
@@ -11,14 +11,21 @@ from maskad_jax.preprocess import preprocess_image
 from maskad_jax.resize import resize_align_corners, resize_map_align_corners
 
 
-@pytest.mark.parametrize("src,dst", [((112, 112), (14, 14)), ((56, 40), (14, 9)), ((14, 14), (224, 224)),
-                                     ((7, 5), (1, 3)), ((1, 1), (4, 4))])
+@pytest.mark.parametrize(
+    "src,dst", [((112, 112), (14, 14)), ((56, 40), (14, 9)), ((14, 14), (224, 224)), ((7, 5), (1, 3)), ((1, 1), (4, 4))]
+)
 def test_align_corners_resize_matches_torch(src, dst):
     from helpers import torch_or_skip
+
     torch = torch_or_skip()
     x = np.random.default_rng(0).normal(size=(2,) + src + (3,)).astype(np.float32)
-    ref = torch.nn.functional.interpolate(torch.from_numpy(x.transpose(0, 3, 1, 2)), size=dst, mode="bilinear",
-                                          align_corners=True).numpy().transpose(0, 2, 3, 1)
+    ref = (
+        torch.nn.functional.interpolate(
+            torch.from_numpy(x.transpose(0, 3, 1, 2)), size=dst, mode="bilinear", align_corners=True
+        )
+        .numpy()
+        .transpose(0, 2, 3, 1)
+    )
     np.testing.assert_allclose(np.asarray(resize_align_corners(jnp.asarray(x), dst)), ref, atol=5e-5)
 
 
@@ -47,6 +54,7 @@ def test_feature_map_equals_manual_composition():
     ex = FeatureExtractor.create("efficientnet-lite0", weights="random", seed=3)
     x = jnp.asarray(np.random.default_rng(0).uniform(size=(1, 224, 224, 3)).astype(np.float32))
     import jax
+
     taps = jax.jit(ex.module.apply)(ex.variables, (x - jnp.asarray(ex.arch.mean)) / jnp.asarray(ex.arch.std))
     manual = jnp.concatenate([resize_align_corners(t, (14, 14)) for t in taps], -1)
     np.testing.assert_allclose(np.asarray(ex(x)), np.asarray(manual), atol=1e-6)
@@ -55,12 +63,14 @@ def test_feature_map_equals_manual_composition():
 
 
 def _top5(ex, image):
-    from maskad_jax.efficientnet import EfficientNet
     from maskad_jax import weights as W
+    from maskad_jax.efficientnet import EfficientNet
+
     full = W.load_backbone_variables("efficientnet-lite0", "packaged")
     model = EfficientNet("efficientnet-lite0", "static", include_head=True)
     x = ex.normalize(jnp.asarray(preprocess_image(image))[None])
     import jax
+
     (logits,) = jax.jit(model.apply)(full, x)
     return list(np.argsort(-np.asarray(logits[0]))[:5])
 

@@ -1,4 +1,5 @@
 """The conditional flow: inverse, log-determinant, positional encoding, and parity with FrEIA's AllInOneBlock."""
+
 import math
 import os
 
@@ -6,8 +7,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-
 from helpers import torch_or_skip
+
 from maskad_jax.flow import ConditionalFlow, flow_loss, log_likelihood, positional_encoding_2d
 
 
@@ -36,7 +37,7 @@ def test_logdet_equals_the_autodiff_jacobian_logdet(clamp_form):
     flow, params, x, c = _flow_and_vars(channels=6, cond=4, blocks=3, clamp_form=clamp_form, seed=1)
     _, logdet = flow.apply({"params": params}, x, c)
     for i in range(x.shape[0]):
-        jac = jax.jacfwd(lambda v: flow.apply({"params": params}, v[None], c[i:i + 1])[0][0])(x[i])
+        jac = jax.jacfwd(lambda v: flow.apply({"params": params}, v[None], c[i : i + 1])[0][0])(x[i])
         sign, ref = np.linalg.slogdet(np.asarray(jac, np.float64))
         assert sign != 0
         np.testing.assert_allclose(float(logdet[i]), ref, rtol=1e-4, atol=1e-4)
@@ -48,8 +49,20 @@ def test_positional_encoding_hand_worked_entries():
     f1 = math.exp(-2 * math.log(1e4) / 4)  # = 0.01
     x, y = 3, 2
     row = pe[y * 5 + x]
-    np.testing.assert_allclose(row, [math.sin(x), math.cos(x), math.sin(x * f1), math.cos(x * f1),
-                                     math.sin(y), math.cos(y), math.sin(y * f1), math.cos(y * f1)], atol=1e-6)
+    np.testing.assert_allclose(
+        row,
+        [
+            math.sin(x),
+            math.cos(x),
+            math.sin(x * f1),
+            math.cos(x * f1),
+            math.sin(y),
+            math.cos(y),
+            math.sin(y * f1),
+            math.cos(y * f1),
+        ],
+        atol=1e-6,
+    )
     with pytest.raises(ValueError, match="multiple of 4"):
         positional_encoding_2d(6, 2, 2)
 
@@ -58,10 +71,12 @@ def test_log_likelihood_of_a_standard_normal_sample():
     # With the identity map (z = x, logdet 0) log p is the standard normal log-density per dimension.
     z = jnp.asarray([[0.0, 0.0], [1.0, -2.0]])
     lp = log_likelihood(z, jnp.zeros(2))
-    np.testing.assert_allclose(np.asarray(lp), [-0.5 * math.log(2 * math.pi),
-                                                (-0.5 * 5 - math.log(2 * math.pi)) / 2], rtol=1e-6)
-    np.testing.assert_allclose(float(flow_loss(z, jnp.zeros(2))),
-                               float(np.mean(np.log1p(np.exp(-np.asarray(lp))))), rtol=1e-6)
+    np.testing.assert_allclose(
+        np.asarray(lp), [-0.5 * math.log(2 * math.pi), (-0.5 * 5 - math.log(2 * math.pi)) / 2], rtol=1e-6
+    )
+    np.testing.assert_allclose(
+        float(flow_loss(z, jnp.zeros(2))), float(np.mean(np.log1p(np.exp(-np.asarray(lp))))), rtol=1e-6
+    )
 
 
 def test_matches_freia_allinoneblock():
@@ -78,8 +93,15 @@ def test_matches_freia_allinoneblock():
 
     inn = Ff.SequenceINN(channels)
     for _ in range(blocks):
-        inn.append(Fm.AllInOneBlock, cond=0, cond_shape=(cond,), subnet_constructor=subnet, affine_clamping=1.9,
-                   global_affine_type="SOFTPLUS", permute_soft=True)
+        inn.append(
+            Fm.AllInOneBlock,
+            cond=0,
+            cond_shape=(cond,),
+            subnet_constructor=subnet,
+            affine_clamping=1.9,
+            global_affine_type="SOFTPLUS",
+            permute_soft=True,
+        )
     bound = flow.bind({"params": params})
     with torch.no_grad():
         for i, blk in enumerate(inn.module_list):
@@ -102,6 +124,7 @@ def test_matches_freia_allinoneblock():
 # ------------------------------------------------------------------ training, residuals, scoring
 def _flow_config(**flow):
     from configs import default
+
     c = default.get_config()
     r = c.model.reconstructor
     r.embed_dim, r.encoder_depth, r.decoder_depth, r.num_heads = 32, 1, 1, 2
@@ -122,11 +145,13 @@ def _structured(n=24, seed=0):
 
 def _fitted(c, h):
     from maskad_jax.fit import fit_pools
+
     return fit_pools(h, None, ["a"] * len(h), c.fit, c.seed)
 
 
 def test_training_residuals_leave_the_image_out():
     from maskad_jax.flow_fit import residuals_fn
+
     tokens = jnp.asarray([[[0.0, 0.0], [5.0, 5.0]]])  # one image, two tokens
     pool = jnp.asarray([[0.0, 0.0], [1.0, 0.0], [5.0, 5.0], [4.0, 5.0]])
     src = jnp.asarray([7, 3, 7, 3])  # pool tokens 0 and 2 come from image 7 itself
@@ -138,12 +163,13 @@ def test_training_residuals_leave_the_image_out():
 
 def test_flow_training_loss_falls_and_resumes_to_the_same_parameters(tmp_path):
     from maskad_jax.flow_fit import restore_flow, train_flow
+
     c, h = _flow_config(), _structured()
     pools = _fitted(c, h)
     pidx = np.zeros(len(h), np.int32)
     full = train_flow(c, h, pools, pidx, str(tmp_path / "full"), log=lambda *_: None)
     assert full.steps == 36
-    losses = [l for _, l in full.losses]
+    losses = [loss for _, loss in full.losses]
     assert np.mean(losses[-6:]) < np.mean(losses[:6]) - 0.02
     part = train_flow(c, h, pools, pidx, str(tmp_path / "resumed"), log=lambda *_: None, max_steps=5)
     assert part.steps == 5
@@ -166,6 +192,7 @@ def test_flow_mpo_ranks_an_injected_defect_first():
     from maskad_jax.flow_fit import calibrate_flow, train_flow
     from maskad_jax.reconstructor import build_reconstructor
     from maskad_jax.scoring import device_pools, make_score_features_fn
+
     c, h = _flow_config(epochs=15), _structured()
     c.scoring.mpo = "flow"
     pools = _fitted(c, h)
@@ -178,8 +205,15 @@ def test_flow_mpo_ranks_an_injected_defect_first():
     test = _structured(n=2, seed=5)
     test[1, 2, 3] += 2.0  # one defective position in the second image
     fn = jax.jit(make_score_features_fn(c, model, flow), static_argnums=(6,))
-    out = fn(params, device_pools(pools, flow), jnp.asarray(test), jnp.asarray(test), jnp.zeros(2, jnp.int32),
-             jnp.arange(2), 16)
+    out = fn(
+        params,
+        device_pools(pools, flow),
+        jnp.asarray(test),
+        jnp.asarray(test),
+        jnp.zeros(2, jnp.int32),
+        jnp.arange(2),
+        16,
+    )
     mpo = np.asarray(out["mpo"])
     assert ((mpo >= 0) & (mpo < 1)).all()
     assert np.unravel_index(np.argmax(mpo[1]), (4, 4)) == (2, 3)
@@ -191,17 +225,22 @@ def test_flow_mpo_ranks_an_injected_defect_first():
 def test_flow_embedder_pools_and_repeats_the_taps_like_the_released_code():
     from configs import default
     from maskad_jax.flow_features import FlowEmbedder
+
     c = default.get_config().flow
     c.backbone.arch, c.backbone.weights, c.backbone.padding = "efficientnet-lite0", "random", "static"
     emb = FlowEmbedder.create(c)
     x = jnp.asarray(np.random.default_rng(0).uniform(size=(2, 64, 64, 3)).astype(np.float32))
     out = np.asarray(jax.jit(emb.apply)(emb.variables, x))
     assert out.shape == (2, 8, 8, emb.channels) == (2,) + emb.feature_shape(64)
-    taps = [np.asarray(t, np.float64) for t in jax.jit(emb.extractor.module.apply)(emb.variables, emb.extractor.normalize(x))]
+    taps = [
+        np.asarray(t, np.float64)
+        for t in jax.jit(emb.extractor.module.apply)(emb.variables, emb.extractor.normalize(x))
+    ]
 
     def avg3(t):  # 3x3 mean with zero padding counted (PyTorch AvgPool2d's default)
         p = np.pad(t, ((0, 0), (1, 1), (1, 1), (0, 0)))
-        return sum(p[:, i:i + t.shape[1], j:j + t.shape[2]] for i in range(3) for j in range(3)) / 9.0
+        return sum(p[:, i : i + t.shape[1], j : j + t.shape[2]] for i in range(3) for j in range(3)) / 9.0
+
     fine, coarse = avg3(taps[0]), avg3(taps[1])
     ref = np.concatenate([fine, coarse.repeat(2, axis=1).repeat(2, axis=2)], axis=-1)
     np.testing.assert_allclose(out, ref, rtol=1e-4, atol=1e-5)

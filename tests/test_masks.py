@@ -1,4 +1,5 @@
 """Jittable masks: exact counts, BEiT block statistics, top-k ties, foreground weights."""
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -16,6 +17,7 @@ def test_random_mask_has_exactly_k_ones_and_is_seeded():
 
 def test_block_mask_is_a_union_of_rectangles_within_budget():
     from scipy import ndimage
+
     f = jax.jit(jax.vmap(lambda k: masks.block_mask(k, (14, 14), 70)))
     m = np.asarray(f(jax.random.split(jax.random.key(1), 200))).reshape(200, 14, 14)
     counts = m.sum((1, 2))
@@ -38,13 +40,17 @@ def test_foreground_weights_pick_out_an_object():
     h[2:4, 2:4] = 5.0  # an "object" on a flat background
     w = np.asarray(masks.foreground_weights(jnp.asarray(h))).reshape(6, 6)
     assert w[2:4, 2:4].min() == 1.0 and w[0, 0] == 0.0
-    picks = np.asarray(jax.vmap(lambda k: masks.foreground_mask(k, jnp.asarray(w.ravel()), 4))(
-        jax.random.split(jax.random.key(0), 100))).reshape(100, 6, 6)
+    picks = np.asarray(
+        jax.vmap(lambda k: masks.foreground_mask(k, jnp.asarray(w.ravel()), 4))(
+            jax.random.split(jax.random.key(0), 100)
+        )
+    ).reshape(100, 6, 6)
     assert picks[:, 2:4, 2:4].mean() > 5 * picks[:, 0:2, 0:2].mean()
 
 
 def test_foreground_weights_of_a_cache_with_numpy_equal_the_jitted_per_image_ones():
     from maskad_jax.train import foreground_weights_of_cache
+
     h = np.random.default_rng(3).normal(size=(5, 4, 6, 7)).astype(np.float32)
     h[1] = 2.0  # a constant map: all distances 0, weights 0 (no division by zero)
     per_image = np.stack([np.asarray(jax.jit(masks.foreground_weights)(jnp.asarray(x))) for x in h])
@@ -55,6 +61,7 @@ def test_foreground_weights_of_a_cache_with_numpy_equal_the_jitted_per_image_one
 def test_training_mask_from_precomputed_foreground_weights_is_the_same_mask():
     from configs import default
     from maskad_jax.train import foreground_weights_of_cache, sample_train_mask
+
     tc = default.get_config().train
     tc.mask_probs = (0.0, 0.0, 1.0)
     h = np.random.default_rng(4).normal(size=(8, 14, 14, 6)).astype(np.float32)

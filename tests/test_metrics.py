@@ -1,4 +1,5 @@
 """Metrics against scikit-learn, an independent brute-force AUPRO, hand-worked cases and ADer's definitions."""
+
 import numpy as np
 import pytest
 
@@ -35,6 +36,7 @@ def test_pixel_metrics_equal_sklearn_on_maps():
 def _aupro_brute_force(maps, masks, limit=0.3):
     """Straightforward: every distinct threshold, PRO and FPR counted directly, then the same integral."""
     from scipy import ndimage
+
     regions = []
     for i in range(masks.shape[0]):
         lab, n = ndimage.label(masks[i], structure=np.ones((3, 3)))
@@ -106,6 +108,7 @@ def _ader_cal_pro_score(masks, amaps, max_step=100, expect_fpr=0.3):
     sklearn's auc over the kept FPRs in threshold order."""
     from skimage import measure
     from sklearn.metrics import auc
+
     binary_amaps = np.zeros_like(amaps, dtype=bool)
     min_th, max_th = amaps.min(), amaps.max()
     delta = (max_th - min_th) / max_step
@@ -144,7 +147,7 @@ def test_ader_aupro_equals_adars_algorithm_with_tied_fprs():
         m = np.zeros((3, 32, 32), np.uint8)
         for i in range(3):
             y, x = rng.integers(0, 24, 2)
-            m[i, y:y + rng.integers(2, 8), x:x + rng.integers(2, 8)] = 1
+            m[i, y : y + rng.integers(2, 8), x : x + rng.integers(2, 8)] = 1
         a = np.round(rng.normal(size=m.shape) + 1.5 * m, 1)  # ties
         for steps in (100, 200):
             assert M.aupro_ader(a, m, max_step=steps) == pytest.approx(_ader_cal_pro_score(m, a, steps), abs=1e-12)
@@ -171,7 +174,7 @@ def test_binned_protocol_is_close_to_exact_and_streams():
     q = np.round(maps, 1)
     acc = M.BinnedPixelMetrics(q.min(), q.max() + 1e-9, bins=1 << 12)
     for i in range(len(q)):
-        acc.add(q[i:i + 1], masks[i:i + 1])
+        acc.add(q[i : i + 1], masks[i : i + 1])
     r = acc.results()
     assert r["pixel_auroc"] == pytest.approx(M.auroc(q, masks), abs=1e-12)
     assert r["pixel_ap"] == pytest.approx(M.average_precision(q, masks), abs=1e-12)

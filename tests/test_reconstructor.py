@@ -1,4 +1,5 @@
 """The masked reconstructor against a plain numpy transcription of the spec's formulas."""
+
 import math
 
 import jax
@@ -42,8 +43,9 @@ def _numpy_forward(p, h, mask, grid, heads):
     nd = (2 * gh - 1) * (2 * gw - 1) + 3
     idx[0, :], idx[:, 0], idx[0, 0] = nd - 3, nd - 2, nd - 1
     bias = p["rel_pos_bias"]["table"][idx].transpose(2, 0, 1)
-    blocks = sorted([k for k in p if k.startswith("encoder_")], key=lambda k: int(k.split("_")[1])) + \
-        sorted([k for k in p if k.startswith("decoder_")], key=lambda k: int(k.split("_")[1]))
+    blocks = sorted([k for k in p if k.startswith("encoder_")], key=lambda k: int(k.split("_")[1])) + sorted(
+        [k for k in p if k.startswith("decoder_")], key=lambda k: int(k.split("_")[1])
+    )
     d = x.shape[-1]
     hd = d // heads
     for name in blocks:
@@ -51,10 +53,10 @@ def _numpy_forward(p, h, mask, grid, heads):
         y = _ln(x, bp["norm1"]["scale"], bp["norm1"]["bias"])
         qkv = y @ bp["attn"]["qkv"]["kernel"]
         q = qkv[..., :d] + bp["attn"]["q_bias"]
-        k = qkv[..., d:2 * d]
-        v = qkv[..., 2 * d:] + bp["attn"]["v_bias"]
+        k = qkv[..., d : 2 * d]
+        v = qkv[..., 2 * d :] + bp["attn"]["v_bias"]
         split = lambda t: t.reshape(b, -1, heads, hd).transpose(0, 2, 1, 3)
-        q, k, v = split(q) * hd ** -0.5, split(k), split(v)
+        q, k, v = split(q) * hd**-0.5, split(k), split(v)
         a = _softmax(q @ k.transpose(0, 1, 3, 2) + bias)
         o = (a @ v).transpose(0, 2, 1, 3).reshape(b, -1, d)
         o = o @ bp["attn"]["proj"]["kernel"] + bp["attn"]["proj"]["bias"]
@@ -80,10 +82,13 @@ def test_forward_matches_numpy_reference_of_the_spec(attention):
     mask = rng.uniform(size=(3, 20)) < 0.5
     params = model.init(jax.random.key(0), h, mask)["params"]
     # Perturb the zero/constant-initialised parameters so that every term is exercised.
-    params = jax.tree_util.tree_map(lambda x: np.asarray(x) + 0.05 * rng.normal(size=x.shape).astype(np.float32), params)
+    params = jax.tree_util.tree_map(
+        lambda x: np.asarray(x) + 0.05 * rng.normal(size=x.shape).astype(np.float32), params
+    )
     ours = np.asarray(model.apply({"params": params}, h, mask, deterministic=True))
-    ref = _numpy_forward(jax.tree_util.tree_map(lambda x: np.asarray(x, np.float64), params), h.astype(np.float64),
-                         mask, (4, 5), 4)
+    ref = _numpy_forward(
+        jax.tree_util.tree_map(lambda x: np.asarray(x, np.float64), params), h.astype(np.float64), mask, (4, 5), 4
+    )
     np.testing.assert_allclose(ours, ref, atol=2e-4, rtol=1e-4)
 
 
@@ -124,8 +129,9 @@ def test_eval_mode_is_deterministic_and_train_mode_drops_paths():
 def test_paper_config_parameter_count():
     """The released code's config (dim 768, 10 blocks, C = 272) has about 71.3 M parameters."""
     model = MaskedReconstructor(in_channels=272)
-    shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, 14, 14, 272)),
-                                               jnp.zeros((1, 196), bool)))
+    shapes = jax.eval_shape(
+        lambda: model.init(jax.random.key(0), jnp.zeros((1, 14, 14, 272)), jnp.zeros((1, 196), bool))
+    )
     n = count_params(shapes["params"])
     print(f"paper-config reconstructor parameters: {n:,}")
     assert n == 71_315_552

@@ -1,6 +1,7 @@
 """report.html is self-contained and complete: every image embedded and decodable, nothing loaded
 from elsewhere, the plots and tables there, hostile names escaped, and no console error in a real
 (headless) browser. Built from a synthetic result, so no training is needed."""
+
 import base64
 import io
 import os
@@ -29,16 +30,38 @@ def _result():
         masks = np.zeros((12, 16, 16), bool)
         masks[6:, 4:9, 4:9] = True
         maps[masks] += 0.5
-        classes[name] = {"scores": scores, "labels": labels, "defects": ["good"] * 6 + ["crack"] * 3 + [HOSTILE] * 3,
-                         "threshold": 0.9, "image_curves": curve_points(scores, labels),
-                         "pixel_curves": curve_points(maps, masks)}
-    examples = [{"class": name, "kind": "highest", "file": f"{name}/test/crack/000.png", "score": 1.5, "label": 1,
-                 "image": rng.uniform(size=(16, 16, 3)), "map": rng.uniform(size=(16, 16)),
-                 "mask": np.pad(np.ones((4, 4)), 6), "scale": [0.0, 1.0]} for name in classes]
+        classes[name] = {
+            "scores": scores,
+            "labels": labels,
+            "defects": ["good"] * 6 + ["crack"] * 3 + [HOSTILE] * 3,
+            "threshold": 0.9,
+            "image_curves": curve_points(scores, labels),
+            "pixel_curves": curve_points(maps, masks),
+        }
+    examples = [
+        {
+            "class": name,
+            "kind": "highest",
+            "file": f"{name}/test/crack/000.png",
+            "score": 1.5,
+            "label": 1,
+            "image": rng.uniform(size=(16, 16, 3)),
+            "map": rng.uniform(size=(16, 16)),
+            "mask": np.pad(np.ones((4, 4)), 6),
+            "scale": [0.0, 1.0],
+        }
+        for name in classes
+    ]
     per_class = {name: dict.fromkeys(METRIC_NAMES, 0.8) for name in classes}
-    return {"per_class": per_class, "mean": dict.fromkeys(METRIC_NAMES, 0.8), "num_test_images": 24,
-            "test_images_per_second": 3.0, "train_seconds": 10.0, "total_seconds": 20.0,
-            "report_data": {"classes": classes, "examples": examples, "threshold_quantile": 0.99}}
+    return {
+        "per_class": per_class,
+        "mean": dict.fromkeys(METRIC_NAMES, 0.8),
+        "num_test_images": 24,
+        "test_images_per_second": 3.0,
+        "train_seconds": 10.0,
+        "total_seconds": 20.0,
+        "report_data": {"classes": classes, "examples": examples, "threshold_quantile": 0.99},
+    }
 
 
 class _Collect(HTMLParser):
@@ -88,9 +111,17 @@ def test_report_opens_in_a_headless_browser_without_console_errors(report):
     sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is a test extra")
     problems = []
     with sync_api.sync_playwright() as pw:
-        browser = pw.chromium.launch(executable_path=chromium, args=[
-            "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
-            "--disable-sync", "--no-first-run"])
+        browser = pw.chromium.launch(
+            executable_path=chromium,
+            args=[
+                "--no-sandbox",
+                "--disable-gpu",
+                "--disable-background-networking",
+                "--disable-component-update",
+                "--disable-sync",
+                "--no-first-run",
+            ],
+        )
         page = browser.new_page()
         page.on("console", lambda m: problems.append(m.text) if m.type in ("error", "warning") else None)
         page.on("pageerror", lambda e: problems.append(str(e)))

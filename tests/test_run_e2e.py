@@ -1,4 +1,5 @@
 """run.py end to end with the smoke config: train_and_eval, eval and predict from the saved checkpoint."""
+
 import csv
 import io
 import json
@@ -9,23 +10,22 @@ import sys
 
 import numpy as np
 import pytest
+from helpers import FAST_COMPILE, forced_devices_env, loopback_coordinator
 from PIL import Image
 
 from maskad_jax.overlay import unique_names
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
 # these runs train and score a few dozen 64 px images
-from helpers import FAST_COMPILE, forced_devices_env, loopback_coordinator
 
 pytestmark = pytest.mark.slow  # subprocess runs of run.py: `pytest -m 'not slow'` skips them
 
 
 def _run(args, timeout=600):
     env = dict(os.environ, XLA_FLAGS=(os.environ.get("XLA_FLAGS", "") + " " + FAST_COMPILE).strip())
-    proc = subprocess.run([sys.executable, "run.py", *args], cwd=ROOT, capture_output=True, text=True,
-                          timeout=timeout, env=env)
+    proc = subprocess.run(
+        [sys.executable, "run.py", *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=env
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return proc.stdout + proc.stderr
 
@@ -45,6 +45,7 @@ def _export_test_images(tfds, folder, count, class_name="disc") -> dict:
     """The first `count` test images of a class written as PNG files: {file: the dataset's file name}."""
     from maskad_jax.data import SplitData
     from tfds_builders import prepare
+
     data = SplitData.load(prepare("synthetic", tfds, config="tiny"), "test", [class_name])
     folder.mkdir(parents=True)
     expected = {}
@@ -74,8 +75,14 @@ def smoke_run(tmp_path_factory, tfds_dir):
     """One train_and_eval run of the smoke config in one process, with learning curves every epoch:
     (workdir, console, metrics, scores.csv)."""
     wd = str(tmp_path_factory.mktemp("smoke") / "wd")
-    out = _run(["--config=configs/demo.py:smoke", f"--workdir={wd}", f"--config.data.tfds_dir={tfds_dir}",
-                "--config.train.eval_every=1"])
+    out = _run(
+        [
+            "--config=configs/demo.py:smoke",
+            f"--workdir={wd}",
+            f"--config.data.tfds_dir={tfds_dir}",
+            "--config.train.eval_every=1",
+        ]
+    )
     return wd, out, json.load(open(os.path.join(wd, "metrics.json"))), _csv(os.path.join(wd, "scores.csv"))
 
 
@@ -113,7 +120,7 @@ def test_run_py_train_eval_predict(tmp_path, tfds_dir, smoke_run):
     Image.fromarray(rng.integers(0, 255, (80, 100), dtype=np.uint8), "L").save(src / "sub" / "grey.png")
     Image.fromarray(rng.integers(0, 255, (70, 50, 4), dtype=np.uint8), "RGBA").save(src / "sub" / "rgba.png")
     Image.fromarray(rng.integers(0, 65535, (90, 90), dtype=np.uint16)).save(src / "sub" / "deep16.png")
-    hostile = 'x <b>&"..\' name.png'
+    hostile = "x <b>&\"..' name.png"
     Image.fromarray(rng.integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(src / "sub" / hostile)
     out = _run(common + ["--mode=predict", f"--config.predict.input={src}", "--config.predict.class_name=disc"])
     pred = _assert_predict_equals_eval(wd, expected)
@@ -152,8 +159,9 @@ def test_learning_curves_are_logged_and_match_the_final_evaluation(smoke_run):
     assert [r["step"] for r in evals] == [3, 6] and [r["epoch"] for r in evals] == [1, 2]
     names = ("image_auroc", "image_ap", "image_f1_max", "pixel_auroc", "pixel_ap", "pixel_f1_max", "aupro")
     for r in evals:
-        assert set(r["eval"]) == {"heldout_normal_loss"} | {f"{row}/{m}" for m in names
-                                                           for row in ("default", "full", "rec_only", "mpo_only")}
+        assert set(r["eval"]) == {"heldout_normal_loss"} | {
+            f"{row}/{m}" for m in names for row in ("default", "full", "rec_only", "mpo_only")
+        }
         assert r["eval"]["heldout_normal_loss"] > 0
     for m in names:
         assert evals[-1]["eval"][f"default/{m}"] == pytest.approx(metrics["mean"][m], abs=1e-6), m
@@ -167,10 +175,19 @@ def test_a_second_command_loads_its_programs_from_the_compilation_cache(tmp_path
     filelock package) on a fresh cache folder: the first eval fills it, the second loads from it."""
     wd = smoke_run[0]
     env = {k: v for k, v in os.environ.items() if k != "JAX_COMPILATION_CACHE_DIR"}
-    env.update(XDG_CACHE_HOME=str(tmp_path / "cache"), JAX_LOG_COMPILES="1",
-               XLA_FLAGS=(os.environ.get("XLA_FLAGS", "") + " " + FAST_COMPILE).strip())
-    args = [sys.executable, "run.py", "--config=configs/demo.py:smoke", f"--workdir={wd}",
-            f"--config.data.tfds_dir={tfds_dir}", "--mode=eval"]
+    env.update(
+        XDG_CACHE_HOME=str(tmp_path / "cache"),
+        JAX_LOG_COMPILES="1",
+        XLA_FLAGS=(os.environ.get("XLA_FLAGS", "") + " " + FAST_COMPILE).strip(),
+    )
+    args = [
+        sys.executable,
+        "run.py",
+        "--config=configs/demo.py:smoke",
+        f"--workdir={wd}",
+        f"--config.data.tfds_dir={tfds_dir}",
+        "--mode=eval",
+    ]
     outs = []
     for _ in range(2):
         proc = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=600, env=env)
@@ -189,8 +206,10 @@ def test_two_processes_train_and_eval_like_one(tmp_path, tfds_dir, smoke_run):
     metrics and every image's score equal the one-process run's; process 0 alone writes the files."""
     _, _, one_metrics, one_scores = smoke_run
     wd = str(tmp_path / "wd")
-    outs = _run_two_processes(["--config=configs/demo.py:smoke", f"--workdir={wd}",
-                               f"--config.data.tfds_dir={tfds_dir}"], one_metrics["num_test_images"])
+    outs = _run_two_processes(
+        ["--config=configs/demo.py:smoke", f"--workdir={wd}", f"--config.data.tfds_dir={tfds_dir}"],
+        one_metrics["num_test_images"],
+    )
     assert all("trained to step 6" in out for out in outs)
     _assert_same_results(wd, one_metrics, one_scores)
 
@@ -199,9 +218,17 @@ def _run_two_processes(args, num_test_images):
     """run.py as two processes on loopback (2 forced host devices each); checks that each scored its
     share of the test images. Returns both consoles."""
     coordinator = loopback_coordinator()
-    procs = [subprocess.Popen([sys.executable, "run.py", *args, f"--coordinator={coordinator}",
-                               "--num_processes=2", f"--process_id={i}"], cwd=ROOT, env=forced_devices_env(2),
-                              text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT) for i in range(2)]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "run.py", *args, f"--coordinator={coordinator}", "--num_processes=2", f"--process_id={i}"],
+            cwd=ROOT,
+            env=forced_devices_env(2),
+            text=True,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+        )
+        for i in range(2)
+    ]
     outs = [p.communicate(timeout=600)[0] for p in procs]
     for i, (p, out) in enumerate(zip(procs, outs)):
         assert p.returncode == 0, out[-4000:]
@@ -218,18 +245,25 @@ def _assert_same_results(wd, one_metrics, one_scores):
         assert metrics["mean"][k] == pytest.approx(v, abs=1e-3), k
     scores = _csv(os.path.join(wd, "scores.csv"))
     assert [r["file"] for r in scores] == [r["file"] for r in one_scores]  # every image once, in order
-    np.testing.assert_allclose([float(r["score"]) for r in scores], [float(r["score"]) for r in one_scores],
-                               rtol=1e-3)
+    np.testing.assert_allclose([float(r["score"]) for r in scores], [float(r["score"]) for r in one_scores], rtol=1e-3)
 
 
-@pytest.mark.parametrize("args, message", [
-    (["--num_processes=2"], "--num_processes and --process_id need --coordinator"),
-    (["--coordinator=127.0.0.1:1234", "--num_processes=2"], "needs --num_processes and --process_id"),
-    (["--coordinator=127.0.0.1:1234", "--num_processes=2", "--process_id=2"], "must be in 0 .. 1"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--num_processes=2"], "--num_processes and --process_id need --coordinator"),
+        (["--coordinator=127.0.0.1:1234", "--num_processes=2"], "needs --num_processes and --process_id"),
+        (["--coordinator=127.0.0.1:1234", "--num_processes=2", "--process_id=2"], "must be in 0 .. 1"),
+    ],
+)
 def test_run_py_refuses_incomplete_distributed_flags(tmp_path, args, message):
-    proc = subprocess.run([sys.executable, "run.py", f"--workdir={tmp_path}", *args], cwd=ROOT, capture_output=True,
-                          text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "run.py", f"--workdir={tmp_path}", *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode != 0 and message in proc.stdout + proc.stderr
     assert not os.listdir(tmp_path)  # refused before any work
 
@@ -248,11 +282,20 @@ def test_run_py_code_variant(tmp_path, tfds_dir):
 @pytest.mark.parametrize("features", ["reconstructor", "backbone"])
 def test_flow_mpo_train_and_eval_then_eval_from_checkpoints(tmp_path, tfds_dir, features):
     wd, tfds = str(tmp_path / "wd"), tfds_dir
-    common = ["--config=configs/demo.py:smoke", f"--workdir={wd}", f"--config.data.tfds_dir={tfds}",
-              "--config.scoring.mpo=flow", f"--config.flow.features={features}"]
+    common = [
+        "--config=configs/demo.py:smoke",
+        f"--workdir={wd}",
+        f"--config.data.tfds_dir={tfds}",
+        "--config.scoring.mpo=flow",
+        f"--config.flow.features={features}",
+    ]
     if features == "backbone":  # a second backbone (Lite0 here; the released code's is B6) at strides 8 and 16
-        common += ["--config.flow.backbone.arch=efficientnet-lite0", "--config.flow.backbone.weights=packaged",
-                   "--config.flow.backbone.padding=static", "--config.flow.pool_ratio=0.1"]
+        common += [
+            "--config.flow.backbone.arch=efficientnet-lite0",
+            "--config.flow.backbone.weights=packaged",
+            "--config.flow.backbone.padding=static",
+            "--config.flow.pool_ratio=0.1",
+        ]
     out = _run(common)
     assert "flow M_po: trained to step" in out and "mean over classes" in out
     extra = ("fit/flow_pool/pools.npz",) if features == "backbone" else ()
@@ -264,8 +307,10 @@ def test_flow_mpo_train_and_eval_then_eval_from_checkpoints(tmp_path, tfds_dir, 
     assert open(os.path.join(wd, "scores.csv")).read() == scores_first
     if features == "backbone":  # predict scores single images with the flow (and its own backbone) as eval did
         expected = _export_test_images(tfds, tmp_path / "inputs", 2)
-        _run(common + ["--mode=predict", f"--config.predict.input={tmp_path / 'inputs'}",
-                       "--config.predict.class_name=disc"])
+        _run(
+            common
+            + ["--mode=predict", f"--config.predict.input={tmp_path / 'inputs'}", "--config.predict.class_name=disc"]
+        )
         _assert_predict_equals_eval(wd, expected)
         # the same as two processes: the flow's backbone features, its pool and L_ref, split and gathered
         wd2 = str(tmp_path / "wd2")
@@ -280,22 +325,35 @@ def test_flow_mpo_train_and_eval_then_eval_from_checkpoints(tmp_path, tfds_dir, 
 
 def _serve(export_dir, args):
     """The exported scorer's serve.py in a fresh process where `import maskad_jax` fails."""
-    code = ("import runpy, sys; sys.modules['maskad_jax'] = None; sys.argv = sys.argv[1:]; "
-            "runpy.run_path(sys.argv[0], run_name='__main__')")
-    return subprocess.run([sys.executable, "-c", code, os.path.join(export_dir, "serve.py"), *args],
-                          cwd=str(export_dir), capture_output=True, text=True, timeout=300)
+    code = (
+        "import runpy, sys; sys.modules['maskad_jax'] = None; sys.argv = sys.argv[1:]; "
+        "runpy.run_path(sys.argv[0], run_name='__main__')"
+    )
+    return subprocess.run(
+        [sys.executable, "-c", code, os.path.join(export_dir, "serve.py"), *args],
+        cwd=str(export_dir),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
 
 
-def test_export_scores_like_predict_without_the_package_and_refuses_a_changed_artifact(tmp_path, tfds_dir,
-                                                                                        smoke_run):
+def test_export_scores_like_predict_without_the_package_and_refuses_a_changed_artifact(tmp_path, tfds_dir, smoke_run):
     wd = smoke_run[0]
     common = ["--config=configs/demo.py:smoke", f"--workdir={wd}", f"--config.data.tfds_dir={tfds_dir}"]
     _run(common + ["--mode=export"])
     export_dir = os.path.join(wd, "export")
     manifest = json.load(open(os.path.join(export_dir, "manifest.json")))
-    assert manifest["input"]["shape"] == ["batch", 64, 64, 3] and sorted(manifest["classes"]) == ["disc", "speckle", "weave"]
-    assert set(manifest["files"]) == {"scorer.stablehlo", "serve.py"} and manifest["platforms"] == ["cpu", "cuda",
-                                                                                                     "tpu"]
+    assert manifest["input"]["shape"] == ["batch", 64, 64, 3] and sorted(manifest["classes"]) == [
+        "disc",
+        "speckle",
+        "weave",
+    ]
+    assert set(manifest["files"]) == {"scorer.stablehlo", "serve.py"} and manifest["platforms"] == [
+        "cpu",
+        "cuda",
+        "tpu",
+    ]
     samples = os.path.join(wd, "samples")
     _run(common + ["--mode=predict", f"--config.predict.input={samples}"])
     pred = {r["file"]: r for r in _csv(os.path.join(_latest_predictions(wd), "scores.csv"))}

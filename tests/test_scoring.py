@@ -1,5 +1,6 @@
 """Test-time engine: OT against POT and closed forms, k-center and smoothing against plain
 implementations, one compiled program, determinism and batch independence."""
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -45,8 +46,9 @@ def test_paper_ot_plan_is_pots_entropic_plan_when_run_to_convergence():
     """The same entropic problem (epsilon = 0.02 x the mean cost) solved by POT's log-domain Sinkhorn
     and by ours run to a tight threshold: the same transport cost."""
     e_h, e_r = _error_samples(np.random.default_rng(4), 6, 13, 19.0, 8.0)
-    ours = np.asarray(association.paper_ot(jnp.asarray(e_h), jnp.asarray(e_r), 0.02, iterations=20000,
-                                           threshold=1e-7, rtol=1.0).cost)
+    ours = np.asarray(
+        association.paper_ot(jnp.asarray(e_h), jnp.asarray(e_r), 0.02, iterations=20000, threshold=1e-7, rtol=1.0).cost
+    )
     w = np.full(13, 1 / 13)
     for i in range(6):
         cost = np.abs(e_h[i][:, None].astype(np.float64) - e_r[i][None, :])
@@ -58,8 +60,7 @@ def test_unconverged_patches_are_reported_and_get_the_exact_optimum():
     """With too few iterations the duality gap is not within tolerance: such patches are counted
     as uncertified and their AssDis is the exact optimum, never the unconverged plan's cost."""
     e_h, e_r = _error_samples(np.random.default_rng(5), 200, 13, 19.0, 8.0)
-    res = association.paper_ot(jnp.asarray(e_h), jnp.asarray(e_r), 0.001, iterations=10, threshold=1e-9,
-                               rtol=1e-4)
+    res = association.paper_ot(jnp.asarray(e_h), jnp.asarray(e_r), 0.001, iterations=10, threshold=1e-9, rtol=1e-4)
     exact = np.asarray(association.exact_assdis(e_h, e_r))
     bad = ~np.asarray(res.certified)
     assert bad.sum() > 0
@@ -92,6 +93,7 @@ def test_rounding_gives_a_plan_with_exact_marginals():
 def _code_sinkhorn_numpy(e_h, e_r, eps=0.1, tol=0.1, max_iter=1000):
     """The released code's models/Sinkhorn_distance.py transcribed (docs/method.md §6.6) in float64 numpy."""
     from scipy.special import logsumexp
+
     cos = (e_h @ e_r.T) / np.maximum(np.linalg.norm(e_h, axis=1)[:, None] * np.linalg.norm(e_r, axis=1)[None], 1e-8)
     c = 1 - cos
     p, q = c.shape
@@ -145,8 +147,9 @@ def test_gaussian_smoothing_equals_scipy(shape, sigma):
     x = np.random.default_rng(5).uniform(size=(2,) + shape).astype(np.float32)
     ours = np.asarray(gaussian_smooth(jnp.asarray(x), sigma))
     for i in range(2):
-        np.testing.assert_allclose(ours[i], ndimage.gaussian_filter(x[i].astype(np.float64), sigma, mode="reflect"),
-                                   atol=1e-5)
+        np.testing.assert_allclose(
+            ours[i], ndimage.gaussian_filter(x[i].astype(np.float64), sigma, mode="reflect"), atol=1e-5
+        )
 
 
 # --------------------------------------------------------------------------------------- the engine
@@ -154,8 +157,9 @@ def test_gaussian_smoothing_equals_scipy(shape, sigma):
 def engine():
     from maskad_jax.features import FeatureExtractor
     from maskad_jax.fit import fit_pools
-    from maskad_jax.scoring import device_pools, make_score_fn
     from maskad_jax.reconstructor import build_reconstructor
+    from maskad_jax.scoring import device_pools, make_score_fn
+
     c = default.get_config()
     c.data.image_size = 64
     r = c.model.reconstructor
@@ -174,8 +178,9 @@ def engine():
 
 
 def _call(e, imgs, pool_idx, ids):
-    return e["score"](e["params"], e["ex"].variables, e["pools"], imgs, jnp.asarray(pool_idx, jnp.int32),
-                      jnp.asarray(ids, jnp.int32))
+    return e["score"](
+        e["params"], e["ex"].variables, e["pools"], imgs, jnp.asarray(pool_idx, jnp.int32), jnp.asarray(ids, jnp.int32)
+    )
 
 
 def test_one_compiled_program_without_host_callbacks(engine):
@@ -186,8 +191,9 @@ def test_one_compiled_program_without_host_callbacks(engine):
     for ids in ([3, 4, 5], [6, 7, 8]):
         _call(e, e["imgs"], [1, 0, 1], ids)
     assert e["score"]._cache_size() == n0  # new images and classes, no recompilation
-    jaxpr = jax.make_jaxpr(e["score"])(e["params"], e["ex"].variables, e["pools"], e["imgs"],
-                                       jnp.zeros(3, jnp.int32), jnp.arange(3))
+    jaxpr = jax.make_jaxpr(e["score"])(
+        e["params"], e["ex"].variables, e["pools"], e["imgs"], jnp.zeros(3, jnp.int32), jnp.arange(3)
+    )
     text = str(jaxpr)
     assert "callback" not in text and "host" not in text
     assert np.isclose(np.asarray(out["score"]), np.asarray(out["map"]).max(axis=(1, 2))).all()
@@ -206,6 +212,7 @@ def test_same_seed_same_maps_and_an_image_alone_equals_it_in_a_batch(engine):
 
 def test_masks_per_image_follow_the_config(engine):
     from maskad_jax.scoring import make_masks, num_masks
+
     sc = engine["c"].scoring
     mpo = jnp.arange(196, dtype=jnp.float32)
     m = np.asarray(make_masks(jax.random.key(0), mpo, (14, 14), sc))
@@ -219,14 +226,22 @@ def test_masks_per_image_follow_the_config(engine):
 def test_grouped_branches_give_the_same_maps(engine):
     """branches_per_step > 0 runs the 2N reconstructions in groups inside the program: same numbers."""
     import copy
-    from maskad_jax.scoring import _branch_steps, make_score_fn
+
     from maskad_jax.reconstructor import build_reconstructor
+    from maskad_jax.scoring import _branch_steps, make_score_fn
+
     assert [_branch_steps(26, k) for k in (0, 1, 2, 4, 26, 30)] == [1, 26, 13, 13, 1, 1]
     e = engine
     c = copy.deepcopy(e["c"])
     c.scoring.branches_per_step = 4
     grouped = make_score_fn(c, e["ex"], build_reconstructor(c, e["ex"].channels, (4, 4)))
     a = _call(e, e["imgs"], [0, 1, 0], [1, 2, 3])
-    b = grouped(e["params"], e["ex"].variables, e["pools"], e["imgs"], jnp.asarray([0, 1, 0], jnp.int32),
-                jnp.asarray([1, 2, 3], jnp.int32))
+    b = grouped(
+        e["params"],
+        e["ex"].variables,
+        e["pools"],
+        e["imgs"],
+        jnp.asarray([0, 1, 0], jnp.int32),
+        jnp.asarray([1, 2, 3], jnp.int32),
+    )
     np.testing.assert_allclose(np.asarray(b["map"]), np.asarray(a["map"]), rtol=1e-4, atol=1e-5)

@@ -1,6 +1,7 @@
 """The package's import structure (docs: the module map in the README): the test-time engine and
 the models never import training, orchestration or file I/O; no import cycles; no function-local
 import of the package; functions stay short."""
+
 import ast
 import pathlib
 
@@ -8,13 +9,50 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "maskad_jax"
 
 # pure computation: models, masks, pools, OT, scoring, metrics, resizing, smoothing, the flow
-PURE = {"ablations", "association", "coreset", "efficientnet", "efficientnet_arch", "errors", "flow", "masks",
-        "metrics", "reconstructor", "resize", "scoring", "smoothing"}
+PURE = {
+    "ablations",
+    "association",
+    "coreset",
+    "efficientnet",
+    "efficientnet_arch",
+    "errors",
+    "flow",
+    "masks",
+    "metrics",
+    "reconstructor",
+    "resize",
+    "scoring",
+    "smoothing",
+}
 # training, orchestration and I/O: what PURE must never reach, even indirectly
-UPPER = {"train", "flow_fit", "pipeline", "predict", "evaluate", "learning_curves", "feature_cache", "report",
-         "progress", "workdir", "data", "fit", "weights", "torch_pickle", "safetensors_reader", "samples",
-         "config_check", "convert_weights", "parallel", "features", "flow_features", "export", "serve_export",
-         "optim", "overlay", "preprocess"}
+UPPER = {
+    "train",
+    "flow_fit",
+    "pipeline",
+    "predict",
+    "evaluate",
+    "learning_curves",
+    "feature_cache",
+    "report",
+    "progress",
+    "workdir",
+    "data",
+    "fit",
+    "weights",
+    "torch_pickle",
+    "safetensors_reader",
+    "samples",
+    "config_check",
+    "convert_weights",
+    "parallel",
+    "features",
+    "flow_features",
+    "export",
+    "serve_export",
+    "optim",
+    "overlay",
+    "preprocess",
+}
 
 
 def _imports(path: pathlib.Path):

@@ -1,4 +1,5 @@
 """Training: device-count invariance, a real two-process mesh, kill-and-resume, config mismatch."""
+
 import json
 import os
 import subprocess
@@ -7,9 +8,9 @@ import sys
 import jax
 import numpy as np
 import pytest
+from helpers import forced_devices_env, loopback_coordinator
 
 from configs import default
-from helpers import forced_devices_env, loopback_coordinator
 from maskad_jax.optim import decay_mask
 from maskad_jax.train import CheckpointMismatchError, train
 
@@ -17,8 +18,13 @@ SCRIPT = os.path.join(os.path.dirname(__file__), "scripts", "train_losses.py")
 
 
 def _run(devices, extra=(), script=SCRIPT):
-    return subprocess.Popen([sys.executable, script, *extra], env=forced_devices_env(devices), stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(
+        [sys.executable, script, *extra],
+        env=forced_devices_env(devices),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
 
 
 def _losses(proc, timeout=300):
@@ -46,6 +52,7 @@ def test_two_processes_each_extract_a_share_of_the_feature_cache(tmp_path):
     """feature_cache.extract_features under jax.distributed: each process runs the backbone on its share
     of the split and every process ends with the whole cache, equal to one process's."""
     from tfds_builders import prepare
+
     tfds = str(tmp_path / "tfds")
     prepare("synthetic", tfds, config="tiny")  # built once here, read by the processes below
     script = os.path.join(os.path.dirname(__file__), "scripts", "extract_features.py")
@@ -94,7 +101,7 @@ def test_kill_and_resume_ends_with_the_same_parameters(tmp_path):
     rest = train(c, h, None, str(tmp_path / "resumed"), log=messages.append)
     assert any("resumed from step 5" in m for m in messages)
     assert [s for s, _ in rest.losses] == list(range(5, 9))
-    np.testing.assert_allclose([l for _, l in rest.losses], [l for _, l in full.losses[5:]], rtol=1e-6)
+    np.testing.assert_allclose([loss for _, loss in rest.losses], [loss for _, loss in full.losses[5:]], rtol=1e-6)
     for a, b in zip(jax.tree_util.tree_leaves(full.params), jax.tree_util.tree_leaves(rest.params)):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6, atol=1e-7)
 
@@ -114,7 +121,7 @@ def test_device_cache_and_host_gathering_give_the_same_losses():
     on = train(_tiny_config(epochs=2), h, tgt, None, log=lambda *_: None)
     off = train(_tiny_config(epochs=2, device_cache_gb=0.0), h, tgt, None, log=lambda *_: None)
     assert len(on.losses) == len(off.losses) == 6
-    np.testing.assert_allclose([l for _, l in on.losses], [l for _, l in off.losses], rtol=1e-6)
+    np.testing.assert_allclose([loss for _, loss in on.losses], [loss for _, loss in off.losses], rtol=1e-6)
     for a, b in zip(jax.tree.leaves(on.params), jax.tree.leaves(off.params)):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
 
@@ -126,7 +133,7 @@ def test_cudnn_attention_setting_trains_with_einsum_and_says_so():
     res = train(c, _features(), None, None, log=said.append)
     ref = train(_tiny_config(epochs=1), _features(), None, None, log=lambda *_: None)
     assert any("jax_cudnn is for scoring only" in m for m in said)
-    np.testing.assert_allclose([l for _, l in res.losses], [l for _, l in ref.losses], rtol=1e-6)
+    np.testing.assert_allclose([loss for _, loss in res.losses], [loss for _, loss in ref.losses], rtol=1e-6)
 
 
 def test_loss_falls_on_structured_features():
@@ -138,18 +145,27 @@ def test_loss_falls_on_structured_features():
     h = np.broadcast_to(h, (48, 4, 4, 8)).copy()
     c = _tiny_config(epochs=30, batch_size=16, lr=1e-2, weight_decay=0.0)
     res = train(c, h, None, None, log=lambda *_: None)
-    losses = [l for _, l in res.losses]
+    losses = [loss for _, loss in res.losses]
     assert np.mean(losses[-5:]) < 0.6 * np.mean(losses[:5])
 
 
 def test_weight_decay_mask_follows_the_released_code():
-    params = {"input_proj": {"kernel": np.zeros((2, 3)), "bias": np.zeros(3)}, "mask_token": np.zeros(3),
-              "cls_token": np.zeros(3), "rel_pos_bias": {"table": np.zeros((4, 2))},
-              "encoder_0": {"gamma_1": np.zeros(3), "norm1": {"scale": np.zeros(3)}, "attn": {"q_bias": np.zeros(3)}}}
+    params = {
+        "input_proj": {"kernel": np.zeros((2, 3)), "bias": np.zeros(3)},
+        "mask_token": np.zeros(3),
+        "cls_token": np.zeros(3),
+        "rel_pos_bias": {"table": np.zeros((4, 2))},
+        "encoder_0": {"gamma_1": np.zeros(3), "norm1": {"scale": np.zeros(3)}, "attn": {"q_bias": np.zeros(3)}},
+    }
     m = decay_mask(params)
     assert m["input_proj"]["kernel"] and m["mask_token"] and m["rel_pos_bias"]["table"]
-    assert not (m["input_proj"]["bias"] or m["cls_token"] or m["encoder_0"]["gamma_1"]
-                or m["encoder_0"]["norm1"]["scale"] or m["encoder_0"]["attn"]["q_bias"])
+    assert not (
+        m["input_proj"]["bias"]
+        or m["cls_token"]
+        or m["encoder_0"]["gamma_1"]
+        or m["encoder_0"]["norm1"]["scale"]
+        or m["encoder_0"]["attn"]["q_bias"]
+    )
 
 
 def test_bfloat16_switch_trains_with_float32_parameters():
@@ -159,7 +175,7 @@ def test_bfloat16_switch_trains_with_float32_parameters():
     a = train(c32, h, None, None, log=lambda *_: None, max_steps=4)
     b = train(c16, h, None, None, log=lambda *_: None, max_steps=4)
     assert all(x.dtype == np.float32 for x in jax.tree_util.tree_leaves(b.params))
-    la, lb = np.array([l for _, l in a.losses]), np.array([l for _, l in b.losses])
+    la, lb = np.array([loss for _, loss in a.losses]), np.array([loss for _, loss in b.losses])
     assert np.isfinite(lb).all()
     np.testing.assert_allclose(lb, la, rtol=0.05)  # bf16 matmuls: close to float32, not equal
     assert not np.array_equal(la, lb)
@@ -168,20 +184,27 @@ def test_bfloat16_switch_trains_with_float32_parameters():
 def test_diverging_training_stops_with_a_clear_error_and_keeps_the_last_good_checkpoint(tmp_path):
     """lr 1e12: the loss turns NaN within a few steps. The run stops with TrainingDivergedError
     instead of finishing with rc 0, and no checkpoint holds non-finite parameters."""
-    from maskad_jax.train import TrainingDivergedError, restore_trained, _checkpoint_manager
+    from maskad_jax.train import TrainingDivergedError, _checkpoint_manager, restore_trained
+
     c = _tiny_config(lr=1e12, checkpoint_every=1, max_to_keep=20)
     with pytest.raises(TrainingDivergedError, match="diverged") as err:
         train(c, _features(), None, str(tmp_path), log=lambda *_: None)
     assert "train.lr" in str(err.value) or "learning rate" in str(err.value)
     steps = _checkpoint_manager(str(tmp_path), c.train).all_steps()
     assert 0 < len(steps) < 9  # stopped early, with the good checkpoints before it
+    from maskad_jax.optim import make_optimizer
     from maskad_jax.reconstructor import build_reconstructor
     from maskad_jax.train import model_fingerprint
-    from maskad_jax.optim import make_optimizer
+
     model = build_reconstructor(c, 8, (4, 4))
-    params, step = restore_trained(str(tmp_path), c.train, "train",
-                                   lambda k: model.init(k, np.zeros((1, 4, 4, 8)), np.zeros((1, 16), bool))["params"],
-                                   lambda t, s: make_optimizer(c.train, t, s), model_fingerprint(c, 8))
+    params, step = restore_trained(
+        str(tmp_path),
+        c.train,
+        "train",
+        lambda k: model.init(k, np.zeros((1, 4, 4, 8)), np.zeros((1, 16), bool))["params"],
+        lambda t, s: make_optimizer(c.train, t, s),
+        model_fingerprint(c, 8),
+    )
     assert step == max(steps) and all(np.isfinite(np.asarray(x)).all() for x in jax.tree_util.tree_leaves(params))
 
 
@@ -195,6 +218,7 @@ def test_corrupt_checkpoint_is_named_and_resuming_falls_back_to_the_previous_one
     from maskad_jax.optim import make_optimizer
     from maskad_jax.reconstructor import build_reconstructor
     from maskad_jax.train import CheckpointCorruptError, model_fingerprint, restore_trained
+
     c, h = _tiny_config(), _features()
     full = train(c, h, None, str(tmp_path / "full"), log=lambda *_: None)
     wd = str(tmp_path / "wd")
@@ -203,7 +227,7 @@ def test_corrupt_checkpoint_is_named_and_resuming_falls_back_to_the_previous_one
     data = bytearray(open(victim, "rb").read())
     if damage == "flip":
         mid = len(data) // 2
-        data[mid:mid + 16] = bytes(b ^ 0xFF for b in data[mid:mid + 16])
+        data[mid : mid + 16] = bytes(b ^ 0xFF for b in data[mid : mid + 16])
     else:
         data = data[: len(data) // 2]
     open(victim, "wb").write(bytes(data))
@@ -222,6 +246,7 @@ def test_corrupt_checkpoint_is_named_and_resuming_falls_back_to_the_previous_one
 @pytest.mark.parametrize("damage", ["flip", "truncate"])
 def test_corrupt_pools_file_is_named(tmp_path, damage):
     from maskad_jax.fit import Pools, PoolsCorruptError, fit_pools
+
     c = default.get_config()
     pools = fit_pools(_features(), None, ["a"] * 24, c.fit, 0)
     pools.save(str(tmp_path / "fit"))

@@ -1,4 +1,5 @@
 """The torch-free weight readers, the converter CLI and their errors."""
+
 import collections
 import os
 import pickle
@@ -14,23 +15,26 @@ from maskad_jax.torch_pickle import CheckpointFormatError, UnsafePickleError, lo
 
 def _torch():
     from helpers import torch_or_skip
+
     return torch_or_skip()
 
 
 def _sample_state(torch):
     g = torch.Generator().manual_seed(0)
     base = torch.randn(6, 5, generator=g)
-    return collections.OrderedDict([
-        ("a.weight", torch.randn(4, 3, 3, 3, generator=g)),
-        ("b.half", torch.randn(7, generator=g).half()),
-        ("c.bf16", torch.randn(3, 2, generator=g).bfloat16()),
-        ("d.count", torch.tensor(12345678901, dtype=torch.int64)),
-        ("e.view", base[1:4, ::2]),  # a strided view sharing a storage with f
-        ("f.base", base),
-        ("g.transposed", torch.randn(3, 5, generator=g).t()),
-        ("h.empty", torch.zeros(0, 3)),
-        ("i.bool", torch.tensor([True, False, True])),
-    ])
+    return collections.OrderedDict(
+        [
+            ("a.weight", torch.randn(4, 3, 3, 3, generator=g)),
+            ("b.half", torch.randn(7, generator=g).half()),
+            ("c.bf16", torch.randn(3, 2, generator=g).bfloat16()),
+            ("d.count", torch.tensor(12345678901, dtype=torch.int64)),
+            ("e.view", base[1:4, ::2]),  # a strided view sharing a storage with f
+            ("f.base", base),
+            ("g.transposed", torch.randn(3, 5, generator=g).t()),
+            ("h.empty", torch.zeros(0, 3)),
+            ("i.bool", torch.tensor([True, False, True])),
+        ]
+    )
 
 
 @pytest.mark.parametrize("legacy", [False, True])
@@ -117,9 +121,11 @@ def test_not_a_checkpoint(tmp_path):
 def test_safetensors_reader_equals_the_safetensors_package(tmp_path):
     st = pytest.importorskip("safetensors.numpy")
     rng = np.random.default_rng(0)
-    tensors = {"conv_stem.weight": rng.normal(size=(8, 3, 3, 3)).astype(np.float32),
-               "bn1.num_batches_tracked": np.array(3, np.int64),
-               "x.half": rng.normal(size=(5,)).astype(np.float16)}
+    tensors = {
+        "conv_stem.weight": rng.normal(size=(8, 3, 3, 3)).astype(np.float32),
+        "bn1.num_batches_tracked": np.array(3, np.int64),
+        "x.half": rng.normal(size=(5,)).astype(np.float16),
+    }
     path = str(tmp_path / "m.safetensors")
     st.save_file(tensors, path)
     ours = load_safetensors(path)
@@ -136,6 +142,7 @@ def test_safetensors_reader_equals_the_safetensors_package(tmp_path):
 def _lukemelas_to_timm(state, arch_name):
     """Rename a lukemelas state dict to timm's names (the inverse of our timm mapping, written out here)."""
     from maskad_jax import efficientnet_arch as ea
+
     arch = ea.get_arch(arch_name)
     where, count = {}, collections.Counter()
     for i, b in enumerate(arch.blocks):
@@ -150,11 +157,27 @@ def _lukemelas_to_timm(state, arch_name):
             continue
         s, j, expand = where[int(parts[1])]
         mod = parts[2]
-        table = ({"_expand_conv": "conv_pw", "_bn0": "bn1", "_depthwise_conv": "conv_dw", "_bn1": "bn2",
-                  "_se_reduce": "se.conv_reduce", "_se_expand": "se.conv_expand", "_project_conv": "conv_pwl",
-                  "_bn2": "bn3"} if expand else
-                 {"_depthwise_conv": "conv_dw", "_bn1": "bn1", "_se_reduce": "se.conv_reduce",
-                  "_se_expand": "se.conv_expand", "_project_conv": "conv_pw", "_bn2": "bn2"})
+        table = (
+            {
+                "_expand_conv": "conv_pw",
+                "_bn0": "bn1",
+                "_depthwise_conv": "conv_dw",
+                "_bn1": "bn2",
+                "_se_reduce": "se.conv_reduce",
+                "_se_expand": "se.conv_expand",
+                "_project_conv": "conv_pwl",
+                "_bn2": "bn3",
+            }
+            if expand
+            else {
+                "_depthwise_conv": "conv_dw",
+                "_bn1": "bn1",
+                "_se_reduce": "se.conv_reduce",
+                "_se_expand": "se.conv_expand",
+                "_project_conv": "conv_pw",
+                "_bn2": "bn2",
+            }
+        )
         out[f"blocks.{s}.{j}.{table[mod]}.{parts[3]}"] = v
     return out
 
@@ -168,12 +191,14 @@ def test_timm_names_map_to_the_same_variables(tmp_path):
     a = W.load_backbone_variables("efficientnet-lite0", "packaged")
     b = W.load_backbone_variables("efficientnet-lite0", path)
     import jax
+
     for x, y in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b)):
         np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
 
 
 def test_converter_cli_writes_orbax_and_refuses_overwrite(tmp_path, capsys):
     import jax
+
     dst = tmp_path / "lite0"
     src = W.packaged_lite0_path()
     assert convert_main([src, str(dst), "--arch", "efficientnet-lite0"]) == 0
@@ -215,15 +240,25 @@ def _op_ints(values) -> bytes:
 def _tensor_pickle(numel: int, offset: int, size, stride) -> bytes:
     """A protocol-2 pickle of {"w": tensor} built opcode by opcode: only the globals a real
     torch.save uses (collections.OrderedDict, torch._utils._rebuild_tensor_v2, torch.FloatStorage)."""
-    storage = (b"(" + _op_str("storage") + b"ctorch\nFloatStorage\n" + _op_str("0") + _op_str("cpu")
-               + b"I%d\n" % numel + b"tQ")  # the persistent id tuple, then BINPERSID
-    args = (b"(" + storage + b"I%d\n" % offset + _op_ints(size) + _op_ints(stride) + b"\x89"
-            + b"ccollections\nOrderedDict\n)R" + b"t")
+    storage = (
+        b"(" + _op_str("storage") + b"ctorch\nFloatStorage\n" + _op_str("0") + _op_str("cpu") + b"I%d\n" % numel + b"tQ"
+    )  # the persistent id tuple, then BINPERSID
+    args = (
+        b"("
+        + storage
+        + b"I%d\n" % offset
+        + _op_ints(size)
+        + _op_ints(stride)
+        + b"\x89"
+        + b"ccollections\nOrderedDict\n)R"
+        + b"t"
+    )
     return b"\x80\x02}" + _op_str("w") + b"ctorch._utils\n_rebuild_tensor_v2\n" + args + b"Rs."
 
 
 def _zip_pth(path, numel, offset, size, stride, data: bytes):
     import zipfile
+
     with zipfile.ZipFile(path, "w") as zf:
         zf.writestr("archive/data.pkl", _tensor_pickle(numel, offset, size, stride))
         zf.writestr("archive/data/0", data)
@@ -231,11 +266,19 @@ def _zip_pth(path, numel, offset, size, stride, data: bytes):
 
 
 def _legacy_pth(path, numel, offset, size, stride, data: bytes):
-    from maskad_jax.torch_pickle import LEGACY_MAGIC, LEGACY_PROTOCOL
     import struct
-    body = (pickle.dumps(LEGACY_MAGIC, protocol=2) + pickle.dumps(LEGACY_PROTOCOL, protocol=2)
-            + pickle.dumps({"little_endian": True}, protocol=2) + _tensor_pickle(numel, offset, size, stride)
-            + pickle.dumps(["0"], protocol=2) + struct.pack("<q", numel) + data)
+
+    from maskad_jax.torch_pickle import LEGACY_MAGIC, LEGACY_PROTOCOL
+
+    body = (
+        pickle.dumps(LEGACY_MAGIC, protocol=2)
+        + pickle.dumps(LEGACY_PROTOCOL, protocol=2)
+        + pickle.dumps({"little_endian": True}, protocol=2)
+        + _tensor_pickle(numel, offset, size, stride)
+        + pickle.dumps(["0"], protocol=2)
+        + struct.pack("<q", numel)
+        + data
+    )
     path.write_bytes(body)
     return path
 
@@ -251,14 +294,17 @@ def test_crafted_pth_reads_the_good_tensor(tmp_path, make):
 
 
 @pytest.mark.parametrize("make", [_zip_pth, _legacy_pth])
-@pytest.mark.parametrize("numel, offset, size, stride, why", [
-    (4, 0, (4,), (-(2 ** 40),), "negative"),  # segfaulted in as_strided before the bounds checks
-    (4, 3, (4,), (-64,), "negative"),  # read memory from before the buffer
-    (4, -1, (2,), (1,), "negative"),
-    (4, 0, (2 ** 40,), (0,), "outside its storage"),  # a stride-0 view far larger than the file's bytes
-    (4, 2, (3,), (1,), "outside its storage"),  # one element past the end
-    (4, 0, (2, 2), (1,), "2 sizes but 1 strides"),
-])
+@pytest.mark.parametrize(
+    "numel, offset, size, stride, why",
+    [
+        (4, 0, (4,), (-(2**40),), "negative"),  # segfaulted in as_strided before the bounds checks
+        (4, 3, (4,), (-64,), "negative"),  # read memory from before the buffer
+        (4, -1, (2,), (1,), "negative"),
+        (4, 0, (2**40,), (0,), "outside its storage"),  # a stride-0 view far larger than the file's bytes
+        (4, 2, (3,), (1,), "outside its storage"),  # one element past the end
+        (4, 0, (2, 2), (1,), "2 sizes but 1 strides"),
+    ],
+)
 def test_pth_views_outside_their_storage_are_refused(tmp_path, make, numel, offset, size, stride, why):
     path = make(tmp_path / "forged.pth", numel, offset, size, stride, FOUR)
     with pytest.raises(CheckpointFormatError, match=why) as err:
@@ -269,7 +315,7 @@ def test_pth_views_outside_their_storage_are_refused(tmp_path, make, numel, offs
 @pytest.mark.parametrize("make", [_zip_pth, _legacy_pth])
 def test_pth_storage_larger_than_the_file_is_refused_before_allocating(tmp_path, make):
     """A storage of 10**13 elements (40 TB) must not be allocated: the file holds 16 bytes."""
-    path = make(tmp_path / "huge.pth", 10 ** 13, 0, (4,), (1,), FOUR)
+    path = make(tmp_path / "huge.pth", 10**13, 0, (4,), (1,), FOUR)
     with pytest.raises(CheckpointFormatError, match="huge.pth"):
         load_pth(path)
 
@@ -277,25 +323,35 @@ def test_pth_storage_larger_than_the_file_is_refused_before_allocating(tmp_path,
 def _safetensors_file(path, header, data: bytes = b""):
     import json
     import struct
+
     raw = json.dumps(header).encode()
     path.write_bytes(struct.pack("<Q", len(raw)) + raw + data)
     return path
 
 
-@pytest.mark.parametrize("header, data, why", [
-    ([1, 2], b"", "JSON list"),
-    ({"w": {"shape": [1], "data_offsets": [0, 4]}}, FOUR, "lacks dtype"),
-    ({"w": {"dtype": "F32", "shape": [1]}}, FOUR, "lacks data_offsets"),
-    ({"w": {"dtype": "F32", "shape": [2 ** 62, 4], "data_offsets": [0, 0]}}, b"", "needs 73786976294838206464 bytes"),
-    ({"w": {"dtype": "F32", "shape": [2], "data_offsets": [8, 0]}}, FOUR * 2, "outside the data section"),
-    ({"w": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]},
-      "v": {"dtype": "F32", "shape": [2], "data_offsets": [4, 12]}}, FOUR * 2, "overlap"),
-    ({"w": {"dtype": "F32", "shape": [-1], "data_offsets": [0, 4]}}, FOUR, "non-negative"),
-    ({"w": {"dtype": "F32", "shape": [1], "data_offsets": [0, "4"]}}, FOUR, "pair of integers"),
-    ({"w": {"dtype": "Q7", "shape": [1], "data_offsets": [0, 4]}}, FOUR, "unsupported dtype"),
-    ({"w": {"dtype": "F32", "shape": [4], "data_offsets": [0, 16]}}, FOUR[:8], "outside the data section"),
-    ({"w": "F32"}, FOUR, "not an object"),
-])
+@pytest.mark.parametrize(
+    "header, data, why",
+    [
+        ([1, 2], b"", "JSON list"),
+        ({"w": {"shape": [1], "data_offsets": [0, 4]}}, FOUR, "lacks dtype"),
+        ({"w": {"dtype": "F32", "shape": [1]}}, FOUR, "lacks data_offsets"),
+        ({"w": {"dtype": "F32", "shape": [2**62, 4], "data_offsets": [0, 0]}}, b"", "needs 73786976294838206464 bytes"),
+        ({"w": {"dtype": "F32", "shape": [2], "data_offsets": [8, 0]}}, FOUR * 2, "outside the data section"),
+        (
+            {
+                "w": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]},
+                "v": {"dtype": "F32", "shape": [2], "data_offsets": [4, 12]},
+            },
+            FOUR * 2,
+            "overlap",
+        ),
+        ({"w": {"dtype": "F32", "shape": [-1], "data_offsets": [0, 4]}}, FOUR, "non-negative"),
+        ({"w": {"dtype": "F32", "shape": [1], "data_offsets": [0, "4"]}}, FOUR, "pair of integers"),
+        ({"w": {"dtype": "Q7", "shape": [1], "data_offsets": [0, 4]}}, FOUR, "unsupported dtype"),
+        ({"w": {"dtype": "F32", "shape": [4], "data_offsets": [0, 16]}}, FOUR[:8], "outside the data section"),
+        ({"w": "F32"}, FOUR, "not an object"),
+    ],
+)
 def test_safetensors_header_is_validated(tmp_path, header, data, why):
     path = _safetensors_file(tmp_path / "bad.safetensors", header, data)
     with pytest.raises(CheckpointFormatError, match=why) as err:
@@ -304,6 +360,9 @@ def test_safetensors_header_is_validated(tmp_path, header, data, why):
 
 
 def test_safetensors_well_formed_crafted_file_reads(tmp_path):
-    path = _safetensors_file(tmp_path / "ok.safetensors", {"w": {"dtype": "F32", "shape": [2, 2],
-                                                                 "data_offsets": [0, 16]}, "__metadata__": {}}, FOUR)
+    path = _safetensors_file(
+        tmp_path / "ok.safetensors",
+        {"w": {"dtype": "F32", "shape": [2, 2], "data_offsets": [0, 16]}, "__metadata__": {}},
+        FOUR,
+    )
     np.testing.assert_array_equal(load_safetensors(path)["w"], np.arange(4, dtype=np.float32).reshape(2, 2))

@@ -6,6 +6,7 @@
 Names: mvtec_ad, visa, real_iad (manual_dir holds the official release), folder (any directory of
 classes in MVTec layout; manual_dir is that directory), synthetic (procedural, configs default/tiny).
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -28,11 +29,15 @@ def get_builder(name: str, data_dir: str, manual_dir: str | None = None, config:
         from tfds_builders.real_iad import RealIad as cls
     elif name == "synthetic":
         from tfds_builders.synthetic import Synthetic
+
         return Synthetic(config=config or "default", data_dir=data_dir, file_format="array_record")
     elif name == "folder":
         from tfds_builders.folder import Folder, FolderConfig
+
         if not manual_dir:
-            raise DatasetLayoutError("the folder dataset needs data.manual_dir: the directory of classes in MVTec layout")
+            raise DatasetLayoutError(
+                "the folder dataset needs data.manual_dir: the directory of classes in MVTec layout"
+            )
         return Folder(config=FolderConfig.for_root(manual_dir), data_dir=data_dir, file_format="array_record")
     else:
         raise DatasetLayoutError(f"unknown dataset {name!r}; known: {', '.join(BUILDER_NAMES)}")
@@ -45,13 +50,18 @@ def prepare(name: str, data_dir: str, manual_dir: str | None = None, config: str
     Preparing says so in two lines of its own (from where, into where, how many images); TFDS's
     download banner and progress bars are kept quiet, as nothing is downloaded."""
     import tensorflow_datasets as tfds
+
     from maskad_jax import progress
+
     log = log or progress.log
     builder = get_builder(name, data_dir, manual_dir, config)
     if builder.is_prepared():
         return builder
     if name != "synthetic" and (not manual_dir or not os.path.isdir(os.path.expanduser(manual_dir))):
-        how = getattr(builder, "MANUAL_DOWNLOAD_INSTRUCTIONS", "") or "Point it at a directory of classes in MVTec layout."
+        how = (
+            getattr(builder, "MANUAL_DOWNLOAD_INSTRUCTIONS", "")
+            or "Point it at a directory of classes in MVTec layout."
+        )
         raise DatasetLayoutError(f"{name}: manual_dir {manual_dir} does not exist.\n{how}")
     source = "generated images" if name == "synthetic" else os.path.abspath(os.path.expanduser(manual_dir))
     log(f"preparing the {name} dataset from {source} into {builder.data_dir}" + _stale_note(name, builder))
@@ -61,8 +71,10 @@ def prepare(name: str, data_dir: str, manual_dir: str | None = None, config: str
     with contextlib.redirect_stdout(io.StringIO()):  # TFDS prints a download banner and a "done" line
         builder.download_and_prepare(download_config=dl_config)
     splits = builder.info.splits
-    log(f"prepared {name}: {splits['train'].num_examples} train and {splits['test'].num_examples} test images in "
-        f"{time.time() - t0:.0f}s")
+    log(
+        f"prepared {name}: {splits['train'].num_examples} train and {splits['test'].num_examples} test images in "
+        f"{time.time() - t0:.0f}s"
+    )
     return builder
 
 
@@ -71,11 +83,17 @@ def _stale_note(name: str, builder) -> str:
     if name != "folder":
         return ""
     from tfds_builders.folder import root_prefix
+
     parent = os.path.dirname(os.path.dirname(builder.data_dir))  # <data_dir>/folder/<config>/<version>
     prefix = root_prefix(builder.builder_config.root)
-    old = sorted(d for d in os.listdir(parent) if d.startswith(prefix) and d != builder.builder_config.name) \
-        if os.path.isdir(parent) else []
+    old = (
+        sorted(d for d in os.listdir(parent) if d.startswith(prefix) and d != builder.builder_config.name)
+        if os.path.isdir(parent)
+        else []
+    )
     if not old:
         return ""
-    return (f" (the folder changed since {os.path.join(parent, old[-1])} was prepared: its files were added, removed or "
-            f"modified, so it is prepared again; the old copy is left in place)")
+    return (
+        f" (the folder changed since {os.path.join(parent, old[-1])} was prepared: its files were added, removed or "
+        f"modified, so it is prepared again; the old copy is left in place)"
+    )

@@ -10,19 +10,19 @@ Each example holds:
 
 Every check names the file it is about. Source files are only read, never written.
 """
+
 from __future__ import annotations
 
 import io
 import os
 
-from absl import logging
-
 import numpy as np
 import tensorflow_datasets as tfds
+from absl import logging
 from PIL import Image
 
-from maskad_jax.preprocess import ImageDecodeError, binarize_mask, open_image, to_rgb
 from maskad_jax.errors import DataError
+from maskad_jax.preprocess import ImageDecodeError, binarize_mask, open_image, to_rgb
 
 
 class DatasetLayoutError(DataError):
@@ -30,14 +30,16 @@ class DatasetLayoutError(DataError):
 
 
 def features(class_names) -> tfds.features.FeaturesDict:
-    return tfds.features.FeaturesDict({
-        "image": tfds.features.Image(shape=(None, None, 3), encoding_format="png"),
-        "mask": tfds.features.Image(shape=(None, None, 1), encoding_format="png"),
-        "label": tfds.features.ClassLabel(names=["normal", "anomalous"]),
-        "defect_type": tfds.features.Text(),
-        "class_name": tfds.features.ClassLabel(names=list(class_names)),
-        "file_name": tfds.features.Text(),
-    })
+    return tfds.features.FeaturesDict(
+        {
+            "image": tfds.features.Image(shape=(None, None, 3), encoding_format="png"),
+            "mask": tfds.features.Image(shape=(None, None, 1), encoding_format="png"),
+            "label": tfds.features.ClassLabel(names=["normal", "anomalous"]),
+            "defect_type": tfds.features.Text(),
+            "class_name": tfds.features.ClassLabel(names=list(class_names)),
+            "file_name": tfds.features.Text(),
+        }
+    )
 
 
 def png_bytes(img: Image.Image) -> bytes:
@@ -65,8 +67,9 @@ def encode_mask(path: str | None, size: tuple[int, int], image_path: str) -> byt
     except FileNotFoundError:
         raise DatasetLayoutError(f"mask {path} of defective image {image_path} does not exist") from None
     if mask.size != size:
-        raise DatasetLayoutError(f"mask {path} is {mask.size[0]}x{mask.size[1]} but its image {image_path} is "
-                                 f"{size[0]}x{size[1]}")
+        raise DatasetLayoutError(
+            f"mask {path} is {mask.size[0]}x{mask.size[1]} but its image {image_path} is {size[0]}x{size[1]}"
+        )
     return png_bytes(Image.fromarray(binarize_mask(mask).astype(np.uint8) * 255, "L"))
 
 
@@ -80,14 +83,21 @@ def make_example(root: str, image_path: str, mask_path: str | None, defect_type:
     image, size = encode_rgb(image_path)
     mask = encode_mask(mask_path, size, image_path)
     rel = os.path.relpath(image_path, root)
-    return rel, {"image": image, "mask": mask, "label": label, "defect_type": defect_type,
-                 "class_name": class_name, "file_name": rel}
+    return rel, {
+        "image": image,
+        "mask": mask,
+        "label": label,
+        "defect_type": defect_type,
+        "class_name": class_name,
+        "file_name": rel,
+    }
 
 
 def image_files(folder: str) -> list[str]:
     exts = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
-    return sorted(os.path.join(folder, f) for f in os.listdir(folder) if f.lower().endswith(exts)
-                  and not f.startswith("."))
+    return sorted(
+        os.path.join(folder, f) for f in os.listdir(folder) if f.lower().endswith(exts) and not f.startswith(".")
+    )
 
 
 def require_manual_dir(dl_manager, name: str, instructions: str) -> str:
@@ -109,5 +119,13 @@ def require_nonempty(examples: list, what: str) -> list:
     return examples
 
 
-__all__ = ["DatasetLayoutError", "ImageDecodeError", "features", "make_example", "image_files", "png_bytes",
-           "require_manual_dir", "require_nonempty"]
+__all__ = [
+    "DatasetLayoutError",
+    "ImageDecodeError",
+    "features",
+    "make_example",
+    "image_files",
+    "png_bytes",
+    "require_manual_dir",
+    "require_nonempty",
+]

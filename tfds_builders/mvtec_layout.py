@@ -7,6 +7,7 @@
 
 Defect types are sorted, files are sorted inside each type (the released code's order).
 """
+
 from __future__ import annotations
 
 import os
@@ -23,7 +24,9 @@ def _mask_for(root: str, cls: str, defect: str, image_path: str) -> str:
         cand = os.path.join(gt_dir, f"{stem}_mask{ext}")
         if os.path.isfile(cand):
             return cand
-    raise DatasetLayoutError(f"defective image {image_path} has no mask: expected {os.path.join(gt_dir, stem + '_mask.png')}")
+    raise DatasetLayoutError(
+        f"defective image {image_path} has no mask: expected {os.path.join(gt_dir, stem + '_mask.png')}"
+    )
 
 
 def class_items(root: str, cls: str, split: str) -> list[tuple[str, str | None, str]]:
@@ -67,15 +70,26 @@ def _warn_unused_masks(root: str, cls: str, defects: list) -> None:
         return
     for defect in sorted(d for d in os.listdir(gt) if os.path.isdir(os.path.join(gt, d))):
         if defect not in defects:
-            logging.warning("%s: no test folder %s for these masks; they are not used", os.path.join(gt, defect),
-                            os.path.join(root, cls, "test", defect))
+            logging.warning(
+                "%s: no test folder %s for these masks; they are not used",
+                os.path.join(gt, defect),
+                os.path.join(root, cls, "test", defect),
+            )
             continue
         stems = {os.path.splitext(os.path.basename(p))[0] for p in image_files(os.path.join(root, cls, "test", defect))}
-        orphans = [os.path.basename(m) for m in image_files(os.path.join(gt, defect))
-                   if os.path.splitext(os.path.basename(m))[0].removesuffix("_mask") not in stems]
+        orphans = [
+            os.path.basename(m)
+            for m in image_files(os.path.join(gt, defect))
+            if os.path.splitext(os.path.basename(m))[0].removesuffix("_mask") not in stems
+        ]
         if orphans:
-            logging.warning("%s: %d mask(s) without an image in test/%s, not used: %s", os.path.join(gt, defect),
-                            len(orphans), defect, orphans[:10] + (["..."] if len(orphans) > 10 else []))
+            logging.warning(
+                "%s: %d mask(s) without an image in test/%s, not used: %s",
+                os.path.join(gt, defect),
+                len(orphans),
+                defect,
+                orphans[:10] + (["..."] if len(orphans) > 10 else []),
+            )
 
 
 def discover_classes(root: str, warn: bool = False) -> list[str]:
@@ -91,14 +105,22 @@ def discover_classes(root: str, warn: bool = False) -> list[str]:
             continue
         cased = [e for e in os.listdir(os.path.join(root, d)) if e.lower() == "train"]
         if cased:
-            raise DatasetLayoutError(f"class folder {os.path.join(root, d)} has {cased[0]}/ instead of train/ (names are "
-                                     f"case-sensitive): rename it to train/")
+            raise DatasetLayoutError(
+                f"class folder {os.path.join(root, d)} has {cased[0]}/ instead of train/ (names are "
+                f"case-sensitive): rename it to train/"
+            )
     ignored = [d for d in subdirs if d not in classes]
     if warn and ignored and classes:
-        logging.warning("%s: the subfolders %s have no train/ folder and are not classes (MVTec layout: "
-                        "<class>/train/good, <class>/test/<defect>, <class>/ground_truth/<defect>)", root, ignored)
+        logging.warning(
+            "%s: the subfolders %s have no train/ folder and are not classes (MVTec layout: "
+            "<class>/train/good, <class>/test/<defect>, <class>/ground_truth/<defect>)",
+            root,
+            ignored,
+        )
     if not classes:
-        raise DatasetLayoutError(f"no class folder with a train/ subfolder under {root} (expected MVTec layout "
-                                 f"<root>/<class>/train/good, <root>/<class>/test/<defect>, "
-                                 f"<root>/<class>/ground_truth/<defect>/<name>_mask.png)")
+        raise DatasetLayoutError(
+            f"no class folder with a train/ subfolder under {root} (expected MVTec layout "
+            f"<root>/<class>/train/good, <root>/<class>/test/<defect>, "
+            f"<root>/<class>/ground_truth/<defect>/<name>_mask.png)"
+        )
     return classes

@@ -1,5 +1,6 @@
 """Shared by the helper scripts: the --coordinator/--num-processes/--process-id options, and
 jax.distributed.initialize when a coordinator is given."""
+
 import argparse
 
 import jax

@@ -4,6 +4,7 @@ Run in a fresh process so XLA_FLAGS (forced host devices) and jax.distributed ta
   python tests/scripts/extract_features.py TFDS_DIR OUT.npz [--coordinator HOST:PORT --num-processes N --process-id I]
 Writes h_in and the image keys as every process holds them after feature_cache.extract_features.
 """
+
 import argparse
 import os
 import sys

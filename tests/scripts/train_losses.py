@@ -3,6 +3,7 @@
 Run in a fresh process so XLA_FLAGS (forced host devices) and jax.distributed take effect:
   python tests/scripts/train_losses.py [--coordinator HOST:PORT --num-processes N --process-id I]
 """
+
 import json
 import os
 import sys
@@ -24,5 +25,8 @@ r.embed_dim, r.encoder_depth, r.decoder_depth, r.num_heads = 32, 1, 1, 2
 c.train.epochs, c.train.batch_size, c.train.warmup_epochs, c.train.log_every = 2, 8, 1, 1000
 h = np.random.default_rng(0).normal(size=(24, 4, 4, 8)).astype(np.float32)
 res = train(c, h, None, None, log=lambda *_: None)
-print(json.dumps({"devices": jax.device_count(), "processes": jax.process_count(),
-                  "losses": [l for _, l in res.losses]}))
+print(
+    json.dumps(
+        {"devices": jax.device_count(), "processes": jax.process_count(), "losses": [loss for _, loss in res.losses]}
+    )
+)

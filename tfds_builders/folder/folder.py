@@ -7,6 +7,7 @@ derived from the root's absolute path and from a fingerprint of its listing (rel
 sizes, modification times), so two folders never share prepared files and a folder that changed
 is prepared again instead of being read from a stale copy.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -31,8 +32,9 @@ class FolderConfig(tfds.core.BuilderConfig):
         """The config of a folder as it is now: named <folder>_<path hash>_<listing hash>, so a copy
         prepared before files were added, removed, renamed or rewritten is never reused."""
         root = os.path.abspath(os.path.expanduser(root))
-        return cls(name=f"{root_prefix(root)}{listing_fingerprint(root)}", root=root,
-                   description=f"MVTec-layout folder {root}")
+        return cls(
+            name=f"{root_prefix(root)}{listing_fingerprint(root)}", root=root, description=f"MVTec-layout folder {root}"
+        )
 
 
 def root_prefix(root: str) -> str:

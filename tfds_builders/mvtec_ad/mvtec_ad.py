@@ -3,6 +3,7 @@
 All 15 classes go into one dataset (multi-class training is the point); every example carries its
 class name. Splits: train (normal images only) and test.
 """
+
 from __future__ import annotations
 
 import os
@@ -14,8 +15,23 @@ from tfds_builders.mvtec_layout import class_items
 
 __all__ = ["MvtecAd", "MVTEC_CLASSES"]
 
-MVTEC_CLASSES = ("bottle", "cable", "capsule", "carpet", "grid", "hazelnut", "leather", "metal_nut", "pill", "screw",
-                 "tile", "toothbrush", "transistor", "wood", "zipper")
+MVTEC_CLASSES = (
+    "bottle",
+    "cable",
+    "capsule",
+    "carpet",
+    "grid",
+    "hazelnut",
+    "leather",
+    "metal_nut",
+    "pill",
+    "screw",
+    "tile",
+    "toothbrush",
+    "transistor",
+    "wood",
+    "zipper",
+)
 
 INSTRUCTIONS = """\
 Download MVTec-AD from https://www.mvtec.com/company/research/datasets/mvtec-ad (free registration;
@@ -30,14 +46,16 @@ class MvtecAd(tfds.core.GeneratorBasedBuilder):
 
     def _info(self):
         return self.dataset_info_from_configs(
-            features=common.features(MVTEC_CLASSES), homepage="https://www.mvtec.com/company/research/datasets/mvtec-ad")
+            features=common.features(MVTEC_CLASSES), homepage="https://www.mvtec.com/company/research/datasets/mvtec-ad"
+        )
 
     def _split_generators(self, dl_manager):
         root = common.require_manual_dir(dl_manager, "mvtec_ad", INSTRUCTIONS)
         present = [c for c in MVTEC_CLASSES if os.path.isdir(os.path.join(root, c))]
         if not present:
-            raise common.DatasetLayoutError(f"mvtec_ad: {root} holds none of the class folders "
-                                            f"{list(MVTEC_CLASSES)}.\n{INSTRUCTIONS}")
+            raise common.DatasetLayoutError(
+                f"mvtec_ad: {root} holds none of the class folders {list(MVTEC_CLASSES)}.\n{INSTRUCTIONS}"
+            )
         common.warn_missing_classes("mvtec_ad", root, MVTEC_CLASSES, present)
         return {split: self._generate_examples(root, present, split) for split in ("train", "test")}
 

@@ -4,6 +4,7 @@ Layout: `<root>/<cls>.json` (or `<root>/realiad_jsons/<cls>.json`) with "train" 
 whose items have image_path, mask_path and anomaly_class ('OK' = normal). Paths are relative to
 `<root>/<cls>/` (or to `<root>/`, or `<root>/realiad_1024/`, whichever holds the file).
 """
+
 from __future__ import annotations
 
 import json
@@ -16,10 +17,37 @@ from tfds_builders import common
 __all__ = ["RealIad", "REAL_IAD_CLASSES"]
 
 REAL_IAD_CLASSES = (
-    "audiojack", "bottle_cap", "button_battery", "end_cap", "eraser", "fire_hood", "mint", "mounts", "pcb",
-    "phone_battery", "plastic_nut", "plastic_plug", "porcelain_doll", "regulator", "rolled_strip_base", "sim_card_set",
-    "switch", "tape", "terminalblock", "toothbrush", "toy", "toy_brick", "transistor1", "u_block", "usb",
-    "usb_adaptor", "vcpill", "wooden_beads", "woodstick", "zipper")
+    "audiojack",
+    "bottle_cap",
+    "button_battery",
+    "end_cap",
+    "eraser",
+    "fire_hood",
+    "mint",
+    "mounts",
+    "pcb",
+    "phone_battery",
+    "plastic_nut",
+    "plastic_plug",
+    "porcelain_doll",
+    "regulator",
+    "rolled_strip_base",
+    "sim_card_set",
+    "switch",
+    "tape",
+    "terminalblock",
+    "toothbrush",
+    "toy",
+    "toy_brick",
+    "transistor1",
+    "u_block",
+    "usb",
+    "usb_adaptor",
+    "vcpill",
+    "wooden_beads",
+    "woodstick",
+    "zipper",
+)
 
 INSTRUCTIONS = """\
 Request Real-IAD at https://realiad4ad.github.io/Real-IAD/ (license CC BY-NC-SA 4.0, research use),
@@ -78,8 +106,9 @@ class RealIad(tfds.core.GeneratorBasedBuilder):
     MANUAL_DOWNLOAD_INSTRUCTIONS = INSTRUCTIONS
 
     def _info(self):
-        return self.dataset_info_from_configs(features=common.features(REAL_IAD_CLASSES),
-                                              homepage="https://realiad4ad.github.io/Real-IAD/")
+        return self.dataset_info_from_configs(
+            features=common.features(REAL_IAD_CLASSES), homepage="https://realiad4ad.github.io/Real-IAD/"
+        )
 
     def _split_generators(self, dl_manager):
         root = common.require_manual_dir(dl_manager, "real_iad", INSTRUCTIONS)

@@ -11,14 +11,18 @@ some defects are subtle: a model that only detects gross changes scores visibly 
 Everything is a pure function of a numpy Generator, so a (seed, class, split, index) tuple always
 gives the same image and mask. Defects stay inside the central crop that preprocessing keeps.
 """
+
 from __future__ import annotations
 
 import numpy as np
 from scipy import ndimage
 
 CLASSES = ("weave", "speckle", "disc")
-DEFECTS = {"weave": ("scratch", "spot", "stain"), "speckle": ("scratch", "spot", "stain"),
-           "disc": ("scratch", "spot", "stain", "missing")}
+DEFECTS = {
+    "weave": ("scratch", "spot", "stain"),
+    "speckle": ("scratch", "spot", "stain"),
+    "disc": ("scratch", "spot", "stain", "missing"),
+}
 _COLOURS = {"weave": (0.75, 0.62, 0.45), "speckle": (0.55, 0.6, 0.7), "disc": (0.7, 0.7, 0.72)}
 
 
@@ -31,7 +35,8 @@ def _weave(rng, size):
     th = rng.normal(0.0, 0.03)
     u, v = x * np.cos(th) + y * np.sin(th), -x * np.sin(th) + y * np.cos(th)
     g = 0.55 + 0.22 * np.sin(2 * np.pi * 16 * u + rng.uniform(0, 2 * np.pi)) * np.sin(
-        2 * np.pi * 16 * v + rng.uniform(0, 2 * np.pi))
+        2 * np.pi * 16 * v + rng.uniform(0, 2 * np.pi)
+    )
     img = g[..., None] * np.asarray(_COLOURS["weave"])
     return img + rng.normal(0, 0.02, img.shape), np.ones((size, size), bool)
 
@@ -67,7 +72,7 @@ def _contrast(rng):
 
 
 def _centre_point(rng, size, obj, margin):
-    ys, xs = np.nonzero(obj[margin:size - margin, margin:size - margin])
+    ys, xs = np.nonzero(obj[margin : size - margin, margin : size - margin])
     i = rng.integers(len(ys))
     return ys[i] + margin, xs[i] + margin
 

@@ -4,6 +4,7 @@ It is the embedded default behind `configs/demo.py`. See draw.py for the classes
 Config `default`: 3 classes x (60 train, 20 normal test, 24 defective test) images of 256 x 256.
 Config `tiny`: 3 classes x (8 train, 4 normal test, 4 defective test) images of 64 x 64, for tests.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -31,8 +32,14 @@ class Synthetic(tfds.core.GeneratorBasedBuilder):
     VERSION = tfds.core.Version("1.0.0")
     BUILDER_CONFIGS = [
         SyntheticConfig(name="default", description="3 classes, 256 px, 60 train / 44 test images per class"),
-        SyntheticConfig(name="tiny", image_size=64, n_train=8, n_test_good=4, n_test_defect=4,
-                        description="3 classes, 64 px, for tests"),
+        SyntheticConfig(
+            name="tiny",
+            image_size=64,
+            n_train=8,
+            n_test_good=4,
+            n_test_defect=4,
+            description="3 classes, 64 px, for tests",
+        ),
     ]
 
     def _info(self):
@@ -53,9 +60,14 @@ class Synthetic(tfds.core.GeneratorBasedBuilder):
                 rng = np.random.default_rng([c.seed, ci, 0 if split == "train" else 1, i])
                 img, mask = draw.draw(rng, cls, defect, c.image_size)
                 name = f"{cls}/{split}/{defect}/{i:03d}.png"
-                yield name, {
-                    "image": common.png_bytes(Image.fromarray(img, "RGB")),
-                    "mask": common.png_bytes(Image.fromarray(mask.astype(np.uint8) * 255, "L")),
-                    "label": 0 if defect == "good" else 1, "defect_type": defect, "class_name": cls,
-                    "file_name": name,
-                }
+                yield (
+                    name,
+                    {
+                        "image": common.png_bytes(Image.fromarray(img, "RGB")),
+                        "mask": common.png_bytes(Image.fromarray(mask.astype(np.uint8) * 255, "L")),
+                        "label": 0 if defect == "good" else 1,
+                        "defect_type": defect,
+                        "class_name": cls,
+                        "file_name": name,
+                    },
+                )

@@ -3,6 +3,7 @@
 The csv has the columns object, split, label, image, mask: split is train/test, label is
 normal/anomaly, image and mask are paths relative to the root (mask only for anomalies).
 """
+
 from __future__ import annotations
 
 import csv
@@ -14,8 +15,20 @@ from tfds_builders import common
 
 __all__ = ["Visa", "VISA_CLASSES"]
 
-VISA_CLASSES = ("candle", "capsules", "cashew", "chewinggum", "fryum", "macaroni1", "macaroni2", "pcb1", "pcb2",
-                "pcb3", "pcb4", "pipe_fryum")
+VISA_CLASSES = (
+    "candle",
+    "capsules",
+    "cashew",
+    "chewinggum",
+    "fryum",
+    "macaroni1",
+    "macaroni2",
+    "pcb1",
+    "pcb2",
+    "pcb3",
+    "pcb4",
+    "pipe_fryum",
+)
 
 INSTRUCTIONS = """\
 Download VisA from https://github.com/amazon-science/spot-diff (license CC BY 4.0), extract it,
@@ -38,7 +51,9 @@ def read_split_csv(root: str):
             if row["object"] not in VISA_CLASSES:
                 raise common.DatasetLayoutError(f"{path} line {line}: unknown class {row['object']!r}")
             if row["split"] not in ("train", "test") or row["label"] not in ("normal", "anomaly"):
-                raise common.DatasetLayoutError(f"{path} line {line}: bad split/label {row['split']!r}/{row['label']!r}")
+                raise common.DatasetLayoutError(
+                    f"{path} line {line}: bad split/label {row['split']!r}/{row['label']!r}"
+                )
             rows.append(row)
     return rows
 
@@ -48,8 +63,9 @@ class Visa(tfds.core.GeneratorBasedBuilder):
     MANUAL_DOWNLOAD_INSTRUCTIONS = INSTRUCTIONS
 
     def _info(self):
-        return self.dataset_info_from_configs(features=common.features(VISA_CLASSES),
-                                              homepage="https://github.com/amazon-science/spot-diff")
+        return self.dataset_info_from_configs(
+            features=common.features(VISA_CLASSES), homepage="https://github.com/amazon-science/spot-diff"
+        )
 
     def _split_generators(self, dl_manager):
         root = common.require_manual_dir(dl_manager, "visa", INSTRUCTIONS)
