@@ -10,25 +10,17 @@ The destination is never overwritten unless --overwrite is given.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import os
 import re
 import sys
 
 from maskad_jax import efficientnet_arch as ea
+from maskad_jax.digests import sha256_file
 
 
 def _guess_arch_from_name(path: str) -> str | None:
     m = re.search(r"efficientnet[-_](b[0-7]|lite[0-4])", os.path.basename(path))
     return f"efficientnet-{m.group(1)}" if m else None
-
-
-def _sha256(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def main(argv=None) -> int:
@@ -61,7 +53,7 @@ def main(argv=None) -> int:
     meta = {
         "arch": arch,
         "source": os.path.basename(args.src),
-        "sha256": _sha256(args.src),
+        "sha256": sha256_file(args.src),
         "naming": W.detect_naming(state),
         "num_values": n,
     }

@@ -29,6 +29,7 @@ import jax
 import jax.numpy as jnp
 
 from maskad_jax import progress
+from maskad_jax.digests import sha256_file
 from maskad_jax.errors import ConfigError
 from maskad_jax.parallel import to_local
 from maskad_jax.predict import _assign_pools, _threshold_rule
@@ -169,11 +170,3 @@ def build_manifest(config, pools, folder: str, onnx_note=None) -> dict:
         "versions": versions,
         "files": files,
     }
-
-
-def sha256_file(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()

@@ -48,20 +48,21 @@ def make_flow_embedder(config) -> FlowEmbedder:
 def extract_features(extractor, data: SplitData, config, with_target: bool, desc: str = "features"):
     """Backbone features of a whole split, in order: (h_in, h_tgt or None, image keys)."""
     positions = process_share(len(data))
-    h_in, h_tgt, keys = _extract_share(
-        extractor, data, config, with_target, positions, local_batch_sharding(config), desc
-    )
+    h_in, h_tgt, keys, _ = extract_positions(extractor, data, config, with_target, positions, desc)
     return gather_rows(len(data), positions, h_in, h_tgt, keys)
 
 
-def _extract_share(extractor, data: SplitData, config, with_target: bool, positions, shard, desc):
+def extract_positions(extractor, data: SplitData, config, with_target: bool, positions, desc: str, fields=()):
+    """Features of the split's images at `positions` (this process's devices): (h_in, h_tgt or None,
+    image keys, {field: the batches' values of each of `fields`, e.g. "mask", "label"})."""
+    shard = local_batch_sharding(config)
     fn = jax.jit(
         lambda v, x: (
             extractor.apply(v, x, normalize=True),
             extractor.apply(v, x, normalize=False) if with_target else None,
         )
     )
-    h_in, h_tgt, keys, t0 = [], [], [], time.time()
+    h_in, h_tgt, keys, extra, t0 = [], [], [], {f: [] for f in fields}, time.time()
     with progress.bar(len(positions), desc) as pbar:
         for batch in eval_batches(
             data,
@@ -76,6 +77,8 @@ def _extract_share(extractor, data: SplitData, config, with_target: bool, positi
             if with_target:
                 h_tgt.append(np.asarray(b)[ok])
             keys.append(batch["image_key"][ok])
+            for f in fields:
+                extra[f].append(batch[f][ok])
             pbar.update(int(ok.sum()))
     n_done = sum(len(k) for k in keys)
     progress.log(
@@ -84,5 +87,6 @@ def _extract_share(extractor, data: SplitData, config, with_target: bool, positi
     )
     if not n_done:  # an empty share (fewer images than processes)
         empty = np.zeros((0,) + tuple(extractor.feature_shape(config.data.image_size)), np.float32)
-        return empty, (empty if with_target else None), np.zeros((0,), np.int32)
-    return np.concatenate(h_in), (np.concatenate(h_tgt) if with_target else None), np.concatenate(keys)
+        return empty, (empty if with_target else None), np.zeros((0,), np.int32), {f: None for f in fields}
+    extra = {f: np.concatenate(v) for f, v in extra.items()}
+    return np.concatenate(h_in), (np.concatenate(h_tgt) if with_target else None), np.concatenate(keys), extra

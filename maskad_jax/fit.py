@@ -11,7 +11,6 @@ M_po divides by it, so an image is scored on its own, never against the rest of 
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import os
 import zipfile
@@ -20,19 +19,12 @@ import jax.numpy as jnp
 import numpy as np
 
 from maskad_jax.coreset import greedy_kcenter, nearest
+from maskad_jax.digests import sha256_file
 from maskad_jax.errors import ConfigError, DataError, MissingInputError, UserError
 
 
 class PoolsCorruptError(UserError, ValueError):
     """fit/pools.npz or pools.json cannot be read or differs from its saved digest."""
-
-
-def _sha256(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 @dataclasses.dataclass
@@ -77,7 +69,7 @@ class Pools:
         with open(os.path.join(directory, "pools.json"), "w") as f:
             json.dump(
                 {
-                    "npz_sha256": _sha256(npz),
+                    "npz_sha256": sha256_file(npz),
                     "class_names": list(self.class_names),
                     "calibration": {k: [int(i) for i in v] for k, v in self.calibration.items()},
                     "cal_scores": {k: [float(x) for x in v] for k, v in self.cal_scores.items()},
@@ -97,7 +89,7 @@ class Pools:
         except (OSError, json.JSONDecodeError) as e:
             raise PoolsCorruptError(f"{meta_path} is missing or unreadable ({e}): rerun --mode=train") from None
         digest = meta.get("npz_sha256")
-        if digest is not None and _sha256(path) != digest:
+        if digest is not None and sha256_file(path) != digest:
             raise PoolsCorruptError(
                 f"{path} is corrupt: its contents differ from the digest in pools.json (a "
                 f"truncated copy or bit rot); rerun --mode=train to refit"

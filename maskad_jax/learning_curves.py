@@ -23,7 +23,7 @@ import numpy as np
 
 from maskad_jax import metrics as metrics_lib
 from maskad_jax.ablations import apply_row
-from maskad_jax.data import eval_batches
+from maskad_jax.feature_cache import extract_positions
 from maskad_jax.scoring import device_pools, make_score_features_fn
 from maskad_jax.train import sample_train_mask
 
@@ -59,33 +59,11 @@ def build_eval_set(config, extractor, data, max_images: int) -> EvalSet:
     """The curves' images: subset_positions of a split, their features, masks and keys."""
     positions = subset_positions(data.labels, data.class_ids, max_images)
     regress_raw = config.train.target == "unnormalized"
-    fn = jax.jit(
-        lambda v, x: (
-            extractor.apply(v, x, normalize=True),
-            extractor.apply(v, x, normalize=False) if regress_raw else None,
-        )
+    h_in, h_tgt, keys, extra = extract_positions(
+        extractor, data, config, regress_raw, positions, "curves' features", fields=("mask", "label", "class_id")
     )
-    parts = {k: [] for k in ("h_in", "h_tgt", "masks", "labels", "classes", "keys")}
-    for batch in eval_batches(
-        data,
-        config.data.eval_batch_size,
-        image_size=config.data.image_size,
-        num_workers=config.data.num_workers,
-        positions=positions,
-    ):
-        ok = batch["valid"] == 1
-        a, b = fn(extractor.variables, jnp.asarray(batch["image"]))
-        parts["h_in"].append(np.asarray(a)[ok])
-        parts["h_tgt"].append(np.asarray(a if b is None else b)[ok])
-        parts["masks"].append(batch["mask"][ok])
-        parts["labels"].append(batch["label"][ok])
-        parts["classes"] += [data.class_names[c] for c in batch["class_id"][ok]]
-        parts["keys"].append(batch["image_key"][ok])
-    return EvalSet(
-        *(np.concatenate(parts[k]) for k in ("h_in", "h_tgt", "masks", "labels")),
-        tuple(parts["classes"]),
-        np.concatenate(parts["keys"]),
-    )
+    classes = tuple(data.class_names[c] for c in extra["class_id"])
+    return EvalSet(h_in, h_in if h_tgt is None else h_tgt, extra["mask"], extra["label"], classes, keys)
 
 
 def _row_functions(config, model) -> dict:

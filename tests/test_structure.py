@@ -49,6 +49,7 @@ UPPER = {
     "flow_features",
     "export",
     "serve_export",
+    "digests",
     "optim",
     "overlay",
     "preprocess",
@@ -126,3 +127,11 @@ def test_functions_are_short():
                 if n >= 60:
                     long.append(f"{path.name}:{node.name} ({n} lines)")
     assert long == []
+
+
+def test_the_export_loader_is_standalone():
+    """serve_export.py is copied next to exported artifacts and run where maskad_jax is not installed."""
+    found, _ = _imports(PACKAGE / "serve_export.py")
+    assert found == set()
+    text = (PACKAGE / "serve_export.py").read_text()
+    assert "import maskad_jax" not in text and "from maskad_jax" not in text and "importlib" not in text
