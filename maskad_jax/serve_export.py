@@ -3,7 +3,7 @@
     python <workdir>/export/serve.py IMAGE_OR_FOLDER [...]          # StableHLO through jax
     python -m maskad_jax.serve_export <workdir>/export IMAGE_OR_FOLDER [...]
 
-Needs numpy, pillow and jax; imports nothing of maskad_jax. The export
+Needs numpy, pillow, jax and flatbuffers (jax.export's format); imports nothing of maskad_jax. The export
 folder is the one this file sits in unless --export names another. Every file's SHA-256 is checked
 against manifest.json first: a changed or truncated artifact is refused. Prints one line per image:
 file, class, score, threshold, anomalous; --out DIR also saves each map as DIR/<n>.npy.
