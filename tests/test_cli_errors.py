@@ -30,31 +30,52 @@ def tfds_dir(tmp_path_factory):
     return str(tmp_path_factory.mktemp("tfds"))
 
 
-@pytest.mark.parametrize(
-    "extra, expected",
-    [
-        (["--config.train.epochz=3"], "did you mean train.epochs?"),
-        (["--config.train.epochs=0"], "train.epochs = 0: must be an integer >= 1"),
-        (["--config.train.batch_size=-4", "--config.fit.pool_ratio=2"], "train.batch_size = -4"),
-        (["--config.train.epochs=abc"], "train.epochs takes a number"),
-        (["--config.scoring.ot=fast"], "scoring.ot = 'fast': must be one of paper | exact | code"),
-        (["--config=configs/demo.py:bogus"], "unknown config variant 'bogus'"),
-        (["--config=configs/nope.py"], "no such config file"),
-        (["--mode=bogus"], "--mode=bogus"),
-        (
-            ["--config.data.name=folder", "--config.data.manual_dir=/nonexistent/parts"],
-            "/nonexistent/parts does not exist",
-        ),
-        (["--config.model.backbone.weights=/nonexistent/b.pth"], "backbone weights not found: '/nonexistent/b.pth'"),
-        (["--mode=eval"], "does not exist: train first"),
-        (["--mode=predict", "--config.predict.input=/nonexistent"], "does not exist: train first"),
-    ],
-)
-def test_user_errors_are_one_line_with_status_2(tmp_path, tfds_dir, extra, expected):
-    wd = tmp_path / "wd"
-    args = ["--config=configs/demo.py:smoke", f"--workdir={wd}", f"--config.data.tfds_dir={tfds_dir}"]
-    args = [a for a in args if not (a.startswith("--config=") and any(e.startswith("--config=") for e in extra))]
-    rc, out, err = _run(*args, *extra)
+USER_ERRORS = [
+    (["--config.train.epochz=3"], "did you mean train.epochs?"),
+    (["--config.train.epochs=0"], "train.epochs = 0: must be an integer >= 1"),
+    (["--config.train.batch_size=-4", "--config.fit.pool_ratio=2"], "train.batch_size = -4"),
+    (["--config.train.epochs=abc"], "train.epochs takes a number"),
+    (["--config.scoring.ot=fast"], "scoring.ot = 'fast': must be one of paper | exact | code"),
+    (["--config=configs/demo.py:bogus"], "unknown config variant 'bogus'"),
+    (["--config=configs/nope.py"], "no such config file"),
+    (["--mode=bogus"], "--mode=bogus"),
+    (
+        ["--config.data.name=folder", "--config.data.manual_dir=/nonexistent/parts"],
+        "/nonexistent/parts does not exist",
+    ),
+    (["--config.model.backbone.weights=/nonexistent/b.pth"], "backbone weights not found: '/nonexistent/b.pth'"),
+    (["--mode=eval"], "does not exist: train first"),
+    (["--mode=predict", "--config.predict.input=/nonexistent"], "does not exist: train first"),
+]
+
+
+@pytest.fixture(scope="module")
+def user_error_runs(tmp_path_factory, tfds_dir):
+    """run.py on each case of USER_ERRORS, as many at a time as there are cores (each is mostly the
+    import of jax and the config check): {case index: (workdir, exit status, stdout, stderr)}."""
+    jobs = []
+    for k, (extra, _) in enumerate(USER_ERRORS):
+        wd = tmp_path_factory.mktemp(f"case{k}") / "wd"
+        args = ["--config=configs/demo.py:smoke", f"--workdir={wd}", f"--config.data.tfds_dir={tfds_dir}"]
+        args = [a for a in args if not (a.startswith("--config=") and any(e.startswith("--config=") for e in extra))]
+        jobs.append((k, wd, [sys.executable, "run.py", *args, *extra]))
+    results, running = {}, []
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    while jobs or running:
+        while jobs and len(running) < max(1, os.cpu_count() or 1):
+            k, wd, cmd = jobs.pop(0)
+            proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            running.append((k, wd, proc))
+        k, wd, proc = running.pop(0)
+        out, err = proc.communicate(timeout=300)
+        results[k] = (wd, proc.returncode, out, err)
+    return results
+
+
+@pytest.mark.parametrize("case", range(len(USER_ERRORS)), ids=[e[1][:40] for e in USER_ERRORS])
+def test_user_errors_are_one_line_with_status_2(user_error_runs, case):
+    wd, rc, out, err = user_error_runs[case]
+    expected = USER_ERRORS[case][1]
     assert rc == 2, out[-2000:] + err[-2000:]
     assert "Traceback" not in out + err
     tail = err[err.index("error: ") :].strip().splitlines()
