@@ -20,7 +20,7 @@ if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", "")
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
-from absl import app, flags  # noqa: E402
+from absl import app, flags, logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
 from maskad_jax import feature_cache, pipeline  # noqa: E402
@@ -51,6 +51,7 @@ def best_rate(fn, batches, repeats):
 
 def main(argv):
     del argv
+    logging.set_verbosity(logging.WARNING)  # orbax and TFDS info lines would bury the result
     config, workdir = FLAGS.config, FLAGS.workdir
     _, _, test_data = pipeline.load_data(config)
     extractor = feature_cache.make_extractor(config)

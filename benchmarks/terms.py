@@ -28,7 +28,7 @@ if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", "")
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
-from absl import app, flags  # noqa: E402
+from absl import app, flags, logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
 from maskad_jax import feature_cache, pipeline  # noqa: E402
@@ -76,6 +76,7 @@ def terms_of(d, cal_scale):
 
 def main(argv):
     del argv
+    logging.set_verbosity(logging.WARNING)  # orbax and TFDS info lines would bury the tables
     config = FLAGS.config
     workdir = FLAGS.workdir
     _, train_data, test_data = pipeline.load_data(config)
