@@ -32,7 +32,7 @@ from maskad_jax import progress
 from maskad_jax.digests import sha256_file
 from maskad_jax.errors import ConfigError
 from maskad_jax.parallel import to_local
-from maskad_jax.predict import _assign_pools, _threshold_rule
+from maskad_jax.predict import assign_pools, class_thresholds, threshold_rule
 from maskad_jax.scoring import device_pools, make_score_fn
 
 FORMAT = "maskad-jax export 1"
@@ -55,7 +55,7 @@ def scorer_function(config, extractor, model, params, pools, flow=None):
     def scorer(images, keys):
         x = images.astype(jnp.float32) / 255.0
         if fixed is None:
-            pidx = _assign_pools(extractor.apply(variables, x), dev_pools)
+            pidx = assign_pools(extractor.apply(variables, x), dev_pools)
         else:
             pidx = jnp.full(images.shape[:1], fixed, jnp.int32)
         out = score(params, variables, dev_pools, x, pidx, keys)
@@ -69,15 +69,6 @@ def scorer_function(config, extractor, model, params, pools, flow=None):
         }
 
     return scorer
-
-
-def class_thresholds(config, pools) -> list[float]:
-    """Per pool: predict.threshold when set, else the calibrated quantile of held-out normal scores."""
-    pc = config.predict
-    return [
-        float(pc.threshold) if pc.threshold >= 0 else pools.threshold(c, pc.threshold_quantile)
-        for c in pools.class_names
-    ]
 
 
 def export_stablehlo(config, scorer) -> bytes:
@@ -157,7 +148,7 @@ def build_manifest(config, pools, folder: str, onnx_note=None) -> dict:
             else "per image, the pool whose nearest tokens are closest on average"
         ),
         "thresholds": dict(zip(pools.class_names, class_thresholds(config, pools))),
-        "threshold_rule": _threshold_rule(config),
+        "threshold_rule": threshold_rule(config),
         "platforms": list(config.export.platforms),
         "scoring": {
             "mpo": config.scoring.mpo,

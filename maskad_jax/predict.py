@@ -51,7 +51,7 @@ def collect_inputs(path: str) -> tuple[str, list[str]]:
     return path, sorted(rels)
 
 
-def _assign_pools(h, pools_dev):
+def assign_pools(h, pools_dev):
     """(B,) index of the pool whose nearest tokens are closest on average to each image's tokens."""
     b, gh, gw, c = h.shape
     tok = h.reshape(b, gh * gw, c)
@@ -78,7 +78,7 @@ def predict(config, workdir: str, extractor, model, params, pools, log=print, fl
     out_dir = output_folder(workdir)
     params, dev_pools = place_for_scoring(config, (params, device_pools(pools, flow)))
     score = make_score_fn(config, extractor, model, flow)
-    assign = jax.jit(lambda v, x: _assign_pools(extractor.apply(v, x), dev_pools))
+    assign = jax.jit(lambda v, x: assign_pools(extractor.apply(v, x), dev_pools))
     fixed = int(pools.pool_index([pc.class_name])[0]) if pc.class_name else None
     names = dict(zip(rels, unique_names(rels, "")))  # flat, unique file names for the outputs
     rows, bs, shard = [], config.data.eval_batch_size, scoring_sharding(config)
@@ -102,7 +102,7 @@ def predict(config, workdir: str, extractor, model, params, pools, log=print, fl
     _write_tables(out_dir, rows)
     flagged = sum(1 for r in rows if r.get("anomalous"))
     log(
-        f"predicted {len(rows)} images from {root}: {flagged} anomalous ({_threshold_rule(config)}); results in "
+        f"predicted {len(rows)} images from {root}: {flagged} anomalous ({threshold_rule(config)}); results in "
         f"{out_dir}"
     )
     return rows
@@ -125,7 +125,18 @@ def output_folder(workdir: str) -> str:
     return out
 
 
-def _threshold_rule(config) -> str:
+def class_threshold(config, pools, cls: str) -> float:
+    """predict.threshold when set, else the calibrated quantile of the pool's held-out normal scores."""
+    pc = config.predict
+    return float(pc.threshold) if pc.threshold >= 0 else pools.threshold(cls, pc.threshold_quantile)
+
+
+def class_thresholds(config, pools) -> list[float]:
+    """class_threshold of every pool, in the pools' order."""
+    return [class_threshold(config, pools, c) for c in pools.class_names]
+
+
+def threshold_rule(config) -> str:
     pc = config.predict
     if pc.threshold >= 0:
         return f"threshold {pc.threshold:g}, set by predict.threshold"
@@ -151,12 +162,11 @@ def _load_chunk(chunk, root, size, rows, log):
 
 def _write_images(config, pools, out_dir, batch, rels, names, pidx, out) -> list[dict]:
     """maps/<name>.npy and .png and overlays/<name>.png of each scored image; its row."""
-    pc = config.predict
     maps, scores = np.asarray(out["map"]), np.asarray(out["score"])
     rows = []
     for i, (rel, name) in enumerate(zip(rels, names)):
         cls = pools.class_names[pidx[i]]
-        thr = float(pc.threshold) if pc.threshold >= 0 else pools.threshold(cls, pc.threshold_quantile)
+        thr = class_threshold(config, pools, cls)
         if not (np.isfinite(thr) and np.isfinite(scores[i]) and np.isfinite(maps[i]).all()):
             raise NonFiniteError(
                 f"{rel}: its score ({scores[i]}) or the threshold of class {cls!r} ({thr}) is not "
