@@ -17,9 +17,11 @@ import math
 import jax
 import jax.numpy as jnp
 
+from maskad_jax import threefry
+
 
 def random_mask(key, n: int, k: int) -> jax.Array:
-    noise = jax.random.uniform(key, (n,))
+    noise = threefry.uniform(key, (n,))
     thresh = jnp.sort(noise)[n - k] if k > 0 else jnp.inf
     return noise >= thresh if k > 0 else jnp.zeros((n,), bool)
 
@@ -40,14 +42,14 @@ def block_mask(
 
     def try_once(carry, key):
         mask, budget, done = carry
-        k1, k2, k3, k4 = jax.random.split(key, 4)
-        area = min_patches + (budget - min_patches) * jax.random.uniform(k1)
-        ar = jnp.exp(jax.random.uniform(k2, minval=log_lo, maxval=log_hi))
+        k1, k2, k3, k4 = threefry.split(key, 4)
+        area = min_patches + (budget - min_patches) * threefry.uniform(k1)
+        ar = jnp.exp(threefry.uniform(k2, (), log_lo, log_hi))
         h = jnp.round(jnp.sqrt(area * ar)).astype(jnp.int32)
         w = jnp.round(jnp.sqrt(area / ar)).astype(jnp.int32)
         fits = (w < gw) & (h < gh)
-        top = jax.random.randint(k3, (), 0, jnp.maximum(gh - h + 1, 1))
-        left = jax.random.randint(k4, (), 0, jnp.maximum(gw - w + 1, 1))
+        top = threefry.randint(k3, (), 0, jnp.maximum(gh - h + 1, 1))
+        left = threefry.randint(k4, (), 0, jnp.maximum(gw - w + 1, 1))
         rect = (rows >= top) & (rows < top + h) & (cols >= left) & (cols < left + w)
         new = jnp.sum(rect & ~mask)
         accept = fits & ~done & (new > 0) & (new <= budget)
@@ -56,8 +58,8 @@ def block_mask(
 
     def round_body(state):
         mask, count, key, _, r = state
-        key, sub = jax.random.split(key)
-        (mask, _, _), added = jax.lax.scan(try_once, (mask, num_patches - count, False), jax.random.split(sub, 10))
+        key, sub = threefry.split(key)
+        (mask, _, _), added = jax.lax.scan(try_once, (mask, num_patches - count, False), threefry.split(sub, 10))
         delta = jnp.sum(added)
         return mask, count + delta, key, delta == 0, r + 1
 
@@ -65,7 +67,7 @@ def block_mask(
         _, count, _, stalled, r = state
         return (count < num_patches) & ~stalled & (r < max_rounds)
 
-    init = (jnp.zeros((gh, gw), bool), jnp.int32(0), key, False, 0)
+    init = (jnp.zeros((gh, gw), bool), jnp.int32(0), threefry.key_data(key), False, 0)
     mask, *_ = jax.lax.while_loop(cond, round_body, init)
     return mask.reshape(-1)
 

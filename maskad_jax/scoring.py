@@ -21,7 +21,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from maskad_jax import association
+from maskad_jax import association, threefry
 from maskad_jax import masks as masks_lib
 from maskad_jax.coreset import nearest
 from maskad_jax.errors import ConfigError
@@ -53,9 +53,9 @@ def make_masks(key, mpo_patch, grid, sc):
     """(N, gh*gw) masks of one image, in the released code's order (+ the zero mask last)."""
     n = grid[0] * grid[1]
     out = [masks_lib.topk_mask(mpo_patch, max(1, int(n * r))) for r in sc.prototype_ratios]
-    kr, kb = jax.random.split(key)
-    out += [masks_lib.random_mask(k, n, int(n * sc.random_ratio)) for k in jax.random.split(kr, sc.num_random)]
-    out += [masks_lib.block_mask(k, grid, int(n * sc.block_ratio)) for k in jax.random.split(kb, sc.num_block)]
+    kr, kb = threefry.split(key)
+    out += [masks_lib.random_mask(k, n, int(n * sc.random_ratio)) for k in threefry.split(kr, sc.num_random)]
+    out += [masks_lib.block_mask(k, grid, int(n * sc.block_ratio)) for k in threefry.split(kb, sc.num_block)]
     if sc.zero_mask:
         out.append(jnp.zeros((n,), bool))
     return jnp.stack(out)
@@ -107,7 +107,7 @@ def flow_mpo(flow, flow_pools, tokens, residuals, pool_idx, grid, cond_dim, f_fl
 
 def test_masks(seed: int, image_ids, mpo, grid, sc):
     """(B, N, n) masks: keys folded from (seed, image id), prototype masks from M_po (B, n)."""
-    keys = jax.vmap(lambda i: jax.random.fold_in(jax.random.fold_in(jax.random.key(seed), 0x5C0E), i))(image_ids)
+    keys = jax.vmap(lambda i: threefry.fold_in(threefry.fold_in(threefry.key(seed), 0x5C0E), i))(image_ids)
     return jax.vmap(lambda k, s: make_masks(k, s, grid, sc))(keys, mpo), keys
 
 
@@ -133,7 +133,7 @@ def branch_errors(reconstruct, h_in, h_tgt, r_in, r_tgt, masks, per_step: int, k
         per = 2 * nm // steps
         move = lambda t: jnp.moveaxis(t, 1, 0).reshape((steps, per * b) + t.shape[2:])
         err = jax.lax.map(
-            lambda a: reconstruct(*a), (move(inputs), move(all_masks), move(targets), jax.random.split(key, steps))
+            lambda a: reconstruct(*a), (move(inputs), move(all_masks), move(targets), threefry.split(key, steps))
         )
         err = jnp.moveaxis(err.reshape(2 * nm, b, n), 0, 1)
     err = err.reshape(b, 2, nm, n)
@@ -222,7 +222,7 @@ def make_score_features_fn(config, model, flow=None, with_terms: bool = False):
             r_tgt.reshape(h_in.shape),
             m,
             sc.branches_per_step,
-            jax.random.fold_in(keys[0], 1),
+            threefry.fold_in(keys[0], 1),
         )
         rec, ass, uncertified = rec_and_assdis(e_h, e_r, sc)
         amap = to_map(combine(rec, ass, sc).reshape(b, gh, gw), mpo_map, sc, out_size)
