@@ -1,13 +1,15 @@
-"""Throughput of the exported StableHLO scorer beside --mode=eval's program, same images, one run.
+"""Throughput of the exported scorers beside --mode=eval's program, same images, one run.
 
-    python run.py --config=configs/demo.py --workdir=runs/demo --mode=export
+    python run.py --config=configs/demo.py --workdir=runs/demo --mode=export --config.export.onnx_batch=16
     python benchmarks/export.py --config=configs/demo.py --workdir=runs/demo --repeats 3
 
-Both score the same batches of the demo's test images: (a) the program eval runs
-(scoring.make_score_fn under jit, float images, the class given), (b) the exported artifact
+All score the same batches of the demo's test images: (a) the program eval runs
+(scoring.make_score_fn under jit, float images, the class given), (b) the exported StableHLO
 through jax.export.deserialize(...).call (uint8 images, keys; it also picks the class and applies
-the threshold). Reports images/s of each (best of --repeats after a warm-up that compiles) and
-their ratio, and the largest map difference.
+the threshold), (c) scorer.onnx through onnxruntime's CPU provider, when the export has one (in
+batches of its fixed size: export with export.onnx_batch = data.eval_batch_size to compare like
+with like). Reports images/s of each (best of --repeats after a warm-up) and the ratios to (a), and
+the largest map difference to (a).
 """
 
 import os
@@ -17,6 +19,8 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_cpu_experimental_ynn_fusion_type=").strip()
+
+import json  # noqa: E402
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
@@ -79,17 +83,44 @@ def main(argv):
     def run_export(images, keys):
         return exported.call(images, keys)["map"]
 
-    diff = max(
-        float(np.abs(np.asarray(run_eval(*a)) - np.asarray(run_export(*b))).max())
-        for a, b in zip(eval_args, export_args)
-    )
-    r_eval = best_rate(run_eval, eval_args, FLAGS.repeats)
-    r_export = best_rate(run_export, export_args, FLAGS.repeats)
+    runners = {"exported StableHLO (call)": run_export}
+    onnx_run = onnx_runner(os.path.join(workdir, "export"))
+    if onnx_run is not None:
+        runners["exported ONNX (onnxruntime)"] = onnx_run
     n = sum(len(a[0]) for a in eval_args)
     print(f"{n} test images, batch {bs}, devices {jax.devices()}")
-    print(f"eval program (jit):        {r_eval:.2f} images/s")
-    print(f"exported StableHLO (call): {r_export:.2f} images/s  ratio export/eval {r_export / r_eval:.2f}")
-    print(f"largest |map difference|: {diff:.3g}")
+    r_eval = best_rate(run_eval, eval_args, FLAGS.repeats)
+    print(f"eval program (jit):          {r_eval:.2f} images/s")
+    for name, run in runners.items():
+        diff = max(
+            float(np.abs(np.asarray(run_eval(*a)) - np.asarray(run(*b))).max()) for a, b in zip(eval_args, export_args)
+        )
+        rate = best_rate(run, export_args, FLAGS.repeats)
+        print(f"{name:28s} {rate:.2f} images/s  ratio to eval {rate / r_eval:.2f}  largest |map difference| {diff:.3g}")
+
+
+def onnx_runner(folder):
+    """f(images, keys) -> maps through scorer.onnx in batches of its fixed size, or None without one."""
+    manifest = json.load(open(os.path.join(folder, "manifest.json")))
+    if not (manifest.get("onnx") or {}).get("file"):
+        print(f"no scorer.onnx in {folder}: {manifest.get('onnx')}")
+        return None
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(os.path.join(folder, "scorer.onnx"), providers=["CPUExecutionProvider"])
+    batch = int(manifest["onnx"]["batch"])
+    index = [o.name for o in session.get_outputs()].index("map")
+
+    def run(images, keys):
+        if len(images) % batch:
+            raise SystemExit(f"scorer.onnx takes batches of {batch}; the eval batch {len(images)} is not a multiple")
+        parts = [
+            session.run(None, {"images": images[i : i + batch], "keys": keys[i : i + batch]})[index]
+            for i in range(0, len(images), batch)
+        ]
+        return np.concatenate(parts)
+
+    return run
 
 
 if __name__ == "__main__":

@@ -204,4 +204,10 @@ def get_config():
     # platforms (one artifact serves all of them; lowering needs no such device here).
     c.export = ml_collections.ConfigDict()
     c.export.platforms = ("cpu", "cuda", "tpu")
+    # The same program as ONNX (scorer.onnx, through jax2onnx) for onnxruntime: "auto" = when jax2onnx
+    # is installed (the log says when it is not), "yes" = an error without it, "no" = StableHLO only.
+    c.export.onnx = "auto"
+    # scorer.onnx takes batches of exactly this many images (jax2onnx 0.17.1 cannot keep the batch
+    # symbolic for this program); serve.py pads a short last batch by repeating its last image.
+    c.export.onnx_batch = 1
     return c

@@ -81,6 +81,8 @@ def validate(config, mode: str = "train_and_eval") -> None:
         "export.platforms",
         "must be a non-empty subset of cpu | cuda | rocm | tpu",
     )
+    c.choice("export.onnx", ("auto", "yes", "no"))
+    c.integer("export.onnx_batch", 1)
     if mode == "predict":
         c.need(bool(config.predict.input), "predict.input", "is needed with --mode=predict: an image or a folder")
     if c.problems:

@@ -12,7 +12,9 @@
   manifest.json     input size and layout, preprocessing, classes and how a class is chosen, the
                     thresholds and their rule, the config's fingerprint, the versions that made it, and
                     the SHA-256 of every file (serve.py refuses an artifact whose digest differs).
-  serve.py          a standalone loader (imports numpy, PIL, jax or onnxruntime; never maskad_jax).
+  scorer.onnx       the same program as ONNX for onnxruntime (export_onnx.py; export.onnx), batches of
+                    exactly export.onnx_batch images, the same inputs and outputs.
+  serve.py          a standalone loader (imports numpy, PIL, and jax or onnxruntime; never maskad_jax).
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ import time
 import jax
 import jax.numpy as jnp
 
-from maskad_jax import progress
+from maskad_jax import export_onnx, progress
 from maskad_jax.digests import sha256_file
 from maskad_jax.errors import ConfigError
 from maskad_jax.parallel import to_local
@@ -97,7 +99,7 @@ def export(config, workdir: str, extractor, model, params, pools, flow=None) -> 
     progress.log(
         f"exported the scoring program as StableHLO for {', '.join(config.export.platforms)} in {time.time() - t0:.0f}s"
     )
-    onnx_note = "not exported: docs/deploy.md"
+    onnx_note = _write_onnx(config, scorer, tmp)
     shutil.copyfile(os.path.join(os.path.dirname(__file__), "serve_export.py"), os.path.join(tmp, "serve.py"))
     manifest = build_manifest(config, pools, tmp, onnx_note)
     with open(os.path.join(tmp, "manifest.json"), "w") as f:
@@ -110,11 +112,31 @@ def export(config, workdir: str, extractor, model, params, pools, flow=None) -> 
     return out
 
 
+def _write_onnx(config, scorer, folder: str) -> dict:
+    """scorer.onnx when export.onnx asks for it; the manifest's "onnx" entry either way."""
+    if not export_onnx.wanted(config):
+        why = (
+            "export.onnx = 'no'" if config.export.onnx == "no" else f"jax2onnx is not installed ({export_onnx.INSTALL})"
+        )
+        progress.log(f"no ONNX export: {why}")
+        return {"file": None, "why": why}
+    t0 = time.time()
+    with open(os.path.join(folder, "scorer.onnx"), "wb") as f:
+        f.write(export_onnx.export_onnx(config, scorer))
+    progress.log(f"exported the scoring program as ONNX (batch {config.export.onnx_batch}) in {time.time() - t0:.0f}s")
+    return {
+        "file": "scorer.onnx",
+        "batch": config.export.onnx_batch,
+        "opset": export_onnx.OPSET,
+        "runtime": "onnxruntime (CPUExecutionProvider tested)",
+    }
+
+
 def build_manifest(config, pools, folder: str, onnx_note=None) -> dict:
     s = config.data.image_size
     pc = config.predict
     versions = {"python": sys.version.split()[0]}
-    for pkg in ("jax", "jaxlib", "flax", "numpy", "ott-jax", "maskad-jax", "jax2onnx", "onnx"):
+    for pkg in ("jax", "jaxlib", "flax", "numpy", "ott-jax", "maskad-jax", "jax2onnx", "onnx", "onnxruntime"):
         try:
             versions[pkg] = md.version(pkg)
         except md.PackageNotFoundError:

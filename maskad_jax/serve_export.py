@@ -1,10 +1,12 @@
 """Score images with an exported maskad-jax model, without maskad-jax (copied as <export>/serve.py).
 
     python <workdir>/export/serve.py IMAGE_OR_FOLDER [...]          # StableHLO through jax
+    python <workdir>/export/serve.py --runtime onnx IMAGE_OR_FOLDER  # scorer.onnx through onnxruntime
     python -m maskad_jax.serve_export <workdir>/export IMAGE_OR_FOLDER [...]
 
-Needs numpy, pillow, jax and flatbuffers (jax.export's format); imports nothing of maskad_jax. The export
-folder is the one this file sits in unless --export names another. Every file's SHA-256 is checked
+Needs numpy and pillow, and jax with flatbuffers (scorer.stablehlo) or onnxruntime (scorer.onnx);
+imports nothing of maskad_jax. --runtime auto takes jax when it can be imported, else onnxruntime. The
+export folder is the one this file sits in unless --export names another. Every file's SHA-256 is checked
 against manifest.json first: a changed or truncated artifact is refused. Prints one line per image:
 file, class, score, threshold, anomalous; --out DIR also saves each map as DIR/<n>.npy.
 """
@@ -107,12 +109,51 @@ def stablehlo_scorer(folder):
     return run
 
 
+def onnx_scorer(folder, batch):
+    """The same function from scorer.onnx through onnxruntime (fixed batch: a short batch is padded)."""
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(os.path.join(folder, "scorer.onnx"), providers=["CPUExecutionProvider"])
+    names = [o.name for o in session.get_outputs()]
+
+    def run(images, keys):
+        n = len(images)
+        pad = (-n) % batch
+        images = np.concatenate([images, np.repeat(images[-1:], pad, 0)]) if pad else images
+        keys = np.concatenate([keys, np.repeat(keys[-1:], pad, 0)]) if pad else keys
+        parts = []
+        for i in range(0, len(images), batch):
+            out = session.run(None, {"images": images[i : i + batch], "keys": keys[i : i + batch]})
+            parts.append(dict(zip(names, out)))
+        return {k: np.concatenate([p[k] for p in parts])[:n] for k in names}
+
+    return run
+
+
+def choose_runtime(folder, manifest, runtime):
+    """(run, name): the scorer for --runtime (auto: jax if it imports, else onnxruntime)."""
+    has_onnx = bool((manifest.get("onnx") or {}).get("file"))
+    if runtime == "auto":
+        try:
+            import jax  # noqa: F401
+
+            runtime = "stablehlo"
+        except ImportError:
+            runtime = "onnx"
+    if runtime == "onnx":
+        if not has_onnx:
+            raise ArtifactError(f"{folder} has no scorer.onnx ({(manifest.get('onnx') or {}).get('why')}); use jax")
+        return onnx_scorer(folder, int(manifest["onnx"]["batch"])), "onnx"
+    return stablehlo_scorer(folder), "stablehlo"
+
+
 def main(argv=None):
     here = os.path.dirname(os.path.abspath(__file__))
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("inputs", nargs="+", help="images or folders (the first may be the export folder with -m)")
     ap.add_argument("--export", default=None, help="the export folder (default: this file's folder)")
     ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--runtime", choices=("auto", "stablehlo", "onnx"), default="auto")
     ap.add_argument("--out", default=None, help="save each map as OUT/<index>.npy")
     args = ap.parse_args(argv)
     folder = args.export
@@ -120,11 +161,11 @@ def main(argv=None):
         folder = args.inputs.pop(0) if os.path.isfile(os.path.join(args.inputs[0], "manifest.json")) else here
     try:
         manifest = load_manifest(folder)
+        run, _ = choose_runtime(folder, manifest, args.runtime)
     except ArtifactError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     size = manifest["input"]["shape"][1]
-    run = stablehlo_scorer(folder)
     files = collect(args.inputs)
     if args.out:
         os.makedirs(args.out, exist_ok=True)

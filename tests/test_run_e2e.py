@@ -304,10 +304,10 @@ def test_flow_mpo_train_and_eval_then_eval_from_checkpoints(tmp_path, tfds_dir, 
         assert "max over each class's test set" in out and "mean over classes" in out
 
 
-def _serve(export_dir, args):
-    """The exported scorer's serve.py in a fresh process where `import maskad_jax` fails."""
+def _serve(export_dir, args, blocked=("maskad_jax",)):
+    """The exported scorer's serve.py in a fresh process where importing the `blocked` modules fails."""
     code = (
-        "import runpy, sys; sys.modules['maskad_jax'] = None; sys.argv = sys.argv[1:]; "
+        f"import runpy, sys; sys.modules.update(dict.fromkeys({list(blocked)!r})); sys.argv = sys.argv[1:]; "
         "runpy.run_path(sys.argv[0], run_name='__main__')"
     )
     return subprocess.run(
@@ -322,7 +322,8 @@ def _serve(export_dir, args):
 def test_export_scores_like_predict_without_the_package_and_refuses_a_changed_artifact(tmp_path, tfds_dir, smoke_run):
     wd = smoke_run[0]
     common = ["--config=configs/demo.py:smoke", f"--workdir={wd}", f"--config.data.tfds_dir={tfds_dir}"]
-    _run(common + ["--mode=export"])
+    # ONNX required (an error if jax2onnx is missing), in batches of 4: the 6 samples need a padded batch
+    _run(common + ["--mode=export", "--config.export.onnx=yes", "--config.export.onnx_batch=4"])
     export_dir = os.path.join(wd, "export")
     manifest = json.load(open(os.path.join(export_dir, "manifest.json")))
     assert manifest["input"]["shape"] == ["batch", 64, 64, 3] and sorted(manifest["classes"]) == [
@@ -330,7 +331,7 @@ def test_export_scores_like_predict_without_the_package_and_refuses_a_changed_ar
         "speckle",
         "weave",
     ]
-    assert set(manifest["files"]) == {"scorer.stablehlo", "serve.py"} and manifest["platforms"] == [
+    assert set(manifest["files"]) == {"scorer.stablehlo", "scorer.onnx", "serve.py"} and manifest["platforms"] == [
         "cpu",
         "cuda",
         "tpu",
@@ -339,21 +340,23 @@ def test_export_scores_like_predict_without_the_package_and_refuses_a_changed_ar
     _run(common + ["--mode=predict", f"--config.predict.input={samples}"])
     pred = {r["file"]: r for r in _csv(os.path.join(_latest_predictions(wd), "scores.csv"))}
 
-    proc = _serve(export_dir, [samples, "--out", str(tmp_path / "maps")])
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    lines = [ln.split("\t") for ln in proc.stdout.strip().splitlines()]
-    assert len(lines) == len(pred) == 6
-    worst = 0.0
-    for i, (path, cls, score, thr, decision) in enumerate(lines):
-        row = pred[os.path.basename(path)]
-        assert cls == row["class"] and decision == ("anomalous" if row["anomalous"] == "True" else "normal")
-        assert float(score) == pytest.approx(float(row["score"]), rel=1e-4)
-        assert float(thr) == pytest.approx(float(row["threshold"]), rel=1e-6)
-        ours = np.load(tmp_path / "maps" / f"{i}.npy")
-        ref = np.load(os.path.join(_latest_predictions(wd), "maps", row["output_name"] + ".npy"))
-        worst = max(worst, float(np.abs(ours - ref).max() / np.abs(ref).max()))
-    print(f"exported StableHLO vs predict: max |map difference| / max |map| = {worst:.2e}")
-    assert worst <= 1e-4
+    # StableHLO through jax without maskad_jax; ONNX through onnxruntime without jax either (auto picks it)
+    for name, blocked in (("StableHLO", ("maskad_jax",)), ("ONNX", ("maskad_jax", "jax", "jaxlib"))):
+        proc = _serve(export_dir, [samples, "--out", str(tmp_path / name)], blocked)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        lines = [ln.split("\t") for ln in proc.stdout.strip().splitlines()]
+        assert len(lines) == len(pred) == 6
+        worst = 0.0
+        for i, (path, cls, score, thr, decision) in enumerate(lines):
+            row = pred[os.path.basename(path)]
+            assert cls == row["class"] and decision == ("anomalous" if row["anomalous"] == "True" else "normal")
+            assert float(score) == pytest.approx(float(row["score"]), rel=1e-4)
+            assert float(thr) == pytest.approx(float(row["threshold"]), rel=1e-6)
+            ours = np.load(tmp_path / name / f"{i}.npy")
+            ref = np.load(os.path.join(_latest_predictions(wd), "maps", row["output_name"] + ".npy"))
+            worst = max(worst, float(np.abs(ours - ref).max() / np.abs(ref).max()))
+        print(f"exported {name} vs predict: max |map difference| / max |map| = {worst:.2e}")
+        assert worst <= 1e-4
 
     changed = tmp_path / "changed"
     shutil.copytree(export_dir, changed)
@@ -365,3 +368,9 @@ def test_export_scores_like_predict_without_the_package_and_refuses_a_changed_ar
     (changed / "scorer.stablehlo").write_bytes(bytes(blob[:1000]))
     proc = _serve(changed, [samples])
     assert proc.returncode == 2 and "changed or truncated" in proc.stderr
+    shutil.copyfile(os.path.join(export_dir, "scorer.stablehlo"), changed / "scorer.stablehlo")
+    blob = bytearray((changed / "scorer.onnx").read_bytes())
+    blob[-5] ^= 0x01
+    (changed / "scorer.onnx").write_bytes(bytes(blob))
+    proc = _serve(changed, ["--runtime", "onnx", samples])
+    assert proc.returncode == 2 and "scorer.onnx: its SHA-256 differs" in proc.stderr

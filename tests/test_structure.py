@@ -23,6 +23,7 @@ PURE = {
     "resize",
     "scoring",
     "smoothing",
+    "threefry",
 }
 # training, orchestration and I/O: what PURE must never reach, even indirectly
 UPPER = {
@@ -48,6 +49,7 @@ UPPER = {
     "features",
     "flow_features",
     "export",
+    "export_onnx",
     "serve_export",
     "digests",
     "optim",
