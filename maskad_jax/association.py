@@ -57,7 +57,7 @@ def w1_potentials(x: jax.Array, y: jax.Array):
     zs = z[order]
     cdf_diff = jnp.cumsum(jnp.concatenate([jnp.ones(n), -jnp.ones(n)])[order]) / n
     f_sorted = jnp.concatenate([jnp.zeros(1), jnp.cumsum(-jnp.sign(cdf_diff[:-1]) * jnp.diff(zs))])
-    f_all = jnp.zeros(2 * n, zs.dtype).at[order].set(f_sorted)
+    f_all = f_sorted[jnp.argsort(order)]  # back to the input order (a gather: jax2onnx has no rule for this scatter)
     return f_all[:n], -f_all[n:]
 
 

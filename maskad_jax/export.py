@@ -88,6 +88,7 @@ def export(config, workdir: str, extractor, model, params, pools, flow=None) -> 
             "export scores images one by one: scoring.mpo_normalisation must be 'calibration' "
             f"(got {config.scoring.mpo_normalisation!r}, which needs a whole test set)"
         )
+    onnx_skip = export_onnx.skip_reason(config)  # before any work: export.onnx = 'yes' may refuse
     t0 = time.time()
     out = os.path.join(workdir, "export")
     tmp = out + ".partial"
@@ -99,7 +100,7 @@ def export(config, workdir: str, extractor, model, params, pools, flow=None) -> 
     progress.log(
         f"exported the scoring program as StableHLO for {', '.join(config.export.platforms)} in {time.time() - t0:.0f}s"
     )
-    onnx_note = _write_onnx(config, scorer, tmp)
+    onnx_note = _write_onnx(config, scorer, tmp, onnx_skip)
     shutil.copyfile(os.path.join(os.path.dirname(__file__), "serve_export.py"), os.path.join(tmp, "serve.py"))
     manifest = build_manifest(config, pools, tmp, onnx_note)
     with open(os.path.join(tmp, "manifest.json"), "w") as f:
@@ -112,12 +113,9 @@ def export(config, workdir: str, extractor, model, params, pools, flow=None) -> 
     return out
 
 
-def _write_onnx(config, scorer, folder: str) -> dict:
-    """scorer.onnx when export.onnx asks for it; the manifest's "onnx" entry either way."""
-    if not export_onnx.wanted(config):
-        why = (
-            "export.onnx = 'no'" if config.export.onnx == "no" else f"jax2onnx is not installed ({export_onnx.INSTALL})"
-        )
+def _write_onnx(config, scorer, folder: str, why) -> dict:
+    """scorer.onnx unless `why` (export_onnx.skip_reason) says why not; the manifest's "onnx" entry."""
+    if why:
         progress.log(f"no ONNX export: {why}")
         return {"file": None, "why": why}
     t0 = time.time()

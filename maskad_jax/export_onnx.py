@@ -40,12 +40,27 @@ def available() -> bool:
     return all(importlib.util.find_spec(m) is not None for m in ("jax2onnx", "onnx"))
 
 
-def wanted(config) -> bool:
-    """export.onnx: 'auto' (when jax2onnx is installed), 'yes' (an error without it) or 'no'."""
+def unsupported(config) -> str | None:
+    """Why this config's scorer cannot be converted, or None."""
+    if config.scoring.use_assdis and config.scoring.ot == "paper":
+        return (
+            "scoring.ot = 'paper' (AssDis by ott-jax's Sinkhorn) does not convert: ott records each iteration's "
+            "error with errors.at[iteration // inner_iterations, :].set(err) (Sinkhorn.one_iteration), which "
+            "under vmap is a batched scatter that jax2onnx 0.17.1 rejects ('scatter pattern not supported'); "
+            "scorer.stablehlo covers it"
+        )
+    return None
+
+
+def skip_reason(config) -> str | None:
+    """None when scorer.onnx is to be written; else why not (export.onnx = 'yes' raises instead)."""
     choice = config.export.onnx
-    if choice == "yes" and not available():
-        raise ConfigError(f"export.onnx = 'yes' needs jax2onnx and onnx: {INSTALL}")
-    return choice == "yes" or (choice == "auto" and available())
+    if choice == "no":
+        return "export.onnx = 'no'"
+    why = unsupported(config) or (None if available() else f"jax2onnx is not installed ({INSTALL})")
+    if why and choice == "yes":
+        raise ConfigError(f"export.onnx = 'yes', but {why}")
+    return why
 
 
 def legalize(model):
@@ -97,29 +112,35 @@ def legalize(model):
     return model, rewrite(model.graph)
 
 
-def export_onnx(config, scorer) -> bytes:
-    """scorer.onnx: the scorer for a batch of export.onnx_batch images, as serialised ONNX."""
+def convert(fn, args, input_names, output_names) -> bytes:
+    """ONNX bytes of fn(*args) -> tuple of arrays: traced to a jaxpr by JAX, that jaxpr's evaluation
+    converted by jax2onnx (see the module docstring), bool Where legalised."""
     from jax2onnx import to_onnx
 
-    s, b = config.data.image_size, config.export.onnx_batch
-    args = (jax.ShapeDtypeStruct((b, s, s, 3), jnp.uint8), jax.ShapeDtypeStruct((b,), jnp.int32))
+    closed = jax.make_jaxpr(fn)(*args)
 
-    def outputs(images, keys):
-        out = scorer(images, keys)
-        return [out[k] for k in OUTPUTS]
-
-    closed = jax.make_jaxpr(outputs)(*args)
-
-    def evaluate(images, keys):
-        return tuple(jax.core.eval_jaxpr(closed.jaxpr, closed.consts, images, keys))
+    def evaluate(*xs):
+        return tuple(jax.core.eval_jaxpr(closed.jaxpr, closed.consts, *xs))
 
     model = to_onnx(
         evaluate,
         inputs=list(args),
         model_name="maskad_scorer",
         opset=OPSET,
-        input_names=["images", "keys"],
-        output_names=list(OUTPUTS),
+        input_names=list(input_names),
+        output_names=list(output_names),
     )
     model, _ = legalize(model)
     return model.SerializeToString()
+
+
+def export_onnx(config, scorer) -> bytes:
+    """scorer.onnx: the scorer for a batch of export.onnx_batch images, as serialised ONNX."""
+    s, b = config.data.image_size, config.export.onnx_batch
+    args = (jax.ShapeDtypeStruct((b, s, s, 3), jnp.uint8), jax.ShapeDtypeStruct((b,), jnp.int32))
+
+    def outputs(images, keys):
+        out = scorer(images, keys)
+        return tuple(out[k] for k in OUTPUTS)
+
+    return convert(outputs, args, ["images", "keys"], OUTPUTS)
