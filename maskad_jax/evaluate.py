@@ -24,6 +24,7 @@ from maskad_jax import progress
 from maskad_jax.coreset import nearest
 from maskad_jax.data import Preprocess, SplitData, eval_batches
 from maskad_jax.errors import NonFiniteError
+from maskad_jax.fit import scoring_signature
 from maskad_jax.flow import flow_logp_fn
 from maskad_jax.overlay import overlay, unique_names
 from maskad_jax.parallel import gather_max, gather_rows, is_writer, place_for_scoring, process_share, scoring_sharding
@@ -118,8 +119,8 @@ def report_data(config, data, pools, maps, masks, scores, examples) -> dict:
     for cid in sorted(set(data.class_ids.tolist())):
         sel = data.class_ids == cid
         name = data.class_names[cid]
-        try:
-            thr = pools.threshold(name, config.predict.threshold_quantile)
+        try:  # none shown when there is no calibration, or it was made under another scoring (an ablation row)
+            thr = pools.threshold(name, config.predict.threshold_quantile, scoring_signature(config))
         except ValueError:
             thr = None
         labels = data.labels[sel]

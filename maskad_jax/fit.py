@@ -27,6 +27,17 @@ class PoolsCorruptError(UserError, ValueError):
     """fit/pools.npz or pools.json cannot be read or differs from its saved digest."""
 
 
+# scoring fields that change how work is placed, not the scores (left out of the calibration's signature)
+PLACEMENT_ONLY = ("branches_per_step", "devices")
+
+
+def scoring_signature(config) -> dict:
+    """The scoring settings held-out scores are computed under: a threshold calibrated from them
+    is a threshold for these settings only (another scoring gives scores of another scale)."""
+    fields = json.loads(config.scoring.to_json(sort_keys=True))
+    return {k: v for k, v in fields.items() if k not in PLACEMENT_ONLY}
+
+
 @dataclasses.dataclass
 class Pools:
     pool_in: np.ndarray  # (K, P, C) padded
@@ -37,9 +48,21 @@ class Pools:
     calibration: dict  # class -> positions (into the training set) of the held-out images
     cal_scores: dict = dataclasses.field(default_factory=dict)  # class -> image scores of those images
     src: np.ndarray | None = None  # (K, P) training-set position of each pool token's image (-1: padding)
+    cal_scoring: dict | None = None  # scoring_signature the cal_scores were computed under (None: older fits)
 
-    def threshold(self, cls: str, quantile: float) -> float:
-        """A decision threshold: the given quantile of the held-out normal images' scores of a pool."""
+    def threshold(self, cls: str, quantile: float, scoring: dict | None = None) -> float:
+        """A decision threshold: the given quantile of the held-out normal images' scores of a pool.
+
+        scoring: the scoring_signature of the run that will compare scores with it; refused when it
+        differs from the calibration's (the scores would be of another scale)."""
+        if scoring is not None and self.cal_scoring is not None and scoring != self.cal_scoring:
+            cal = self.cal_scoring
+            diff = [k for k in sorted(set(scoring) | set(cal)) if scoring.get(k) != cal.get(k)]
+            what = "; ".join(f"scoring.{k} {cal.get(k)!r} at calibration, {scoring.get(k)!r} now" for k in diff)
+            raise ConfigError(
+                f"the calibrated thresholds are for the scoring the model was trained with, and this run's differs "
+                f"({what}): score with the training config's scoring, or set predict.threshold explicitly"
+            )
         scores = self.cal_scores.get(cls) or []
         if not scores:
             raise ConfigError(f"no calibration scores for pool {cls!r}; set predict.threshold explicitly")
@@ -73,6 +96,7 @@ class Pools:
                     "class_names": list(self.class_names),
                     "calibration": {k: [int(i) for i in v] for k, v in self.calibration.items()},
                     "cal_scores": {k: [float(x) for x in v] for k, v in self.cal_scores.items()},
+                    "cal_scoring": self.cal_scoring,
                 },
                 f,
             )
@@ -106,6 +130,7 @@ class Pools:
                 {k: np.asarray(v, int) for k, v in meta["calibration"].items()},
                 meta.get("cal_scores", {}),
                 arrays.get("src"),
+                meta.get("cal_scoring"),
             )
         except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as e:
             raise PoolsCorruptError(

@@ -24,7 +24,7 @@ from maskad_jax.data import SplitData
 from maskad_jax.errors import ConfigError
 from maskad_jax.evaluate import calibration_scores, evaluate
 from maskad_jax.export import export
-from maskad_jax.fit import Pools, fit_pools
+from maskad_jax.fit import Pools, fit_pools, scoring_signature
 from maskad_jax.flow import FlowState, build_flow
 from maskad_jax.flow_fit import calibrate_flow, load_flow_reference, restore_flow, save_flow_reference, train_flow
 from maskad_jax.learning_curves import build_eval_set, make_learning_curves
@@ -152,6 +152,7 @@ def _train_stage(config, workdir, extractor, model, train_data, test_data):
     if config.scoring.mpo == "flow":
         flow, f_train = _train_flow_stage(config, workdir, h_in, pools, class_names, train_data)
     pools.cal_scores = calibration_scores(config, model, res.params, pools, h_in, h_tgt, keys, flow, f_train)
+    pools.cal_scoring = scoring_signature(config)
     if is_writer():
         pools.save(os.path.join(workdir, "fit"))
     barrier("fit saved")

@@ -28,6 +28,7 @@ from maskad_jax import progress
 from maskad_jax.coreset import nearest
 from maskad_jax.data import image_key
 from maskad_jax.errors import ConfigError, MissingInputError, NonFiniteError
+from maskad_jax.fit import scoring_signature
 from maskad_jax.overlay import overlay, unique_names
 from maskad_jax.parallel import place_for_scoring, scoring_sharding
 from maskad_jax.preprocess import ImageDecodeError, open_image, preprocess_image
@@ -74,6 +75,7 @@ def predict(config, workdir: str, extractor, model, params, pools, log=print, fl
             "predict scores images one by one: scoring.mpo_normalisation must be 'calibration' "
             f"(got {config.scoring.mpo_normalisation!r}, which needs a whole test set)"
         )
+    class_thresholds(config, pools)  # refuses here, before any work, thresholds calibrated under another scoring
     root, rels = collect_inputs(pc.input)
     out_dir = output_folder(workdir)
     params, dev_pools = place_for_scoring(config, (params, device_pools(pools, flow)))
@@ -128,7 +130,9 @@ def output_folder(workdir: str) -> str:
 def class_threshold(config, pools, cls: str) -> float:
     """predict.threshold when set, else the calibrated quantile of the pool's held-out normal scores."""
     pc = config.predict
-    return float(pc.threshold) if pc.threshold >= 0 else pools.threshold(cls, pc.threshold_quantile)
+    if pc.threshold >= 0:
+        return float(pc.threshold)
+    return pools.threshold(cls, pc.threshold_quantile, scoring_signature(config))
 
 
 def class_thresholds(config, pools) -> list[float]:

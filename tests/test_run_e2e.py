@@ -155,6 +155,24 @@ def test_run_py_train_eval_predict(tmp_path, tfds_dir, smoke_run):
     for r in _csv(os.path.join(second, "scores.csv")):
         assert float(r["score"]) == float(evals[names[r["file"]]]["score"])  # the class found by itself, same score
         assert r["class"] == evals[names[r["file"]]]["class"]
+    # the calibrated thresholds are refused under another scoring (their scores have another scale):
+    # exit 2 naming the field, before any work (no new predictions folder)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "run.py",
+            *common,
+            "--mode=predict",
+            f"--config.predict.input={src}",
+            "--config.scoring.sigma=1.5",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 2 and "1.5 now" in proc.stderr and "scoring.sigma" in proc.stderr, proc.stderr[-2000:]
+    assert _latest_predictions(wd) == second
 
 
 def test_learning_curves_are_logged_and_match_the_final_evaluation(smoke_run):

@@ -1,0 +1,58 @@
+"""Calibrated thresholds belong to the scoring they were calibrated under (fit.Pools, predict)."""
+
+import numpy as np
+import pytest
+
+from configs import demo
+from maskad_jax.errors import ConfigError
+from maskad_jax.fit import Pools, scoring_signature
+from maskad_jax.predict import class_thresholds
+
+
+def _pools(config):
+    k, p, c = 2, 3, 4
+    pools = Pools(
+        np.zeros((k, p, c), np.float32),
+        np.zeros((k, p, c), np.float32),
+        np.ones((k, p), bool),
+        np.ones((k,), np.float32),
+        ("a", "b"),
+        {"a": np.array([0, 1]), "b": np.array([2, 3, 4])},
+        {"a": [1.0, 2.0, 3.0, 4.0, 5.0], "b": [10.0, 20.0, 30.0]},
+    )
+    pools.cal_scoring = scoring_signature(config)
+    return pools
+
+
+def test_signature_survives_a_save_and_load_and_placement_fields_do_not_count(tmp_path):
+    c = demo.get_config("smoke")
+    pools = _pools(c)
+    pools.save(str(tmp_path))
+    loaded = Pools.load(str(tmp_path))
+    assert loaded.cal_scoring == scoring_signature(c)
+    c.scoring.branches_per_step = 4  # where the work runs, not what it computes
+    # numpy's default ('linear') quantile of [1..5] at 0.5 is 3; of [10, 20, 30] at 0.5 is 20
+    c.predict.threshold_quantile = 0.5
+    assert class_thresholds(c, loaded) == [3.0, 20.0]
+
+
+def test_another_scoring_is_refused_naming_the_fields_unless_the_threshold_is_given():
+    c = demo.get_config("smoke")
+    pools = _pools(c)
+    c.scoring.use_assdis = not c.scoring.use_assdis
+    c.scoring.sigma = 2.5
+    with pytest.raises(ConfigError) as err:
+        class_thresholds(c, pools)
+    assert "scoring.sigma" in str(err.value) and "scoring.use_assdis" in str(err.value)
+    assert "predict.threshold" in str(err.value)
+    c.predict.threshold = 0.7  # an explicit threshold is the user's, whatever the scoring
+    assert class_thresholds(c, pools) == [0.7, 0.7]
+
+
+def test_fits_written_before_the_signature_existed_are_not_refused():
+    c = demo.get_config("smoke")
+    pools = _pools(c)
+    pools.cal_scoring = None
+    c.scoring.sigma = 2.5
+    c.predict.threshold_quantile = 1.0
+    assert class_thresholds(c, pools) == [5.0, 30.0]
