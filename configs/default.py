@@ -169,6 +169,9 @@ def get_config():
     # whose duality gap stays above 1% falls back to the exact 1-D optimum and is counted in the log).
     # code OT: the released code's own rule (tol 0.1, max 1000) applies instead.
     c.scoring.sinkhorn_iterations = 200
+    # ot = paper: solve the patches' OT problems one after another (lax.map) instead of together
+    # (vmap). The same values to float rounding; slower. The ONNX export sets it (docs/deploy.md).
+    c.scoring.ot_sequential = False
     # Combination. paper: (Rec + AssDis) x M_po. code: (0.6 x 1e4 x AssDis + 0.4 x Rec) x M_po.
     c.scoring.combine = "paper"
     c.scoring.ot_weight = 0.6

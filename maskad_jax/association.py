@@ -79,12 +79,16 @@ def paper_ot(
     threshold: float = 1e-3,
     rtol: float = 0.01,
     momentum: float = 1.5,
+    sequential: bool = False,
 ) -> OTResult:
     """e_h, e_r: (..., N) error samples per patch -> OTResult of (...) arrays.
 
     epsilon: entropic regularisation as a fraction of each patch's mean cost; iterations: the most
     Sinkhorn iterations; threshold: ott-jax's stop on the L1 marginal error; rtol: the duality gap
-    allowed, relative to max(cost, mean error of the two samples)."""
+    allowed, relative to max(cost, mean error of the two samples). sequential: solve the patches one
+    after another (lax.map) instead of together (vmap): the same solutions (to float rounding), and
+    the form the ONNX export converts (vmapped, ott's per-iteration error record becomes a batched
+    scatter that jax2onnx 0.17.1 has no rule for)."""
     batch = e_h.shape[:-1]
     n = e_h.shape[-1]
     eh, er = e_h.reshape(-1, n).astype(jnp.float32), e_r.reshape(-1, n).astype(jnp.float32)
@@ -111,7 +115,10 @@ def paper_ot(
         tol = rtol * jnp.maximum(value, 0.5 * (jnp.mean(x) + jnp.mean(y)))
         return value, jnp.isfinite(value) & (jnp.abs(gap) <= tol), gap
 
-    value, ok, gap = jax.vmap(one)(eh, er)
+    if sequential:
+        value, ok, gap = jax.lax.map(lambda xy: one(*xy), (eh, er))
+    else:
+        value, ok, gap = jax.vmap(one)(eh, er)
     value = jnp.where(ok, value, exact_assdis(eh, er))
     return OTResult(value.reshape(batch), ok.reshape(batch), gap.reshape(batch))
 

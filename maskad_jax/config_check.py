@@ -165,6 +165,7 @@ def _scoring(c):
     c.number(f"{s}.sigma", 0)
     c.number(f"{s}.epsilon", 0, low_open=True)
     c.integer(f"{s}.sinkhorn_iterations", 1)
+    c.choice(f"{s}.ot_sequential", (False, True))
 
 
 def _flow(c):

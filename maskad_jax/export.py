@@ -100,7 +100,7 @@ def export(config, workdir: str, extractor, model, params, pools, flow=None) -> 
     progress.log(
         f"exported the scoring program as StableHLO for {', '.join(config.export.platforms)} in {time.time() - t0:.0f}s"
     )
-    onnx_note = _write_onnx(config, scorer, tmp, onnx_skip)
+    onnx_note = _write_onnx(config, lambda c: scorer_function(c, extractor, model, params, pools, flow), tmp, onnx_skip)
     shutil.copyfile(os.path.join(os.path.dirname(__file__), "serve_export.py"), os.path.join(tmp, "serve.py"))
     manifest = build_manifest(config, pools, tmp, onnx_note)
     with open(os.path.join(tmp, "manifest.json"), "w") as f:
@@ -113,14 +113,16 @@ def export(config, workdir: str, extractor, model, params, pools, flow=None) -> 
     return out
 
 
-def _write_onnx(config, scorer, folder: str, why) -> dict:
-    """scorer.onnx unless `why` (export_onnx.skip_reason) says why not; the manifest's "onnx" entry."""
+def _write_onnx(config, make_scorer, folder: str, why) -> dict:
+    """scorer.onnx unless `why` (export_onnx.skip_reason) says why not; the manifest's "onnx" entry.
+
+    make_scorer(config) -> scorer_function(config, ...): export_onnx builds it with its own config."""
     if why:
         progress.log(f"no ONNX export: {why}")
         return {"file": None, "why": why}
     t0 = time.time()
     with open(os.path.join(folder, "scorer.onnx"), "wb") as f:
-        f.write(export_onnx.export_onnx(config, scorer))
+        f.write(export_onnx.export_onnx(config, make_scorer))
     progress.log(f"exported the scoring program as ONNX (batch {config.export.onnx_batch}) in {time.time() - t0:.0f}s")
     return {
         "file": "scorer.onnx",

@@ -2,7 +2,7 @@
 
 The same function as scorer.stablehlo (export.scorer_function), converted whole: backbone, nearest
 pool, the test masks, the 2N reconstructions, combination, upsampling, smoothing, threshold.
-Three things make that possible (each found by converting the smoke model; docs/deploy.md):
+Four things make that possible (each found by converting the smoke model; docs/deploy.md):
 
 1. The test masks are drawn with maskad_jax.threefry (jax.random's bits written in plain uint32
    arithmetic): jax2onnx has no rule for random_split and turns random_bits into ONNX RandomUniform,
@@ -13,6 +13,8 @@ Three things make that possible (each found by converting the smoke model; docs/
    have the same number of dimensions").
 3. onnxruntime (1.32) has no Where kernel for bool tensors, which vmapped while loops produce:
    `legalize` rewrites each such Where as Cast to uint8, Where, Cast back (exact).
+4. The paper's OT (ott-jax's Sinkhorn) is solved patch after patch (`onnx_config`): vmapped, one of
+   its ops becomes a batched scatter jax2onnx cannot convert.
 
 The batch size is fixed at export (export.onnx_batch): with a symbolic batch, jax2onnx 0.17.1 fails on
 the padding of the nearest-pool search. jax2onnx is optional (pip install --no-deps jax2onnx==0.17.1;
@@ -40,27 +42,30 @@ def available() -> bool:
     return all(importlib.util.find_spec(m) is not None for m in ("jax2onnx", "onnx"))
 
 
-def unsupported(config) -> str | None:
-    """Why this config's scorer cannot be converted, or None."""
-    if config.scoring.use_assdis and config.scoring.ot == "paper":
-        return (
-            "scoring.ot = 'paper' (AssDis by ott-jax's Sinkhorn) does not convert: ott records each iteration's "
-            "error with errors.at[iteration // inner_iterations, :].set(err) (Sinkhorn.one_iteration), which "
-            "under vmap is a batched scatter that jax2onnx 0.17.1 rejects ('scatter pattern not supported'); "
-            "scorer.stablehlo covers it"
-        )
-    return None
-
-
 def skip_reason(config) -> str | None:
     """None when scorer.onnx is to be written; else why not (export.onnx = 'yes' raises instead)."""
     choice = config.export.onnx
     if choice == "no":
         return "export.onnx = 'no'"
-    why = unsupported(config) or (None if available() else f"jax2onnx is not installed ({INSTALL})")
-    if why and choice == "yes":
+    if available():
+        return None
+    why = f"jax2onnx is not installed ({INSTALL})"
+    if choice == "yes":
         raise ConfigError(f"export.onnx = 'yes', but {why}")
     return why
+
+
+def onnx_config(config):
+    """The config the ONNX scorer is built with: the paper OT solved patch after patch (lax.map).
+
+    Vmapped, ott-jax's Sinkhorn records each iteration's error with
+    errors.at[iteration // inner_iterations, :].set(err) (Sinkhorn.one_iteration) as a batched
+    scatter, which jax2onnx 0.17.1 rejects ('scatter pattern not supported in plugins'); one problem
+    at a time it is a plain scatter, which converts. Same values to float rounding (the calibrated
+    thresholds stay valid: ot_sequential is not part of the calibration's scoring signature)."""
+    config = config.copy_and_resolve_references()
+    config.scoring.ot_sequential = True
+    return config
 
 
 def legalize(model):
@@ -134,8 +139,9 @@ def convert(fn, args, input_names, output_names) -> bytes:
     return model.SerializeToString()
 
 
-def export_onnx(config, scorer) -> bytes:
-    """scorer.onnx: the scorer for a batch of export.onnx_batch images, as serialised ONNX."""
+def export_onnx(config, make_scorer) -> bytes:
+    """scorer.onnx: make_scorer(onnx_config(config)) for batches of export.onnx_batch images, serialised."""
+    scorer = make_scorer(onnx_config(config))
     s, b = config.data.image_size, config.export.onnx_batch
     args = (jax.ShapeDtypeStruct((b, s, s, 3), jnp.uint8), jax.ShapeDtypeStruct((b,), jnp.int32))
 

@@ -27,8 +27,8 @@ class PoolsCorruptError(UserError, ValueError):
     """fit/pools.npz or pools.json cannot be read or differs from its saved digest."""
 
 
-# scoring fields that change how work is placed, not the scores (left out of the calibration's signature)
-PLACEMENT_ONLY = ("branches_per_step", "devices")
+# scoring fields that change how the work is laid out, not the scores (left out of the calibration's signature)
+PLACEMENT_ONLY = ("branches_per_step", "devices", "ot_sequential")
 
 
 def scoring_signature(config) -> dict:

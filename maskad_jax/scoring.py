@@ -154,7 +154,7 @@ def rec_and_assdis(e_h, e_r, sc):
     if not (sc.use_assdis and sc.use_reference):
         return rec, jnp.zeros((b, n)), uncertified
     if sc.ot == "paper":
-        res = association.paper_ot(e_h, e_r, sc.epsilon, sc.sinkhorn_iterations)
+        res = association.paper_ot(e_h, e_r, sc.epsilon, sc.sinkhorn_iterations, sequential=sc.ot_sequential)
         return rec, res.cost, jnp.sum(~res.certified, axis=-1).astype(jnp.int32)
     if sc.ot == "exact":
         return rec, association.exact_assdis(e_h, e_r), uncertified

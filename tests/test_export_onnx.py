@@ -13,7 +13,6 @@ from onnx import TensorProto, helper
 
 from configs import demo
 from maskad_jax import association, export_onnx, scoring
-from maskad_jax.errors import ConfigError
 
 
 def _session(blob):
@@ -73,13 +72,26 @@ def test_the_code_variants_assdis_converts():
     assert np.abs(got - want).max() <= 1e-4 * np.abs(want).max()
 
 
-def test_paper_ot_is_refused_with_the_reason_and_auto_skips_it():
+def test_the_paper_ot_converts_when_solved_patch_after_patch():
+    """ott-jax's Sinkhorn (AssDis of the paper configs): the sequential form the export uses agrees,
+    through onnxruntime, with the vmapped form eval uses."""
+    rng = np.random.default_rng(2)
+    e_h, e_r = (rng.gamma(2.0, 1.0, (2, 6, 7)).astype(np.float32) for _ in range(2))
+
+    def sequential(e_h, e_r):
+        return (association.paper_ot(e_h, e_r, 0.02, 200, sequential=True).cost,)
+
+    args = (jax.ShapeDtypeStruct(e_h.shape, jnp.float32),) * 2
+    blob = export_onnx.convert(sequential, args, ["e_h", "e_r"], ["assdis"])
+    (got,) = _session(blob).run(None, {"e_h": e_h, "e_r": e_r})
+    want = np.asarray(jax.jit(lambda a, b: association.paper_ot(a, b, 0.02, 200).cost)(e_h, e_r))
+    assert np.abs(got - want).max() <= 1e-4 * np.abs(want).max()
+
+
+def test_onnx_config_and_skip_reasons():
     c = demo.get_config("smoke")
-    assert export_onnx.skip_reason(c) is None  # the CPU scoring converts
     c.scoring.use_assdis, c.scoring.ot = True, "paper"
-    assert "ott-jax's Sinkhorn" in export_onnx.skip_reason(c)  # auto: StableHLO only, and says why
-    c.export.onnx = "yes"
-    with pytest.raises(ConfigError, match="scoring.ot = 'paper'"):
-        export_onnx.skip_reason(c)
+    assert export_onnx.onnx_config(c).scoring.ot_sequential and not c.scoring.ot_sequential
+    assert export_onnx.skip_reason(c) is None  # jax2onnx is installed for the tests
     c.export.onnx = "no"
     assert export_onnx.skip_reason(c) == "export.onnx = 'no'"
