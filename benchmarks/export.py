@@ -20,14 +20,12 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_cpu_experimental_ynn_fusion_type=").strip()
 
-import json  # noqa: E402
-
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 from absl import app, flags, logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
-from maskad_jax import feature_cache, pipeline  # noqa: E402
+from maskad_jax import feature_cache, pipeline, serve_export  # noqa: E402
 from maskad_jax.data import eval_batches  # noqa: E402
 from maskad_jax.fit import Pools  # noqa: E402
 from maskad_jax.parallel import to_local  # noqa: E402
@@ -100,27 +98,14 @@ def main(argv):
 
 
 def onnx_runner(folder):
-    """f(images, keys) -> maps through scorer.onnx in batches of its fixed size, or None without one."""
-    manifest = json.load(open(os.path.join(folder, "manifest.json")))
+    """f(images, keys) -> maps through scorer.onnx (serve.py's runner, in batches of its fixed size), or
+    None when the export has no scorer.onnx."""
+    manifest = serve_export.load_manifest(folder)
     if not (manifest.get("onnx") or {}).get("file"):
         print(f"no scorer.onnx in {folder}: {manifest.get('onnx')}")
         return None
-    import onnxruntime as ort
-
-    session = ort.InferenceSession(os.path.join(folder, "scorer.onnx"), providers=["CPUExecutionProvider"])
-    batch = int(manifest["onnx"]["batch"])
-    index = [o.name for o in session.get_outputs()].index("map")
-
-    def run(images, keys):
-        if len(images) % batch:
-            raise SystemExit(f"scorer.onnx takes batches of {batch}; the eval batch {len(images)} is not a multiple")
-        parts = [
-            session.run(None, {"images": images[i : i + batch], "keys": keys[i : i + batch]})[index]
-            for i in range(0, len(images), batch)
-        ]
-        return np.concatenate(parts)
-
-    return run
+    run = serve_export.onnx_scorer(folder, int(manifest["onnx"]["batch"]))
+    return lambda images, keys: run(images, keys)["map"]
 
 
 if __name__ == "__main__":

@@ -90,9 +90,9 @@ def legalize(model):
         for node in graph.node:
             for g in _subgraphs(node):
                 count += rewrite(g)
-            if node.op_type != "Where" or types.get(node.input[1]) != TensorProto.BOOL:
-                if node.op_type == "Where" and node.input[1] not in types:
-                    raise ValueError(f"ONNX node {node.name}: the type of its input {node.input[1]} is not recorded")
+            if node.op_type == "Where" and node.input[1] not in types:
+                raise ValueError(f"ONNX node {node.name}: the type of its input {node.input[1]} is not recorded")
+            if node.op_type != "Where" or types[node.input[1]] != TensorProto.BOOL:
                 nodes.append(node)
                 continue
             a, b, out = (f"{node.name}__u8_{i}" for i in ("x", "y", "out"))

@@ -131,7 +131,7 @@ def onnx_scorer(folder, batch):
 
 
 def choose_runtime(folder, manifest, runtime):
-    """(run, name): the scorer for --runtime (auto: jax if it imports, else onnxruntime)."""
+    """The scorer for --runtime (auto: jax if it imports, else onnxruntime)."""
     has_onnx = bool((manifest.get("onnx") or {}).get("file"))
     if runtime == "auto":
         try:
@@ -143,8 +143,8 @@ def choose_runtime(folder, manifest, runtime):
     if runtime == "onnx":
         if not has_onnx:
             raise ArtifactError(f"{folder} has no scorer.onnx ({(manifest.get('onnx') or {}).get('why')}); use jax")
-        return onnx_scorer(folder, int(manifest["onnx"]["batch"])), "onnx"
-    return stablehlo_scorer(folder), "stablehlo"
+        return onnx_scorer(folder, int(manifest["onnx"]["batch"]))
+    return stablehlo_scorer(folder)
 
 
 def main(argv=None):
@@ -161,7 +161,7 @@ def main(argv=None):
         folder = args.inputs.pop(0) if os.path.isfile(os.path.join(args.inputs[0], "manifest.json")) else here
     try:
         manifest = load_manifest(folder)
-        run, _ = choose_runtime(folder, manifest, args.runtime)
+        run = choose_runtime(folder, manifest, args.runtime)
     except ArtifactError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
