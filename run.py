@@ -22,6 +22,7 @@ Exit status: 0 done, 2 a problem with the input (config, data, files, workdir; o
 what and how to fix it, --verbose adds the traceback), 1 a bug (with its traceback).
 """
 
+import errno
 import os
 import sys
 
@@ -90,8 +91,24 @@ def main(argv):
         if FLAGS.verbose:
             raise
         _fail(str(e))
+    except KeyboardInterrupt:
+        print(f"interrupted: --mode={FLAGS.mode} stopped; nothing half-written is left to be used", file=sys.stderr)
+        sys.exit(130)
+    except OSError as e:  # the file system said no: permissions, a full disk, a file where a folder should be
+        if FLAGS.verbose or e.errno not in _FILE_SYSTEM_ERRORS:
+            raise
+        where = " ".join(repr(f) for f in (e.filename, e.filename2) if f)
+        _fail(f"{e.strerror or e} {where}: check the workdir and the output folders (free space, permissions)")
     if "mean" in result:
         print("results in", workdir, "(%):", {k: round(100 * v, 1) for k, v in result["mean"].items()})
+
+
+# OSError numbers that are the file system's answer to a user's folder, not a bug: reported in one line
+_FILE_SYSTEM_ERRORS = {
+    getattr(errno, n)
+    for n in ("EACCES", "EPERM", "ENOSPC", "EDQUOT", "EROFS", "ENOTDIR", "EISDIR", "EEXIST", "ENOTEMPTY", "ELOOP")
+    if hasattr(errno, n)
+}
 
 
 def _fail(message: str):

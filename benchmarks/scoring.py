@@ -7,6 +7,12 @@
 --backbone also times the whole step from 224 x 224 images (random-weight B4 at 272 channels,
 Lite0 otherwise), as `scoring.make_score_fn` runs it in evaluation.
 
+--scoring: paper (the default config's scoring: 13 masks, AssDis, the product), cpu (the CPU-sized
+configs' scoring: 7 masks, Rec in reference units, the two-grid kNN M_po, z-sum, M_po's pixel map)
+or cpu-before (the same as it was before issue #23: token-grid kNN only, the product). The fine
+pool (cpu) is fitted on random 28 x 28 embeddings of --pool-images images, as the token pool is;
+--pool-images 600 gives pools of a real class's size (magnetic tiles: 610 images in the pools).
+
 Both paths compute the same thing from the same features: reference maps and M_po from a pool,
 N masks per image, 2N reconstructions, errors, OT, combination, upsampling and smoothing. The
 fused path is `scoring.make_score_features_fn` under one jit; the loop path calls a jitted
@@ -29,7 +35,7 @@ from jax.sharding import NamedSharding  # noqa: E402
 from jax.sharding import PartitionSpec as P
 
 from benchmarks.memory_report import memory_report  # noqa: E402
-from configs import default  # noqa: E402
+from configs import default, variants  # noqa: E402
 from maskad_jax import association  # noqa: E402
 from maskad_jax.coreset import nearest  # noqa: E402
 from maskad_jax.features import FeatureExtractor  # noqa: E402
@@ -68,8 +74,16 @@ def main():
     p.add_argument("--whole-only", action="store_true", help="with --backbone: time only the whole step")
     p.add_argument("--shard", action="store_true", help="shard the whole step's batch over the local devices")
     p.add_argument("--branches-per-step", type=int, default=0, help="scoring.branches_per_step (4 suits a CPU)")
+    p.add_argument("--scoring", choices=["paper", "cpu", "cpu-before"], default="paper")
+    p.add_argument("--pool-images", type=int, default=40, help="random training images the pools are fitted on")
     a = p.parse_args()
     c = default.get_config()
+    if a.scoring != "paper":
+        scoring_only = default.get_config()
+        variants.cpu(scoring_only)
+        c.scoring = scoring_only.scoring
+        if a.scoring == "cpu-before":
+            c.scoring.knn_fine, c.scoring.mpo_fusion, c.scoring.pixel_map = False, "product", "score"
     r = c.model.reconstructor
     if a.model == "small":
         r.embed_dim, r.encoder_depth, r.decoder_depth, r.num_heads = 256, 2, 2, 8
@@ -80,9 +94,14 @@ def main():
     model = build_reconstructor(c, ch, grid)
     params = model.init(jax.random.key(0), jnp.zeros((1, 14, 14, ch)), jnp.zeros((1, 196), bool))["params"]
     rng = np.random.default_rng(0)
-    train_h = rng.normal(size=(40, 14, 14, ch)).astype(np.float32)
-    pools = device_pools(fit_pools(train_h, None, ["a"] * 40, c.fit, 0))
+    n_pool = a.pool_images
+    train_h = rng.normal(size=(n_pool, 14, 14, ch)).astype(np.float32)
+    fine_ch = 152 if ch == 192 else 216  # Lite0's or B4's stride-8 + stride-16 taps
+    fine_on = c.scoring.knn_fine
+    train_f = rng.normal(size=(n_pool, 28, 28, fine_ch)).astype(np.float32) if fine_on else None
+    pools = device_pools(fit_pools(train_h, None, ["a"] * n_pool, c.fit, 0, fine=train_f))
     h = jnp.asarray(rng.normal(size=(a.batch, 14, 14, ch)).astype(np.float32))
+    f = jnp.asarray(rng.normal(size=(a.batch, 28, 28, fine_ch)).astype(np.float32)) if fine_on else None
     pidx, keys = jnp.zeros(a.batch, jnp.int32), jnp.arange(a.batch, dtype=jnp.int32)
     sc = c.scoring
     n_masks = num_masks(sc)
@@ -126,11 +145,12 @@ def main():
 
     print(
         f"model={a.model} dtype={a.dtype} attention={a.attention} channels={ch} batch={a.batch} "
-        f"masks={n_masks} (x2 for h and r) branches_per_step={a.branches_per_step}"
+        f"masks={n_masks} (x2 for h and r) branches_per_step={a.branches_per_step} scoring={a.scoring} "
+        f"pools: {pools['valid'].sum()} tokens" + (f", fine {pools['fine_valid'].sum()}" if fine_on else "")
     )
     if not (a.whole_only and a.backbone):
-        t_fused = timed(lambda: fused(params, pools, h, h, pidx, keys, size))
-        t_loop = None if a.no_loop else timed(lambda: loop(h))
+        t_fused = timed(lambda: fused(params, pools, h, h, pidx, keys, size, None, f))
+        t_loop = None if a.no_loop or a.scoring != "paper" else timed(lambda: loop(h))
         x = jnp.concatenate([h] * (2 * n_masks))[: a.batch * 2 * n_masks]
         mm = jnp.zeros((x.shape[0], 196), bool)
         t_rec = timed(lambda: recon(params, x, mm, x))

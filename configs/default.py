@@ -19,9 +19,14 @@ def get_config():
     c.data.manual_dir = ""  # the official release (mvtec_ad, visa, real_iad) or your MVTec-layout folder
     c.data.tfds_dir = "~/tensorflow_datasets"  # where prepared array_record files go (never inside manual_dir)
     c.data.classes = ()  # () = every class of the dataset
-    c.data.image_size = 224  # shorter side -> this with LANCZOS, then a centre crop of this size
+    c.data.image_size = 224  # the model's input is image_size x image_size (the geometry says how)
+    # How an image of any shape becomes that square (maskad_jax/geometry.py): crop (the shorter side to
+    # image_size, the centre kept: the released code's and the benchmarks' geometry; of a 450 x 200
+    # image 44% is seen) | resize (the whole image squashed to the square) | pad (aspect kept,
+    # letterboxed; the padding is left out of maps, scores and metrics).
+    c.data.geometry = "crop"
     c.data.num_workers = 0  # grain worker processes for decoding (0 = in the main process)
-    c.data.eval_batch_size = 16
+    c.data.eval_batch_size = 16  # images per scoring batch (1 to 1024); predict uses fewer for fewer images
 
     # ---------------------------------------------------------------- model
     c.model = ml_collections.ConfigDict()
@@ -75,6 +80,14 @@ def get_config():
     # there (no per-step host-to-device copy: what keeps a GPU busy). Otherwise, and always with
     # several processes, each step gathers its batch on the host. 0 = always on the host.
     c.train.device_cache_gb = 4.0
+    # Devices the training steps (reconstructor and flow) are spread over: all (every device of every
+    # process) | one (one per process) | auto (one on a CPU, all on GPUs/TPUs). On a CPU the forced
+    # host devices of run.py all-reduce through XLA's in-process rendezvous, which has aborted long
+    # runs (SIGABRT, "Termination timeout for all reduce") when steps were queued ahead; one device has
+    # no collective at all. It costs some speed on the CPU-sized model (the demo 11%, rope 7% of wall
+    # time: benchmarks/RESULTS.md); `all` on a CPU runs one step at a time and is the faster opt-in.
+    # Feature extraction and scoring have their own placement (no collectives there).
+    c.train.devices = "auto"
     c.train.log_every = 50  # steps between console/JSON-lines logs
     # Learning curves (maskad_jax/learning_curves.py): every eval_every epochs (0 = off), the seven
     # metrics of each Table-2 row in eval_rows (maskad_jax/ablations.py) on a fixed subset of at most
@@ -126,6 +139,13 @@ def get_config():
     # of 50k cut magnetic tiles' 120k tokens to a 5k pool and cost M_po 5.6 points of image AUROC
     # (docs/results.md); 250k keeps every token of MVTec-AD and VisA classes.
     c.fit.max_pool_tokens = 250000
+    # The fine pools of scoring.knn_fine: the backbone's taps at these strides, each 3 x 3 average
+    # pooled, the coarser repeated onto the finest (the released code's M_po embedding: B6 at strides
+    # 8 and 16, 28 x 28 at 224 px; here the main backbone's own taps, from the same pass), k-center
+    # at fine_pool_ratio (the released code's coreset ratio for M_po, 0.01) over at most
+    # max_pool_tokens tokens per class. docs/reproducibility.md.
+    c.fit.fine_strides = (8, 16)
+    c.fit.fine_pool_ratio = 0.01
 
     # ---------------------------------------------------------------- test-time scoring
     c.scoring = ml_collections.ConfigDict()
@@ -137,6 +157,11 @@ def get_config():
     # on its own; flow: L_ref = the max L over held-out normal images). test_max: the max over the
     # class's whole test set (the released code's transductive normalisation; eval only).
     c.scoring.mpo_normalisation = "calibration"
+    # knn M_po on two grids (ours): the token-grid distance above and the same distance on the finer
+    # grid of fit.fine_strides (the released code's M_po resolution), each over its held-out normal
+    # scale; M_po = their mean, on the finer grid. The two grids miss different defects (per defect
+    # type in docs/results.md). The prototype masks and the reference still use the token grid.
+    c.scoring.knn_fine = False
     c.scoring.prototype_ratios = (0.01, 0.03, 0.05, 0.07)  # top-k by M_po: 1/5/9/13 of 196 patches
     c.scoring.num_random = 4
     c.scoring.random_ratio = 0.2  # 39 of 196
@@ -176,6 +201,16 @@ def get_config():
     c.scoring.combine = "paper"
     c.scoring.ot_weight = 0.6
     c.scoring.ot_scale = 1e4
+    # How M_po joins P (the combination above). product: P x M_po (paper and code). sum (ours): z(P) +
+    # z(M_po), each term in units of the mean and standard deviation of its values on the held-out
+    # normal images' patches of the class (fit's term_stats, computed after training), so neither
+    # term's scale decides its weight. Measured in docs/results.md.
+    c.scoring.mpo_fusion = "product"
+    # The pixel map. score: the map whose max is the image score (paper). mpo: M_po's own map (ours;
+    # the CPU-sized configs): at CPU scale the 14 x 14 reconstruction term adds patch noise to the
+    # maps and lowered every pixel metric on the development sets (docs/results.md), while it helps
+    # the image score. Image scores are the same either way.
+    c.scoring.pixel_map = "score"
     c.scoring.sigma = 4.0  # Gaussian smoothing of the pixel map (reflect, truncate 4 sigma)
     c.scoring.test_drop_path = False  # code: the ViT stays in train mode at test (stochastic)
     # The 2N reconstructions of a batch run as one batched call (0) or, inside the same program, in

@@ -3,7 +3,8 @@
 code            the released code's choices as far as they can be known (docs/method.md §10)
 smoke           tiny everything (Lite0 packaged weights, 64 px, a few steps): tests and notebooks
 cpu             a CPU-sized model: Lite0 packaged weights, dim-256 4-block reconstructor, 7 masks,
-                20 epochs, and the best-measured scoring at that size (Rec in reference units x M_po)
+                20 epochs, and the best-measured scoring at that size (Rec in reference units and
+                a two-grid kNN M_po, joined in held-out normal units; the pixel map from M_po)
 ablation=<row>  a row of the paper's Table 2 (see ABLATIONS); scoring switches only, so an
                 existing checkpoint can be evaluated under each row with --mode=eval
 """
@@ -27,6 +28,7 @@ def code(c):
     s.prototype_ratios = (0.01, 0.03, 0.05, 0.07)
     s.num_random, s.num_block = 4, 4
     s.mpo_normalisation = "test_max"
+    s.knn_fine, s.mpo_fusion, s.pixel_map = False, "product", "score"
 
 
 def cpu(c):
@@ -43,6 +45,11 @@ def cpu(c):
     # stays one switch away (--config.scoring.use_assdis=True, or the ablation=full row).
     c.scoring.error_units = "reference"
     c.scoring.use_assdis = False
+    # Localisation (issue #23, docs/results.md): M_po on two grids; the terms joined in held-out
+    # normal units; the pixel map from M_po, the image score from both terms.
+    c.scoring.knn_fine = True
+    c.scoring.mpo_fusion = "sum"
+    c.scoring.pixel_map = "mpo"
     c.train.log_every, c.train.checkpoint_every = 25, 200
     c.scoring.num_random, c.scoring.num_block, c.scoring.prototype_ratios = 2, 2, (0.03, 0.07)
     c.flow.epochs, c.flow.batch_size, c.flow.log_every, c.flow.checkpoint_every = 30, 16, 100, 500

@@ -61,7 +61,9 @@ def validate(config, mode: str = "train_and_eval") -> None:
         "is needed for data.name = 'folder': the folder of classes in MVTec layout",
     )
     c.integer("data.image_size", 32, 4096)
-    c.integer("data.eval_batch_size", 1)
+    # images per scoring batch; above 1024 one batch of 224 px images alone needs over 600 MB of input
+    # and far more in the program (a million would ask for tens of GB before the first image)
+    c.integer("data.eval_batch_size", 1, 1024)
     c.integer("data.num_workers", 0)
     _model(c)
     _train(c)
@@ -69,6 +71,14 @@ def validate(config, mode: str = "train_and_eval") -> None:
     c.integer("fit.projection_dim", 0)
     c.number("fit.calibration_fraction", 0, 0.9)
     c.integer("fit.max_pool_tokens", 1)
+    c.number("fit.fine_pool_ratio", 0, 1, low_open=True)
+    strides = tuple(config.model.backbone.strides)
+    c.need(
+        not config.scoring.knn_fine
+        or (len(config.fit.fine_strides) > 0 and all(s in strides for s in config.fit.fine_strides)),
+        "fit.fine_strides",
+        f"must be some of the backbone's tap strides {strides} (model.backbone.strides) for scoring.knn_fine",
+    )
     _scoring(c)
     if config.scoring.mpo == "flow":
         _flow(c)
@@ -147,6 +157,7 @@ def _scoring(c):
         c.choice(f"{s}.{field}", allowed)
     c.choice(f"{s}.mpo_normalisation", ("calibration", "test_max"))
     c.choice(f"{s}.devices", ("auto", "all", "one"))
+    c.choice("train.devices", ("auto", "all", "one"))
     sc = c.config.scoring
     c.need(
         all(isinstance(r, (int, float)) and 0 < r <= 1 for r in sc.prototype_ratios),
@@ -166,6 +177,13 @@ def _scoring(c):
     c.number(f"{s}.epsilon", 0, low_open=True)
     c.integer(f"{s}.sinkhorn_iterations", 1)
     c.choice(f"{s}.ot_sequential", (False, True))
+    for f in ("knn_fine",):
+        c.choice(f"{s}.{f}", (False, True))
+    c.need(
+        not (sc.knn_fine and sc.mpo == "knn" and sc.mpo_normalisation == "test_max"),
+        f"{s}.knn_fine",
+        "has no test-set normalisation: use scoring.mpo_normalisation = calibration with it",
+    )
 
 
 def _flow(c):

@@ -6,8 +6,10 @@
   (process_index::process_count); starts at any step, so a resumed run sees the same order.
 - `eval_batches(...)`: in order; the last batch is padded and carries `valid` = 0 on the padding,
   so every image is scored exactly once.
-Each element: image (S, S, 3) float32 in [0, 1], mask (S, S) uint8, label, class_id, index (position in
-the split), image_key (content hash, see image_key), valid.
+Each element: image (S, S, 3) float32 in [0, 1], mask (S, S) uint8 (the input frame), label, class_id,
+index (position in the split), image_key (content hash, see image_key), valid, box (4,) int32 (the
+input frame's content box, geometry.Placement), original (2,) int32 (width, height), and
+mask_image (S, S) uint8: the mask of the whole image at S x S, for metrics on the whole image.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from absl import logging
 from PIL import Image
 
 from maskad_jax.errors import ConfigError, DataError
+from maskad_jax.geometry import place
 from maskad_jax.preprocess import preprocess_image, preprocess_mask
 
 
@@ -111,23 +114,30 @@ def _text(v) -> str:
 
 
 class Preprocess(grain.transforms.Map):
-    def __init__(self, data: SplitData, image_size: int):
-        self.data, self.size = data, image_size
+    def __init__(self, data: SplitData, image_size: int, geometry: str = "crop"):
+        self.data, self.size, self.geometry = data, image_size, geometry
 
     def map(self, position):
         position = int(position)
         record = self.data.source[int(self.data.indices[position])]
         name = self.data.file_names[position]
-        image = preprocess_image(Image.fromarray(np.asarray(record["image"])), self.size, source=name)
-        mask = preprocess_mask(Image.fromarray(np.asarray(record["mask"])[..., 0]), self.size)
-        if self.data.labels[position] and not mask.any():
+        raw = Image.fromarray(np.asarray(record["image"]))
+        image = preprocess_image(raw, self.size, source=name, geometry=self.geometry)
+        mask_raw = Image.fromarray(np.asarray(record["mask"])[..., 0])
+        mask = preprocess_mask(mask_raw, self.size, self.geometry)
+        if self.data.labels[position] and not mask.any() and np.asarray(record["mask"]).any():
             logging.warning(
-                "%s: defective, but its mask is empty after resize and crop to %d; it counts for the "
+                "%s: defective, but its mask is empty after the %s geometry to %d px; it counts for the "
                 "image metrics only",
                 name,
+                self.geometry,
                 self.size,
             )
+        p = place(raw.size[0], raw.size[1], self.size, self.geometry)
         return {
+            "box": np.asarray(p.box, np.int32),
+            "original": np.asarray(p.original, np.int32),
+            "mask_image": mask if self.geometry == "resize" else preprocess_mask(mask_raw, self.size, "resize"),
             "image": image,
             "mask": mask,
             "label": np.int32(self.data.labels[position]),
@@ -167,21 +177,31 @@ def train_batches(
     num_workers: int = 0,
     process_index: int = 0,
     process_count: int = 1,
+    geometry: str = "crop",
 ):
     """Endless iterator of per-process batches (batch_size is per process), from `start_step` on."""
     ds = grain.MapDataset.range(len(data)).shuffle(seed=seed).repeat()
     ds = ds[process_index::process_count] if process_count > 1 else ds
-    ds = ds.map(Preprocess(data, image_size)).batch(batch_size, drop_remainder=True)
+    ds = ds.map(Preprocess(data, image_size, geometry)).batch(batch_size, drop_remainder=True)
     ds = ds.slice(slice(start_step, None)) if start_step else ds
     return iter(_iterate(ds, num_workers))
 
 
-def eval_batches(data: SplitData, batch_size: int, *, image_size: int = 224, num_workers: int = 0, positions=None):
+def eval_batches(
+    data: SplitData,
+    batch_size: int,
+    *,
+    image_size: int = 224,
+    num_workers: int = 0,
+    positions=None,
+    geometry: str = "crop",
+):
     """Ordered batches over `positions` (default: all), the last one padded with valid = 0."""
     positions = np.arange(len(data)) if positions is None else np.asarray(positions)
     n = len(positions)
     padded = int(np.ceil(n / batch_size)) * batch_size
     order = np.concatenate([positions, np.full(padded - n, positions[-1] if n else 0)]).astype(np.int64)
     valid = np.arange(padded) < n
-    ds = grain.MapDataset.range(padded).map(_PaddedLoad(Preprocess(data, image_size), order, valid)).batch(batch_size)
+    pre = Preprocess(data, image_size, geometry)
+    ds = grain.MapDataset.range(padded).map(_PaddedLoad(pre, order, valid)).batch(batch_size)
     return iter(_iterate(ds, num_workers))

@@ -2,9 +2,10 @@
 
 `evaluate` scores every image with scoring.make_score_fn (each process its own share with several
 processes; parallel.gather_rows collects them), refuses to write anything from non-finite maps or
-scores, and writes the results from process 0. `calibration_scores` scores the held-out normal
-training images for predict's threshold. With scoring.mpo_normalisation = test_max (the released
-code's transductive choice, eval only) the M_po scale is first taken from the test set itself.
+scores, and writes the results from process 0. `calibrate` scores the held-out normal training
+images for predict's thresholds and the terms' statistics. With scoring.mpo_normalisation =
+test_max (the released code's transductive choice, eval only) the M_po scale is first taken from
+the test set itself.
 """
 
 from __future__ import annotations
@@ -28,26 +29,30 @@ from maskad_jax.fit import scoring_signature
 from maskad_jax.flow import flow_logp_fn
 from maskad_jax.overlay import overlay, unique_names
 from maskad_jax.parallel import gather_max, gather_rows, is_writer, place_for_scoring, process_share, scoring_sharding
-from maskad_jax.scoring import device_pools, make_score_features_fn, make_score_fn
+from maskad_jax.scoring import device_pools, fuse, make_score_features_fn, make_score_fn, needs_term_stats
 
 
-def calibration_scores(config, model, params, pools, h_in, h_tgt, keys, flow=None, f_flow=None) -> dict:
-    """Image scores of the held-out normal training images, per pool (for predict's threshold).
+def calibrate(config, model, params, pools, h_in, h_tgt, keys, flow=None, f_flow=None, fine=None) -> dict:
+    """Score the held-out normal training images of every pool (for predict's thresholds and, with
+    scoring.mpo_fusion = sum, the terms' statistics): {"cal_scores": {class: image scores},
+    "cal_map_max": {class: pixel-map maxima}, "term_stats": (K, 4) held-out mean and std of P and of
+    M_po per pool, or None when the scoring does not standardise them}.
 
-    f_flow: the flow backbone's features of the training images (flow.features = 'backbone').
-    Several processes each score a share of these images and gather the scores."""
+    h_in, h_tgt, keys, f_flow, fine: the training images' features (rows at the pools' calibration
+    positions are used). Several processes each score a share and gather the terms; the statistics
+    and the scores are then finished from the gathered terms with the scoring's own fuse stage."""
+    sc = config.scoring
     fn = jax.jit(make_score_features_fn(config, model, flow), static_argnums=(6,))
     params, dev_pools = place_for_scoring(config, (params, device_pools(pools, flow)))
     held = [np.asarray(pools.calibration.get(cls, np.zeros(0, int)), np.int64) for cls in pools.class_names]
     pos = np.concatenate(held)  # training-image positions, class by class
     pool = np.concatenate([np.full(len(p), k, np.int32) for k, p in enumerate(held)])
     rows = process_share(len(pos))
-    scores = np.zeros((len(rows),), np.float32)
-    bs = config.data.eval_batch_size
+    terms = {"patch": [], "mpo_map": [], "score": [], "map_max": []}
+    bs, size = config.data.eval_batch_size, config.data.image_size
     with progress.bar(len(rows), "calibration") as pbar:
         for s in range(0, len(rows), bs):
-            r = rows[s : s + bs]
-            p = pos[r]
+            p, r = pos[rows[s : s + bs]], rows[s : s + bs]
             tgt = h_in[p] if h_tgt is None else h_tgt[p]
             out = fn(
                 params,
@@ -56,19 +61,49 @@ def calibration_scores(config, model, params, pools, h_in, h_tgt, keys, flow=Non
                 jnp.asarray(tgt),
                 jnp.asarray(pool[r]),
                 jnp.asarray(keys[p]),
-                config.data.image_size,
+                size,
                 None if f_flow is None else jnp.asarray(f_flow[p]),
+                None if fine is None else jnp.asarray(fine[p]),
             )
-            scores[s : s + len(r)] = np.asarray(out["score"])
+            for k, v in (("patch", out["patch"]), ("mpo_map", out["mpo_map"]), ("score", out["score"])):
+                terms[k].append(np.asarray(v))
+            terms["map_max"].append(np.asarray(out["map"]).max(axis=(1, 2)))
             pbar.update(len(r))
-    (scores,) = gather_rows(len(pos), rows, scores)
-    if not np.all(np.isfinite(scores)):
+    patch, mpo_map, scores, map_max = gather_rows(
+        len(pos), rows, *(np.concatenate(v) if v else None for v in terms.values())
+    )
+    stats = None
+    if needs_term_stats(sc):
+        stats = term_stats(patch, mpo_map, pool, len(held))
+        scores, map_max = _finish(sc, patch, mpo_map, stats[pool], size, bs)
+    bad = ~np.isfinite(scores) | ~np.isfinite(map_max)
+    if bad.any() or (stats is not None and not np.all(np.isfinite(stats))):
         raise NonFiniteError(
-            f"the scores of {int((~np.isfinite(scores)).sum())} held-out normal training images are "
-            f"not finite, so no threshold can be calibrated: training or the fit produced NaNs"
+            f"the scores of {int(bad.sum())} held-out normal training images are not finite, so no "
+            f"threshold can be calibrated: training or the fit produced NaNs"
         )
     bounds = np.cumsum([0] + [len(p) for p in held])
-    return {cls: scores[bounds[k] : bounds[k + 1]].tolist() for k, cls in enumerate(pools.class_names)}
+    per = lambda v: {cls: v[bounds[k] : bounds[k + 1]].tolist() for k, cls in enumerate(pools.class_names)}  # noqa: E731
+    return {"cal_scores": per(scores), "cal_map_max": per(map_max), "term_stats": stats}
+
+
+def term_stats(patch, mpo_map, pool, k: int) -> np.ndarray:
+    """(k, 4): per pool, the mean and standard deviation of P over its held-out images' patches, then
+    of M_po over their positions (float64 sums). A pool without held-out images gets (0, 1, 0, 1)."""
+    out = np.tile(np.asarray([0.0, 1.0, 0.0, 1.0]), (k, 1))
+    for i in range(k):
+        sel = pool == i
+        if sel.any():
+            p, m = patch[sel].astype(np.float64), mpo_map[sel].astype(np.float64)
+            out[i] = [p.mean(), max(p.std(), 1e-12), m.mean(), max(m.std(), 1e-12)]
+    return out.astype(np.float32)
+
+
+def _finish(sc, patch, mpo_map, stats, size, bs):
+    """Image scores and pixel-map maxima from stored terms: the scoring's fuse stage, batched."""
+    fn = jax.jit(lambda p, m, st: [x.max(axis=(1, 2)) for x in fuse(p, m, st, sc, size)])
+    out = [fn(patch[s : s + bs], mpo_map[s : s + bs], stats[s : s + bs]) for s in range(0, len(patch), bs)]
+    return tuple(np.concatenate([np.asarray(o[i]) for o in out]) if out else np.zeros(0, np.float32) for i in (0, 1))
 
 
 def evaluate(config, workdir, extractor, model, params, pools, data: SplitData, flow=None) -> dict:
@@ -134,7 +169,7 @@ def report_data(config, data, pools, maps, masks, scores, examples) -> dict:
             "image_curves": metrics_lib.curve_points(scores[sel], labels) if both else None,
             "pixel_curves": metrics_lib.curve_points(maps[sel], masks[sel]) if pixels_both else None,
         }
-    pre = Preprocess(data, config.data.image_size)
+    pre = Preprocess(data, config.data.image_size, config.data.geometry)
     for ex in examples:
         el = pre.map(ex["index"])
         out["examples"].append(dict(ex, image=el["image"], map=maps[ex["index"]], mask=el["mask"]))
@@ -157,7 +192,12 @@ def _score_split(config, extractor, model, params, dev_pools, pools, data, flow)
     shard, row = scoring_sharding(config), 0
     with progress.bar(len(share), "scoring") as pbar:
         for batch in eval_batches(
-            data, config.data.eval_batch_size, image_size=size, num_workers=config.data.num_workers, positions=share
+            data,
+            config.data.eval_batch_size,
+            image_size=size,
+            num_workers=config.data.num_workers,
+            positions=share,
+            geometry=config.data.geometry,
         ):
             names = [data.class_names[c] for c in batch["class_id"]]
             res = score(
@@ -248,6 +288,7 @@ def _per_pool_test_max(config, extractor, pools, data, image_max) -> np.ndarray:
         image_size=config.data.image_size,
         num_workers=config.data.num_workers,
         positions=process_share(len(data)),
+        geometry=config.data.geometry,
     ):
         pidx = pools.pool_index([data.class_names[c] for c in batch["class_id"]])
         m = np.asarray(fn(extractor.variables, jax.device_put(batch["image"], shard), jax.device_put(pidx, shard)))

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import hashlib
 import importlib.metadata as md
-import json
 import os
 import shutil
 import sys
@@ -36,6 +35,7 @@ from maskad_jax.errors import ConfigError
 from maskad_jax.parallel import to_local
 from maskad_jax.predict import assign_pools, class_thresholds, threshold_rule
 from maskad_jax.scoring import device_pools, make_score_fn
+from maskad_jax.serve_export import MANIFEST_DIGEST, load_manifest, write_manifest
 
 FORMAT = "maskad-jax export 1"
 KEY_RULE = (
@@ -92,8 +92,24 @@ def export(config, workdir: str, extractor, model, params, pools, flow=None) -> 
     t0 = time.time()
     out = os.path.join(workdir, "export")
     tmp = out + ".partial"
-    shutil.rmtree(tmp, ignore_errors=True)
+    if os.path.lexists(tmp):  # an interrupted export's leftovers (never a usable artifact: no manifest digest)
+        shutil.rmtree(tmp)
     os.makedirs(tmp)
+    try:
+        _write_artifact(config, tmp, extractor, model, params, pools, flow, onnx_skip, t0)
+        swap_in(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    manifest = load_manifest(out)
+    progress.log(
+        f"export written to {out} ({', '.join(sorted(manifest['files']))}); try: python {out}/serve.py IMAGE_OR_FOLDER"
+    )
+    return out
+
+
+def _write_artifact(config, tmp, extractor, model, params, pools, flow, onnx_skip, t0):
+    """The export's files in the folder tmp: scorer(s), serve.py, manifest.json and its digest."""
     scorer = scorer_function(config, extractor, model, params, pools, flow)
     with open(os.path.join(tmp, "scorer.stablehlo"), "wb") as f:
         f.write(export_stablehlo(config, scorer))
@@ -102,15 +118,28 @@ def export(config, workdir: str, extractor, model, params, pools, flow=None) -> 
     )
     onnx_note = _write_onnx(config, lambda c: scorer_function(c, extractor, model, params, pools, flow), tmp, onnx_skip)
     shutil.copyfile(os.path.join(os.path.dirname(__file__), "serve_export.py"), os.path.join(tmp, "serve.py"))
-    manifest = build_manifest(config, pools, tmp, onnx_note)
-    with open(os.path.join(tmp, "manifest.json"), "w") as f:
-        json.dump(manifest, f, indent=2)
-    shutil.rmtree(out, ignore_errors=True)
-    os.replace(tmp, out)
-    progress.log(
-        f"export written to {out} ({', '.join(sorted(manifest['files']))}); try: python {out}/serve.py IMAGE_OR_FOLDER"
-    )
-    return out
+    write_manifest(tmp, build_manifest(config, pools, tmp, onnx_note))
+
+
+def swap_in(new: str, out: str) -> None:
+    """Put the complete folder `new` at `out` by renames: the previous `out` is moved aside first and
+    put back if the new one cannot take its place, so a failure at any point leaves the previous
+    export whole. The previous one is then deleted; if that fails (a read-only entry), it stays at
+    the path the log names and the new export is in place."""
+    old = None
+    if os.path.lexists(out):
+        old = f"{out}.previous-{os.getpid()}"
+        os.rename(out, old)
+    try:
+        os.rename(new, out)
+    except BaseException:
+        if old is not None:
+            os.rename(old, out)
+        raise
+    if old is not None:
+        shutil.rmtree(old, onerror=lambda *a: None)
+        if os.path.lexists(old):
+            progress.log(f"the previous export could not be deleted completely; what is left is in {old}")
 
 
 def _write_onnx(config, make_scorer, folder: str, why) -> dict:
@@ -141,7 +170,11 @@ def build_manifest(config, pools, folder: str, onnx_note=None) -> dict:
             versions[pkg] = md.version(pkg)
         except md.PackageNotFoundError:
             pass
-    files = {name: sha256_file(os.path.join(folder, name)) for name in sorted(os.listdir(folder))}
+    files = {
+        name: sha256_file(os.path.join(folder, name))
+        for name in sorted(os.listdir(folder))
+        if name not in ("manifest.json", MANIFEST_DIGEST)
+    }
     return {
         "format": FORMAT,
         "created": time.strftime("%Y-%m-%d %H:%M:%S %Z"),

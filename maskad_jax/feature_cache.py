@@ -19,6 +19,7 @@ from maskad_jax.data import SplitData, eval_batches
 from maskad_jax.features import FeatureExtractor
 from maskad_jax.flow_features import FlowEmbedder
 from maskad_jax.parallel import gather_rows, local_batch_sharding, process_share
+from maskad_jax.scoring import fine_on
 
 
 def make_extractor(config) -> FeatureExtractor:
@@ -45,23 +46,43 @@ def make_flow_embedder(config) -> FlowEmbedder:
     )
 
 
-def extract_features(extractor, data: SplitData, config, with_target: bool, desc: str = "features"):
-    """Backbone features of a whole split, in order: (h_in, h_tgt or None, image keys)."""
-    positions = process_share(len(data))
-    h_in, h_tgt, keys, _ = extract_positions(extractor, data, config, with_target, positions, desc)
-    return gather_rows(len(data), positions, h_in, h_tgt, keys)
+def fine_strides(config):
+    """fit.fine_strides when the scoring uses the fine kNN M_po (scoring.knn_fine), else None."""
+    return tuple(config.fit.fine_strides) if fine_on(config.scoring) else None
 
 
-def extract_positions(extractor, data: SplitData, config, with_target: bool, positions, desc: str, fields=()):
-    """Features of the split's images at `positions` (this process's devices): (h_in, h_tgt or None,
-    image keys, {field: the batches' values of each of `fields`, e.g. "mask", "label"})."""
-    shard = local_batch_sharding(config)
-    fn = jax.jit(
-        lambda v, x: (
-            extractor.apply(v, x, normalize=True),
-            extractor.apply(v, x, normalize=False) if with_target else None,
-        )
+def extract_features(extractor, data: SplitData, config, with_target: bool, desc: str = "features", fine=None):
+    """Backbone features of a whole split, in order: (h_in, h_tgt or None, image keys, the fine
+    embeddings at the strides `fine` or None)."""
+    return extract_at(extractor, data, config, with_target, np.arange(len(data)), desc, fine)
+
+
+def extract_at(extractor, data: SplitData, config, with_target: bool, positions, desc: str, fine=None):
+    """extract_features for the images at `positions` only (rows in that order); with several
+    processes each extracts a share and every process gets all rows."""
+    positions = np.asarray(positions, np.int64)
+    share = process_share(len(positions))
+    fields = ("fine",) if fine else ()
+    h_in, h_tgt, keys, extra = extract_positions(
+        extractor, data, config, with_target, positions[share], desc, fields, fine
     )
+    return gather_rows(len(positions), share, h_in, h_tgt, keys, extra.get("fine"))
+
+
+def extract_positions(
+    extractor, data: SplitData, config, with_target: bool, positions, desc: str, fields=(), fine=None
+):
+    """Features of the split's images at `positions` (this process's devices): (h_in, h_tgt or None,
+    image keys, {field: the batches' values of each of `fields`, e.g. "mask", "label"}). The field
+    "fine" is the fine embedding at the strides `fine` (FeatureExtractor.apply_with_fine), from the
+    same backbone pass as h_in."""
+    shard = local_batch_sharding(config)
+
+    def features(v, x):
+        h, f = extractor.apply_with_fine(v, x, fine) if fine else (extractor.apply(v, x, normalize=True), None)
+        return h, (extractor.apply(v, x, normalize=False) if with_target else None), f
+
+    fn = jax.jit(features)
     h_in, h_tgt, keys, extra, t0 = [], [], [], {f: [] for f in fields}, time.time()
     with progress.bar(len(positions), desc) as pbar:
         for batch in eval_batches(
@@ -70,9 +91,11 @@ def extract_positions(extractor, data: SplitData, config, with_target: bool, pos
             image_size=config.data.image_size,
             num_workers=config.data.num_workers,
             positions=positions,
+            geometry=config.data.geometry,
         ):
-            a, b = fn(extractor.variables, jax.device_put(batch["image"], shard))
+            a, b, f = fn(extractor.variables, jax.device_put(batch["image"], shard))
             ok = batch["valid"] == 1
+            batch = dict(batch, fine=None if f is None else np.asarray(f))
             h_in.append(np.asarray(a)[ok])
             if with_target:
                 h_tgt.append(np.asarray(b)[ok])
@@ -87,6 +110,10 @@ def extract_positions(extractor, data: SplitData, config, with_target: bool, pos
     )
     if not n_done:  # an empty share (fewer images than processes)
         empty = np.zeros((0,) + tuple(extractor.feature_shape(config.data.image_size)), np.float32)
-        return empty, (empty if with_target else None), np.zeros((0,), np.int32), {f: None for f in fields}
+        x = jax.ShapeDtypeStruct((1, config.data.image_size, config.data.image_size, 3), jnp.float32)
+        none = {f: None for f in fields}
+        if fine:  # the fine embedding's shape, so the processes' shares still gather
+            none["fine"] = np.zeros((0,) + jax.eval_shape(features, extractor.variables, x)[2].shape[1:], np.float32)
+        return empty, (empty if with_target else None), np.zeros((0,), np.int32), none
     extra = {f: np.concatenate(v) for f, v in extra.items()}
     return np.concatenate(h_in), (np.concatenate(h_tgt) if with_target else None), np.concatenate(keys), extra

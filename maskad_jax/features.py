@@ -24,6 +24,35 @@ from maskad_jax.efficientnet import EfficientNet
 from maskad_jax.resize import resize_align_corners
 
 
+def neck(taps) -> jax.Array:
+    """UniAD's MFCN neck: every tap resized to the coarsest one's grid (align corners), concatenated."""
+    size = taps[-1].shape[1:3]
+    return jnp.concatenate([resize_align_corners(t, size).astype(jnp.float32) for t in taps], axis=-1)
+
+
+def avg_pool3(x: jax.Array) -> jax.Array:
+    """3 x 3 average pool of (B, H, W, C), stride 1, zero padding counted in the mean (PyTorch's
+    AvgPool2d(3, 1, 1) default), as nine shifted slices: plain ops that every export format takes."""
+    h, w = x.shape[1:3]
+    p = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
+    return sum(p[:, i : i + h, j : j + w] for i in range(3) for j in range(3)) / 9.0
+
+
+def pooled_embedding(taps) -> jax.Array:
+    """The released code's M_po embedding (PMAD's ProtoFlow input): each tap 3 x 3 average pooled,
+    the coarser taps' vectors repeated onto every position of the finest tap they cover (PaDiM's
+    embedding_concat), concatenated: (B, H/s0, W/s0, sum C)."""
+    pooled = [avg_pool3(t.astype(jnp.float32)) for t in taps]
+    gh, gw = pooled[0].shape[1:3]
+    out = []
+    for t in pooled:
+        fy, fx = gh // t.shape[1], gw // t.shape[2]
+        if fy * t.shape[1] != gh or fx * t.shape[2] != gw:
+            raise ValueError(f"taps of {t.shape[1:3]} do not tile the finest map {(gh, gw)}")
+        out.append(jnp.repeat(jnp.repeat(t, fy, axis=1), fx, axis=2))
+    return jnp.concatenate(out, axis=-1)
+
+
 @dataclasses.dataclass(frozen=True)
 class FeatureExtractor:
     """A frozen backbone and its variables; calling it maps [0,1] images to the feature map h."""
@@ -74,10 +103,16 @@ class FeatureExtractor:
 
     def apply(self, variables, images01: jax.Array, normalize: bool = True) -> jax.Array:
         """Pure function of (variables, images): use inside jit with the variables as an argument."""
-        x = self.normalize(images01) if normalize else images01
-        taps = self.module.apply(variables, x)
-        size = taps[-1].shape[1:3]
-        return jnp.concatenate([resize_align_corners(t, size).astype(jnp.float32) for t in taps], axis=-1)
+        return neck(self.module.apply(variables, self.normalize(images01) if normalize else images01))
+
+    def apply_with_fine(self, variables, images01: jax.Array, fine_strides) -> tuple[jax.Array, jax.Array]:
+        """(h, the fine embedding of the taps at fine_strides: pooled_embedding) of the normalised
+        images, from one backbone pass (the fine kNN M_po, scoring.knn_fine)."""
+        taps = self.module.apply(variables, self.normalize(images01))
+        missing = [s for s in fine_strides if s not in self.strides]
+        if missing:
+            raise ValueError(f"fine strides {missing} are not among the backbone's taps {self.strides}")
+        return neck(taps), pooled_embedding([taps[self.strides.index(s)] for s in fine_strides])
 
     def __call__(self, images01: jax.Array, normalize: bool = True) -> jax.Array:
         """Jitted convenience call with the extractor's own variables."""

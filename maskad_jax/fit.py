@@ -6,6 +6,11 @@ tokens (input features, and the paired target features when training regressed t
 view). The pool keeps ceil(pool_ratio x tokens) of them, chosen by greedy k-center. The held-out
 images' tokens give `cal_scale`, the mean L2 distance of a normal token to its nearest pool token:
 M_po divides by it, so an image is scored on its own, never against the rest of a test set.
+With the fine embedding (scoring.knn_fine) a second pool per class is fitted the same way on its
+tokens (k-center at fit.fine_pool_ratio), with its own calibration scale.
+After training, calibration (evaluate.calibrate) scores the held-out images and adds to the fit
+their image scores, their pixel maps' maxima, and per class the mean and spread of the two terms
+(term_stats) that scoring.mpo_fusion = sum standardises; all under one scoring signature.
 """
 
 from __future__ import annotations
@@ -29,6 +34,14 @@ class PoolsCorruptError(UserError, ValueError):
 
 # scoring fields that change how the work is laid out, not the scores (left out of the calibration's signature)
 PLACEMENT_ONLY = ("branches_per_step", "devices", "ot_sequential")
+# scoring fields that act after the two terms are computed: they change scores and maps, not term_stats
+AFTER_TERMS = ("sigma", "pixel_map")
+
+
+def scoring_difference(calibrated: dict, now: dict) -> str:
+    """The differing scoring fields, as "scoring.<field> <value> at calibration, <value> now; ..."."""
+    diff = [k for k in sorted(set(now) | set(calibrated)) if now.get(k) != calibrated.get(k)]
+    return "; ".join(f"scoring.{k} {calibrated.get(k)!r} at calibration, {now.get(k)!r} now" for k in diff)
 
 
 def scoring_signature(config) -> dict:
@@ -49,21 +62,37 @@ class Pools:
     cal_scores: dict = dataclasses.field(default_factory=dict)  # class -> image scores of those images
     src: np.ndarray | None = None  # (K, P) training-set position of each pool token's image (-1: padding)
     cal_scoring: dict | None = None  # scoring_signature the cal_scores were computed under (None: older fits)
+    fine_in: np.ndarray | None = None  # (K, P2, Cf) the fine pools (scoring.knn_fine), padded
+    fine_valid: np.ndarray | None = None  # (K, P2) bool
+    fine_cal_scale: np.ndarray | None = None  # (K,)
+    term_stats: np.ndarray | None = None  # (K, 4): held-out normal mean, std of P and of M_po (under cal_scoring)
+    cal_map_max: dict = dataclasses.field(default_factory=dict)  # class -> the held-out images' pixel-map maxima
 
-    def threshold(self, cls: str, quantile: float, scoring: dict | None = None) -> float:
-        """A decision threshold: the given quantile of the held-out normal images' scores of a pool.
+    def calibrated_for(self, config, terms_only: bool = False) -> bool:
+        """Whether the calibration was computed under this config's scoring (terms_only: whether its
+        term_stats still hold, which fields acting after the terms do not change)."""
+        if self.cal_scoring is None:
+            return False
+        drop = AFTER_TERMS if terms_only else ()
+        return {k: v for k, v in self.cal_scoring.items() if k not in drop} == {
+            k: v for k, v in scoring_signature(config).items() if k not in drop
+        }
+
+    def threshold(self, cls: str, quantile: float, scoring: dict | None = None, of: str = "score") -> float:
+        """A decision threshold: the given quantile of the held-out normal images' scores of a pool
+        (of = "score"), or of their pixel maps' maxima (of = "map": the level at which a map's
+        region counts as over the threshold; the same as the score's when the pixel map is the
+        score's own map, and the score's for older fits that did not record map maxima).
 
         scoring: the scoring_signature of the run that will compare scores with it; refused when it
         differs from the calibration's (the scores would be of another scale)."""
         if scoring is not None and self.cal_scoring is not None and scoring != self.cal_scoring:
-            cal = self.cal_scoring
-            diff = [k for k in sorted(set(scoring) | set(cal)) if scoring.get(k) != cal.get(k)]
-            what = "; ".join(f"scoring.{k} {cal.get(k)!r} at calibration, {scoring.get(k)!r} now" for k in diff)
+            what = scoring_difference(self.cal_scoring, scoring)
             raise ConfigError(
                 f"the calibrated thresholds are for the scoring the model was trained with, and this run's differs "
                 f"({what}): score with the training config's scoring, or set predict.threshold explicitly"
             )
-        scores = self.cal_scores.get(cls) or []
+        scores = (self.cal_map_max.get(cls) if of == "map" else None) or self.cal_scores.get(cls) or []
         if not scores:
             raise ConfigError(f"no calibration scores for pool {cls!r}; set predict.threshold explicitly")
         return float(np.quantile(np.asarray(scores), quantile))
@@ -82,6 +111,8 @@ class Pools:
     def save(self, directory: str) -> None:
         os.makedirs(directory, exist_ok=True)
         extra = {} if self.src is None else {"src": self.src}
+        if self.fine_in is not None:
+            extra.update(fine_in=self.fine_in, fine_valid=self.fine_valid, fine_cal_scale=self.fine_cal_scale)
         if not (np.all(np.isfinite(self.cal_scale)) and all(np.all(np.isfinite(v)) for v in self.cal_scores.values())):
             raise FloatingPointError(
                 f"refusing to save the fit to {directory}: its calibration is not finite (NaN "
@@ -97,6 +128,8 @@ class Pools:
                     "calibration": {k: [int(i) for i in v] for k, v in self.calibration.items()},
                     "cal_scores": {k: [float(x) for x in v] for k, v in self.cal_scores.items()},
                     "cal_scoring": self.cal_scoring,
+                    "term_stats": None if self.term_stats is None else np.asarray(self.term_stats).tolist(),
+                    "cal_map_max": {k: [float(x) for x in v] for k, v in self.cal_map_max.items()},
                 },
                 f,
             )
@@ -131,6 +164,11 @@ class Pools:
                 meta.get("cal_scores", {}),
                 arrays.get("src"),
                 meta.get("cal_scoring"),
+                arrays.get("fine_in"),
+                arrays.get("fine_valid"),
+                arrays.get("fine_cal_scale"),
+                None if meta.get("term_stats") is None else np.asarray(meta["term_stats"], np.float32),
+                meta.get("cal_map_max", {}),
             )
         except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as e:
             raise PoolsCorruptError(
@@ -138,43 +176,70 @@ class Pools:
             ) from None
 
 
-def fit_pools(h_in: np.ndarray, h_tgt: np.ndarray | None, class_names_of_images, fit_cfg, seed: int) -> Pools:
-    """h_in (N, gh, gw, C) features of the normal training images; their class names."""
+def fit_pools(
+    h_in: np.ndarray,
+    h_tgt: np.ndarray | None,
+    class_names_of_images,
+    fit_cfg,
+    seed: int,
+    fine: np.ndarray | None = None,
+) -> Pools:
+    """h_in (N, gh, gw, C) features of the normal training images; their class names. fine (N, fh, fw,
+    Cf): their fine embeddings, for the fine pools (scoring.knn_fine)."""
     names = np.asarray(class_names_of_images)
     groups = (
         {"*": np.arange(len(names))}
         if not fit_cfg.per_class
         else {c: np.nonzero(names == c)[0] for c in sorted(set(names.tolist()))}
     )
-    c_dim = h_in.shape[-1]
-    pools, cals, cal_scale, cal_pos = [], [], [], {}
+    pools, fine_pools, cal_pos = [], [], {}
     for gi, (cls, pos) in enumerate(groups.items()):
         rng = np.random.default_rng([seed, gi])
         pos = pos[rng.permutation(len(pos))]
         n_cal = int(round(fit_cfg.calibration_fraction * len(pos)))
         n_cal = min(max(n_cal, 1), len(pos) - 1) if len(pos) > 1 else 0
         cal, fit = pos[:n_cal], pos[n_cal:]
-        tok_in = h_in[fit].reshape(-1, c_dim)
-        tok_tgt = (h_tgt if h_tgt is not None else h_in)[fit].reshape(-1, c_dim)
-        tok_src = np.repeat(fit, h_in.shape[1] * h_in.shape[2])
-        if len(tok_in) > fit_cfg.max_pool_tokens:
-            sub = rng.choice(len(tok_in), fit_cfg.max_pool_tokens, replace=False)
-            tok_in, tok_tgt, tok_src = tok_in[sub], tok_tgt[sub], tok_src[sub]
-        k = int(np.ceil(fit_cfg.pool_ratio * len(tok_in)))
-        sel = greedy_kcenter(tok_in, k, start=0, projection_dim=fit_cfg.projection_dim, seed=seed)
-        pools.append((tok_in[sel], tok_tgt[sel], tok_src[sel]))
-        if n_cal:
-            d, _ = nearest(jnp.asarray(h_in[cal].reshape(-1, c_dim)), jnp.asarray(tok_in[sel]))
-            cal_scale.append(float(jnp.mean(jnp.sqrt(d))))
-        else:  # a single image: no held-out data; distances of pool tokens would be 0, so use 1
-            cal_scale.append(1.0)
+        pools.append(_kcenter_pool(h_in, h_tgt, fit, cal, fit_cfg.pool_ratio, fit_cfg, seed, rng))
+        if fine is not None:  # its own generator: the token pool's draws stay as they were
+            frng = np.random.default_rng([seed, gi, 1])
+            fine_pools.append(_kcenter_pool(fine, None, fit, cal, fit_cfg.fine_pool_ratio, fit_cfg, seed, frng))
         cal_pos[cls] = cal
-        cals.append(cal)
-    p = max(len(a) for a, _, _ in pools)
+    pool_in, pool_tgt, valid, src, cal_scale = _stack(pools)
+    out = Pools(pool_in, pool_tgt, valid, cal_scale, tuple(groups), cal_pos, src=src)
+    if fine is not None:
+        out.fine_in, _, out.fine_valid, _, out.fine_cal_scale = _stack(fine_pools)
+    return out
+
+
+def _kcenter_pool(feats, feats_tgt, fit, cal, ratio, fit_cfg, seed, rng):
+    """One class's pool: greedy k-center over the tokens of the images at `fit` (at most
+    fit.max_pool_tokens of them, a random subset above it), and the calibration scale: the mean
+    distance of the held-out images' (`cal`) tokens to it. (tokens in, tokens tgt, src, scale)."""
+    c_dim = feats.shape[-1]
+    tok_in = feats[fit].reshape(-1, c_dim)
+    tok_tgt = (feats_tgt if feats_tgt is not None else feats)[fit].reshape(-1, c_dim)
+    tok_src = np.repeat(fit, feats.shape[1] * feats.shape[2])
+    if len(tok_in) > fit_cfg.max_pool_tokens:
+        sub = rng.choice(len(tok_in), fit_cfg.max_pool_tokens, replace=False)
+        tok_in, tok_tgt, tok_src = tok_in[sub], tok_tgt[sub], tok_src[sub]
+    k = int(np.ceil(ratio * len(tok_in)))
+    sel = greedy_kcenter(tok_in, k, start=0, projection_dim=fit_cfg.projection_dim, seed=seed)
+    if len(cal):
+        d, _ = nearest(jnp.asarray(feats[cal].reshape(-1, c_dim)), jnp.asarray(tok_in[sel]))
+        scale = float(jnp.mean(jnp.sqrt(d)))
+    else:  # a single image: no held-out data; distances of pool tokens would be 0, so use 1
+        scale = 1.0
+    return tok_in[sel], tok_tgt[sel], tok_src[sel], scale
+
+
+def _stack(pools):
+    """Per-class pools padded to one (K, P, C) layout: (in, tgt, valid, src, scales)."""
+    p = max(len(a) for a, _, _, _ in pools)
+    c_dim = pools[0][0].shape[-1]
     pool_in = np.zeros((len(pools), p, c_dim), np.float32)
     pool_tgt = np.zeros_like(pool_in)
     valid = np.zeros((len(pools), p), bool)
     src = np.full((len(pools), p), -1, np.int32)
-    for i, (a, b, s) in enumerate(pools):
-        pool_in[i, : len(a)], pool_tgt[i, : len(b)], valid[i, : len(a)], src[i, : len(s)] = a, b, True, s
-    return Pools(pool_in, pool_tgt, valid, np.asarray(cal_scale, np.float32), tuple(groups), cal_pos, src=src)
+    for i, (a, b, sr, _) in enumerate(pools):
+        pool_in[i, : len(a)], pool_tgt[i, : len(b)], valid[i, : len(a)], src[i, : len(sr)] = a, b, True, sr
+    return pool_in, pool_tgt, valid, src, np.asarray([sc for _, _, _, sc in pools], np.float32)

@@ -12,11 +12,10 @@ from __future__ import annotations
 
 import dataclasses
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from maskad_jax.features import FeatureExtractor
+from maskad_jax.features import FeatureExtractor, pooled_embedding
 
 
 @dataclasses.dataclass(frozen=True)
@@ -54,16 +53,4 @@ class FlowEmbedder:
     def apply(self, variables, images01: jax.Array, normalize: bool = True) -> jax.Array:
         """(B, H, W, 3) in [0, 1] -> (B, H/s0, W/s0, C): pooled taps, coarser ones repeated onto the finest."""
         x = self.extractor.normalize(images01) if normalize else images01
-        taps = self.extractor.module.apply(variables, x)
-        pooled = [
-            nn.avg_pool(t.astype(jnp.float32), (3, 3), strides=(1, 1), padding=((1, 1), (1, 1)), count_include_pad=True)
-            for t in taps
-        ]
-        gh, gw = pooled[0].shape[1:3]
-        out = []
-        for t in pooled:
-            fy, fx = gh // t.shape[1], gw // t.shape[2]
-            if fy * t.shape[1] != gh or fx * t.shape[2] != gw:
-                raise ValueError(f"flow backbone taps of {t.shape[1:3]} do not tile the finest map {(gh, gw)}")
-            out.append(jnp.repeat(jnp.repeat(t, fy, axis=1), fx, axis=2))
-        return jnp.concatenate(out, axis=-1)
+        return pooled_embedding(self.extractor.module.apply(variables, x))

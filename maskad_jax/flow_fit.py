@@ -134,6 +134,7 @@ def train_flow(
         name="flow",
         log=log,
         max_steps=max_steps,
+        devices=config.train.get("devices", "auto"),
     )
 
 

@@ -9,6 +9,9 @@ defective images of every class, chosen by position, the same at every point):
 The nominal pools are fitted before training (they depend on the backbone features only), so the
 rows that use M_po and the reference branch can be scored from the first point on. With
 scoring.mpo = flow the curves use the kNN M_po (the flow is trained after the reconstructor).
+Rows that join the terms in held-out normal units (scoring.mpo_fusion = sum) take the terms'
+statistics, at each point, from up to `train.eval_images` held-out normal training images
+(evaluate.calibrate), never from the curve set.
 The training loop writes the values to the console, train_log.jsonl ("eval") and TensorBoard
 (eval/<row>/<metric>).
 """
@@ -23,8 +26,9 @@ import numpy as np
 
 from maskad_jax import metrics as metrics_lib
 from maskad_jax.ablations import apply_row
-from maskad_jax.feature_cache import extract_positions
-from maskad_jax.scoring import device_pools, make_score_features_fn
+from maskad_jax.evaluate import calibrate
+from maskad_jax.feature_cache import extract_positions, fine_strides
+from maskad_jax.scoring import device_pools, make_score_features_fn, needs_term_stats
 from maskad_jax.train import sample_train_mask
 
 
@@ -38,6 +42,7 @@ class EvalSet:
     labels: np.ndarray  # (N,)
     classes: tuple  # (N,) class name of each image
     keys: np.ndarray  # (N,) image keys (seed the test masks, as in evaluation)
+    fine: np.ndarray | None = None  # (N, fh, fw, Cf) fine embeddings (scoring.knn_fine)
 
 
 def subset_positions(labels: np.ndarray, class_ids: np.ndarray, max_images: int) -> np.ndarray:
@@ -59,52 +64,61 @@ def build_eval_set(config, extractor, data, max_images: int) -> EvalSet:
     """The curves' images: subset_positions of a split, their features, masks and keys."""
     positions = subset_positions(data.labels, data.class_ids, max_images)
     regress_raw = config.train.target == "unnormalized"
+    fine = fine_strides(config)
+    fields = ("mask", "label", "class_id") + (("fine",) if fine else ())
     h_in, h_tgt, keys, extra = extract_positions(
-        extractor, data, config, regress_raw, positions, "curves' features", fields=("mask", "label", "class_id")
+        extractor, data, config, regress_raw, positions, "curves' features", fields=fields, fine=fine
     )
     classes = tuple(data.class_names[c] for c in extra["class_id"])
-    return EvalSet(h_in, h_in if h_tgt is None else h_tgt, extra["mask"], extra["label"], classes, keys)
+    return EvalSet(
+        h_in, h_in if h_tgt is None else h_tgt, extra["mask"], extra["label"], classes, keys, extra.get("fine")
+    )
 
 
-def _row_functions(config, model) -> dict:
-    """The jitted scoring from features of each row in train.eval_rows (kNN M_po: the flow is trained
-    after the reconstructor)."""
-    fns = {}
+def _row_configs(config) -> dict:
+    """The config of each row in train.eval_rows (kNN M_po: the flow is trained after the reconstructor)."""
+    cfgs = {}
     for row in tuple(config.train.eval_rows):
         cfg = config.copy_and_resolve_references()
         apply_row(cfg.scoring, row)
         if cfg.scoring.mpo == "flow":
             cfg.scoring.mpo = "knn"
-        fns[row] = jax.jit(make_score_features_fn(cfg, model), static_argnums=(6,))
-    return fns
+        cfgs[row] = cfg
+    return cfgs
 
 
 def _row_metrics(fn, params, dev_pools, evalset: EvalSet, pool_idx, bs: int, size: int) -> dict:
-    """The seven metrics (fractions, mean over classes) of one row's maps of the evaluation set."""
-    maps = []
+    """The seven metrics (fractions, mean over classes) of one row's maps and scores of the evaluation set."""
+    maps, scores = [], []
     for s in range(0, len(evalset.labels), bs):
         sl = slice(s, s + bs)
         h_in, h_tgt = jnp.asarray(evalset.h_in[sl]), jnp.asarray(evalset.h_tgt[sl])
-        res = fn(params, dev_pools, h_in, h_tgt, jnp.asarray(pool_idx[sl]), jnp.asarray(evalset.keys[sl]), size)
+        fine = None if evalset.fine is None else jnp.asarray(evalset.fine[sl])
+        res = fn(
+            params, dev_pools, h_in, h_tgt, jnp.asarray(pool_idx[sl]), jnp.asarray(evalset.keys[sl]), size, None, fine
+        )
         maps.append(np.asarray(res["map"]))
-    maps, classes = np.concatenate(maps), np.asarray(evalset.classes)
+        scores.append(np.asarray(res["score"]))
+    maps, scores, classes = np.concatenate(maps), np.concatenate(scores), np.asarray(evalset.classes)
     per_class = []
     for c in sorted(set(evalset.classes)):
         sel = classes == c
-        per_class.append(
-            metrics_lib.all_metrics(maps[sel].max(axis=(1, 2)), evalset.labels[sel], maps[sel], evalset.masks[sel])
-        )
+        per_class.append(metrics_lib.all_metrics(scores[sel], evalset.labels[sel], maps[sel], evalset.masks[sel]))
     return {m: float(np.nanmean([p[m] for p in per_class])) for m in metrics_lib.METRIC_NAMES}
 
 
-def make_learning_curves(config, model, pools, evalset: EvalSet, place):
+def make_learning_curves(config, model, pools, evalset: EvalSet, place, heldout=None):
     """f(params) -> ({name: value}, console line): the rows' seven metrics (fractions) and the
     held-out normal loss.
 
-    place(tree): puts parameters and pools where scoring runs (parallel.place_for_scoring)."""
+    place(tree): puts parameters and pools where scoring runs (parallel.place_for_scoring).
+    heldout: (h_in, h_tgt, keys, fine) of the training images, whose rows at the pools' calibration
+    positions give the term statistics of rows with scoring.mpo_fusion = sum."""
     tc = config.train
-    fns = _row_functions(config, model)
+    cfgs = _row_configs(config)
+    fns = {row: jax.jit(make_score_features_fn(cfg, model), static_argnums=(6,)) for row, cfg in cfgs.items()}
     dev_pools = place(device_pools(pools))
+    few = _few_heldout(pools, tc.eval_images)
     pool_idx = pools.pool_index(list(evalset.classes))
     normal = np.nonzero(evalset.labels == 0)[0]
     key = jax.random.fold_in(jax.random.key(config.seed), 0xE7A1)
@@ -126,11 +140,24 @@ def make_learning_curves(config, model, pools, evalset: EvalSet, place):
             total, count = total + float(ls), count + int(n)
         out = {"heldout_normal_loss": total / max(count, 1)}
         for row, fn in fns.items():
-            metrics = _row_metrics(fn, params, dev_pools, evalset, pool_idx, bs, size)
+            row_pools = dev_pools
+            if needs_term_stats(cfgs[row].scoring):
+                if heldout is None:
+                    raise ValueError(f"learning-curve row {row!r} needs held-out features for its term statistics")
+                h, t, k, f = heldout
+                cal = calibrate(cfgs[row], model, params, few, h, t, k, None, None, f)
+                row_pools = dict(dev_pools, term_stats=place(jnp.asarray(cal["term_stats"])))
+            metrics = _row_metrics(fn, params, row_pools, evalset, pool_idx, bs, size)
             out.update({f"{row}/{m}": v for m, v in metrics.items()})
         return out, format_curves(out)
 
     return evaluate
+
+
+def _few_heldout(pools, max_images: int):
+    """The pools with each class's calibration positions cut to an equal share of max_images."""
+    per = max(2, max_images // max(len(pools.class_names), 1))
+    return dataclasses.replace(pools, calibration={c: np.asarray(v)[:per] for c, v in pools.calibration.items()})
 
 
 SHORT = {

@@ -2,7 +2,8 @@
 
 One code path for one CPU, one accelerator, many devices and many hosts (big_vision keeps its
 sharding helpers apart from training in the same way):
-- training: `data_mesh()` over every device of every process, the batch split along 'data';
+- training: `training_mesh()` over every device of every process, the batch split along 'data'
+  (on a CPU one device per process: `train.devices`);
 - feature extraction and scoring: this process's devices only (`local_batch_sharding`,
   `scoring_sharding`, `place_for_scoring`); with several processes each works on its own
   contiguous share of the images (`process_share`) and the rows are gathered on the host
@@ -24,6 +25,28 @@ from maskad_jax.errors import ConfigError
 def data_mesh() -> Mesh:
     """A 1-D 'data' mesh over every device of every process (training)."""
     return Mesh(np.asarray(jax.devices()), ("data",))  # Auto axis: XLA propagates shardings
+
+
+def training_on_one_device(choice: str) -> bool:
+    """train.devices: one (or auto on a CPU). On a CPU the forced host devices (run.py) are threads of
+    one process, and XLA's in-process all-reduce between them has aborted long runs (a rendezvous
+    timeout when many steps are in flight: benchmarks/RESULTS.md); one device uses every core."""
+    if choice not in ("auto", "all", "one"):
+        raise ConfigError(f"train.devices must be auto | all | one, got {choice!r}")
+    return choice == "one" or (choice == "auto" and jax.default_backend() == "cpu")
+
+
+def training_mesh(choice: str = "all") -> Mesh:
+    """The training mesh: data_mesh(), or one device of each process (train.devices = one, or auto on
+    a CPU): then a single process trains without any collective, and several all-reduce across
+    processes only."""
+    if not training_on_one_device(choice):
+        return data_mesh()
+    firsts = {}
+    for d in jax.devices():
+        if d.process_index not in firsts or d.id < firsts[d.process_index].id:
+            firsts[d.process_index] = d
+    return Mesh(np.asarray([firsts[p] for p in sorted(firsts)]), ("data",))
 
 
 def local_mesh() -> Mesh:

@@ -13,18 +13,20 @@ tensorboard/, metrics.json, scores.csv, report.html, heatmaps/ and predictions/.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import time
 
 import jax
+import numpy as np
 
 from maskad_jax import config_check, feature_cache, progress
 from maskad_jax import workdir as workdir_lib
 from maskad_jax.data import SplitData
-from maskad_jax.errors import ConfigError
-from maskad_jax.evaluate import calibration_scores, evaluate
+from maskad_jax.errors import ConfigError, MissingInputError
+from maskad_jax.evaluate import calibrate, evaluate
 from maskad_jax.export import export
-from maskad_jax.fit import Pools, fit_pools, scoring_signature
+from maskad_jax.fit import Pools, fit_pools, scoring_difference, scoring_signature
 from maskad_jax.flow import FlowState, build_flow
 from maskad_jax.flow_fit import calibrate_flow, load_flow_reference, restore_flow, save_flow_reference, train_flow
 from maskad_jax.learning_curves import build_eval_set, make_learning_curves
@@ -33,6 +35,7 @@ from maskad_jax.predict import predict
 from maskad_jax.reconstructor import build_reconstructor, count_params
 from maskad_jax.report import write_report
 from maskad_jax.samples import export_samples
+from maskad_jax.scoring import fine_on, needs_term_stats
 from maskad_jax.train import restore_params, train
 from tfds_builders import prepare
 
@@ -90,6 +93,14 @@ def _predict_or_export(config, workdir, mode) -> dict:
     _write_config(config, workdir, mode)
     pools = Pools.load(os.path.join(workdir, "fit"))
     flow = restore_flow_state(config, workdir, channels, grid, pools)
+    _require_fine_pools(config, pools)
+    if needs_term_stats(config.scoring) and not pools.calibrated_for(config, terms_only=True):
+        what = scoring_difference(pools.cal_scoring or {}, scoring_signature(config))
+        raise ConfigError(
+            f"--mode={mode} standardises the scores' terms by held-out statistics computed under the scoring the "
+            f"model was trained with (scoring.mpo_fusion = sum), and this run's differs ({what}): score with the "
+            f"training config's scoring"
+        )
     if mode == "export":
         return {"export": export(config, workdir, extractor, model, params, pools, flow)}
     return {"predictions": predict(config, workdir, extractor, model, params, pools, log=progress.log, flow=flow)}
@@ -112,6 +123,9 @@ def _train_and_eval(config, workdir, mode) -> dict:
             progress.log(f"restored the reconstructor at step {step} from {workdir}")
         pools = Pools.load(os.path.join(workdir, "fit"))
         flow = restore_flow_state(config, workdir, channels, grid, pools)
+        _require_fine_pools(config, pools)
+        if needs_term_stats(config.scoring) and not pools.calibrated_for(config):
+            pools = _recalibrate(config, extractor, model, params, pools, flow, train_data)
         result.update(evaluate(config, workdir, extractor, model, params, pools, test_data, flow))
         if config.data.name == "synthetic" and is_writer():  # images to try --mode=predict on
             out = os.path.join(workdir, "samples")
@@ -124,14 +138,20 @@ def _train_and_eval(config, workdir, mode) -> dict:
 
 def _train_stage(config, workdir, extractor, model, train_data, test_data):
     """Features, pools, the reconstructor (and flow), calibration; the fit saved. (params, seconds)."""
-    h_in, h_tgt, keys = feature_cache.extract_features(
-        extractor, train_data, config, with_target=config.train.target == "unnormalized"
+    h_in, h_tgt, keys, fine = feature_cache.extract_features(
+        extractor,
+        train_data,
+        config,
+        with_target=config.train.target == "unnormalized",
+        fine=feature_cache.fine_strides(config),
     )
     class_names = [train_data.class_names[i] for i in train_data.class_ids]
     t0 = time.time()  # the pools depend on the features only: fitted first, so the learning curves can use them
-    pools = fit_pools(h_in, h_tgt, class_names, config.fit, config.seed)
+    pools = fit_pools(h_in, h_tgt, class_names, config.fit, config.seed, fine=fine)
     progress.log(
-        f"fitted {len(pools.class_names)} pool(s) of up to {pools.pool_in.shape[1]} tokens in {time.time() - t0:.0f}s"
+        f"fitted {len(pools.class_names)} pool(s) of up to {pools.pool_in.shape[1]} tokens"
+        + ("" if fine is None else f" (fine grid {fine.shape[1]}x{fine.shape[2]}: up to {pools.fine_in.shape[1]})")
+        + f" in {time.time() - t0:.0f}s"
     )
     periodic = None
     if config.train.eval_every > 0:
@@ -141,6 +161,7 @@ def _train_stage(config, workdir, extractor, model, train_data, test_data):
             pools,
             build_eval_set(config, extractor, test_data, config.train.eval_images),
             lambda tree: place_for_scoring(config, tree),
+            heldout=(h_in, h_tgt, keys, fine),
         )
     t0 = time.time()
     res = train(config, h_in, h_tgt, workdir, log=progress.log, periodic=periodic)
@@ -151,8 +172,7 @@ def _train_stage(config, workdir, extractor, model, train_data, test_data):
     flow, f_train = None, None
     if config.scoring.mpo == "flow":
         flow, f_train = _train_flow_stage(config, workdir, h_in, pools, class_names, train_data)
-    pools.cal_scores = calibration_scores(config, model, res.params, pools, h_in, h_tgt, keys, flow, f_train)
-    pools.cal_scoring = scoring_signature(config)
+    _set_calibration(pools, config, calibrate(config, model, res.params, pools, h_in, h_tgt, keys, flow, f_train, fine))
     if is_writer():
         pools.save(os.path.join(workdir, "fit"))
     barrier("fit saved")
@@ -168,7 +188,7 @@ def _train_flow_stage(config, workdir, h_in, pools, class_names, train_data):
     embedder, feats, fpools = None, h_in, pools
     if fc.features == "backbone":
         embedder = feature_cache.make_flow_embedder(config)
-        feats, _, _ = feature_cache.extract_features(
+        feats, _, _, _ = feature_cache.extract_features(
             embedder, train_data, config, with_target=False, desc="flow features"
         )
         fit_cfg = config.fit.copy_and_resolve_references()
@@ -193,6 +213,49 @@ def _train_flow_stage(config, workdir, h_in, pools, class_names, train_data):
         build_flow(config, feats.shape[-1]), flow_params, ref, embedder, fpools if embedder is not None else None
     )
     return state, (feats if embedder is not None else None)
+
+
+def _set_calibration(pools, config, cal: dict):
+    pools.cal_scores, pools.cal_map_max, pools.term_stats = cal["cal_scores"], cal["cal_map_max"], cal["term_stats"]
+    pools.cal_scoring = scoring_signature(config)
+
+
+def _require_fine_pools(config, pools):
+    if fine_on(config.scoring) and pools.fine_in is None:
+        raise MissingInputError(
+            "scoring.knn_fine needs the fine pools, and this workdir's fit has none (fitted by an older version "
+            "or without knn_fine): rerun --mode=train on it (the trained reconstructor is kept; the fit is redone)"
+        )
+
+
+def _recalibrate(config, extractor, model, params, pools, flow, train_data):
+    """The fit's calibration for this run's scoring, when it differs from the training run's (an
+    ablation row): the held-out training images scored again. In memory only: the saved fit and its
+    thresholds stay those of the training scoring."""
+    if flow is not None and flow.embedder is not None:
+        raise ConfigError(
+            "scoring.mpo_fusion = sum under a scoring other than the training run's needs its term "
+            "statistics, which cannot be recomputed with the flow's own backbone: use the training scoring"
+        )
+    progress.log("the fit's term statistics are for another scoring: recomputing them on the held-out images")
+    positions = np.concatenate([np.asarray(pools.calibration.get(c, []), np.int64) for c in pools.class_names])
+    h_in, h_tgt, keys, fine = feature_cache.extract_at(
+        extractor,
+        train_data,
+        config,
+        config.train.target == "unnormalized",
+        positions,
+        "held-out features",
+        fine=feature_cache.fine_strides(config),
+    )
+    bounds = np.cumsum([0] + [len(pools.calibration.get(c, [])) for c in pools.class_names])
+    rows = {c: np.arange(bounds[k], bounds[k + 1]) for k, c in enumerate(pools.class_names)}
+    local = dataclasses.replace(pools, calibration=rows)  # positions into the extracted rows
+    pools = dataclasses.replace(pools)
+    _set_calibration(
+        pools, config, calibrate(config, model, to_local(params), local, h_in, h_tgt, keys, flow, None, fine)
+    )
+    return pools
 
 
 def restore_flow_state(config, workdir, channels, grid, pools):

@@ -2,9 +2,11 @@
 
 Writes into a new folder <workdir>/predictions/<date-time>/ per run (named in predictions/latest.txt,
 so one run's files never mix with another's): scores.csv and scores.json (file, class, image score, threshold,
-decision), maps/<name>.npy (the anomaly map), maps/<name>.png (the map scaled by the threshold:
-255 = twice the threshold) and overlays/<name>.png (heatmap over the image, the region at or above
-the threshold outlined in white). Names are flattened from the input's relative paths to letters,
+decision), maps/<name>.npy (the anomaly map), maps/<name>.png (the map scaled by the map's
+threshold: 255 = twice it) and overlays/<name>.png (heatmap over the image, the region at or above
+the map's threshold outlined in white). The map's threshold is the score's when the pixel map is the
+score's own map, else the same quantile of the held-out images' map maxima (scoring.pixel_map).
+Names are flattened from the input's relative paths to letters,
 digits, '-' and '_', so nothing can be written outside the workdir.
 
 Class: `predict.class_name`, or (empty) the pool whose tokens lie nearest to the image's on average.
@@ -17,6 +19,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import shutil
 import time
 
 import jax
@@ -27,7 +30,7 @@ from PIL import Image
 from maskad_jax import progress
 from maskad_jax.coreset import nearest
 from maskad_jax.data import image_key
-from maskad_jax.errors import ConfigError, MissingInputError, NonFiniteError
+from maskad_jax.errors import ConfigError, DataError, MissingInputError, NonFiniteError
 from maskad_jax.fit import scoring_signature
 from maskad_jax.overlay import overlay, unique_names
 from maskad_jax.parallel import place_for_scoring, scoring_sharding
@@ -37,19 +40,28 @@ from maskad_jax.scoring import device_pools, make_score_fn
 EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
 
 
-def collect_inputs(path: str) -> tuple[str, list[str]]:
-    """(root, sorted relative paths) of the images at path (a file or a folder, recursively)."""
+def collect_inputs(path: str, log=print) -> tuple[str, list[str], list[str]]:
+    """(root, sorted relative paths of the images at path (a file or a folder, recursively), the
+    subfolders that could not be read, each logged)."""
     path = os.path.abspath(os.path.expanduser(path))
     if os.path.isfile(path):
-        return os.path.dirname(path), [os.path.basename(path)]
+        return os.path.dirname(path), [os.path.basename(path)], []
     if not os.path.isdir(path):
         raise MissingInputError(f"predict.input {path!r} is neither an image file nor a folder")
-    rels = []
-    for d, _, files in os.walk(path):
+    if not os.access(path, os.R_OK | os.X_OK):
+        raise MissingInputError(f"predict.input {path}: the folder cannot be read (permission denied)")
+    rels, unreadable = [], []
+
+    def report(err):
+        unreadable.append(err.filename)
+        log(f"cannot read folder {err.filename} ({err.strerror}): its images are not scored")
+
+    for d, _, files in os.walk(path, onerror=report):
         rels += [os.path.relpath(os.path.join(d, f), path) for f in files if f.lower().endswith(EXTENSIONS)]
     if not rels:
-        raise MissingInputError(f"no images ({', '.join(EXTENSIONS)}) under {path}")
-    return path, sorted(rels)
+        why = f" ({len(unreadable)} subfolder(s) could not be read)" if unreadable else ""
+        raise MissingInputError(f"no images ({', '.join(EXTENSIONS)}) under {path}{why}")
+    return path, sorted(rels), unreadable
 
 
 def assign_pools(h, pools_dev):
@@ -76,17 +88,49 @@ def predict(config, workdir: str, extractor, model, params, pools, log=print, fl
             f"(got {config.scoring.mpo_normalisation!r}, which needs a whole test set)"
         )
     class_thresholds(config, pools)  # refuses here, before any work, thresholds calibrated under another scoring
-    root, rels = collect_inputs(pc.input)
-    out_dir = output_folder(workdir)
+    root, rels, unreadable = collect_inputs(pc.input, log)
+    final, out_dir = output_folder(workdir)
+    try:
+        rows = _predict_into(config, out_dir, root, rels, extractor, model, params, pools, flow, log)
+        scored = sum(1 for r in rows if r.get("score") is not None)
+        skipped = len(rows) - scored
+        if not scored:
+            raise DataError(
+                f"predict scored none of the {len(rels)} image(s) under {root}: every one was skipped (the log "
+                f"says why){'; ' + str(len(unreadable)) + ' folder(s) could not be read' if unreadable else ''}"
+            )
+        _write_tables(out_dir, rows)
+        os.rename(out_dir, final)
+        point_latest(workdir, os.path.basename(final))
+    except BaseException:  # an interrupted or failed run leaves no half-written folder behind
+        shutil.rmtree(out_dir, ignore_errors=True)
+        raise
+    flagged = sum(1 for r in rows if r.get("anomalous"))
+    log(
+        f"predicted {scored} images from {root}: {flagged} anomalous ({threshold_rule(config)}); {skipped} skipped"
+        + (f", {len(unreadable)} folder(s) unreadable" if unreadable else "")
+        + f"; results in {final}"
+    )
+    return rows
+
+
+def _predict_into(config, out_dir, root, rels, extractor, model, params, pools, flow, log) -> list[dict]:
+    """Score the images in batches, writing maps and overlays into out_dir; a row per image."""
+    pc = config.predict
     params, dev_pools = place_for_scoring(config, (params, device_pools(pools, flow)))
     score = make_score_fn(config, extractor, model, flow)
     assign = jax.jit(lambda v, x: assign_pools(extractor.apply(v, x), dev_pools))
     fixed = int(pools.pool_index([pc.class_name])[0]) if pc.class_name else None
     names = dict(zip(rels, unique_names(rels, "")))  # flat, unique file names for the outputs
-    rows, bs, shard = [], config.data.eval_batch_size, scoring_sharding(config)
+    # one compiled shape: the configured batch, but never padded far beyond the images there are (one
+    # image with eval_batch_size 1024 would otherwise score 1024): at most the next multiple of 8, and
+    # a whole number per device
+    rows, shard = [], scoring_sharding(config)
+    per = len(shard.device_set)
+    bs = -(-min(config.data.eval_batch_size, -(-len(rels) // 8) * 8) // per) * per
     with progress.bar(len(rels), "predict") as pbar:
         for start in range(0, len(rels), bs):
-            images, ok_rels = _load_chunk(rels[start : start + bs], root, config.data.image_size, rows, log)
+            images, ok_rels, notes = _load_chunk(rels[start : start + bs], root, config.data.image_size, rows, log)
             if images:
                 batch = np.stack(images + [images[-1]] * (bs - len(images)))  # a fixed shape: one compiled program
                 x = jax.device_put(batch, shard)
@@ -99,40 +143,57 @@ def predict(config, workdir: str, extractor, model, params, pools, log=print, fl
                     jax.device_put(pidx, shard),
                     jax.device_put(np.asarray([image_key(im) for im in batch]), shard),
                 )
-                rows += _write_images(config, pools, out_dir, batch, ok_rels, [names[r] for r in ok_rels], pidx, out)
+                new = _write_images(config, pools, out_dir, batch, ok_rels, [names[r] for r in ok_rels], pidx, out)
+                for r in new:
+                    if notes.get(r["file"]):
+                        r["note"] = notes[r["file"]]
+                rows += new
             pbar.update(len(rels[start : start + bs]))
-    _write_tables(out_dir, rows)
-    flagged = sum(1 for r in rows if r.get("anomalous"))
-    log(
-        f"predicted {len(rows)} images from {root}: {flagged} anomalous ({threshold_rule(config)}); results in "
-        f"{out_dir}"
-    )
     return rows
 
 
-def output_folder(workdir: str) -> str:
-    """A new folder <workdir>/predictions/<date-time>[-N] for this run (a run never mixes with an
-    earlier one's files); <workdir>/predictions/latest.txt names it."""
+def output_folder(workdir: str) -> tuple[str, str]:
+    """(<workdir>/predictions/<date-time>[-N], the same + ".partial"): the run writes into the second,
+    created here, and renames it to the first when it is complete (a run never mixes with an earlier
+    one's files, and an interrupted one leaves nothing that looks finished)."""
     base = os.path.join(workdir, "predictions")
+    if os.path.lexists(base) and not os.path.isdir(base):
+        raise DataError(f"{base} is not a folder: move it away so predict can write its results there")
     stamp = time.strftime("%Y%m%d-%H%M%S")
     name, k = stamp, 1
-    while os.path.exists(os.path.join(base, name)):
+    while os.path.lexists(os.path.join(base, name)) or os.path.lexists(os.path.join(base, name + ".partial")):
         k += 1
         name = f"{stamp}-{k}"
     out = os.path.join(base, name)
     for sub in ("maps", "overlays"):
-        os.makedirs(os.path.join(out, sub))
-    with open(os.path.join(base, "latest.txt"), "w") as f:
+        os.makedirs(os.path.join(out + ".partial", sub))
+    return out, out + ".partial"
+
+
+def point_latest(workdir: str, name: str) -> None:
+    """<workdir>/predictions/latest.txt names the newest complete run: written beside and renamed over
+    it, so a link there is replaced, never written through."""
+    base = os.path.join(workdir, "predictions")
+    latest = os.path.join(base, "latest.txt")
+    if os.path.isdir(latest) and not os.path.islink(latest):
+        raise DataError(f"{latest} is a folder: remove it; predict names its newest run in that file")
+    tmp = os.path.join(base, f".latest.{os.getpid()}.tmp")
+    with open(tmp, "w") as f:
         f.write(name + "\n")
-    return out
+    os.replace(tmp, latest)
 
 
-def class_threshold(config, pools, cls: str) -> float:
-    """predict.threshold when set, else the calibrated quantile of the pool's held-out normal scores."""
+def class_threshold(config, pools, cls: str, of: str = "score") -> float:
+    """predict.threshold when set, else the calibrated quantile of the pool's held-out normal scores
+    (of = "map": of their pixel maps' maxima, the level that outlines a map's region; with
+    scoring.pixel_map = mpo the map has its own scale, so a set predict.threshold applies to the
+    score only and the map's level stays calibrated)."""
     pc = config.predict
-    if pc.threshold >= 0:
+    own_map = of == "map" and config.scoring.pixel_map != "score"
+    if pc.threshold >= 0 and not own_map:
         return float(pc.threshold)
-    return pools.threshold(cls, pc.threshold_quantile, scoring_signature(config))
+    signature = None if own_map and pc.threshold >= 0 else scoring_signature(config)
+    return pools.threshold(cls, pc.threshold_quantile, signature, of)
 
 
 def class_thresholds(config, pools) -> list[float]:
@@ -151,17 +212,23 @@ def threshold_rule(config) -> str:
 
 
 def _load_chunk(chunk, root, size, rows, log):
-    images, ok_rels = [], []
+    """(the chunk's decoded images, their paths, {path: a note}); a file that cannot be used gets a row
+    with its error and a log line."""
+    images, ok_rels, notes = [], [], {}
     for rel in chunk:
         try:
-            images.append(preprocess_image(open_image(os.path.join(root, rel)), size, source=rel))
+            img = open_image(os.path.join(root, rel), source=rel)
+            if img.info.get("frames", 1) > 1:
+                notes[rel] = f"{img.info['frames']} frames: the first is scored"
+                log(f"{rel}: {notes[rel]}")
+            images.append(preprocess_image(img, size, source=rel))
             ok_rels.append(rel)
-        except (ImageDecodeError, ValueError) as e:
+        except (ImageDecodeError, ValueError, OSError) as e:
             log(f"skipped {rel}: {e}")
             rows.append(
                 {"file": rel, "class": "", "score": None, "threshold": None, "anomalous": None, "error": str(e)}
             )
-    return images, ok_rels
+    return images, ok_rels, notes
 
 
 def _write_images(config, pools, out_dir, batch, rels, names, pidx, out) -> list[dict]:
@@ -170,16 +237,16 @@ def _write_images(config, pools, out_dir, batch, rels, names, pidx, out) -> list
     rows = []
     for i, (rel, name) in enumerate(zip(rels, names)):
         cls = pools.class_names[pidx[i]]
-        thr = class_threshold(config, pools, cls)
+        thr, map_thr = class_threshold(config, pools, cls), class_threshold(config, pools, cls, of="map")
         if not (np.isfinite(thr) and np.isfinite(scores[i]) and np.isfinite(maps[i]).all()):
             raise NonFiniteError(
                 f"{rel}: its score ({scores[i]}) or the threshold of class {cls!r} ({thr}) is not "
                 f"finite; the checkpoint or the fit is damaged: retrain, or check the weights"
             )
         np.save(os.path.join(out_dir, "maps", name + ".npy"), maps[i])
-        scaled = np.clip(maps[i] / max(2 * thr, 1e-12) * 255, 0, 255).astype(np.uint8)
+        scaled = np.clip(maps[i] / max(2 * map_thr, 1e-12) * 255, 0, 255).astype(np.uint8)
         Image.fromarray(scaled, "L").save(os.path.join(out_dir, "maps", name + ".png"))
-        Image.fromarray(overlay(batch[i], maps[i], 0.0, 2 * thr, thr)).save(
+        Image.fromarray(overlay(batch[i], maps[i], 0.0, 2 * map_thr, map_thr)).save(
             os.path.join(out_dir, "overlays", name + ".png")
         )
         rows.append(
@@ -200,7 +267,7 @@ def _write_tables(out_dir, rows):
         json.dump(rows, f, indent=2)
     with open(os.path.join(out_dir, "scores.csv"), "w", newline="") as f:
         w = csv.writer(f)
-        w.writerow(["file", "class", "score", "threshold", "anomalous", "output_name", "error"])
+        w.writerow(["file", "class", "score", "threshold", "anomalous", "output_name", "error", "note"])
         for r in rows:
             w.writerow(
                 [
@@ -211,5 +278,6 @@ def _write_tables(out_dir, rows):
                     r["anomalous"],
                     r.get("output_name", ""),
                     r.get("error", ""),
+                    r.get("note", ""),
                 ]
             )

@@ -6,9 +6,15 @@
 
 Needs numpy and pillow, and jax with flatbuffers (scorer.stablehlo) or onnxruntime (scorer.onnx);
 imports nothing of maskad_jax. --runtime auto takes jax when it can be imported, else onnxruntime. The
-export folder is the one this file sits in unless --export names another. Every file's SHA-256 is checked
-against manifest.json first: a changed or truncated artifact is refused. Prints one line per image:
-file, class, score, threshold, anomalous; --out DIR also saves each map as DIR/<n>.npy.
+export folder is the one this file sits in unless --export names another. manifest.json is checked
+against the digest of its canonical form in manifest.sha256 first (an edited manifest is refused:
+integrity against edits and corruption, not a signature), then every file in the folder against its
+SHA-256 in the manifest (a changed, truncated, missing or unlisted file is refused). Prints one
+tab-separated line per image: file, class, score, threshold, anomalous (a tab, newline or backslash in
+a file name is written as \\t, \\n, \\\\); images that cannot be read are skipped with a line on stderr
+and counted; exit status 2 when none could be scored. --out DIR (new or empty) also saves each map as
+DIR/<name>.npy, the name made from the input's path below the inputs' common folder (a/b.png ->
+a_b.png.npy).
 """
 
 import argparse
@@ -22,28 +28,65 @@ import numpy as np
 from PIL import Image
 
 EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
+MANIFEST_DIGEST = "manifest.sha256"  # the SHA-256 of manifest.json's canonical form (canonical_json)
+REQUIRED = ("scorer.stablehlo", "serve.py")  # every export has these
+MAX_ASPECT = 32  # as maskad_jax.preprocess.MAX_ASPECT: longer strips are refused before decoding
 
 
 class ArtifactError(Exception):
     pass
 
 
+def canonical_json(manifest) -> bytes:
+    """The manifest's canonical form: sorted keys, no whitespace, UTF-8."""
+    return json.dumps(manifest, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
+
+
+def write_manifest(folder, manifest):
+    """manifest.json and, beside it, the digest of its canonical form."""
+    with open(os.path.join(folder, "manifest.json"), "w") as f:
+        json.dump(manifest, f, indent=2)
+    with open(os.path.join(folder, MANIFEST_DIGEST), "w") as f:
+        f.write(hashlib.sha256(canonical_json(manifest)).hexdigest() + "\n")
+
+
+def _sha256(path):
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
 def load_manifest(folder):
-    """manifest.json of an export folder, after checking every file it lists against its digest."""
-    path = os.path.join(folder, "manifest.json")
+    """manifest.json of an export folder, after checking it against its digest, that it lists every
+    file of the folder (and the required ones), and every file against its SHA-256."""
+    path, digest_path = os.path.join(folder, "manifest.json"), os.path.join(folder, MANIFEST_DIGEST)
     if not os.path.isfile(path):
         raise ArtifactError(f"{path}: not found; is {folder} an export folder (run.py --mode=export)?")
-    with open(path) as f:
-        manifest = json.load(f)
-    for name, digest in manifest["files"].items():
+    if not os.path.isfile(digest_path):
+        raise ArtifactError(f"{digest_path}: not found; the manifest cannot be checked: re-export")
+    try:
+        with open(path) as f:
+            manifest = json.load(f)
+        with open(digest_path) as f:
+            expected = f.read().strip()
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ArtifactError(f"{path}: unreadable ({e}); re-export") from None
+    if hashlib.sha256(canonical_json(manifest)).hexdigest() != expected:
+        raise ArtifactError(f"{path}: differs from its digest in {MANIFEST_DIGEST} (edited or corrupted); re-export")
+    files = manifest.get("files") or {}
+    present = {n for n in os.listdir(folder) if os.path.isfile(os.path.join(folder, n)) and not n.startswith(".")}
+    unlisted = sorted(present - set(files) - {"manifest.json", MANIFEST_DIGEST})
+    missing = [n for n in REQUIRED if n not in files]
+    if unlisted or missing:
+        what = f"files not listed in it: {unlisted}" if unlisted else f"it does not list {missing}"
+        raise ArtifactError(f"{path}: {what}; re-export")
+    for name, digest in files.items():
         file = os.path.join(folder, name)
-        if not os.path.isfile(file):
+        if os.path.basename(name) != name or not os.path.isfile(file):
             raise ArtifactError(f"{file}: listed in manifest.json but missing")
-        h = hashlib.sha256()
-        with open(file, "rb") as f:
-            for chunk in iter(lambda: f.read(1 << 20), b""):
-                h.update(chunk)
-        if h.hexdigest() != digest:
+        if _sha256(file) != digest:
             raise ArtifactError(f"{file}: its SHA-256 differs from manifest.json (changed or truncated); re-export it")
     return manifest
 
@@ -52,6 +95,8 @@ def to_rgb(img):
     """8-bit RGB as maskad_jax.preprocess.to_rgb: grey -> 3 copies, alpha dropped, 16/32-bit rescaled."""
     if img.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
         arr = np.asarray(img).astype(np.float64)
+        if not np.all(np.isfinite(arr)):
+            raise ValueError(f"{int((~np.isfinite(arr)).sum())} of {arr.size} pixels are not finite (NaN or infinite)")
         top = 65535.0 if img.mode.startswith("I;16") or arr.max(initial=0) > 255 else 255.0
         if img.mode == "F":
             top = 1.0 if arr.max(initial=0) <= 1.0 else 255.0
@@ -62,6 +107,9 @@ def to_rgb(img):
 def preprocess(path, size):
     """uint8 (size, size, 3): RGB, shorter side to size with Lanczos, centre crop (manifest 'preprocess')."""
     img = Image.open(path)
+    w, h = img.size
+    if min(w, h) < 1 or max(w, h) > MAX_ASPECT * min(w, h):
+        raise ValueError(f"{w} x {h} pixels, an aspect ratio over the limit of {MAX_ASPECT}")
     img.load()
     img = to_rgb(img)
     w, h = img.size
@@ -82,14 +130,39 @@ def image_key(image_u8):
 
 
 def collect(paths):
-    out = []
+    """The image files of the paths (folders recursively): (files, problems with the paths themselves)."""
+    out, problems = [], []
     for p in paths:
         if os.path.isdir(p):
-            for d, _, files in os.walk(p):
-                out += sorted(os.path.join(d, f) for f in files if f.lower().endswith(EXTENSIONS))
+            if not os.access(p, os.R_OK | os.X_OK):
+                problems.append(f"{p}: the folder cannot be read (permission denied)")
+                continue
+            found = []
+            for d, _, files in os.walk(p, onerror=lambda e: problems.append(f"{e.filename}: {e.strerror}")):
+                found += sorted(os.path.join(d, f) for f in files if f.lower().endswith(EXTENSIONS))
+            if not found:
+                problems.append(f"{p}: no images ({', '.join(EXTENSIONS)}) in it")
+            out += found
         else:
             out.append(p)
-    return out
+    return out, problems
+
+
+def escape(text):
+    """A file name fit for one tab-separated field: backslash, tab, newline and return escaped."""
+    return text.replace("\\", "\\\\").replace("\t", "\\t").replace("\n", "\\n").replace("\r", "\\r")
+
+
+def flat_name(path, taken):
+    """A file name made of the path's letters, digits, '-', '_' and '.', unique within `taken` (added)."""
+    base = "".join(c if c.isascii() and (c.isalnum() or c in "-_.") else "_" for c in path.strip("/")) or "image"
+    base = base.lstrip(".")[-120:] or "image"
+    name, k = base, 1
+    while name in taken:
+        k += 1
+        name = f"{base}-{k}"
+    taken.add(name)
+    return name
 
 
 def stablehlo_scorer(folder):
@@ -147,41 +220,73 @@ def choose_runtime(folder, manifest, runtime):
     return stablehlo_scorer(folder)
 
 
+def positive(text):
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def load_images(paths, size):
+    """(uint8 images, their paths) of the paths that can be read; the others reported on stderr."""
+    images, ok = [], []
+    for p in paths:
+        try:
+            images.append(preprocess(p, size))
+            ok.append(p)
+        except (OSError, ValueError, SyntaxError, ArtifactError, Image.DecompressionBombError) as e:
+            print(f"skipped {escape(p)}: {e}", file=sys.stderr)
+    return images, ok
+
+
 def main(argv=None):
     here = os.path.dirname(os.path.abspath(__file__))
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("inputs", nargs="+", help="images or folders (the first may be the export folder with -m)")
     ap.add_argument("--export", default=None, help="the export folder (default: this file's folder)")
-    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--batch", type=positive, default=8)
     ap.add_argument("--runtime", choices=("auto", "stablehlo", "onnx"), default="auto")
-    ap.add_argument("--out", default=None, help="save each map as OUT/<index>.npy")
+    ap.add_argument("--out", default=None, help="a new or empty folder: each map saved as OUT/<name>.npy")
     args = ap.parse_args(argv)
     folder = args.export
     if folder is None:
         folder = args.inputs.pop(0) if os.path.isfile(os.path.join(args.inputs[0], "manifest.json")) else here
     try:
+        if args.out and os.path.exists(args.out) and (not os.path.isdir(args.out) or os.listdir(args.out)):
+            raise ArtifactError(f"--out {args.out} exists and is not an empty folder: choose a new one")
         manifest = load_manifest(folder)
+        files, problems = collect(args.inputs)
+        if not files:
+            raise ArtifactError("nothing to score: " + "; ".join(problems or ["no inputs"]))
         run = choose_runtime(folder, manifest, args.runtime)
     except ArtifactError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    size = manifest["input"]["shape"][1]
-    files = collect(args.inputs)
+    for problem in problems:
+        print(f"skipped {escape(problem)}", file=sys.stderr)
+    size, taken, scored = manifest["input"]["shape"][1], set(), 0
+    common = os.path.commonpath([os.path.dirname(os.path.abspath(f)) for f in files])  # maps named relative to it
     if args.out:
         os.makedirs(args.out, exist_ok=True)
     for start in range(0, len(files), args.batch):
-        chunk = files[start : start + args.batch]
-        images = np.stack([preprocess(p, size) for p in chunk])
+        images, chunk = load_images(files[start : start + args.batch], size)
+        if not images:
+            continue
+        images = np.stack(images)
         out = run(images, np.asarray([image_key(im) for im in images], np.int32))
         for i, path in enumerate(chunk):
             cls = manifest["classes"][int(out["class_index"][i])]
             print(
-                f"{path}\t{cls}\t{float(out['score'][i]):.6g}\t{float(out['threshold'][i]):.6g}\t"
+                f"{escape(path)}\t{cls}\t{float(out['score'][i]):.6g}\t{float(out['threshold'][i]):.6g}\t"
                 f"{'anomalous' if out['anomalous'][i] else 'normal'}"
             )
             if args.out:
-                np.save(os.path.join(args.out, f"{start + i}.npy"), out["map"][i])
-    return 0
+                rel = os.path.relpath(os.path.abspath(path), common)
+                np.save(os.path.join(args.out, flat_name(rel, taken) + ".npy"), out["map"][i])
+        scored += len(chunk)
+    skipped = len(files) - scored
+    print(f"scored {scored} of {len(files)} images; {skipped} skipped", file=sys.stderr)
+    return 0 if scored else 2
 
 
 if __name__ == "__main__":

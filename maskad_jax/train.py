@@ -28,7 +28,7 @@ from jax.sharding import PartitionSpec as P
 from maskad_jax import masks as masks_lib
 from maskad_jax.errors import ConfigError, MissingInputError, UserError
 from maskad_jax.optim import make_optimizer
-from maskad_jax.parallel import data_mesh, to_local
+from maskad_jax.parallel import data_mesh, to_local, training_mesh
 from maskad_jax.progress import TrainingRecord
 from maskad_jax.reconstructor import build_reconstructor
 
@@ -120,10 +120,7 @@ def train(
     n, gh, gw, c = h_in.shape
     attention = config.model.reconstructor.get("attention", "einsum")
     if attention == "jax_cudnn":  # cuDNN's fused backward needs other sequence lengths than 1 + 196
-        log(
-            "model.reconstructor.attention = jax_cudnn is for scoring only; training uses einsum "
-            "(the same parameters; evaluation still uses cuDNN)"
-        )
+        log("model.reconstructor.attention = jax_cudnn is for scoring only; training uses einsum (same parameters)")
         attention = "einsum"
     model = build_reconstructor(config, c, (gh, gw), attention)
     base_key = jax.random.key(config.seed)
@@ -158,6 +155,7 @@ def train(
         max_steps=max_steps,
         periodic=periodic,
         periodic_every=int(tc.get("eval_every", 0)),
+        devices=tc.get("devices", "auto"),
     )
 
 
@@ -216,6 +214,7 @@ def training_loop(
     max_steps: int | None = None,
     periodic=None,
     periodic_every: int = 0,
+    devices: str = "all",
 ) -> TrainResult:
     """The data-parallel loop shared by the reconstructor and the flow.
 
@@ -227,8 +226,9 @@ def training_loop(
     <workdir>/<name>_log.jsonl and TensorBoard. periodic(params) -> ({name: value}, summary line)
     runs after every `periodic_every` epochs and after the last step (learning_curves.py). A loss
     that is not finite stops the run with TrainingDivergedError before any later checkpoint.
+    devices: the mesh (parallel.training_mesh: all | one | auto = one on a CPU; train.devices).
     """
-    section, mesh = "train" if name == "train" else name, data_mesh()
+    section, mesh = "train" if name == "train" else name, training_mesh(devices)
     batch, spe, total = _steps(tc, len(arrays[0]), section, mesh)
     tx, sched = make_tx(total, spe)
     ckpt = _checkpoint_manager(workdir, tc, _ckpt_dir(name)) if workdir else None
@@ -287,7 +287,8 @@ def _initial_state(init_params, tx, seed, mesh, ckpt, fingerprint, log, name, wo
 
 
 def _step_runner(loss_fn, tx, arrays, tc, mesh, seed):
-    """f(state, step) -> (state, loss): one jitted, donated update on the step's batch.
+    """f(state, step) -> (state, loss): one jitted, donated update on the step's batch (waited for
+    when the mesh has several CPU devices).
 
     With one process and a cache of at most tc.device_cache_gb GiB the arrays live on every device
     and a step receives only the batch's indices (no per-step host-to-device copy: what keeps a GPU
@@ -320,9 +321,14 @@ def _step_runner(loss_fn, tx, arrays, tc, mesh, seed):
         def batch_of(idx):
             return tuple(None if a is None else jax.make_array_from_process_local_data(data_sh, a[idx]) for a in arrays)
 
+    # Several CPU devices (train.devices = all on a CPU): one step in flight at a time. With steps
+    # queued ahead, XLA's in-process all-reduce between them aborted runs (benchmarks/RESULTS.md).
+    one_in_flight = mesh.devices.size > 1 and jax.default_backend() == "cpu"
+
     def run(state, step):
         idx = _batch_indices(n, batch, seed, step)[pi * local : (pi + 1) * local]
-        return fn(state, batch_of(idx), jax.make_array_from_process_local_data(data_sh, idx.astype(np.int32)))
+        out = fn(state, batch_of(idx), jax.make_array_from_process_local_data(data_sh, idx.astype(np.int32)))
+        return jax.block_until_ready(out) if one_in_flight else out
 
     return run
 

@@ -27,6 +27,8 @@ def locked(workdir: str, mode: str):
     if jax.process_index() != 0:
         yield
         return
+    if os.path.lexists(workdir) and not os.path.isdir(workdir):
+        raise MissingInputError(f"--workdir {workdir} is a file, not a folder: name a folder (new or a run's)")
     created = not os.path.isdir(workdir)
     os.makedirs(workdir, exist_ok=True)
     f = open(os.path.join(workdir, LOCK_NAME), "a+")

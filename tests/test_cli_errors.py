@@ -44,6 +44,10 @@ USER_ERRORS = [
         "/nonexistent/parts does not exist",
     ),
     (["--config.model.backbone.weights=/nonexistent/b.pth"], "backbone weights not found: '/nonexistent/b.pth'"),
+    (["--config.data.name=folder", "--config.data.manual_dir=run.py"], "run.py is a file, not a folder"),
+    (["--config.data.eval_batch_size=1000000"], "data.eval_batch_size = 1000000: must be an integer in [1, 1024]"),
+    (["--workdir=/etc/hostname", "--mode=train"], "--workdir /etc/hostname is a file, not a folder"),
+    (["--workdir=/etc/hostname/wd", "--mode=train"], "Not a directory '/etc/hostname/wd'"),
     (["--mode=eval"], "does not exist: train first"),
     (["--mode=predict", "--config.predict.input=/nonexistent"], "does not exist: train first"),
 ]

@@ -5,6 +5,7 @@ import io
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 
@@ -173,6 +174,57 @@ def test_run_py_train_eval_predict(tmp_path, tfds_dir, smoke_run):
     )
     assert proc.returncode == 2 and "1.5 now" in proc.stderr and "scoring.sigma" in proc.stderr, proc.stderr[-2000:]
     assert _latest_predictions(wd) == second
+
+
+def test_predict_that_scores_nothing_or_is_interrupted_leaves_no_folder(tmp_path, tfds_dir, smoke_run):
+    """A folder whose only image is a zero-byte file: exit 2 naming the skip, no predictions folder,
+    latest.txt unchanged (before: exit 0, "predicted 1 images: 0 anomalous"). Ctrl-C while predict
+    runs: one line, exit 130, no partial folder, latest.txt unchanged."""
+    wd = smoke_run[0]
+    common = [
+        "--config=configs/demo.py:smoke",
+        f"--workdir={wd}",
+        f"--config.data.tfds_dir={tfds_dir}",
+        "--mode=predict",
+    ]
+    preds = os.path.join(wd, "predictions")
+    before = sorted(os.listdir(preds)) if os.path.isdir(preds) else []
+    latest = open(os.path.join(preds, "latest.txt")).read() if before else None
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "zero.png").write_bytes(b"")
+    proc = subprocess.run(
+        [sys.executable, "run.py", *common, f"--config.predict.input={tmp_path / 'empty'}"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 2 and "predict scored none of the 1 image(s)" in proc.stderr, proc.stderr[-2000:]
+    assert "skipped zero.png" in proc.stdout
+    after = sorted(os.listdir(preds)) if os.path.isdir(preds) else []
+    assert after == before and (latest is None or open(os.path.join(preds, "latest.txt")).read() == latest)
+
+    many = tmp_path / "many"
+    _export_test_images(tfds_dir, many, 8)
+    for k in range(3):  # 32 images: the run is still scoring when the interrupt comes
+        for f in list(many.glob("disc_?.png")):
+            shutil.copy(f, many / f"copy{k}_{f.name}")
+    proc = subprocess.Popen(
+        [sys.executable, "-u", "run.py", *common, f"--config.predict.input={many}", "--config.data.eval_batch_size=4"],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=dict(os.environ, XLA_FLAGS=(os.environ.get("XLA_FLAGS", "") + " " + FAST_COMPILE).strip()),
+    )
+    for line in proc.stdout:  # interrupt once the model is restored and scoring starts
+        if "restored the reconstructor" in line:
+            break
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 130 and "interrupted: --mode=predict stopped" in err and "Traceback" not in err, err
+    after = sorted(os.listdir(preds)) if os.path.isdir(preds) else []
+    assert after == before and (latest is None or open(os.path.join(preds, "latest.txt")).read() == latest)
 
 
 def test_learning_curves_are_logged_and_match_the_final_evaluation(smoke_run):
@@ -370,7 +422,7 @@ def test_export_scores_like_predict_without_the_package_and_refuses_a_changed_ar
             assert cls == row["class"] and decision == ("anomalous" if row["anomalous"] == "True" else "normal")
             assert float(score) == pytest.approx(float(row["score"]), rel=1e-4)
             assert float(thr) == pytest.approx(float(row["threshold"]), rel=1e-6)
-            ours = np.load(tmp_path / name / f"{i}.npy")
+            ours = np.load(tmp_path / name / (os.path.basename(path) + ".npy"))  # named after the input
             ref = np.load(os.path.join(_latest_predictions(wd), "maps", row["output_name"] + ".npy"))
             worst = max(worst, float(np.abs(ours - ref).max() / np.abs(ref).max()))
         print(f"exported {name} vs predict: max |map difference| / max |map| = {worst:.2e}")

@@ -55,6 +55,7 @@ UPPER = {
     "optim",
     "overlay",
     "preprocess",
+    "geometry",
 }
 
 

@@ -35,16 +35,51 @@ def _losses(proc, timeout=300):
 
 @pytest.mark.slow
 def test_same_losses_on_1_and_4_devices_and_on_two_processes():
+    """train.devices = all: the data-parallel mesh over 4 forced host devices, and over two processes of
+    2 devices each, gives the one-device losses; auto on a CPU trains on one device (no collective)."""
     one = _losses(_run(1))
     four = _losses(_run(4))
-    assert one["devices"] == 1 and four["devices"] == 4
+    auto = _losses(_run(4, ["--train-devices", "auto"]))
+    assert one["devices"] == 1 and four["devices"] == 4 and four["mesh"] == 4
+    assert auto["devices"] == 4 and auto["mesh"] == 1
     np.testing.assert_allclose(four["losses"], one["losses"], rtol=1e-5)
+    np.testing.assert_allclose(auto["losses"], one["losses"], rtol=1e-5)
     coord = ["--coordinator", loopback_coordinator(), "--num-processes", "2"]
     procs = [_run(2, coord + ["--process-id", str(i)]) for i in range(2)]
     results = [_losses(p) for p in procs]
     for r in results:  # several processes gather their batches on the host (train.device_cache_gb unused)
-        assert r["devices"] == 4 and r["processes"] == 2
+        assert r["devices"] == 4 and r["mesh"] == 4 and r["processes"] == 2
         np.testing.assert_allclose(r["losses"], one["losses"], rtol=1e-5)
+
+
+@pytest.mark.slow
+def test_long_cpu_training_at_a_high_step_rate_does_not_abort(tmp_path):
+    """Issue #24: run.py on the smoke config (its two forced host devices) for 9000 steps at a few
+    hundred steps/s with the loss read every 3000 steps. With the data-parallel mesh over both CPU
+    devices and steps queued ahead this aborted in XLA's all-reduce rendezvous (SIGABRT after 16-112
+    s, benchmarks/RESULTS.md); the default (train.devices = auto: one device on a CPU) has no
+    collective to wait in."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "run.py",
+            "--config=configs/demo.py:smoke",
+            f"--workdir={tmp_path / 'wd'}",
+            f"--config.data.tfds_dir={tmp_path / 'tfds'}",
+            "--mode=train",
+            "--config.train.epochs=3000",
+            "--config.train.log_every=3000",
+            "--config.train.checkpoint_every=100000",
+        ],
+        cwd=root,
+        capture_output=True,
+        text=True,
+        timeout=900,
+        env=dict(os.environ, JAX_PLATFORMS="cpu"),
+    )
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    assert "step 9000/9000" in proc.stdout and "trained to step 9000" in proc.stdout
 
 
 @pytest.mark.slow

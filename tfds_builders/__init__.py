@@ -14,7 +14,7 @@ import io
 import os
 import time
 
-from tfds_builders.common import DatasetLayoutError
+from tfds_builders.common import DatasetLayoutError, what_is
 
 BUILDER_NAMES = ("mvtec_ad", "visa", "real_iad", "folder", "synthetic")
 
@@ -62,7 +62,7 @@ def prepare(name: str, data_dir: str, manual_dir: str | None = None, config: str
             getattr(builder, "MANUAL_DOWNLOAD_INSTRUCTIONS", "")
             or "Point it at a directory of classes in MVTec layout."
         )
-        raise DatasetLayoutError(f"{name}: manual_dir {manual_dir} does not exist.\n{how}")
+        raise DatasetLayoutError(f"{name}: manual_dir {manual_dir} {what_is(manual_dir)}.\n{how}")
     source = "generated images" if name == "synthetic" else os.path.abspath(os.path.expanduser(manual_dir))
     log(f"preparing the {name} dataset from {source} into {builder.data_dir}" + _stale_note(name, builder))
     dl_config = tfds.download.DownloadConfig(manual_dir=source if manual_dir else None)

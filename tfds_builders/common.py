@@ -100,10 +100,22 @@ def image_files(folder: str) -> list[str]:
     )
 
 
+def what_is(path) -> str:
+    """Why a path is not a usable data folder, in a few words."""
+    path = os.path.expanduser(os.fspath(path or ""))
+    if not path:
+        return "is not set"
+    if os.path.isfile(path):
+        return "is a file, not a folder"
+    if os.path.lexists(path) and not os.path.exists(path):
+        return "is a broken link"
+    return "does not exist"
+
+
 def require_manual_dir(dl_manager, name: str, instructions: str) -> str:
     manual = dl_manager.manual_dir
     if manual is None or not os.path.isdir(os.fspath(manual)):
-        raise DatasetLayoutError(f"{name}: manual_dir {manual} does not exist.\n{instructions}")
+        raise DatasetLayoutError(f"{name}: manual_dir {manual} {what_is(manual)}.\n{instructions}")
     return os.fspath(manual)
 
 

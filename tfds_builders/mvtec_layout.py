@@ -14,7 +14,7 @@ import os
 
 from absl import logging
 
-from tfds_builders.common import DatasetLayoutError, image_files
+from tfds_builders.common import DatasetLayoutError, image_files, what_is
 
 
 def _mask_for(root: str, cls: str, defect: str, image_path: str) -> str:
@@ -97,7 +97,7 @@ def discover_classes(root: str, warn: bool = False) -> list[str]:
     folder (Train/, TRAIN/) is refused; with warn (when the dataset is prepared) other subfolders
     are listed in a warning, never dropped silently."""
     if not os.path.isdir(root):
-        raise DatasetLayoutError(f"dataset root {root} does not exist")
+        raise DatasetLayoutError(f"dataset root {root} {what_is(root)}")
     subdirs = sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d)) and not d.startswith("."))
     classes = [d for d in subdirs if os.path.isdir(os.path.join(root, d, "train"))]
     for d in subdirs:
