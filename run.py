@@ -6,11 +6,14 @@
     python run.py --config=configs/mvtec.py --workdir=runs/mvtec --mode=eval
     python run.py --config=configs/mvtec.py --workdir=runs/mvtec --mode=predict --config.predict.input=some/folder
     python run.py --config=configs/mvtec.py --workdir=runs/mvtec --mode=export   # then runs/mvtec/export/serve.py x.png
+    python run.py --config=configs/folder.py --config.data.manual_dir=/data/my_parts --workdir=runs/parts \
+        --mode=update --config.new_images.input=/data/new_good_parts   # more good parts, no retraining
     python run.py --config=configs/mvtec.py --workdir=/mnt/shared/mvtec --coordinator=auto  # every host of a pod
 
 Modes (--mode): train_and_eval (default) | train | eval (reuse the workdir's checkpoint and fit) |
 predict (score new images with them) | export (the trained model as one artifact that scores
-images without this package: <workdir>/export/, docs/deploy.md).
+images without this package: <workdir>/export/, docs/deploy.md) | update (new good images join the
+pools, thresholds recalibrated, the reconstructor kept: maskad_jax/update.py).
 Configs: configs/demo.py (synthetic data, CPU-sized), folder.py (any folder in MVTec layout),
 mvtec.py, visa.py, realiad.py (the paper's setup). Variants after a colon, comma-separated:
 smoke (tiny, for tests), cpu (the CPU-sized model), paper (folder.py only), code (the released
@@ -51,7 +54,9 @@ from ml_collections import config_flags  # noqa: E402
 
 config_flags.DEFINE_config_file("config", "configs/demo.py", "ml_collections config file (path[:variant])")
 flags.DEFINE_string("workdir", None, "directory for checkpoints, metrics and heatmaps (default runs/<config name>)")
-flags.DEFINE_enum("mode", "train_and_eval", ["train_and_eval", "train", "eval", "predict", "export"], "what to run")
+flags.DEFINE_enum(
+    "mode", "train_and_eval", ["train_and_eval", "train", "eval", "predict", "export", "update"], "what to run"
+)
 flags.DEFINE_string(
     "xla_cache",
     None,

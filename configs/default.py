@@ -6,6 +6,7 @@ where the paper is silent.
 """
 
 import ml_collections
+from ml_collections.config_dict import FieldReference
 
 
 def get_config():
@@ -25,6 +26,12 @@ def get_config():
     # image 44% is seen) | resize (the whole image squashed to the square) | pad (aspect kept,
     # letterboxed; the padding is left out of maps, scores and metrics).
     c.data.geometry = "crop"
+    # Labelled images for F1-optimal thresholds (predict.threshold_rule; never the test set): a folder
+    # of <class>/good/ and <class>/<defect>/ image folders (one class: good/ and <defect>/ directly).
+    c.data.validation = ""
+    # Per-class ignore regions: a folder holding <class>.png (white = ignore; the images' size or aspect),
+    # zeroed in the maps before the image score, in eval, predict and export. "" = none.
+    c.data.ignore_masks = ""
     c.data.num_workers = 0  # grain worker processes for decoding (0 = in the main process)
     c.data.eval_batch_size = 16  # images per scoring batch (1 to 1024); predict uses fewer for fewer images
 
@@ -229,13 +236,30 @@ def get_config():
     # independent of the test-set size (Real-IAD); ader: the published protocol's approximations.
     c.eval.protocol = "exact"
     c.eval.bins = 1 << 16
+    # Where the metrics are computed. input: the model's input frame (the paper's protocol: the
+    # centre crop at image_size). image: the whole image at image_size x image_size (maps taken back
+    # through the geometry; what a crop did not see scores the map's minimum), so geometries compare
+    # on the same pixels. auto: input for crop, image otherwise.
+    c.eval.frame = "auto"
+
+    # ---------------------------------------------------------------- update (--mode=update)
+    # New good images joining a trained workdir's pools, the reconstructor untouched (maskad_jax/update.py).
+    c.new_images = ml_collections.ConfigDict()
+    c.new_images.input = ""  # a folder (recursive) or an image of new good parts
+    c.new_images.class_name = ""  # the class they show; "" when the model has one class
 
     # ---------------------------------------------------------------- predict
     c.predict = ml_collections.ConfigDict()
     c.predict.input = ""  # an image or a folder (recursive)
     c.predict.class_name = ""  # the pool to score against; "" = the nearest pool, image by image
-    c.predict.threshold = -1.0  # < 0: calibrated as the given quantile of normal held-out scores
+    # Decision thresholds (maskad_jax/thresholds.py). predict.threshold fixes them: a number for every
+    # class (< 0: none fixed), or per class, {"screw": 0.5} or "screw=0.5,nut=0.7" (the rest keep the
+    # rule). threshold_rule: quantile (the threshold_quantile quantile of normal held-out scores: 0.99
+    # is about 1% false alarms on good parts), f1 (F1-optimal on data.validation's labelled images),
+    # auto (f1 where a class has validation images, else quantile).
+    c.predict.threshold = FieldReference(-1.0, field_type=object)
     c.predict.threshold_quantile = 0.99
+    c.predict.threshold_rule = "auto"
 
     # ---------------------------------------------------------------- export (--mode=export, docs/deploy.md)
     # The scoring program as StableHLO (jax.export) with the trained state baked in, for these XLA

@@ -14,6 +14,10 @@ def get_config(variant: str = ""):
     c = default.get_config()
     c.name = "folder"
     c.data.name = "folder"
+    # Your own parts: the whole image, squashed to the square (every pixel inspected at the input's
+    # full resolution; pad would keep the aspect but spend the canvas on padding). The benchmark configs
+    # keep the papers' centre crop. docs/results.md compares them on the whole image.
+    c.data.geometry = "resize"
     parts = [v.strip() for v in (variant or "").split(",") if v.strip()]
     if "paper" in parts:
         parts.remove("paper")

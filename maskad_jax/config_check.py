@@ -12,9 +12,10 @@ from maskad_jax.ablations import ABLATIONS
 from maskad_jax.errors import ConfigError
 from maskad_jax.reconstructor import ATTENTION_IMPLEMENTATIONS
 from maskad_jax.scoring import CHOICES as SCORING_CHOICES
+from maskad_jax.thresholds import fixed_thresholds
 
 DATASETS = ("synthetic", "mvtec_ad", "visa", "real_iad", "folder")
-MODES = ("train_and_eval", "train", "eval", "predict", "export")
+MODES = ("train_and_eval", "train", "eval", "predict", "export", "update")
 
 
 class _Checker:
@@ -50,6 +51,14 @@ class _Checker:
         self.need(self.get(field) in allowed, field, f"must be one of {' | '.join(map(str, allowed))}")
 
 
+def _thresholds(c, config):
+    c.choice("predict.threshold_rule", ("quantile", "f1", "auto"))
+    try:  # a number, a mapping or "a=0.5,b=0.7"; the class names are checked against the model's later
+        fixed_thresholds(config.predict.threshold, None)
+    except ConfigError as e:
+        c.problems.append(str(e))
+
+
 def validate(config, mode: str = "train_and_eval") -> None:
     c = _Checker(config)
     if mode not in MODES:
@@ -61,6 +70,8 @@ def validate(config, mode: str = "train_and_eval") -> None:
         "is needed for data.name = 'folder': the folder of classes in MVTec layout",
     )
     c.integer("data.image_size", 32, 4096)
+    c.choice("data.geometry", ("crop", "resize", "pad"))
+    c.choice("eval.frame", ("auto", "input", "image"))
     # images per scoring batch; above 1024 one batch of 224 px images alone needs over 600 MB of input
     # and far more in the program (a million would ask for tens of GB before the first image)
     c.integer("data.eval_batch_size", 1, 1024)
@@ -85,7 +96,7 @@ def validate(config, mode: str = "train_and_eval") -> None:
     c.choice("eval.protocol", ("exact", "binned", "ader"))
     c.integer("eval.bins", 2)
     c.number("predict.threshold_quantile", 0, 1, low_open=True)
-    c.number("predict.threshold", None)
+    _thresholds(c, config)
     c.need(
         bool(config.export.platforms) and set(config.export.platforms) <= {"cpu", "cuda", "rocm", "tpu"},
         "export.platforms",
@@ -93,6 +104,12 @@ def validate(config, mode: str = "train_and_eval") -> None:
     )
     c.choice("export.onnx", ("auto", "yes", "no"))
     c.integer("export.onnx_batch", 1)
+    if mode == "update":
+        c.need(
+            bool(config.new_images.input),
+            "new_images.input",
+            "is needed with --mode=update: a folder of new good images",
+        )
     if mode == "predict":
         c.need(bool(config.predict.input), "predict.input", "is needed with --mode=predict: an image or a folder")
     if c.problems:

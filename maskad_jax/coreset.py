@@ -4,6 +4,7 @@ greedy_kcenter: start at index `start`; repeatedly add the point farthest (L2) f
 set (Sener & Savarese 2018, as PatchCore/PMAD use it). An optional Gaussian random projection
 to `projection_dim` dimensions (seeded) measures the distances; the selected points keep their
 full features.
+extend_kcenter: the same greedy rule continued from an existing set of centres (--mode=update).
 nearest: the L2 nearest pool row of each query, in chunks of the pool so memory stays bounded.
 """
 
@@ -42,6 +43,36 @@ def greedy_kcenter(x: np.ndarray, k: int, *, start: int = 0, projection_dim: int
         proj = np.random.default_rng(seed).normal(size=(d, projection_dim)).astype(np.float32) / np.sqrt(projection_dim)
         xj = jnp.dot(xj, jnp.asarray(proj), precision=jax.lax.Precision.HIGHEST)
     return np.asarray(_kcenter(xj, k, jnp.int32(start)))
+
+
+@functools.partial(jax.jit, static_argnames=("k",))
+def _extend(x, mind, k: int):
+    sq = jnp.sum(x * x, axis=1)
+
+    def body(t, carry):
+        idx, mind = carry
+        nxt = jnp.argmax(mind)
+        return idx.at[t].set(nxt), jnp.minimum(mind, jnp.maximum(sq - 2 * x @ x[nxt] + sq[nxt], 0.0))
+
+    idx, _ = jax.lax.fori_loop(0, k, body, (jnp.zeros((k,), jnp.int32), mind))
+    return idx
+
+
+def extend_kcenter(old: np.ndarray, new: np.ndarray, k: int, *, projection_dim: int = 0, seed: int = 0) -> np.ndarray:
+    """Indices of k points of `new` (M, D) chosen by greedy k-center continued from the centres `old`
+    (P, D): each pick is the new point farthest from the old centres and the earlier picks (under
+    the same seeded projection as greedy_kcenter), so a pool grows by what it does not yet cover."""
+    m, d = new.shape
+    k = int(min(max(k, 0), m))
+    if k == 0:
+        return np.zeros((0,), np.int32)
+    xo, xn = jnp.asarray(old, jnp.float32), jnp.asarray(new, jnp.float32)
+    if projection_dim and projection_dim < d:
+        proj = np.random.default_rng(seed).normal(size=(d, projection_dim)).astype(np.float32) / np.sqrt(projection_dim)
+        xo = jnp.dot(xo, jnp.asarray(proj), precision=jax.lax.Precision.HIGHEST)
+        xn = jnp.dot(xn, jnp.asarray(proj), precision=jax.lax.Precision.HIGHEST)
+    mind = nearest(xn, xo)[0] if len(old) else jnp.full((m,), jnp.inf, jnp.float32)
+    return np.asarray(_extend(xn, mind, k))
 
 
 def nearest(queries: jax.Array, pool: jax.Array, pool_valid: jax.Array | None = None, chunk: int = 4096):

@@ -15,6 +15,7 @@ mask_image (S, S) uint8: the mask of the whole image at S x S, for metrics on th
 from __future__ import annotations
 
 import dataclasses
+import io
 import zlib
 
 import grain
@@ -41,6 +42,15 @@ class _QuietTfds:
 logging.get_absl_logger().addFilter(_QuietTfds())
 
 
+def _header_size(image) -> tuple[int, int]:
+    """(width, height) of an encoded image from its header (nothing decoded); (0, 0) if unreadable."""
+    try:
+        with Image.open(io.BytesIO(bytes(image))) as im:
+            return im.size
+    except (OSError, ValueError):
+        return (0, 0)
+
+
 @dataclasses.dataclass(frozen=True)
 class SplitData:
     source: object  # random-access TFDS data source (decodes images)
@@ -50,13 +60,21 @@ class SplitData:
     defect_types: tuple[str, ...]
     file_names: tuple[str, ...]
     class_names: tuple[str, ...]  # all classes of the dataset; class_ids index this
+    has_mask: np.ndarray | None = None  # (N,) bool: False for a defective image without a ground-truth mask
+    sizes: np.ndarray | None = None  # (N, 2) int: each image's (width, height), read from its header
 
     def __len__(self):
         return len(self.indices)
 
     @classmethod
-    def load(cls, builder, split: str, classes=None) -> "SplitData":
+    def load(cls, builder, split: str, classes=None, required: bool = True) -> "SplitData | None":
+        """The split's examples (of `classes`, default all). A split the dataset does not have (a
+        dataset of good images has no test split) is an error, or None when not required."""
         info_classes = tuple(builder.info.features["class_name"].names)
+        if split not in set(builder.info.splits.keys()):
+            if not required:
+                return None
+            raise DataError(f"dataset {builder.name} has no {split!r} split (no {split} images were found)")
         if classes:
             unknown = [c for c in classes if c not in info_classes]
             if unknown:
@@ -66,7 +84,7 @@ class SplitData:
         raw = builder.as_data_source(
             split=split, decoders={"image": tfds.decode.SkipDecoding(), "mask": tfds.decode.SkipDecoding()}
         )
-        keep, labels, cids, defects, names = [], [], [], [], []
+        keep, labels, cids, defects, names, masked, sizes = [], [], [], [], [], [], []
         wanted = None if not classes else {info_classes.index(c) for c in classes}
         for i in range(len(raw)):
             r = raw[i]
@@ -77,15 +95,20 @@ class SplitData:
             cids.append(r["class_name"])
             defects.append(_text(r["defect_type"]))
             names.append(_text(r["file_name"]))
+            masked.append(bool(r.get("has_mask", True)))
+            sizes.append(_header_size(r["image"]))
         order = np.argsort(np.asarray(names, dtype=object), kind="stable")  # class/split/defect/file order
-        keep, labels, cids = [np.asarray(v)[order].tolist() for v in (keep, labels, cids)]
+        keep, labels, cids, masked = [np.asarray(v)[order].tolist() for v in (keep, labels, cids, masked)]
+        sizes = np.asarray(sizes, np.int64).reshape(-1, 2)[order]
         defects, names = [defects[i] for i in order], [names[i] for i in order]
-        if not keep:
+        if not keep and required:
             raise DataError(
                 f"dataset {builder.name} split {split!r} has no examples"
                 + (f" of classes {list(classes)}" if classes else "")
             )
-        if classes:
+        if not keep:
+            return None
+        if classes and required:
             empty = [c for c in classes if info_classes.index(c) not in set(cids)]
             if empty:
                 raise DataError(f"dataset {builder.name} split {split!r} has no examples of class(es) {empty}")
@@ -97,6 +120,8 @@ class SplitData:
             tuple(defects),
             tuple(names),
             info_classes,
+            np.asarray(masked, bool),
+            sizes,
         )
 
     def present_classes(self) -> list[str]:

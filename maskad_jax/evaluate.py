@@ -27,23 +27,34 @@ from maskad_jax.data import Preprocess, SplitData, eval_batches
 from maskad_jax.errors import NonFiniteError
 from maskad_jax.fit import scoring_signature
 from maskad_jax.flow import flow_logp_fn
+from maskad_jax.geometry import place, to_original
 from maskad_jax.overlay import overlay, unique_names
 from maskad_jax.parallel import gather_max, gather_rows, is_writer, place_for_scoring, process_share, scoring_sharding
-from maskad_jax.scoring import device_pools, fuse, make_score_features_fn, make_score_fn, needs_term_stats
+from maskad_jax.scoring import (
+    apply_keep,
+    device_pools,
+    fuse,
+    keep_mask,
+    make_score_features_fn,
+    make_score_fn,
+    needs_term_stats,
+)
 
 
-def calibrate(config, model, params, pools, h_in, h_tgt, keys, flow=None, f_flow=None, fine=None) -> dict:
+def calibrate(config, model, params, pools, h_in, h_tgt, keys, flow=None, f_flow=None, fine=None, boxes=None) -> dict:
     """Score the held-out normal training images of every pool (for predict's thresholds and, with
     scoring.mpo_fusion = sum, the terms' statistics): {"cal_scores": {class: image scores},
     "cal_map_max": {class: pixel-map maxima}, "term_stats": (K, 4) held-out mean and std of P and of
     M_po per pool, or None when the scoring does not standardise them}.
 
-    h_in, h_tgt, keys, f_flow, fine: the training images' features (rows at the pools' calibration
-    positions are used). Several processes each score a share and gather the terms; the statistics
-    and the scores are then finished from the gathered terms with the scoring's own fuse stage."""
+    h_in, h_tgt, keys, f_flow, fine, boxes: the training images' features and content boxes (rows at
+    the pools' calibration positions are used; boxes count with data.geometry = pad). Several
+    processes each score a share and gather the terms; the statistics and the scores are then
+    finished from the gathered terms with the scoring's own fuse and keep stages."""
     sc = config.scoring
     fn = jax.jit(make_score_features_fn(config, model, flow), static_argnums=(6,))
     params, dev_pools = place_for_scoring(config, (params, device_pools(pools, flow)))
+    boxes = boxes if config.data.geometry == "pad" else None
     held = [np.asarray(pools.calibration.get(cls, np.zeros(0, int)), np.int64) for cls in pools.class_names]
     pos = np.concatenate(held)  # training-image positions, class by class
     pool = np.concatenate([np.full(len(p), k, np.int32) for k, p in enumerate(held)])
@@ -64,6 +75,7 @@ def calibrate(config, model, params, pools, h_in, h_tgt, keys, flow=None, f_flow
                 size,
                 None if f_flow is None else jnp.asarray(f_flow[p]),
                 None if fine is None else jnp.asarray(fine[p]),
+                None if boxes is None else jnp.asarray(boxes[p]),
             )
             for k, v in (("patch", out["patch"]), ("mpo_map", out["mpo_map"]), ("score", out["score"])):
                 terms[k].append(np.asarray(v))
@@ -75,7 +87,8 @@ def calibrate(config, model, params, pools, h_in, h_tgt, keys, flow=None, f_flow
     stats = None
     if needs_term_stats(sc):
         stats = term_stats(patch, mpo_map, pool, len(held))
-        scores, map_max = _finish(sc, patch, mpo_map, stats[pool], size, bs)
+        keep = (None if boxes is None else boxes[pos], dev_pools.get("ignore"), pool)
+        scores, map_max = _finish(sc, patch, mpo_map, stats[pool], keep, size, bs)
     bad = ~np.isfinite(scores) | ~np.isfinite(map_max)
     if bad.any() or (stats is not None and not np.all(np.isfinite(stats))):
         raise NonFiniteError(
@@ -99,10 +112,26 @@ def term_stats(patch, mpo_map, pool, k: int) -> np.ndarray:
     return out.astype(np.float32)
 
 
-def _finish(sc, patch, mpo_map, stats, size, bs):
-    """Image scores and pixel-map maxima from stored terms: the scoring's fuse stage, batched."""
-    fn = jax.jit(lambda p, m, st: [x.max(axis=(1, 2)) for x in fuse(p, m, st, sc, size)])
-    out = [fn(patch[s : s + bs], mpo_map[s : s + bs], stats[s : s + bs]) for s in range(0, len(patch), bs)]
+def _finish(sc, patch, mpo_map, stats, keep, size, bs):
+    """Image scores and pixel-map maxima from stored terms: the scoring's fuse and keep stages, batched.
+    keep: (boxes (N, 4) or None, ignore masks (K, S, S) or None, pool index (N,))."""
+    boxes, ignore, pool = keep
+
+    def finish(p, m, st, bx, pidx):
+        score, pixel_map = apply_keep(*fuse(p, m, st, sc, size), keep_mask(bx, ignore, pidx, size))
+        return score, pixel_map.max(axis=(1, 2))
+
+    fn = jax.jit(finish)
+    out = [
+        fn(
+            patch[s : s + bs],
+            mpo_map[s : s + bs],
+            stats[s : s + bs],
+            None if boxes is None else boxes[s : s + bs],
+            pool[s : s + bs],
+        )
+        for s in range(0, len(patch), bs)
+    ]
     return tuple(np.concatenate([np.asarray(o[i]) for o in out]) if out else np.zeros(0, np.float32) for i in (0, 1))
 
 
@@ -112,10 +141,14 @@ def evaluate(config, workdir, extractor, model, params, pools, data: SplitData, 
     if config.scoring.mpo_normalisation == "test_max":
         _normalise_on_the_test_set(config, extractor, pools, dev_pools, flow, data)
     t0 = time.time()
-    maps, masks, scores, rec_mean, uncertified = _score_split(
+    maps, masks, scores, rec_mean, uncertified, boxes, originals, masks_image = _score_split(
         config, extractor, model, params, dev_pools, pools, data, flow
     )
     rate = len(data) / max(time.time() - t0, 1e-9)
+    frame = eval_frame(config)
+    if frame == "image":  # every map on the whole image at S x S, so geometries compare on the same pixels
+        maps, masks = to_image_frame(maps, boxes, originals, config.data.image_size, config.data.geometry), masks_image
+    progress.log(f"metrics in the {frame} frame (eval.frame; data.geometry = {config.data.geometry})")
     _refuse_non_finite(data, maps, scores)
     _log_ot_certification(config, uncertified, len(data))
     several = (
@@ -125,11 +158,24 @@ def evaluate(config, workdir, extractor, model, params, pools, data: SplitData, 
     )
     progress.log(f"scored {len(data)} test images at {rate:.2f} img/s{several} (first batch includes compilation)")
     per_class = {}
+    has_mask = np.ones(len(data), bool) if data.has_mask is None else data.has_mask
+    if not has_mask.all():
+        progress.log(
+            f"{int((~has_mask).sum())} defective test image(s) have no ground-truth mask: they count for the image "
+            f"metrics only"
+        )
     for cid in sorted(set(data.class_ids.tolist())):
         sel = data.class_ids == cid
+        pix = sel & has_mask  # pixel metrics: the images whose masks are ground truth
         per_class[data.class_names[cid]] = metrics_lib.all_metrics(
-            scores[sel], data.labels[sel], maps[sel], masks[sel], protocol=config.eval.protocol, bins=config.eval.bins
+            scores[sel], data.labels[sel], maps[pix], masks[pix], protocol=config.eval.protocol, bins=config.eval.bins
         )
+        undefined = [k for k, v in per_class[data.class_names[cid]].items() if not np.isfinite(v)]
+        if undefined:
+            progress.log(
+                f"class {data.class_names[cid]}: {', '.join(undefined)} undefined (its test images need both normal "
+                f"and defective ones, and masks for the pixel metrics)"
+            )
     mean = {k: float(np.nanmean([m[k] for m in per_class.values()])) for k in metrics_lib.METRIC_NAMES}
     report = {
         "per_class": per_class,
@@ -137,13 +183,38 @@ def evaluate(config, workdir, extractor, model, params, pools, data: SplitData, 
         "test_images_per_second": rate,
         "num_test_images": len(data),
         "metrics_unit": "fraction (the console prints %)",
-        "examples": write_heatmaps(workdir, data, maps, scores, config.data.image_size, write=is_writer()),
+        "examples": write_heatmaps(
+            workdir, data, maps, scores, config.data.image_size, write=is_writer(), geometry=display_geometry(config)
+        ),
     }
     progress.log("mean over classes (%): " + ", ".join(f"{k} {100 * v:.1f}" for k, v in mean.items()))
     if is_writer():
         _write_results(workdir, report, data, scores, rec_mean)
         report["report_data"] = report_data(config, data, pools, maps, masks, scores, report["examples"])
     return report
+
+
+def eval_frame(config) -> str:
+    """eval.frame resolved: input (the model's input frame) or image (the whole image)."""
+    if config.eval.frame != "auto":
+        return config.eval.frame
+    return "input" if config.data.geometry == "crop" else "image"
+
+
+def display_geometry(config) -> str:
+    """The geometry that shows an image in the frame the metrics are computed in."""
+    return "resize" if eval_frame(config) == "image" else config.data.geometry
+
+
+def to_image_frame(maps, boxes, originals, size: int, geometry: str) -> np.ndarray:
+    """Input-frame maps (N, S, S) on their whole images at S x S (geometry.to_original); the part a
+    crop never saw takes the map's minimum (not inspected: never above anything inspected)."""
+    out = np.empty_like(maps)
+    for i, (amap, box, (w, h)) in enumerate(zip(maps, boxes, originals)):
+        p = place(int(w), int(h), size, geometry)
+        x0, y0, x1, y1 = (int(v) for v in box)
+        out[i] = to_original(amap, p, (size, size), fill=float(amap[y0:y1, x0:x1].min()))
+    return out
 
 
 def report_data(config, data, pools, maps, masks, scores, examples) -> dict:
@@ -169,7 +240,7 @@ def report_data(config, data, pools, maps, masks, scores, examples) -> dict:
             "image_curves": metrics_lib.curve_points(scores[sel], labels) if both else None,
             "pixel_curves": metrics_lib.curve_points(maps[sel], masks[sel]) if pixels_both else None,
         }
-    pre = Preprocess(data, config.data.image_size, config.data.geometry)
+    pre = Preprocess(data, config.data.image_size, display_geometry(config))
     for ex in examples:
         el = pre.map(ex["index"])
         out["examples"].append(dict(ex, image=el["image"], map=maps[ex["index"]], mask=el["mask"]))
@@ -177,8 +248,8 @@ def report_data(config, data, pools, maps, masks, scores, examples) -> dict:
 
 
 def _score_split(config, extractor, model, params, dev_pools, pools, data, flow):
-    """This process's share of the split scored and every process's rows gathered:
-    (maps, masks, scores, rec_mean, uncertified) over the whole split."""
+    """This process's share of the split scored and every process's rows gathered: (maps, masks,
+    scores, rec_mean, uncertified, content boxes, original sizes, whole-image masks) over the split."""
     score = make_score_fn(config, extractor, model, flow)
     size, n = config.data.image_size, len(data)
     share = process_share(n)  # this process's images (all of them with one process)
@@ -187,8 +258,12 @@ def _score_split(config, extractor, model, params, dev_pools, pools, data, flow)
         "mask": np.zeros((len(share), size, size), np.uint8),
         "score": np.zeros((len(share),), np.float32),
         "rec": np.zeros((len(share),), np.float32),  # the image's mean per-patch Rec (scoring.error_units)
-        "ot_uncertified": np.zeros((len(share),), np.int32),
-    }  # patches whose AssDis used the exact optimum
+        "ot_uncertified": np.zeros((len(share),), np.int32),  # patches whose AssDis used the exact optimum
+        "box": np.zeros((len(share), 4), np.int32),
+        "original": np.zeros((len(share), 2), np.int32),
+        "mask_image": np.zeros((len(share), size, size), np.uint8),
+    }
+    pad = config.data.geometry == "pad"
     shard, row = scoring_sharding(config), 0
     with progress.bar(len(share), "scoring") as pbar:
         for batch in eval_batches(
@@ -207,16 +282,18 @@ def _score_split(config, extractor, model, params, dev_pools, pools, data, flow)
                 jax.device_put(batch["image"], shard),
                 jax.device_put(pools.pool_index(names), shard),
                 jax.device_put(batch["image_key"], shard),
+                jax.device_put(batch["box"], shard) if pad else None,
             )
             ok = batch["valid"] == 1
             r = slice(row, row + int(ok.sum()))  # batches follow `share` in order
             for k in ("map", "score", "ot_uncertified"):
                 out[k][r] = np.asarray(res[k])[ok]
             out["rec"][r] = np.asarray(res["rec"]).mean(axis=(1, 2))[ok]
-            out["mask"][r] = batch["mask"][ok]
+            for k in ("mask", "box", "original", "mask_image"):
+                out[k][r] = batch[k][ok]
             row = r.stop
             pbar.update(int(ok.sum()))
-    return gather_rows(n, share, out["map"], out["mask"], out["score"], out["rec"], out["ot_uncertified"])
+    return gather_rows(n, share, *(out[k] for k in out))
 
 
 def _refuse_non_finite(data, maps, scores):
@@ -330,14 +407,14 @@ def _test_max_flow_ref(config, extractor, pools, dev_pools, flow, data) -> np.nd
 
 
 # ------------------------------------------------------------------------------------------ heatmaps
-def write_heatmaps(workdir, data, maps, scores, size, per_class: int = 3, write: bool = True) -> list:
+def write_heatmaps(workdir, data, maps, scores, size, per_class: int = 3, write: bool = True, geometry="crop") -> list:
     """Overlays of the highest- and lowest-scored test images of each class (colours scaled from the
     class's lowest to its highest map value). write=False lists them without writing (processes
     other than the writer)."""
     out_dir = os.path.join(workdir, "heatmaps")
     if write:
         os.makedirs(out_dir, exist_ok=True)
-    pre = Preprocess(data, size)
+    pre = Preprocess(data, size, geometry)
     picks = []
     for cid in sorted(set(data.class_ids.tolist())):
         idx = np.nonzero(data.class_ids == cid)[0]

@@ -33,9 +33,10 @@ from maskad_jax import export_onnx, progress
 from maskad_jax.digests import sha256_file
 from maskad_jax.errors import ConfigError
 from maskad_jax.parallel import to_local
-from maskad_jax.predict import assign_pools, class_thresholds, threshold_rule
+from maskad_jax.predict import assign_pools
 from maskad_jax.scoring import device_pools, make_score_fn
 from maskad_jax.serve_export import MANIFEST_DIGEST, load_manifest, write_manifest
+from maskad_jax.thresholds import class_threshold, class_thresholds, normal_medians, threshold_rule
 
 FORMAT = "maskad-jax export 1"
 KEY_RULE = (
@@ -44,8 +45,17 @@ KEY_RULE = (
 )
 
 
+BOX_RULE = "(x0, y0, x1, y1) of the input holding the image (pad's letterbox; x1, y1 exclusive): serve.placement"
+GEOMETRY_RULES = {
+    "crop": "shorter side to {s} px (PIL Lanczos, aspect kept), the centre {s} x {s} kept",
+    "resize": "the whole image to {s} x {s} (PIL Lanczos, aspect not kept)",
+    "pad": "longer side to {s} px (PIL Lanczos, aspect kept), centred on a {s} x {s} canvas of RGB (124, 116, 104)",
+}
+
+
 def scorer_function(config, extractor, model, params, pools, flow=None):
-    """f(images uint8 (B, S, S, 3), keys int32 (B,)) -> dict: the eval program with everything baked in."""
+    """f(images uint8 (B, S, S, 3), keys int32 (B,)[, boxes int32 (B, 4) with data.geometry = pad]) ->
+    dict: the eval program with everything baked in (the fit's ignore regions included)."""
     pc = config.predict
     dev_pools = jax.tree_util.tree_map(jnp.asarray, to_local(device_pools(pools, flow)))
     params = jax.tree_util.tree_map(jnp.asarray, to_local(params))
@@ -54,13 +64,13 @@ def scorer_function(config, extractor, model, params, pools, flow=None):
     thresholds = jnp.asarray(class_thresholds(config, pools), jnp.float32)
     fixed = pools.pool_index([pc.class_name])[0] if pc.class_name else None
 
-    def scorer(images, keys):
+    def scorer(images, keys, *boxes):  # boxes (B, 4) int32 with data.geometry = pad only
         x = images.astype(jnp.float32) / 255.0
         if fixed is None:
             pidx = assign_pools(extractor.apply(variables, x), dev_pools)
         else:
             pidx = jnp.full(images.shape[:1], fixed, jnp.int32)
-        out = score(params, variables, dev_pools, x, pidx, keys)
+        out = score(params, variables, dev_pools, x, pidx, keys, *boxes)
         thr = thresholds[pidx]
         return {
             "map": out["map"],
@@ -77,6 +87,8 @@ def export_stablehlo(config, scorer) -> bytes:
     s = config.data.image_size
     (b,) = jax.export.symbolic_shape("b")
     args = (jax.ShapeDtypeStruct((b, s, s, 3), jnp.uint8), jax.ShapeDtypeStruct((b,), jnp.int32))
+    if config.data.geometry == "pad":
+        args += (jax.ShapeDtypeStruct((b, 4), jnp.int32),)
     exported = jax.export.export(jax.jit(scorer), platforms=tuple(config.export.platforms))(*args)
     return bytes(exported.serialize())
 
@@ -161,8 +173,23 @@ def _write_onnx(config, make_scorer, folder: str, why) -> dict:
     }
 
 
+def threshold_entries(config, pools) -> dict:
+    """The manifest's thresholds, map levels, normal medians (the normalised score), ignore regions
+    and the record of --mode=update (files and digests, not the local paths they came from)."""
+    names = pools.class_names
+    return {
+        "thresholds": dict(zip(names, class_thresholds(config, pools))),
+        "threshold_rule": threshold_rule(config, pools),
+        "map_thresholds": {c: class_threshold(config, pools, c, of="map") for c in names},
+        "normal_medians": dict(zip(names, normal_medians(pools))),
+        "normalised_score": "(score - normal_medians[class]) / (threshold - normal_medians[class]); 1 = threshold",
+        "ignore_regions": [c for k, c in enumerate(names) if pools.ignore is not None and pools.ignore[k].any()],
+        "updates": [{k: v for k, v in rec.items() if k != "input"} for rec in pools.added],
+    }
+
+
 def build_manifest(config, pools, folder: str, onnx_note=None) -> dict:
-    s = config.data.image_size
+    s, geometry = config.data.image_size, config.data.geometry
     pc = config.predict
     versions = {"python": sys.version.split()[0]}
     for pkg in ("jax", "jaxlib", "flax", "numpy", "ott-jax", "maskad-jax", "jax2onnx", "onnx", "onnxruntime"):
@@ -183,11 +210,12 @@ def build_manifest(config, pools, folder: str, onnx_note=None) -> dict:
             "shape": ["batch", s, s, 3],
             "layout": "NHWC, RGB, 0-255",
             "key": {"dtype": "int32", "shape": ["batch"], "rule": KEY_RULE},
+            **({"boxes": {"dtype": "int32", "shape": ["batch", 4], "rule": BOX_RULE}} if geometry == "pad" else {}),
         },
         "preprocess": {
             "convert": "RGB (grey and palette images converted, alpha dropped)",
-            "resize": f"shorter side to {s} px, PIL Lanczos, aspect kept",
-            "crop": f"centre {s} x {s}",
+            "geometry": geometry,
+            "how": GEOMETRY_RULES[geometry].format(s=s),
         },
         "outputs": {
             "map": ["batch", s, s, "float32, the anomaly map (higher = more anomalous)"],
@@ -202,8 +230,7 @@ def build_manifest(config, pools, folder: str, onnx_note=None) -> dict:
             if pc.class_name
             else "per image, the pool whose nearest tokens are closest on average"
         ),
-        "thresholds": dict(zip(pools.class_names, class_thresholds(config, pools))),
-        "threshold_rule": threshold_rule(config),
+        **threshold_entries(config, pools),
         "platforms": list(config.export.platforms),
         "scoring": {
             "mpo": config.scoring.mpo,

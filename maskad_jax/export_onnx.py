@@ -144,9 +144,12 @@ def export_onnx(config, make_scorer) -> bytes:
     scorer = make_scorer(onnx_config(config))
     s, b = config.data.image_size, config.export.onnx_batch
     args = (jax.ShapeDtypeStruct((b, s, s, 3), jnp.uint8), jax.ShapeDtypeStruct((b,), jnp.int32))
+    names = ["images", "keys"]
+    if config.data.geometry == "pad":  # the images' content boxes: pad's padding is left out of the score
+        args, names = args + (jax.ShapeDtypeStruct((b, 4), jnp.int32),), names + ["boxes"]
 
-    def outputs(images, keys):
-        out = scorer(images, keys)
+    def outputs(*inputs):
+        out = scorer(*inputs)
         return tuple(out[k] for k in OUTPUTS)
 
-    return convert(outputs, args, ["images", "keys"], OUTPUTS)
+    return convert(outputs, args, names, OUTPUTS)

@@ -53,7 +53,7 @@ def fine_strides(config):
 
 def extract_features(extractor, data: SplitData, config, with_target: bool, desc: str = "features", fine=None):
     """Backbone features of a whole split, in order: (h_in, h_tgt or None, image keys, the fine
-    embeddings at the strides `fine` or None)."""
+    embeddings at the strides `fine` or None, the images' content boxes (N, 4) in the input frame)."""
     return extract_at(extractor, data, config, with_target, np.arange(len(data)), desc, fine)
 
 
@@ -62,11 +62,11 @@ def extract_at(extractor, data: SplitData, config, with_target: bool, positions,
     processes each extracts a share and every process gets all rows."""
     positions = np.asarray(positions, np.int64)
     share = process_share(len(positions))
-    fields = ("fine",) if fine else ()
+    fields = ("box", "fine") if fine else ("box",)
     h_in, h_tgt, keys, extra = extract_positions(
         extractor, data, config, with_target, positions[share], desc, fields, fine
     )
-    return gather_rows(len(positions), share, h_in, h_tgt, keys, extra.get("fine"))
+    return gather_rows(len(positions), share, h_in, h_tgt, keys, extra.get("fine"), extra["box"])
 
 
 def extract_positions(
@@ -112,6 +112,8 @@ def extract_positions(
         empty = np.zeros((0,) + tuple(extractor.feature_shape(config.data.image_size)), np.float32)
         x = jax.ShapeDtypeStruct((1, config.data.image_size, config.data.image_size, 3), jnp.float32)
         none = {f: None for f in fields}
+        if "box" in fields:
+            none["box"] = np.zeros((0, 4), np.int32)
         if fine:  # the fine embedding's shape, so the processes' shares still gather
             none["fine"] = np.zeros((0,) + jax.eval_shape(features, extractor.variables, x)[2].shape[1:], np.float32)
         return empty, (empty if with_target else None), np.zeros((0,), np.int32), none

@@ -67,6 +67,24 @@ class Pools:
     fine_cal_scale: np.ndarray | None = None  # (K,)
     term_stats: np.ndarray | None = None  # (K, 4): held-out normal mean, std of P and of M_po (under cal_scoring)
     cal_map_max: dict = dataclasses.field(default_factory=dict)  # class -> the held-out images' pixel-map maxima
+    geometry: dict | None = None  # {"geometry": data.geometry, "image_size": data.image_size} the pools were fitted at
+    # class -> {"threshold", "f1", "good", "defective"}: F1-optimal thresholds on data.validation (thresholds.py)
+    val_thresholds: dict = dataclasses.field(default_factory=dict)
+    ignore: np.ndarray | None = (
+        None  # (K, S, S) bool: each class's ignore region in the input frame (data.ignore_masks)
+    )
+    added: list = dataclasses.field(default_factory=list)  # --mode=update: [{"class", "files": {name: sha256}, ...}]
+
+    def require_geometry(self, config) -> None:
+        """Refuse a run whose data.geometry or data.image_size differs from the fit's (older fits: crop)."""
+        fitted = self.geometry or {"geometry": "crop", "image_size": None}
+        now = {"geometry": config.data.geometry, "image_size": int(config.data.image_size)}
+        if fitted["geometry"] != now["geometry"] or fitted["image_size"] not in (None, now["image_size"]):
+            raise ConfigError(
+                f"this workdir's model was fitted with data.geometry = {fitted['geometry']!r} at data.image_size = "
+                f"{fitted['image_size']}, and this run asks for {now['geometry']!r} at {now['image_size']}: use the "
+                f"training config's geometry (images must reach the model as they did in training)"
+            )
 
     def calibrated_for(self, config, terms_only: bool = False) -> bool:
         """Whether the calibration was computed under this config's scoring (terms_only: whether its
@@ -113,6 +131,8 @@ class Pools:
         extra = {} if self.src is None else {"src": self.src}
         if self.fine_in is not None:
             extra.update(fine_in=self.fine_in, fine_valid=self.fine_valid, fine_cal_scale=self.fine_cal_scale)
+        if self.ignore is not None:
+            extra["ignore"] = self.ignore
         if not (np.all(np.isfinite(self.cal_scale)) and all(np.all(np.isfinite(v)) for v in self.cal_scores.values())):
             raise FloatingPointError(
                 f"refusing to save the fit to {directory}: its calibration is not finite (NaN "
@@ -130,6 +150,9 @@ class Pools:
                     "cal_scoring": self.cal_scoring,
                     "term_stats": None if self.term_stats is None else np.asarray(self.term_stats).tolist(),
                     "cal_map_max": {k: [float(x) for x in v] for k, v in self.cal_map_max.items()},
+                    "geometry": self.geometry,
+                    "val_thresholds": self.val_thresholds,
+                    "added": self.added,
                 },
                 f,
             )
@@ -169,6 +192,10 @@ class Pools:
                 arrays.get("fine_cal_scale"),
                 None if meta.get("term_stats") is None else np.asarray(meta["term_stats"], np.float32),
                 meta.get("cal_map_max", {}),
+                meta.get("geometry"),
+                meta.get("val_thresholds", {}),
+                arrays.get("ignore"),
+                meta.get("added", []),
             )
         except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as e:
             raise PoolsCorruptError(
@@ -225,11 +252,26 @@ def _kcenter_pool(feats, feats_tgt, fit, cal, ratio, fit_cfg, seed, rng):
     k = int(np.ceil(ratio * len(tok_in)))
     sel = greedy_kcenter(tok_in, k, start=0, projection_dim=fit_cfg.projection_dim, seed=seed)
     if len(cal):
-        d, _ = nearest(jnp.asarray(feats[cal].reshape(-1, c_dim)), jnp.asarray(tok_in[sel]))
-        scale = float(jnp.mean(jnp.sqrt(d)))
+        scale = mean_nearest(feats[cal], tok_in[sel])
     else:  # a single image: no held-out data; distances of pool tokens would be 0, so use 1
         scale = 1.0
     return tok_in[sel], tok_tgt[sel], tok_src[sel], scale
+
+
+def mean_nearest(queries: np.ndarray, pool: np.ndarray) -> float:
+    """The mean L2 distance of the query tokens (..., C) to their nearest pool token (a calibration scale)."""
+    d, _ = nearest(jnp.asarray(queries.reshape(-1, queries.shape[-1])), jnp.asarray(pool))
+    return float(jnp.mean(jnp.sqrt(d)))
+
+
+def save_replacing(pools: Pools, directory: str) -> None:
+    """Save the fit beside `directory` and move its files over the old ones (pools.npz, then
+    pools.json, which holds the npz's digest: an interrupted swap is refused at load, never used)."""
+    tmp = directory.rstrip(os.sep) + ".new"
+    pools.save(tmp)
+    for name in ("pools.npz", "pools.json"):
+        os.replace(os.path.join(tmp, name), os.path.join(directory, name))
+    os.rmdir(tmp)
 
 
 def _stack(pools):

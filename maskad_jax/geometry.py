@@ -21,10 +21,11 @@ import dataclasses
 import numpy as np
 from PIL import Image
 
+from maskad_jax import serve_export
 from maskad_jax.errors import ConfigError
 
-GEOMETRIES = ("crop", "resize", "pad")
-PAD_FILL = (124, 116, 104)  # ImageNet's mean colour, 0-255: padding that looks like nothing in particular
+GEOMETRIES = serve_export.GEOMETRIES
+PAD_FILL = serve_export.PAD_FILL  # the export's loader holds the arithmetic, so both place images alike
 
 
 @dataclasses.dataclass(frozen=True)
@@ -49,42 +50,13 @@ def check(geometry: str) -> str:
 
 def place(width: int, height: int, size: int, geometry: str) -> Placement:
     """Where an image of width x height sits in the S x S input under the geometry."""
-    check(geometry)
-    w, h = int(width), int(height)
-    if geometry == "resize":
-        return Placement(size, (w, h), (0, 0, size, size), (0.0, 0.0, float(w), float(h)))
-    if geometry == "pad":
-        s = size / max(w, h)
-        cw, ch = max(1, min(size, round(w * s))), max(1, min(size, round(h * s)))
-        x0, y0 = (size - cw) // 2, (size - ch) // 2
-        return Placement(size, (w, h), (x0, y0, x0 + cw, y0 + ch), (0.0, 0.0, float(w), float(h)))
-    # crop: torchvision's Resize(size) (int of the longer side) then CenterCrop(size)
-    short, long = (w, h) if w <= h else (h, w)
-    new_long = int(size * long / short)
-    rw, rh = (size, new_long) if w <= h else (new_long, size)
-    left, top = int(round((rw - size) / 2.0)), int(round((rh - size) / 2.0))
-    sx, sy = w / rw, h / rh
-    return Placement(size, (w, h), (0, 0, size, size), (left * sx, top * sy, (left + size) * sx, (top + size) * sy))
+    box, region = serve_export.placement(int(width), int(height), size, check(geometry))
+    return Placement(size, (int(width), int(height)), box, region)
 
 
 def to_input(img: Image.Image, size: int, geometry: str, resample=Image.LANCZOS, fill=PAD_FILL) -> Image.Image:
     """The S x S input image (or mask, with resample=NEAREST and fill=0) of `img` under the geometry."""
-    p = place(img.size[0], img.size[1], size, geometry)
-    if geometry == "resize":
-        return img.resize((size, size), resample) if img.size != (size, size) else img
-    if geometry == "pad":
-        x0, y0, x1, y1 = p.box
-        canvas = Image.new(img.mode, (size, size), fill if img.mode == "RGB" else 0)
-        canvas.paste(img.resize((x1 - x0, y1 - y0), resample) if img.size != (x1 - x0, y1 - y0) else img, (x0, y0))
-        return canvas
-    w, h = img.size
-    short, long = (w, h) if w <= h else (h, w)
-    if short != size:
-        new_long = int(size * long / short)
-        img = img.resize((size, new_long) if w <= h else (new_long, size), resample)
-    rw, rh = img.size
-    left, top = int(round((rw - size) / 2.0)), int(round((rh - size) / 2.0))
-    return img.crop((left, top, left + size, top + size))
+    return serve_export.to_input(img, size, check(geometry), resample, fill)
 
 
 def content_mask(p: Placement) -> np.ndarray:
@@ -99,13 +71,4 @@ def to_original(amap: np.ndarray, p: Placement, out_size: tuple[int, int] | None
     """An (S, S) input-frame map on the original image's grid (out_size = (width, height), default the
     original size: e.g. (S, S) for the whole image squashed to the input's resolution), bilinear; the
     part of the image the input did not show (crop) is `fill`."""
-    w, h = out_size or p.original
-    x0, y0, x1, y1 = p.box
-    content = Image.fromarray(np.asarray(amap, np.float32)[y0:y1, x0:x1], "F")
-    u0, v0, u1, v1 = p.region
-    sx, sy = w / p.original[0], h / p.original[1]
-    a, b = int(round(u0 * sx)), int(round(v0 * sy))
-    c, d = max(a + 1, int(round(u1 * sx))), max(b + 1, int(round(v1 * sy)))
-    out = np.full((h, w), fill, np.float32)
-    out[b:d, a:c] = np.asarray(content.resize((c - a, d - b), Image.BILINEAR), np.float32)
-    return out
+    return serve_export.to_original(amap, p.box, p.region, p.original, out_size, fill)

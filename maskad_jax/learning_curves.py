@@ -112,7 +112,7 @@ def make_learning_curves(config, model, pools, evalset: EvalSet, place, heldout=
     held-out normal loss.
 
     place(tree): puts parameters and pools where scoring runs (parallel.place_for_scoring).
-    heldout: (h_in, h_tgt, keys, fine) of the training images, whose rows at the pools' calibration
+    heldout: (h_in, h_tgt, keys, fine, boxes) of the training images, whose rows at the pools' calibration
     positions give the term statistics of rows with scoring.mpo_fusion = sum."""
     tc = config.train
     cfgs = _row_configs(config)
@@ -144,8 +144,8 @@ def make_learning_curves(config, model, pools, evalset: EvalSet, place, heldout=
             if needs_term_stats(cfgs[row].scoring):
                 if heldout is None:
                     raise ValueError(f"learning-curve row {row!r} needs held-out features for its term statistics")
-                h, t, k, f = heldout
-                cal = calibrate(cfgs[row], model, params, few, h, t, k, None, None, f)
+                h, t, k, f, bx = heldout
+                cal = calibrate(cfgs[row], model, params, few, h, t, k, None, None, f, bx)
                 row_pools = dict(dev_pools, term_stats=place(jnp.asarray(cal["term_stats"])))
             metrics = _row_metrics(fn, params, row_pools, evalset, pool_idx, bs, size)
             out.update({f"{row}/{m}": v for m, v in metrics.items()})

@@ -255,6 +255,9 @@ def all_metrics(image_scores, image_labels, maps, masks, protocol: str = "exact"
         out.update({f"{prefix}_{k}": v for k, v in vals.items()})
 
     curves("image", image_scores, image_labels)
+    if len(maps) == 0:  # no image with a ground-truth mask
+        out.update(dict.fromkeys(("pixel_auroc", "pixel_ap", "pixel_f1_max", "aupro"), float("nan")))
+        return out
     if protocol == "binned":
         acc = BinnedPixelMetrics(float(np.min(maps)), float(np.max(maps)), bins)
         for i in range(len(maps)):

@@ -23,11 +23,13 @@ def colormap(values01: np.ndarray) -> np.ndarray:
 def overlay(
     image01: np.ndarray, amap: np.ndarray, lo: float, hi: float, threshold: float | None = None, alpha: float = 0.45
 ) -> np.ndarray:
-    """image (H, W, 3) in [0, 1], map (H, W) scaled to [lo, hi] -> (H, W, 3) uint8 with an outline in white."""
-    heat = colormap((amap - lo) / max(hi - lo, 1e-12)).astype(np.float64)
-    out = (1 - alpha) * image01 * 255 + alpha * heat
+    """image (H, W, 3) in [0, 1], map (H, W) scaled to [lo, hi] -> (H, W, 3) uint8 with an outline in
+    white; where the map is NaN (not inspected) the image is shown darkened, without heat."""
+    seen = np.isfinite(amap)
+    heat = colormap((np.where(seen, amap, lo) - lo) / max(hi - lo, 1e-12)).astype(np.float64)
+    out = np.where(seen[..., None], (1 - alpha) * image01 * 255 + alpha * heat, 0.5 * image01 * 255)
     if threshold is not None:
-        region = amap >= threshold
+        region = seen & (np.where(seen, amap, -np.inf) >= threshold)
         edge = region & ~ndimage.binary_erosion(region, iterations=1, border_value=0)
         out[edge] = 255
     return np.clip(out, 0, 255).astype(np.uint8)

@@ -23,12 +23,13 @@ import numpy as np
 from maskad_jax import config_check, feature_cache, progress
 from maskad_jax import workdir as workdir_lib
 from maskad_jax.data import SplitData
-from maskad_jax.errors import ConfigError, MissingInputError
+from maskad_jax.errors import ConfigError, DataError, MissingInputError
 from maskad_jax.evaluate import calibrate, evaluate
 from maskad_jax.export import export
-from maskad_jax.fit import Pools, fit_pools, scoring_difference, scoring_signature
+from maskad_jax.fit import Pools, fit_pools, mean_nearest, save_replacing, scoring_difference, scoring_signature
 from maskad_jax.flow import FlowState, build_flow
 from maskad_jax.flow_fit import calibrate_flow, load_flow_reference, restore_flow, save_flow_reference, train_flow
+from maskad_jax.ignore_masks import load_ignore_masks
 from maskad_jax.learning_curves import build_eval_set, make_learning_curves
 from maskad_jax.parallel import barrier, is_writer, place_for_scoring, to_local
 from maskad_jax.predict import predict
@@ -36,33 +37,40 @@ from maskad_jax.reconstructor import build_reconstructor, count_params
 from maskad_jax.report import write_report
 from maskad_jax.samples import export_samples
 from maskad_jax.scoring import fine_on, needs_term_stats
+from maskad_jax.thresholds import class_threshold, threshold_rule
 from maskad_jax.train import restore_params, train
+from maskad_jax.update import add_images, aspect_ranges
+from maskad_jax.validation import validation_thresholds
 from tfds_builders import prepare
 
 MODES = config_check.MODES
 
 
 def load_data(config):
-    """(builder, training split, test split) of data.name, prepared once into data.tfds_dir."""
+    """(builder, training split, test split or None when the dataset has no test images) of data.name,
+    prepared once into data.tfds_dir."""
     d = config.data
     builder = prepare(d.name, d.tfds_dir, manual_dir=d.manual_dir or None, config=d.config or None)
     classes = list(d.classes) or None
-    return builder, SplitData.load(builder, "train", classes), SplitData.load(builder, "test", classes)
+    train = SplitData.load(builder, "train", classes)
+    return builder, train, SplitData.load(builder, "test", classes, required=False)
 
 
 def train_and_evaluate(config, workdir: str, mode: str = "train_and_eval") -> dict:
     config_check.validate(config, mode)  # every field, before any work or file
     workdir = os.path.abspath(os.path.expanduser(workdir))
-    if mode in ("predict", "export") and jax.process_count() > 1:
+    if mode in ("predict", "export", "update") and jax.process_count() > 1:
         raise ConfigError(
             f"--mode={mode} runs in one process (it writes files of its own); start it without jax.distributed"
         )
-    if mode in ("eval", "predict", "export"):
+    if mode in ("eval", "predict", "export", "update"):
         workdir_lib.require_trained(workdir)  # refused before anything is written
     with workdir_lib.locked(workdir, mode):
         t_start = time.time()
         if mode in ("predict", "export"):
             result = _predict_or_export(config, workdir, mode)
+        elif mode == "update":
+            result = _update(config, workdir)
         else:
             result = _train_and_eval(config, workdir, mode)
         result["total_seconds"] = time.time() - t_start
@@ -94,6 +102,7 @@ def _predict_or_export(config, workdir, mode) -> dict:
     pools = Pools.load(os.path.join(workdir, "fit"))
     flow = restore_flow_state(config, workdir, channels, grid, pools)
     _require_fine_pools(config, pools)
+    pools.require_geometry(config)
     if needs_term_stats(config.scoring) and not pools.calibrated_for(config, terms_only=True):
         what = scoring_difference(pools.cal_scoring or {}, scoring_signature(config))
         raise ConfigError(
@@ -109,14 +118,22 @@ def _predict_or_export(config, workdir, mode) -> dict:
 def _train_and_eval(config, workdir, mode) -> dict:
     _, train_data, test_data = load_data(config)
     progress.log(
-        f"dataset {config.data.name}: {len(train_data)} train, {len(test_data)} test images, classes "
-        f"{train_data.present_classes()}"
+        f"dataset {config.data.name}: {len(train_data)} train, {len(test_data) if test_data else 'no'} test images, "
+        f"classes {train_data.present_classes()}"
     )
+    if test_data is None and mode == "eval":
+        raise DataError("--mode=eval: the dataset has no test images to evaluate (add <class>/test/... folders)")
     extractor, model, channels, grid = _models(config)
     _write_config(config, workdir, mode)
     result = {}
     if mode in ("train", "train_and_eval"):
         params, result["train_seconds"] = _train_stage(config, workdir, extractor, model, train_data, test_data)
+    if test_data is None and mode == "train_and_eval":
+        progress.log(
+            "no test images: trained, fitted and calibrated (--mode=predict is ready, with thresholds from held-out "
+            "good images); nothing to evaluate, so no metrics (add <class>/test/good and <class>/test/<defect>)"
+        )
+        return result
     if mode in ("eval", "train_and_eval"):
         if mode == "eval":
             params, step = restore_params(workdir, config, channels, grid)
@@ -124,6 +141,7 @@ def _train_and_eval(config, workdir, mode) -> dict:
         pools = Pools.load(os.path.join(workdir, "fit"))
         flow = restore_flow_state(config, workdir, channels, grid, pools)
         _require_fine_pools(config, pools)
+        pools.require_geometry(config)
         if needs_term_stats(config.scoring) and not pools.calibrated_for(config):
             pools = _recalibrate(config, extractor, model, params, pools, flow, train_data)
         result.update(evaluate(config, workdir, extractor, model, params, pools, test_data, flow))
@@ -138,7 +156,7 @@ def _train_and_eval(config, workdir, mode) -> dict:
 
 def _train_stage(config, workdir, extractor, model, train_data, test_data):
     """Features, pools, the reconstructor (and flow), calibration; the fit saved. (params, seconds)."""
-    h_in, h_tgt, keys, fine = feature_cache.extract_features(
+    h_in, h_tgt, keys, fine, boxes = feature_cache.extract_features(
         extractor,
         train_data,
         config,
@@ -148,20 +166,30 @@ def _train_stage(config, workdir, extractor, model, train_data, test_data):
     class_names = [train_data.class_names[i] for i in train_data.class_ids]
     t0 = time.time()  # the pools depend on the features only: fitted first, so the learning curves can use them
     pools = fit_pools(h_in, h_tgt, class_names, config.fit, config.seed, fine=fine)
+    pools.geometry = {
+        "geometry": config.data.geometry,
+        "image_size": int(config.data.image_size),
+        "aspect": aspect_ranges(train_data),  # --mode=update refuses images of another shape
+    }
+    pools.ignore = load_ignore_masks(
+        config.data.ignore_masks, pools.class_names, config.data.image_size, config.data.geometry
+    )
     progress.log(
         f"fitted {len(pools.class_names)} pool(s) of up to {pools.pool_in.shape[1]} tokens"
         + ("" if fine is None else f" (fine grid {fine.shape[1]}x{fine.shape[2]}: up to {pools.fine_in.shape[1]})")
         + f" in {time.time() - t0:.0f}s"
     )
     periodic = None
-    if config.train.eval_every > 0:
+    if config.train.eval_every > 0 and test_data is None:
+        progress.log("train.eval_every: no test images, so no learning curves")
+    elif config.train.eval_every > 0:
         periodic = make_learning_curves(
             config,
             model,
             pools,
             build_eval_set(config, extractor, test_data, config.train.eval_images),
             lambda tree: place_for_scoring(config, tree),
-            heldout=(h_in, h_tgt, keys, fine),
+            heldout=(h_in, h_tgt, keys, fine, boxes),
         )
     t0 = time.time()
     res = train(config, h_in, h_tgt, workdir, log=progress.log, periodic=periodic)
@@ -172,7 +200,9 @@ def _train_stage(config, workdir, extractor, model, train_data, test_data):
     flow, f_train = None, None
     if config.scoring.mpo == "flow":
         flow, f_train = _train_flow_stage(config, workdir, h_in, pools, class_names, train_data)
-    _set_calibration(pools, config, calibrate(config, model, res.params, pools, h_in, h_tgt, keys, flow, f_train, fine))
+    cal = calibrate(config, model, res.params, pools, h_in, h_tgt, keys, flow, f_train, fine, boxes)
+    _set_calibration(pools, config, cal)
+    pools.val_thresholds = validation_thresholds(config, extractor, model, res.params, pools, flow)
     if is_writer():
         pools.save(os.path.join(workdir, "fit"))
     barrier("fit saved")
@@ -188,7 +218,7 @@ def _train_flow_stage(config, workdir, h_in, pools, class_names, train_data):
     embedder, feats, fpools = None, h_in, pools
     if fc.features == "backbone":
         embedder = feature_cache.make_flow_embedder(config)
-        feats, _, _, _ = feature_cache.extract_features(
+        feats, _, _, _, _ = feature_cache.extract_features(
             embedder, train_data, config, with_target=False, desc="flow features"
         )
         fit_cfg = config.fit.copy_and_resolve_references()
@@ -228,18 +258,20 @@ def _require_fine_pools(config, pools):
         )
 
 
-def _recalibrate(config, extractor, model, params, pools, flow, train_data):
+def _recalibrate(config, extractor, model, params, pools, flow, train_data, rescale: int | None = None):
     """The fit's calibration for this run's scoring, when it differs from the training run's (an
     ablation row): the held-out training images scored again. In memory only: the saved fit and its
-    thresholds stay those of the training scoring."""
+    thresholds stay those of the training scoring. rescale: a pool that changed (--mode=update), whose
+    calibration scales (the held-out tokens' mean distance to it) are measured again first."""
     if flow is not None and flow.embedder is not None:
         raise ConfigError(
             "scoring.mpo_fusion = sum under a scoring other than the training run's needs its term "
             "statistics, which cannot be recomputed with the flow's own backbone: use the training scoring"
         )
-    progress.log("the fit's term statistics are for another scoring: recomputing them on the held-out images")
+    if rescale is None:
+        progress.log("the fit's term statistics are for another scoring: recomputing them on the held-out images")
     positions = np.concatenate([np.asarray(pools.calibration.get(c, []), np.int64) for c in pools.class_names])
-    h_in, h_tgt, keys, fine = feature_cache.extract_at(
+    h_in, h_tgt, keys, fine, boxes = feature_cache.extract_at(
         extractor,
         train_data,
         config,
@@ -250,12 +282,58 @@ def _recalibrate(config, extractor, model, params, pools, flow, train_data):
     )
     bounds = np.cumsum([0] + [len(pools.calibration.get(c, [])) for c in pools.class_names])
     rows = {c: np.arange(bounds[k], bounds[k + 1]) for k, c in enumerate(pools.class_names)}
-    local = dataclasses.replace(pools, calibration=rows)  # positions into the extracted rows
     pools = dataclasses.replace(pools)
+    if rescale is not None:
+        _rescale(pools, rescale, h_in[rows[pools.class_names[rescale]]], fine, rows[pools.class_names[rescale]])
+    local = dataclasses.replace(pools, calibration=rows)  # positions into the extracted rows
     _set_calibration(
-        pools, config, calibrate(config, model, to_local(params), local, h_in, h_tgt, keys, flow, None, fine)
+        pools, config, calibrate(config, model, to_local(params), local, h_in, h_tgt, keys, flow, None, fine, boxes)
     )
     return pools
+
+
+def _rescale(pools, k, held_in, fine, rows):
+    """Pool k's calibration scales measured again: its held-out tokens' mean distance to the pool."""
+    if not len(rows):
+        return
+    pools.cal_scale = np.array(pools.cal_scale, np.float32)
+    pools.cal_scale[k] = mean_nearest(held_in, pools.pool_in[k][pools.valid[k]])
+    if fine is not None and pools.fine_in is not None:
+        pools.fine_cal_scale = np.array(pools.fine_cal_scale, np.float32)
+        pools.fine_cal_scale[k] = mean_nearest(fine[rows], pools.fine_in[k][pools.fine_valid[k]])
+
+
+def _update(config, workdir) -> dict:
+    """--mode=update (update.py): new good images join a class's pools; calibration and thresholds
+    are recomputed on the held-out training images; the reconstructor is not touched."""
+    _, train_data, _ = load_data(config)
+    extractor, model, channels, grid = _models(config)
+    params, step = restore_params(workdir, config, channels, grid)
+    fit_dir = os.path.join(workdir, "fit")
+    pools = Pools.load(fit_dir)
+    _require_fine_pools(config, pools)
+    record = add_images(config, extractor, pools)
+    if config.data.ignore_masks:
+        pools.ignore = load_ignore_masks(
+            config.data.ignore_masks, pools.class_names, config.data.image_size, config.data.geometry
+        )
+    pools = _recalibrate(config, extractor, model, params, pools, None, train_data, rescale=record["pool_index"])
+    if pools.val_thresholds and not config.data.validation:
+        progress.log(
+            "update: the F1 thresholds were for the old pools and are dropped: give data.validation to redo them"
+        )
+    pools.val_thresholds = validation_thresholds(config, extractor, model, params, pools)
+    pools.added = list(pools.added) + [{k: v for k, v in record.items() if k != "pool_index"}]
+    _write_config(config, workdir, "update")
+    if is_writer():
+        save_replacing(pools, fit_dir)
+    cls = record["class"]
+    progress.log(
+        f"update: class {cls} recalibrated (threshold {class_threshold(config, pools, cls):.4g}, "
+        f"{threshold_rule(config, pools)}); the reconstructor (step {step}) is unchanged; "
+        f"recorded in {fit_dir}/pools.json"
+    )
+    return {"update": {k: v for k, v in record.items() if k != "pool_index"}}
 
 
 def restore_flow_state(config, workdir, channels, grid, pools):

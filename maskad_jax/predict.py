@@ -1,17 +1,20 @@
 """Predict on new images: `--mode=predict --config.predict.input=PATH` (an image or a folder, recursive).
 
 Writes into a new folder <workdir>/predictions/<date-time>/ per run (named in predictions/latest.txt,
-so one run's files never mix with another's): scores.csv and scores.json (file, class, image score, threshold,
-decision), maps/<name>.npy (the anomaly map), maps/<name>.png (the map scaled by the map's
-threshold: 255 = twice it) and overlays/<name>.png (heatmap over the image, the region at or above
-the map's threshold outlined in white). The map's threshold is the score's when the pixel map is the
-score's own map, else the same quantile of the held-out images' map maxima (scoring.pixel_map).
-Names are flattened from the input's relative paths to letters,
-digits, '-' and '_', so nothing can be written outside the workdir.
+so one run's files never mix with another's): scores.json and scores.csv (per image: file, class,
+score, normalised score (1.0 = the threshold: thresholds.py), threshold, decision, and the regions of
+the map at or above the map's threshold: box, area in pixels of the original image, peak),
+maps/<name>.npy (the anomaly map at the image's original size and aspect; NaN where the geometry did
+not look: crop's sides), maps/<name>.png (scaled by the map's threshold: 255 = twice it) and
+overlays/<name>.png (the heatmap over the original image, regions outlined in white, the part not
+inspected darkened). The map's threshold is the score's when the pixel map is the score's own map,
+else the same quantile of the held-out images' map maxima (scoring.pixel_map). Names are flattened
+from the input's relative paths to letters, digits, '-' and '_', so nothing can be written outside
+the workdir.
 
+Images reach the model under the geometry it was trained with (data.geometry; the fit records it).
 Class: `predict.class_name`, or (empty) the pool whose tokens lie nearest to the image's on average.
-Threshold: `predict.threshold` when >= 0, else the `predict.threshold_quantile` quantile of the
-scores of normal training images held out of the pool (never from test labels).
+Threshold: thresholds.py (predict.threshold, predict.threshold_rule; never from test labels).
 """
 
 from __future__ import annotations
@@ -31,11 +34,13 @@ from maskad_jax import progress
 from maskad_jax.coreset import nearest
 from maskad_jax.data import image_key
 from maskad_jax.errors import ConfigError, DataError, MissingInputError, NonFiniteError
-from maskad_jax.fit import scoring_signature
+from maskad_jax.geometry import place, to_original
 from maskad_jax.overlay import overlay, unique_names
 from maskad_jax.parallel import place_for_scoring, scoring_sharding
-from maskad_jax.preprocess import ImageDecodeError, open_image, preprocess_image
+from maskad_jax.preprocess import ImageDecodeError, open_image, preprocess_image, to_rgb
 from maskad_jax.scoring import device_pools, make_score_fn
+from maskad_jax.serve_export import regions_over
+from maskad_jax.thresholds import class_threshold, class_thresholds, normal_medians, normalised, threshold_rule
 
 EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
 
@@ -106,8 +111,12 @@ def predict(config, workdir: str, extractor, model, params, pools, log=print, fl
         shutil.rmtree(out_dir, ignore_errors=True)
         raise
     flagged = sum(1 for r in rows if r.get("anomalous"))
+    note = crop_note(r["inspected_fraction"] for r in rows if r.get("score") is not None)
+    if note:
+        log(note)
     log(
-        f"predicted {scored} images from {root}: {flagged} anomalous ({threshold_rule(config)}); {skipped} skipped"
+        f"predicted {scored} images from {root}: {flagged} anomalous ({threshold_rule(config, pools)}); "
+        f"{skipped} skipped"
         + (f", {len(unreadable)} folder(s) unreadable" if unreadable else "")
         + f"; results in {final}"
     )
@@ -117,24 +126,62 @@ def predict(config, workdir: str, extractor, model, params, pools, log=print, fl
 def _predict_into(config, out_dir, root, rels, extractor, model, params, pools, flow, log) -> list[dict]:
     """Score the images in batches, writing maps and overlays into out_dir; a row per image."""
     pc = config.predict
+    fixed = int(pools.pool_index([pc.class_name])[0]) if pc.class_name else None
+    names = dict(zip(rels, unique_names(rels, "")))  # flat, unique file names for the outputs
+    rows = []
+    for chunk, pidx, out in scored_batches(config, root, rels, extractor, model, params, pools, flow, rows, log, fixed):
+        new = _write_images(config, pools, out_dir, chunk, [names[r] for r in chunk["rels"]], pidx, out)
+        for r, p in zip(new, chunk["placed"]):
+            note = "; ".join(filter(None, [chunk["notes"].get(r["file"]), shape_note(pools, r["class"], p)]))
+            if note:
+                r["note"] = note
+        rows += new
+    return rows
+
+
+ASPECT_TOLERANCE = 1.1  # an image may be this much wider or narrower than its class's training images
+
+
+def shape_note(pools, cls, p, tolerance: float = ASPECT_TOLERANCE) -> str:
+    """A note when an image's aspect ratio lies outside its class's training images' (the fit's
+    record): under crop or resize it reaches the model shaped otherwise than anything it learned."""
+    aspect = (pools.geometry or {}).get("aspect", {}).get(cls)
+    a = p.original[0] / p.original[1]
+    if not aspect or aspect[0] / tolerance <= a <= aspect[1] * tolerance:
+        return ""
+    return (
+        f"its shape (width/height {a:.3g}) is outside class {cls}'s training images' ({aspect[0]:.3g} to "
+        f"{aspect[1]:.3g}): the map and score are less reliable; train on images of this shape"
+    )
+
+
+def scored_batches(config, root, rels, extractor, model, params, pools, flow, rows, log, pool_of=None, desc="predict"):
+    """Score the images at root/rels in batches: yields ({"rels", "placed", "originals", "notes"} of the
+    images read, their pool indices, the score program's outputs); an image that cannot be read gets
+    a row in `rows` with its error. pool_of: one pool index for all, an array of one per path, or
+    None (the nearest pool, image by image)."""
     params, dev_pools = place_for_scoring(config, (params, device_pools(pools, flow)))
     score = make_score_fn(config, extractor, model, flow)
     assign = jax.jit(lambda v, x: assign_pools(extractor.apply(v, x), dev_pools))
-    fixed = int(pools.pool_index([pc.class_name])[0]) if pc.class_name else None
-    names = dict(zip(rels, unique_names(rels, "")))  # flat, unique file names for the outputs
+    wanted = None if pool_of is None else dict(zip(rels, np.broadcast_to(np.asarray(pool_of, np.int32), len(rels))))
     # one compiled shape: the configured batch, but never padded far beyond the images there are (one
     # image with eval_batch_size 1024 would otherwise score 1024): at most the next multiple of 8, and
     # a whole number per device
-    rows, shard = [], scoring_sharding(config)
+    shard = scoring_sharding(config)
     per = len(shard.device_set)
     bs = -(-min(config.data.eval_batch_size, -(-len(rels) // 8) * 8) // per) * per
-    with progress.bar(len(rels), "predict") as pbar:
+    with progress.bar(len(rels), desc) as pbar:
         for start in range(0, len(rels), bs):
-            images, ok_rels, notes = _load_chunk(rels[start : start + bs], root, config.data.image_size, rows, log)
+            images, ok_rels, notes, placed, originals = _load_chunk(
+                rels[start : start + bs], root, config.data.image_size, config.data.geometry, rows, log
+            )
             if images:
                 batch = np.stack(images + [images[-1]] * (bs - len(images)))  # a fixed shape: one compiled program
                 x = jax.device_put(batch, shard)
-                pidx = np.full(bs, fixed, np.int32) if fixed is not None else np.asarray(assign(extractor.variables, x))
+                if wanted is None:
+                    pidx = np.asarray(assign(extractor.variables, x))
+                else:
+                    pidx = np.asarray([wanted[r] for r in ok_rels] + [wanted[ok_rels[-1]]] * (bs - len(ok_rels)))
                 out = score(
                     params,
                     extractor.variables,
@@ -142,14 +189,31 @@ def _predict_into(config, out_dir, root, rels, extractor, model, params, pools, 
                     x,
                     jax.device_put(pidx, shard),
                     jax.device_put(np.asarray([image_key(im) for im in batch]), shard),
+                    *boxes_for(config, placed, bs, shard),
                 )
-                new = _write_images(config, pools, out_dir, batch, ok_rels, [names[r] for r in ok_rels], pidx, out)
-                for r in new:
-                    if notes.get(r["file"]):
-                        r["note"] = notes[r["file"]]
-                rows += new
+                yield {"rels": ok_rels, "placed": placed, "originals": originals, "notes": notes}, pidx, out
             pbar.update(len(rels[start : start + bs]))
-    return rows
+
+
+def boxes_for(config, placed, bs, shard) -> tuple:
+    """(the content boxes, padded to the batch,) for data.geometry = pad, else (): the score leaves
+    pad's padding out (the other geometries fill the frame, and keep the program without boxes)."""
+    if config.data.geometry != "pad":
+        return ()
+    boxes = np.asarray([p.box for p in placed] + [placed[-1].box] * (bs - len(placed)), np.int32)
+    return (jax.device_put(boxes, shard),)
+
+
+def crop_note(seen) -> str:
+    """ "" when every image was seen whole, else how much of them the geometry inspected (seen: the
+    images' inspected fractions of their area)."""
+    seen = list(seen)
+    if not seen or min(seen) > 0.999:
+        return ""
+    return (
+        f"data.geometry = crop inspected {100 * float(np.mean(seen)):.0f}% of the images' area on average "
+        f"(least {100 * min(seen):.0f}%): the rest is NaN in the maps; resize or pad inspects every pixel"
+    )
 
 
 def output_folder(workdir: str) -> tuple[str, str]:
@@ -183,59 +247,36 @@ def point_latest(workdir: str, name: str) -> None:
     os.replace(tmp, latest)
 
 
-def class_threshold(config, pools, cls: str, of: str = "score") -> float:
-    """predict.threshold when set, else the calibrated quantile of the pool's held-out normal scores
-    (of = "map": of their pixel maps' maxima, the level that outlines a map's region; with
-    scoring.pixel_map = mpo the map has its own scale, so a set predict.threshold applies to the
-    score only and the map's level stays calibrated)."""
-    pc = config.predict
-    own_map = of == "map" and config.scoring.pixel_map != "score"
-    if pc.threshold >= 0 and not own_map:
-        return float(pc.threshold)
-    signature = None if own_map and pc.threshold >= 0 else scoring_signature(config)
-    return pools.threshold(cls, pc.threshold_quantile, signature, of)
-
-
-def class_thresholds(config, pools) -> list[float]:
-    """class_threshold of every pool, in the pools' order."""
-    return [class_threshold(config, pools, c) for c in pools.class_names]
-
-
-def threshold_rule(config) -> str:
-    pc = config.predict
-    if pc.threshold >= 0:
-        return f"threshold {pc.threshold:g}, set by predict.threshold"
-    return (
-        f"threshold per class = the {pc.threshold_quantile:g} quantile of the scores of normal training images "
-        f"held out of the pools (predict.threshold_quantile)"
-    )
-
-
-def _load_chunk(chunk, root, size, rows, log):
-    """(the chunk's decoded images, their paths, {path: a note}); a file that cannot be used gets a row
-    with its error and a log line."""
-    images, ok_rels, notes = [], [], {}
+def _load_chunk(chunk, root, size, geometry, rows, log):
+    """(the chunk's preprocessed images, their paths, {path: a note}, their placements, their RGB
+    originals); a file that cannot be used gets a row with its error and a log line."""
+    images, ok_rels, notes, placed, originals = [], [], {}, [], []
     for rel in chunk:
         try:
             img = open_image(os.path.join(root, rel), source=rel)
             if img.info.get("frames", 1) > 1:
                 notes[rel] = f"{img.info['frames']} frames: the first is scored"
                 log(f"{rel}: {notes[rel]}")
-            images.append(preprocess_image(img, size, source=rel))
+            img = to_rgb(img, rel)
+            images.append(preprocess_image(img, size, source=rel, geometry=geometry))
+            placed.append(place(img.size[0], img.size[1], size, geometry))
+            originals.append(img)
             ok_rels.append(rel)
         except (ImageDecodeError, ValueError, OSError) as e:
             log(f"skipped {rel}: {e}")
             rows.append(
                 {"file": rel, "class": "", "score": None, "threshold": None, "anomalous": None, "error": str(e)}
             )
-    return images, ok_rels, notes
+    return images, ok_rels, notes, placed, originals
 
 
-def _write_images(config, pools, out_dir, batch, rels, names, pidx, out) -> list[dict]:
-    """maps/<name>.npy and .png and overlays/<name>.png of each scored image; its row."""
+def _write_images(config, pools, out_dir, chunk, names, pidx, out) -> list[dict]:
+    """maps/<name>.npy and .png and overlays/<name>.png of each scored image, at its original size
+    (NaN in the .npy where the geometry did not look: crop's sides); its row."""
     maps, scores = np.asarray(out["map"]), np.asarray(out["score"])
+    medians = normal_medians(pools)
     rows = []
-    for i, (rel, name) in enumerate(zip(rels, names)):
+    for i, (rel, name, p, img) in enumerate(zip(chunk["rels"], names, chunk["placed"], chunk["originals"])):
         cls = pools.class_names[pidx[i]]
         thr, map_thr = class_threshold(config, pools, cls), class_threshold(config, pools, cls, of="map")
         if not (np.isfinite(thr) and np.isfinite(scores[i]) and np.isfinite(maps[i]).all()):
@@ -243,10 +284,12 @@ def _write_images(config, pools, out_dir, batch, rels, names, pidx, out) -> list
                 f"{rel}: its score ({scores[i]}) or the threshold of class {cls!r} ({thr}) is not "
                 f"finite; the checkpoint or the fit is damaged: retrain, or check the weights"
             )
-        np.save(os.path.join(out_dir, "maps", name + ".npy"), maps[i])
-        scaled = np.clip(maps[i] / max(2 * map_thr, 1e-12) * 255, 0, 255).astype(np.uint8)
+        full = to_original(maps[i], p)
+        np.save(os.path.join(out_dir, "maps", name + ".npy"), full)
+        scaled = np.clip(np.nan_to_num(full, nan=0.0) / max(2 * map_thr, 1e-12) * 255, 0, 255).astype(np.uint8)
         Image.fromarray(scaled, "L").save(os.path.join(out_dir, "maps", name + ".png"))
-        Image.fromarray(overlay(batch[i], maps[i], 0.0, 2 * map_thr, map_thr)).save(
+        image01 = np.asarray(img, np.float32) / 255.0
+        Image.fromarray(overlay(image01, full, 0.0, 2 * map_thr, map_thr)).save(
             os.path.join(out_dir, "overlays", name + ".png")
         )
         rows.append(
@@ -254,8 +297,11 @@ def _write_images(config, pools, out_dir, batch, rels, names, pidx, out) -> list
                 "file": rel,
                 "class": cls,
                 "score": float(scores[i]),
+                "normalised_score": normalised(float(scores[i]), thr, medians[pidx[i]]),
                 "threshold": thr,
                 "anomalous": bool(scores[i] >= thr),
+                "regions": regions_over(full, map_thr),
+                "inspected_fraction": round(p.seen_fraction, 4),
                 "output_name": name,
             }
         )
@@ -263,19 +309,42 @@ def _write_images(config, pools, out_dir, batch, rels, names, pidx, out) -> list
 
 
 def _write_tables(out_dir, rows):
+    """scores.json (every field, the regions listed) and scores.csv (a line per image: the regions
+    counted, the largest peak's box given)."""
     with open(os.path.join(out_dir, "scores.json"), "w") as f:
         json.dump(rows, f, indent=2)
+    num = lambda v: "" if v is None else f"{v:.6g}"  # noqa: E731
     with open(os.path.join(out_dir, "scores.csv"), "w", newline="") as f:
         w = csv.writer(f)
-        w.writerow(["file", "class", "score", "threshold", "anomalous", "output_name", "error", "note"])
+        w.writerow(
+            [
+                "file",
+                "class",
+                "score",
+                "normalised_score",
+                "threshold",
+                "anomalous",
+                "regions",
+                "top_region_box",
+                "top_region_area",
+                "output_name",
+                "error",
+                "note",
+            ]
+        )
         for r in rows:
+            top = (r.get("regions") or [None])[0]
             w.writerow(
                 [
                     r["file"],
                     r["class"],
-                    "" if r["score"] is None else f"{r['score']:.6g}",
-                    "" if r["threshold"] is None else f"{r['threshold']:.6g}",
+                    num(r["score"]),
+                    num(r.get("normalised_score")),
+                    num(r["threshold"]),
                     r["anomalous"],
+                    "" if r.get("regions") is None else len(r["regions"]),
+                    "" if top is None else " ".join(str(v) for v in top["box"]),
+                    "" if top is None else top["area"],
                     r.get("output_name", ""),
                     r.get("error", ""),
                     r.get("note", ""),

@@ -362,7 +362,8 @@ def device_pools(pools, flow=None) -> dict:
     with a trained flow (flow.FlowState), its parameters, L_ref and (flow.features = backbone) its own
     pool and backbone variables. Arrays are placed by the caller (parallel.place_for_scoring).
     term_stats: (K, 4) held-out statistics of P and M_po (mpo_fusion = sum); zeros and ones (no
-    standardisation) until calibration has computed them."""
+    standardisation) until calibration has computed them. ignore: (K, S, S) bool, each class's ignore
+    region (data.ignore_masks), when the fit has one."""
     k = len(pools.class_names)
     stats = pools.term_stats if pools.term_stats is not None else np.tile(np.float32([0, 1, 0, 1]), (k, 1))
     dev = {
@@ -378,6 +379,8 @@ def device_pools(pools, flow=None) -> dict:
             fine_valid=jnp.asarray(pools.fine_valid),
             fine_cal_scale=jnp.asarray(pools.fine_cal_scale),
         )
+    if pools.ignore is not None:
+        dev["ignore"] = jnp.asarray(pools.ignore, bool)
     if flow is not None:
         dev["flow"] = {"params": flow.params, "logp_ref": jnp.asarray(flow.logp_ref)}
         if flow.embedder is not None:

@@ -9,12 +9,15 @@ imports nothing of maskad_jax. --runtime auto takes jax when it can be imported,
 export folder is the one this file sits in unless --export names another. manifest.json is checked
 against the digest of its canonical form in manifest.sha256 first (an edited manifest is refused:
 integrity against edits and corruption, not a signature), then every file in the folder against its
-SHA-256 in the manifest (a changed, truncated, missing or unlisted file is refused). Prints one
-tab-separated line per image: file, class, score, threshold, anomalous (a tab, newline or backslash in
-a file name is written as \\t, \\n, \\\\); images that cannot be read are skipped with a line on stderr
-and counted; exit status 2 when none could be scored. --out DIR (new or empty) also saves each map as
-DIR/<name>.npy, the name made from the input's path below the inputs' common folder (a/b.png ->
-a_b.png.npy).
+SHA-256 in the manifest (a changed, truncated, missing or unlisted file is refused). Images reach
+the scorer under the model's geometry (manifest "preprocess": crop, resize or pad). Prints one
+tab-separated line per image: file, class, score, threshold, anomalous|normal, normalised score
+(1.0 = the threshold; empty when undefined), the number of map regions over the map's threshold (a
+tab, newline or backslash in a file name is written as \\t, \\n, \\\\); images that cannot be read
+are skipped with a line on stderr and counted; exit status 2 when none could be scored. --out DIR
+(new or empty) also saves each map at the image's original size as DIR/<name>.npy (NaN where a crop
+did not look), the name made from the input's path below the inputs' common folder (a/b.png ->
+a_b.png.npy), and DIR/scores.json with every image's row and its regions (box, area, peak).
 """
 
 import argparse
@@ -104,24 +107,73 @@ def to_rgb(img):
     return img if img.mode == "RGB" else img.convert("RGB")
 
 
-def preprocess(path, size):
-    """uint8 (size, size, 3): RGB, shorter side to size with Lanczos, centre crop (manifest 'preprocess')."""
+GEOMETRIES = ("crop", "resize", "pad")
+PAD_FILL = (124, 116, 104)  # ImageNet's mean colour, 0-255: padding that looks like nothing in particular
+
+
+def placement(w, h, size, geometry):
+    """Where a w x h image sits in the size x size input (manifest "preprocess"): (box, region), box =
+    (x0, y0, x1, y1) of the input holding image content, region = (u0, v0, u1, v1) of the image it
+    shows. crop: shorter side to size, centre kept; resize: squashed; pad: longer side to size, centred."""
+    if geometry == "resize":
+        return (0, 0, size, size), (0.0, 0.0, float(w), float(h))
+    if geometry == "pad":
+        s = size / max(w, h)
+        cw, ch = max(1, min(size, round(w * s))), max(1, min(size, round(h * s)))
+        x0, y0 = (size - cw) // 2, (size - ch) // 2
+        return (x0, y0, x0 + cw, y0 + ch), (0.0, 0.0, float(w), float(h))
+    short, long = (w, h) if w <= h else (h, w)  # crop: torchvision's Resize(size) then CenterCrop(size)
+    new_long = int(size * long / short)
+    rw, rh = (size, new_long) if w <= h else (new_long, size)
+    left, top = int(round((rw - size) / 2.0)), int(round((rh - size) / 2.0))
+    sx, sy = w / rw, h / rh
+    return (0, 0, size, size), (left * sx, top * sy, (left + size) * sx, (top + size) * sy)
+
+
+def to_input(img, size, geometry, resample=Image.LANCZOS, fill=PAD_FILL):
+    """The size x size input image (or mask: resample NEAREST, fill 0) of a PIL image under the geometry."""
+    if geometry == "resize":
+        return img.resize((size, size), resample) if img.size != (size, size) else img
+    if geometry == "pad":
+        x0, y0, x1, y1 = placement(img.size[0], img.size[1], size, geometry)[0]
+        canvas = Image.new(img.mode, (size, size), fill if img.mode == "RGB" else 0)
+        canvas.paste(img.resize((x1 - x0, y1 - y0), resample) if img.size != (x1 - x0, y1 - y0) else img, (x0, y0))
+        return canvas
+    w, h = img.size
+    short, long = (w, h) if w <= h else (h, w)
+    if short != size:
+        new_long = int(size * long / short)
+        img = img.resize((size, new_long) if w <= h else (new_long, size), resample)
+    rw, rh = img.size
+    left, top = int(round((rw - size) / 2.0)), int(round((rh - size) / 2.0))
+    return img.crop((left, top, left + size, top + size))
+
+
+def to_original(amap, box, region, original, out_size=None, fill=np.nan):
+    """An input-frame map on the original image's (width, height) grid (out_size: another grid of the
+    same image), bilinear; what the input did not show (crop's sides) is `fill`."""
+    w, h = out_size or original
+    x0, y0, x1, y1 = box
+    content = Image.fromarray(np.asarray(amap, np.float32)[y0:y1, x0:x1], "F")
+    u0, v0, u1, v1 = region
+    sx, sy = w / original[0], h / original[1]
+    a, b = int(round(u0 * sx)), int(round(v0 * sy))
+    c, d = max(a + 1, int(round(u1 * sx))), max(b + 1, int(round(v1 * sy)))
+    out = np.full((h, w), fill, np.float32)
+    out[b:d, a:c] = np.asarray(content.resize((c - a, d - b), Image.BILINEAR), np.float32)
+    return out
+
+
+def preprocess(path, size, geometry="crop"):
+    """(uint8 (size, size, 3) RGB under the geometry (manifest "preprocess"), its placement (box,
+    region), the original (width, height), the RGB image)."""
     img = Image.open(path)
     w, h = img.size
     if min(w, h) < 1 or max(w, h) > MAX_ASPECT * min(w, h):
         raise ValueError(f"{w} x {h} pixels, an aspect ratio over the limit of {MAX_ASPECT}")
     img.load()
     img = to_rgb(img)
-    w, h = img.size
-    short, long = (w, h) if w <= h else (h, w)
-    if short != size:
-        new_long = int(size * long / short)
-        img = img.resize((size, new_long) if w <= h else (new_long, size), Image.LANCZOS)
-    w, h = img.size
-    if w < size or h < size:
-        raise ArtifactError(f"{path}: {w}x{h} is smaller than the {size}x{size} crop")
-    top, left = int(round((h - size) / 2.0)), int(round((w - size) / 2.0))
-    return np.asarray(img.crop((left, top, left + size, top + size)), np.uint8)
+    return np.asarray(to_input(img, size, geometry), np.uint8), placement(w, h, size, geometry), (w, h), img
 
 
 def image_key(image_u8):
@@ -146,6 +198,44 @@ def collect(paths):
         else:
             out.append(p)
     return out, problems
+
+
+def regions_over(amap, threshold):
+    """The 8-connected regions of the map at or above the threshold (NaN, where a geometry did not
+    look, never is), highest peak first: [{"box": [x0, y0, x1, y1] (pixels, x1 and y1 exclusive),
+    "area": pixels, "peak": the map's maximum in it}]. Rows are cut into runs joined by union-find."""
+    amap = np.asarray(amap, np.float64)
+    over = amap >= threshold
+    parent, runs = [], []  # runs: (y, x0, x1) with x1 exclusive, in row order
+
+    def root(i):
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+
+    prev = []
+    for y in range(over.shape[0]):
+        d = np.diff(np.concatenate(([0], over[y].astype(np.int8), [0])))
+        cur = []
+        for x0, x1 in zip(np.flatnonzero(d == 1), np.flatnonzero(d == -1)):
+            i = len(runs)
+            runs.append((y, int(x0), int(x1)))
+            parent.append(i)
+            for j in prev:  # touching, diagonals included: [x0 - 1, x1] meets [px0, px1)
+                if runs[j][1] <= x1 and runs[j][2] >= x0:
+                    a, b = root(i), root(j)
+                    parent[max(a, b)] = min(a, b)
+            cur.append(i)
+        prev = cur
+    found = {}
+    for i, (y, x0, x1) in enumerate(runs):
+        r = found.setdefault(root(i), {"box": [x0, y, x1, y + 1], "area": 0, "peak": -np.inf})
+        b = r["box"]
+        b[0], b[1], b[2], b[3] = min(b[0], x0), min(b[1], y), max(b[2], x1), max(b[3], y + 1)
+        r["area"] += x1 - x0
+        r["peak"] = max(r["peak"], float(amap[y, x0:x1].max()))
+    return sorted(found.values(), key=lambda r: -r["peak"])
 
 
 def escape(text):
@@ -174,8 +264,8 @@ def stablehlo_scorer(folder):
         exported = export.deserialize(bytearray(f.read()))
     names = ("anomalous", "class_index", "map", "score", "threshold")  # the output dict's keys, sorted
 
-    def run(images, keys):
-        out = exported.call(images, keys)
+    def run(images, keys, *boxes):
+        out = exported.call(images, keys, *boxes)
         out = out if isinstance(out, dict) else dict(zip(names, jax.tree_util.tree_leaves(out)))
         return {k: np.asarray(v) for k, v in out.items()}
 
@@ -189,14 +279,14 @@ def onnx_scorer(folder, batch):
     session = ort.InferenceSession(os.path.join(folder, "scorer.onnx"), providers=["CPUExecutionProvider"])
     names = [o.name for o in session.get_outputs()]
 
-    def run(images, keys):
+    def run(images, keys, *boxes):
         n = len(images)
         pad = (-n) % batch
-        images = np.concatenate([images, np.repeat(images[-1:], pad, 0)]) if pad else images
-        keys = np.concatenate([keys, np.repeat(keys[-1:], pad, 0)]) if pad else keys
+        feeds = {"images": images, "keys": keys, **({"boxes": boxes[0]} if boxes else {})}
+        feeds = {k: np.concatenate([v, np.repeat(v[-1:], pad, 0)]) if pad else v for k, v in feeds.items()}
         parts = []
-        for i in range(0, len(images), batch):
-            out = session.run(None, {"images": images[i : i + batch], "keys": keys[i : i + batch]})
+        for i in range(0, n + pad, batch):
+            out = session.run(None, {k: v[i : i + batch] for k, v in feeds.items()})
             parts.append(dict(zip(names, out)))
         return {k: np.concatenate([p[k] for p in parts])[:n] for k in names}
 
@@ -227,16 +317,44 @@ def positive(text):
     return value
 
 
-def load_images(paths, size):
-    """(uint8 images, their paths) of the paths that can be read; the others reported on stderr."""
+def load_images(paths, size, geometry="crop"):
+    """([(uint8 image, (box, region), original size)], their paths) of the paths that can be read;
+    the others reported on stderr."""
     images, ok = [], []
     for p in paths:
         try:
-            images.append(preprocess(p, size))
+            images.append(preprocess(p, size, geometry)[:3])
             ok.append(p)
         except (OSError, ValueError, SyntaxError, ArtifactError, Image.DecompressionBombError) as e:
             print(f"skipped {escape(p)}: {e}", file=sys.stderr)
     return images, ok
+
+
+def score_chunk(run, manifest, loaded, chunk, out_dir, common, taken):
+    """Score one batch: a line per image on stdout, its map at the original size in out_dir; rows."""
+    images = np.stack([im for im, _, _ in loaded])
+    extra = (np.asarray([p[0] for _, p, _ in loaded], np.int32),) if "boxes" in manifest["input"] else ()
+    out = run(images, np.asarray([image_key(im) for im in images], np.int32), *extra)
+    rows = []
+    for i, path in enumerate(chunk):
+        cls = manifest["classes"][int(out["class_index"][i])]
+        score, thr = float(out["score"][i]), float(out["threshold"][i])
+        (box, region), size = loaded[i][1], loaded[i][2]
+        full = to_original(out["map"][i], box, region, size)
+        found = regions_over(full, manifest.get("map_thresholds", {}).get(cls, thr))
+        median = manifest.get("normal_medians", {}).get(cls)
+        norm = (score - median) / (thr - median) if median is not None and thr > median else None
+        print(
+            f"{escape(path)}\t{cls}\t{score:.6g}\t{thr:.6g}\t{'anomalous' if out['anomalous'][i] else 'normal'}\t"
+            f"{'' if norm is None else f'{norm:.4g}'}\t{len(found)}"
+        )
+        row = {"file": path, "class": cls, "score": score, "normalised_score": norm, "threshold": thr}
+        row.update(anomalous=bool(out["anomalous"][i]), regions=found)
+        if out_dir:
+            row["map"] = flat_name(os.path.relpath(os.path.abspath(path), common), taken) + ".npy"
+            np.save(os.path.join(out_dir, row["map"]), full)
+        rows.append(row)
+    return rows
 
 
 def main(argv=None):
@@ -268,22 +386,17 @@ def main(argv=None):
     common = os.path.commonpath([os.path.dirname(os.path.abspath(f)) for f in files])  # maps named relative to it
     if args.out:
         os.makedirs(args.out, exist_ok=True)
+    geometry = manifest.get("preprocess", {}).get("geometry", "crop")
+    rows = []
     for start in range(0, len(files), args.batch):
-        images, chunk = load_images(files[start : start + args.batch], size)
-        if not images:
+        loaded, chunk = load_images(files[start : start + args.batch], size, geometry)
+        if not loaded:
             continue
-        images = np.stack(images)
-        out = run(images, np.asarray([image_key(im) for im in images], np.int32))
-        for i, path in enumerate(chunk):
-            cls = manifest["classes"][int(out["class_index"][i])]
-            print(
-                f"{escape(path)}\t{cls}\t{float(out['score'][i]):.6g}\t{float(out['threshold'][i]):.6g}\t"
-                f"{'anomalous' if out['anomalous'][i] else 'normal'}"
-            )
-            if args.out:
-                rel = os.path.relpath(os.path.abspath(path), common)
-                np.save(os.path.join(args.out, flat_name(rel, taken) + ".npy"), out["map"][i])
+        rows += score_chunk(run, manifest, loaded, chunk, args.out, common, taken)
         scored += len(chunk)
+    if args.out:
+        with open(os.path.join(args.out, "scores.json"), "w") as f:
+            json.dump(rows, f, indent=2)
     skipped = len(files) - scored
     print(f"scored {scored} of {len(files)} images; {skipped} skipped", file=sys.stderr)
     return 0 if scored else 2

@@ -9,6 +9,7 @@ import pytest
 from PIL import Image
 
 from maskad_jax.data import SplitData, eval_batches, train_batches
+from maskad_jax.errors import DataError
 from maskad_jax.preprocess import ImageDecodeError
 from tfds_builders import DatasetLayoutError, prepare
 
@@ -159,7 +160,6 @@ def test_image_modes_are_converted(tmp_path):
     "case,error,match",
     [
         ("no_manual_dir", DatasetLayoutError, "manual_dir .* does not exist"),
-        ("mask_missing", DatasetLayoutError, "000.png has no mask"),
         ("mask_size", DatasetLayoutError, "000_mask.png is 20x20 but its image"),
         ("truncated", ImageDecodeError, "cannot read image .*001.png"),
         ("empty_split", DatasetLayoutError, "split 'train' .* has no images"),
@@ -170,8 +170,6 @@ def test_bad_inputs_name_the_file(tmp_path, case, error, match):
     _mvtec_tree(str(root), classes=("bottle",))
     if case == "no_manual_dir":
         root = tmp_path / "nowhere"
-    elif case == "mask_missing":
-        os.remove(root / "bottle/ground_truth/crack/000_mask.png")
     elif case == "mask_size":
         _mask(str(root / "bottle/ground_truth/crack/000_mask.png"), size=(20, 20))
     elif case == "truncated":
@@ -182,6 +180,37 @@ def test_bad_inputs_name_the_file(tmp_path, case, error, match):
             os.remove(root / "bottle/train/good" / f)
     with pytest.raises(error, match=match):
         prepare("mvtec_ad", str(tmp_path / "tfds"), manual_dir=str(root))
+
+
+def test_good_images_only_are_a_dataset_without_a_test_split(tmp_path):
+    """Issue #25: train/good alone, and a plain folder of images (one class named after the folder,
+    or after its parent when the folder is called good)."""
+    root = tmp_path / "mine"
+    for i in range(3):
+        _img(f"{root}/widget/train/good/{i:03d}.png", seed=i)
+    b = prepare("folder", str(tmp_path / "tfds"), manual_dir=str(root))
+    assert len(SplitData.load(b, "train")) == 3 and SplitData.load(b, "test", required=False) is None
+    with pytest.raises(DataError, match="has no 'test' split"):
+        SplitData.load(b, "test")
+    plain = tmp_path / "parts" / "good"
+    for i in range(4):
+        _img(f"{plain}/p{i}.jpg", seed=i)
+    b = prepare("folder", str(tmp_path / "tfds"), manual_dir=str(plain))
+    train = SplitData.load(b, "train")
+    assert len(train) == 4 and train.present_classes() == ["parts"] and set(train.defect_types) == {"good"}
+    assert SplitData.load(b, "test", required=False) is None
+
+
+def test_defective_images_without_masks_count_for_the_image_metrics_only(tmp_path, caplog):
+    root = tmp_path / "mvtec"
+    _mvtec_tree(str(root), classes=("bottle",))
+    os.remove(root / "bottle/ground_truth/crack/000_mask.png")
+    b = prepare("folder", str(tmp_path / "tfds"), manual_dir=str(root))
+    test = SplitData.load(b, "test")
+    unmasked = {f for f, m in zip(test.file_names, test.has_mask) if not m}
+    assert unmasked == {"bottle/test/crack/000.png"}
+    assert "1 defective test image(s) have no mask" in caplog.text
+    assert test.labels[list(test.file_names).index("bottle/test/crack/000.png")] == 1
 
 
 def test_synthetic_is_deterministic_and_has_exact_masks(tmp_path):

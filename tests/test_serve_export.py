@@ -104,7 +104,7 @@ def test_names_with_tabs_and_newlines_keep_one_line_per_image(export_dir, tmp_pa
     assert rc == 0
     (line,) = out.strip().split("\n")
     fields = line.split("\t")
-    assert len(fields) == 5 and fields[0].endswith("tab\\tand\\nnewline\\\\.png")
+    assert len(fields) == 7 and fields[0].endswith("tab\\tand\\nnewline\\\\.png")
 
 
 def test_maps_are_named_after_their_inputs_and_a_used_out_folder_is_refused(export_dir, tmp_path, capsys):
@@ -113,11 +113,15 @@ def test_maps_are_named_after_their_inputs_and_a_used_out_folder_is_refused(expo
     a, b = _png(tmp_path / "x" / "p.png", 250), _png(tmp_path / "y" / "p.png", 10)
     out_dir = tmp_path / "maps"
     rc, _, _ = _serve(export_dir, a, b, "--out", out_dir, capsys=capsys)
-    names = sorted(os.listdir(out_dir))
+    names = sorted(n for n in os.listdir(out_dir) if n != "scores.json")
     assert rc == 0 and len(names) == 2 and all(n.endswith("p.png.npy") for n in names)
-    assert np.load(out_dir / [n for n in names if "x_p" in n][0]).max() == pytest.approx(250 / 255)
+    rows = json.loads((out_dir / "scores.json").read_text())  # each map's image, score and regions
+    assert sorted(r["map"] for r in rows) == names and all("regions" in r for r in rows)
+    amap = np.load(out_dir / [n for n in names if "x_p" in n][0])
+    assert amap.shape == (40, 48) and np.nanmax(amap) == pytest.approx(250 / 255)  # the original size; crop: NaN sides
+    assert np.isnan(amap[:, 0]).all() and np.isfinite(amap[:, 24]).all()
     rc, _, err = _serve(export_dir, a, "--out", out_dir, capsys=capsys)  # a second run would overwrite the first's
-    assert rc == 2 and "not an empty folder" in err and sorted(os.listdir(out_dir)) == names
+    assert rc == 2 and "not an empty folder" in err and sorted(os.listdir(out_dir)) == sorted(names + ["scores.json"])
 
 
 def _copy(export_dir, tmp_path):

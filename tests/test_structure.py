@@ -56,6 +56,10 @@ UPPER = {
     "overlay",
     "preprocess",
     "geometry",
+    "thresholds",
+    "validation",
+    "ignore_masks",
+    "update",
 }
 
 

@@ -6,7 +6,7 @@ import pytest
 from configs import demo
 from maskad_jax.errors import ConfigError
 from maskad_jax.fit import Pools, scoring_signature
-from maskad_jax.predict import class_thresholds
+from maskad_jax.thresholds import class_thresholds
 
 
 def _pools(config):

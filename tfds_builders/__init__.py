@@ -70,10 +70,11 @@ def prepare(name: str, data_dir: str, manual_dir: str | None = None, config: str
     tfds.disable_progress_bar()
     with contextlib.redirect_stdout(io.StringIO()):  # TFDS prints a download banner and a "done" line
         builder.download_and_prepare(download_config=dl_config)
-    splits = builder.info.splits
+    counts = {k: v.num_examples for k, v in builder.info.splits.items()}
     log(
-        f"prepared {name}: {splits['train'].num_examples} train and {splits['test'].num_examples} test images in "
-        f"{time.time() - t0:.0f}s"
+        f"prepared {name}: {counts.get('train', 0)} train and "
+        + (f"{counts['test']} test images" if "test" in counts else "no test images (nothing to evaluate)")
+        + f" in {time.time() - t0:.0f}s"
     )
     return builder
 

@@ -7,6 +7,8 @@ Each example holds:
   defect_type  'good' for normal images, else the defect's name
   class_name   the object/texture class (ClassLabel over the dataset's classes)
   file_name    the image's path relative to the dataset root
+  has_mask     whether the mask is ground truth (False: a defective image without a mask, which
+               counts for the image metrics only)
 
 Every check names the file it is about. Source files are only read, never written.
 """
@@ -38,6 +40,7 @@ def features(class_names) -> tfds.features.FeaturesDict:
             "defect_type": tfds.features.Text(),
             "class_name": tfds.features.ClassLabel(names=list(class_names)),
             "file_name": tfds.features.Text(),
+            "has_mask": tfds.features.Tensor(shape=(), dtype=np.bool_),
         }
     )
 
@@ -74,10 +77,9 @@ def encode_mask(path: str | None, size: tuple[int, int], image_path: str) -> byt
 
 
 def make_example(root: str, image_path: str, mask_path: str | None, defect_type: str, class_name: str):
-    """(key, example) for one image; raises DatasetLayoutError/ImageDecodeError naming the file."""
+    """(key, example) for one image; raises DatasetLayoutError/ImageDecodeError naming the file. A
+    defective image without a mask (mask_path None) gets an empty mask and has_mask False."""
     label = 0 if defect_type == "good" else 1
-    if label == 1 and mask_path is None:
-        raise DatasetLayoutError(f"defective image {image_path} has no ground-truth mask")
     if not os.path.isfile(image_path):
         raise DatasetLayoutError(f"image {image_path} does not exist")
     image, size = encode_rgb(image_path)
@@ -90,6 +92,7 @@ def make_example(root: str, image_path: str, mask_path: str | None, defect_type:
         "defect_type": defect_type,
         "class_name": class_name,
         "file_name": rel,
+        "has_mask": bool(label == 0 or mask_path is not None),
     }
 
 

@@ -1,10 +1,13 @@
 """Walk one class folder in MVTec-AD layout (used by the mvtec_ad and folder builders).
 
-    <root>/<cls>/train/good/*.png
-    <root>/<cls>/test/good/*.png
-    <root>/<cls>/test/<defect>/<name>.png
-    <root>/<cls>/ground_truth/<defect>/<name>_mask.png
+    <root>/<cls>/train/good/*.png                       required
+    <root>/<cls>/test/good/*.png                        optional (no test/ at all: nothing to evaluate)
+    <root>/<cls>/test/<defect>/<name>.png               optional
+    <root>/<cls>/ground_truth/<defect>/<name>_mask.png  optional per image: a defective test image
+                                                        without one counts for the image metrics only
 
+Or a plain folder of images (no class folder with train/ under it): one class of normal training
+images, named after the folder (its parent's name when the folder is called good, train, ...).
 Defect types are sorted, files are sorted inside each type (the released code's order).
 """
 
@@ -16,17 +19,28 @@ from absl import logging
 
 from tfds_builders.common import DatasetLayoutError, image_files, what_is
 
+GENERIC_NAMES = {"good", "train", "images", "image", "normal", "ok", "pass", "parts"}
 
-def _mask_for(root: str, cls: str, defect: str, image_path: str) -> str:
+
+def _mask_for(root: str, cls: str, defect: str, image_path: str) -> str | None:
     stem = os.path.splitext(os.path.basename(image_path))[0]
     gt_dir = os.path.join(root, cls, "ground_truth", defect)
     for ext in (".png", ".bmp", ".jpg", ".tif", ".tiff"):
         cand = os.path.join(gt_dir, f"{stem}_mask{ext}")
         if os.path.isfile(cand):
             return cand
-    raise DatasetLayoutError(
-        f"defective image {image_path} has no mask: expected {os.path.join(gt_dir, stem + '_mask.png')}"
-    )
+    return None
+
+
+def plain_class(root: str) -> str | None:
+    """The class name of a plain folder of images (images directly in root and no class folders),
+    else None."""
+    if not os.path.isdir(root) or not image_files(root):
+        return None
+    name = os.path.basename(os.path.abspath(root).rstrip("/"))
+    if name.lower() in GENERIC_NAMES:
+        name = os.path.basename(os.path.dirname(os.path.abspath(root).rstrip("/"))) or name
+    return name
 
 
 def class_items(root: str, cls: str, split: str) -> list[tuple[str, str | None, str]]:
@@ -35,7 +49,14 @@ def class_items(root: str, cls: str, split: str) -> list[tuple[str, str | None, 
     Whatever the walk would otherwise pass over silently is reported (logged with its paths):
     subfolders nested inside an image folder, masks without an image, and ground-truth folders of
     a defect type that has no test folder."""
+    if plain_class(root) == cls and not os.path.isdir(os.path.join(root, cls, "train")):
+        if split == "test":
+            return []
+        _warn_nested(root)
+        return [(p, None, "good") for p in image_files(root)]
     base = os.path.join(root, cls, split)
+    if split == "test" and not os.path.isdir(base):
+        return []  # a class without test images: trained and calibrated, not evaluated
     if not os.path.isdir(base):
         raise DatasetLayoutError(f"class {cls!r}: folder {base} does not exist")
     items = []
@@ -52,7 +73,17 @@ def class_items(root: str, cls: str, split: str) -> list[tuple[str, str | None, 
             for p in image_files(os.path.join(base, defect)):
                 items.append((p, None if defect == "good" else _mask_for(root, cls, defect, p), defect))
         _warn_unused_masks(root, cls, defects)
-    if not items:
+        unmasked = [p for p, m, d in items if d != "good" and m is None]
+        if unmasked:
+            logging.warning(
+                "class %r: %d defective test image(s) have no mask under %s (e.g. %s): they count for the "
+                "image metrics only",
+                cls,
+                len(unmasked),
+                os.path.join(root, cls, "ground_truth"),
+                os.path.relpath(unmasked[0], root),
+            )
+    if not items and split == "train":
         raise DatasetLayoutError(f"class {cls!r}: split {split!r} under {base} has no images")
     return items
 
@@ -117,10 +148,12 @@ def discover_classes(root: str, warn: bool = False) -> list[str]:
             root,
             ignored,
         )
+    if not classes and plain_class(root):
+        return [plain_class(root)]
     if not classes:
         raise DatasetLayoutError(
-            f"no class folder with a train/ subfolder under {root} (expected MVTec layout "
-            f"<root>/<class>/train/good, <root>/<class>/test/<defect>, "
-            f"<root>/<class>/ground_truth/<defect>/<name>_mask.png)"
+            f"no class folder with a train/ subfolder under {root}, and no images in it (expected MVTec "
+            f"layout <root>/<class>/train/good, optionally <root>/<class>/test/<defect> and "
+            f"<root>/<class>/ground_truth/<defect>/<name>_mask.png; or a folder of good images)"
         )
     return classes

@@ -27,5 +27,7 @@ c = demo.get_config("smoke")
 c.data.tfds_dir = args.tfds_dir
 c.data.eval_batch_size = 4
 _, train_data, _ = pipeline.load_data(c)
-h_in, h_tgt, keys, _ = feature_cache.extract_features(feature_cache.make_extractor(c), train_data, c, with_target=True)
+h_in, h_tgt, keys, _, _ = feature_cache.extract_features(
+    feature_cache.make_extractor(c), train_data, c, with_target=True
+)
 np.savez(args.out, h_in=h_in, h_tgt=h_tgt, keys=keys, processes=jax.process_count(), devices=jax.device_count())

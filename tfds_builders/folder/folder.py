@@ -1,4 +1,5 @@
-"""Any directory of classes in MVTec layout (users' own data, or ../shared/data/mtd).
+"""Any directory of classes in MVTec layout (users' own data, or ../shared/data/mtd), or a plain folder
+of good images (one class; tfds_builders/mvtec_layout.py has the layout rules).
 
     builder = Folder(config=FolderConfig.for_root("/data/my_parts"), data_dir=...)
 
@@ -21,6 +22,8 @@ from tfds_builders import common
 from tfds_builders.mvtec_layout import class_items, discover_classes
 
 __all__ = ["Folder", "FolderConfig", "listing_fingerprint", "root_prefix"]
+
+SPLITS = ("train", "test")  # test only when some class has test images (TFDS cannot write an empty split)
 
 
 @dataclasses.dataclass(eq=False)
@@ -56,7 +59,7 @@ def listing_fingerprint(root: str) -> str:
 
 
 class Folder(tfds.core.GeneratorBasedBuilder):
-    VERSION = tfds.core.Version("1.0.0")
+    VERSION = tfds.core.Version("1.1.0")  # 1.1.0: the has_mask feature
     BUILDER_CONFIGS = []
 
     def _info(self):
@@ -67,9 +70,9 @@ class Folder(tfds.core.GeneratorBasedBuilder):
     def _split_generators(self, dl_manager):
         root = self.builder_config.root
         classes = discover_classes(root, warn=True)
-        return {split: self._generate_examples(root, classes, split) for split in ("train", "test")}
+        items = {split: [(cls, it) for cls in classes for it in class_items(root, cls, split)] for split in SPLITS}
+        return {split: self._generate_examples(root, items[split]) for split in SPLITS if items[split]}
 
-    def _generate_examples(self, root, classes, split):
-        for cls in classes:
-            for image, mask, defect in class_items(root, cls, split):
-                yield common.make_example(root, image, mask, defect, cls)
+    def _generate_examples(self, root, items):
+        for cls, (image, mask, defect) in items:
+            yield common.make_example(root, image, mask, defect, cls)

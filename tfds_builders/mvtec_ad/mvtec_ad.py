@@ -15,6 +15,8 @@ from tfds_builders.mvtec_layout import class_items
 
 __all__ = ["MvtecAd", "MVTEC_CLASSES"]
 
+SPLITS = ("train", "test")  # the same layout rules as the folder builder (mvtec_layout.py)
+
 MVTEC_CLASSES = (
     "bottle",
     "cable",
@@ -41,7 +43,7 @@ bottle/, cable/, ... zipper/ as manual_dir, e.g.
 
 
 class MvtecAd(tfds.core.GeneratorBasedBuilder):
-    VERSION = tfds.core.Version("1.0.0")
+    VERSION = tfds.core.Version("1.1.0")  # 1.1.0: the has_mask feature
     MANUAL_DOWNLOAD_INSTRUCTIONS = INSTRUCTIONS
 
     def _info(self):
@@ -57,9 +59,9 @@ class MvtecAd(tfds.core.GeneratorBasedBuilder):
                 f"mvtec_ad: {root} holds none of the class folders {list(MVTEC_CLASSES)}.\n{INSTRUCTIONS}"
             )
         common.warn_missing_classes("mvtec_ad", root, MVTEC_CLASSES, present)
-        return {split: self._generate_examples(root, present, split) for split in ("train", "test")}
+        items = {split: [(cls, it) for cls in present for it in class_items(root, cls, split)] for split in SPLITS}
+        return {split: self._generate_examples(root, items[split]) for split in SPLITS if items[split]}
 
-    def _generate_examples(self, root, present, split):
-        for cls in present:
-            for image, mask, defect in class_items(root, cls, split):
-                yield common.make_example(root, image, mask, defect, cls)
+    def _generate_examples(self, root, items):
+        for cls, (image, mask, defect) in items:
+            yield common.make_example(root, image, mask, defect, cls)

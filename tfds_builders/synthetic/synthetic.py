@@ -29,7 +29,7 @@ class SyntheticConfig(tfds.core.BuilderConfig):
 
 
 class Synthetic(tfds.core.GeneratorBasedBuilder):
-    VERSION = tfds.core.Version("1.0.0")
+    VERSION = tfds.core.Version("1.1.0")  # 1.1.0: the has_mask feature
     BUILDER_CONFIGS = [
         SyntheticConfig(name="default", description="3 classes, 256 px, 60 train / 44 test images per class"),
         SyntheticConfig(
@@ -69,5 +69,6 @@ class Synthetic(tfds.core.GeneratorBasedBuilder):
                         "defect_type": defect,
                         "class_name": cls,
                         "file_name": name,
+                        "has_mask": True,
                     },
                 )
