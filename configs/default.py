@@ -32,6 +32,12 @@ def get_config():
     # Per-class ignore regions: a folder holding <class>.png (white = ignore; the images' size or aspect),
     # zeroed in the maps before the image score, in eval, predict and export. "" = none.
     c.data.ignore_masks = ""
+    # Large images as tiles (maskad_jax/tiling.py): (rows, cols) tiles per image, each scored by the same
+    # model like an image of its own, the maps stitched back (max where tiles overlap); () = none. For
+    # defects smaller than a token of the whole image (image width / 14 at 224 px). tile_overlap: the
+    # share of a tile's width (height) its neighbour also covers.
+    c.data.tiles = ()
+    c.data.tile_overlap = 0.125
     c.data.num_workers = 0  # grain worker processes for decoding (0 = in the main process)
     c.data.eval_batch_size = 16  # images per scoring batch (1 to 1024); predict uses fewer for fewer images
 

@@ -72,6 +72,14 @@ def validate(config, mode: str = "train_and_eval") -> None:
     c.integer("data.image_size", 32, 4096)
     c.choice("data.geometry", ("crop", "resize", "pad"))
     c.choice("eval.frame", ("auto", "input", "image"))
+    tiles = tuple(config.data.tiles)
+    c.need(
+        tiles == ()
+        or (len(tiles) == 2 and all(isinstance(t, int) and not isinstance(t, bool) and 1 <= t <= 16 for t in tiles)),
+        "data.tiles",
+        "must be () or (rows, cols), each an integer from 1 to 16",
+    )
+    c.number("data.tile_overlap", 0, 0.75)
     # images per scoring batch; above 1024 one batch of 224 px images alone needs over 600 MB of input
     # and far more in the program (a million would ask for tens of GB before the first image)
     c.integer("data.eval_batch_size", 1, 1024)

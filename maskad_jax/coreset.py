@@ -5,6 +5,7 @@ set (Sener & Savarese 2018, as PatchCore/PMAD use it). An optional Gaussian rand
 to `projection_dim` dimensions (seeded) measures the distances; the selected points keep their
 full features.
 extend_kcenter: the same greedy rule continued from an existing set of centres (--mode=update).
+nearest_in_pools: nearest for a batch of images, each against its own class's pool.
 nearest: the L2 nearest pool row of each query, in chunks of the pool so memory stays bounded.
 """
 
@@ -101,3 +102,15 @@ def nearest(queries: jax.Array, pool: jax.Array, pool_valid: jax.Array | None = 
     init = (jnp.full(queries.shape[:1], jnp.inf), jnp.zeros(queries.shape[:1], jnp.int32))
     (d, i), _ = jax.lax.scan(step, init, xs)
     return d, i
+
+
+def nearest_in_pools(queries: jax.Array, pools: jax.Array, valid: jax.Array, pool_idx: jax.Array):
+    """nearest for each image's queries (B, n, C) in its own pool pools[pool_idx] (pools (K, P, C),
+    valid (K, P)): (squared distance, index), each (B, n). Jittable.
+
+    With one pool (K = 1) the pool is passed unbatched: gathering it per image lets XLA's CPU compiler
+    (jaxlib 0.10.2, its YNNPACK fusion) turn the gather into a broadcast and fuse the distance
+    computation wrongly for batches of two or more (tests/test_scoring.py keeps this checked)."""
+    if pools.shape[0] == 1:
+        return jax.vmap(nearest, in_axes=(0, None, None))(queries, pools[0], valid[0])
+    return jax.vmap(nearest)(queries, pools[pool_idx], valid[pool_idx])

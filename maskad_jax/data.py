@@ -62,6 +62,8 @@ class SplitData:
     class_names: tuple[str, ...]  # all classes of the dataset; class_ids index this
     has_mask: np.ndarray | None = None  # (N,) bool: False for a defective image without a ground-truth mask
     sizes: np.ndarray | None = None  # (N, 2) int: each image's (width, height), read from its header
+    crops: np.ndarray | None = None  # (N, 4) a tiled split's tile rectangles in their images (tiling.py)
+    image_of: np.ndarray | None = None  # (N,) a tiled split's image of each tile
 
     def __len__(self):
         return len(self.indices)
@@ -147,8 +149,11 @@ class Preprocess(grain.transforms.Map):
         record = self.data.source[int(self.data.indices[position])]
         name = self.data.file_names[position]
         raw = Image.fromarray(np.asarray(record["image"]))
-        image = preprocess_image(raw, self.size, source=name, geometry=self.geometry)
         mask_raw = Image.fromarray(np.asarray(record["mask"])[..., 0])
+        if self.data.crops is not None:  # a tile (tiling.py): its rectangle is the image from here on
+            box = tuple(int(v) for v in self.data.crops[position])
+            raw, mask_raw = raw.crop(box), mask_raw.crop(box)
+        image = preprocess_image(raw, self.size, source=name, geometry=self.geometry)
         mask = preprocess_mask(mask_raw, self.size, self.geometry)
         if self.data.labels[position] and not mask.any() and np.asarray(record["mask"]).any():
             logging.warning(

@@ -22,7 +22,7 @@ from PIL import Image
 
 from maskad_jax import metrics as metrics_lib
 from maskad_jax import progress
-from maskad_jax.coreset import nearest
+from maskad_jax.coreset import nearest_in_pools
 from maskad_jax.data import Preprocess, SplitData, eval_batches
 from maskad_jax.errors import NonFiniteError
 from maskad_jax.fit import scoring_signature
@@ -39,6 +39,7 @@ from maskad_jax.scoring import (
     make_score_fn,
     needs_term_stats,
 )
+from maskad_jax.tiling import image_max, stitch_tiles, untiled
 
 
 def calibrate(config, model, params, pools, h_in, h_tgt, keys, flow=None, f_flow=None, fine=None, boxes=None) -> dict:
@@ -146,7 +147,12 @@ def evaluate(config, workdir, extractor, model, params, pools, data: SplitData, 
     )
     rate = len(data) / max(time.time() - t0, 1e-9)
     frame = eval_frame(config)
-    if frame == "image":  # every map on the whole image at S x S, so geometries compare on the same pixels
+    if data.image_of is not None:  # tiles: stitched onto their images, which the metrics are computed on
+        maps, masks, scores, rec_mean, uncertified, data = stitch_split(
+            config, data, maps, scores, rec_mean, uncertified, boxes, originals
+        )
+        frame = "image"
+    elif frame == "image":  # every map on the whole image at S x S, so geometries compare on the same pixels
         maps, masks = to_image_frame(maps, boxes, originals, config.data.image_size, config.data.geometry), masks_image
     progress.log(f"metrics in the {frame} frame (eval.frame; data.geometry = {config.data.geometry})")
     _refuse_non_finite(data, maps, scores)
@@ -245,6 +251,30 @@ def report_data(config, data, pools, maps, masks, scores, examples) -> dict:
         el = pre.map(ex["index"])
         out["examples"].append(dict(ex, image=el["image"], map=maps[ex["index"]], mask=el["mask"]))
     return out
+
+
+def stitch_split(config, data, maps, scores, rec_mean, uncertified, boxes, originals):
+    """A tiled split's results per image (tiling.py): the tiles' maps stitched onto the whole image at
+    S x S (what a crop never saw takes the map's minimum), the image's score the maximum of its
+    tiles', its mask read whole; (maps, masks, scores, rec_mean, uncertified, the image-level split)."""
+    size, geometry = config.data.image_size, config.data.geometry
+    images = untiled(data)
+    out = np.zeros((len(images), size, size), np.float32)
+    for i in range(len(images)):
+        t = np.flatnonzero(data.image_of == i)
+        tiles = [to_original(maps[j], place(*originals[j], size, geometry)) for j in t]
+        full = stitch_tiles(tiles, data.crops[t], tuple(int(v) for v in images.sizes[i]))
+        full = np.where(np.isfinite(full), full, np.nanmin(full))
+        out[i] = np.asarray(Image.fromarray(full, "F").resize((size, size), Image.BILINEAR), np.float32)
+    masks = np.zeros((len(images), size, size), np.uint8)
+    row = 0
+    for batch in eval_batches(images, config.data.eval_batch_size, image_size=size, geometry="resize"):
+        ok = batch["valid"] == 1
+        masks[row : row + int(ok.sum())] = batch["mask"][ok]
+        row += int(ok.sum())
+    _, score = image_max(scores, data.image_of)
+    rec = np.bincount(data.image_of, rec_mean) / np.bincount(data.image_of)
+    return out, masks, score.astype(np.float32), rec.astype(np.float32), np.bincount(data.image_of, uncertified), images
 
 
 def _score_split(config, extractor, model, params, dev_pools, pools, data, flow):
@@ -381,7 +411,7 @@ def _test_max_scale(config, extractor, pools, dev_pools, data) -> np.ndarray:
     def max_dist(v, x, pidx):
         h = extractor.apply(v, x)
         b, gh, gw, c = h.shape
-        d, _ = jax.vmap(nearest)(h.reshape(b, gh * gw, c), dev_pools["pool_in"][pidx], dev_pools["valid"][pidx])
+        d, _ = nearest_in_pools(h.reshape(b, gh * gw, c), dev_pools["pool_in"], dev_pools["valid"], pidx)
         return jnp.sqrt(d).max(axis=1)
 
     scale = _per_pool_test_max(config, extractor, pools, data, max_dist)
@@ -398,7 +428,7 @@ def _test_max_flow_ref(config, extractor, pools, dev_pools, flow, data) -> np.nd
         b, gh, gw, c = h.shape
         pool, valid = (fs["pool"], fs["valid"]) if own else (dev_pools["pool_in"], dev_pools["valid"])
         lp = flow_logp_fn(flow.module, (gh, gw))(
-            flow.params, h.reshape(b, gh * gw, c), pool[pidx], valid[pidx], config.flow.cond_dim
+            flow.params, h.reshape(b, gh * gw, c), pool, valid, pidx, config.flow.cond_dim
         )
         return lp.max(axis=1)
 

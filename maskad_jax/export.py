@@ -37,6 +37,7 @@ from maskad_jax.predict import assign_pools
 from maskad_jax.scoring import device_pools, make_score_fn
 from maskad_jax.serve_export import MANIFEST_DIGEST, load_manifest, write_manifest
 from maskad_jax.thresholds import class_threshold, class_thresholds, normal_medians, threshold_rule
+from maskad_jax.tiling import tiles_on
 
 FORMAT = "maskad-jax export 1"
 KEY_RULE = (
@@ -173,6 +174,15 @@ def _write_onnx(config, make_scorer, folder: str, why) -> dict:
     }
 
 
+def tiles_entry(config) -> dict | None:
+    """The manifest's tiling (data.tiles): each image cut into rows x cols tiles (serve.tile_boxes), each
+    scored as an input, the maps stitched (their maximum), the score the tiles' maximum; or None."""
+    if not tiles_on(config):
+        return None
+    rows, cols = config.data.tiles
+    return {"rows": int(rows), "cols": int(cols), "overlap": float(config.data.tile_overlap)}
+
+
 def threshold_entries(config, pools) -> dict:
     """The manifest's thresholds, map levels, normal medians (the normalised score), ignore regions
     and the record of --mode=update (files and digests, not the local paths they came from)."""
@@ -216,6 +226,7 @@ def build_manifest(config, pools, folder: str, onnx_note=None) -> dict:
             "convert": "RGB (grey and palette images converted, alpha dropped)",
             "geometry": geometry,
             "how": GEOMETRY_RULES[geometry].format(s=s),
+            "tiles": tiles_entry(config),
         },
         "outputs": {
             "map": ["batch", s, s, "float32, the anomaly map (higher = more anomalous)"],

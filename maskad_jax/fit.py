@@ -210,9 +210,11 @@ def fit_pools(
     fit_cfg,
     seed: int,
     fine: np.ndarray | None = None,
+    image_of: np.ndarray | None = None,
 ) -> Pools:
     """h_in (N, gh, gw, C) features of the normal training images; their class names. fine (N, fh, fw,
-    Cf): their fine embeddings, for the fine pools (scoring.knn_fine)."""
+    Cf): their fine embeddings, for the fine pools (scoring.knn_fine). image_of (N,): with tiles
+    (tiling.py), each row's image: images, not tiles, are held out."""
     names = np.asarray(class_names_of_images)
     groups = (
         {"*": np.arange(len(names))}
@@ -222,10 +224,7 @@ def fit_pools(
     pools, fine_pools, cal_pos = [], [], {}
     for gi, (cls, pos) in enumerate(groups.items()):
         rng = np.random.default_rng([seed, gi])
-        pos = pos[rng.permutation(len(pos))]
-        n_cal = int(round(fit_cfg.calibration_fraction * len(pos)))
-        n_cal = min(max(n_cal, 1), len(pos) - 1) if len(pos) > 1 else 0
-        cal, fit = pos[:n_cal], pos[n_cal:]
+        cal, fit = _held_out(pos, rng, fit_cfg.calibration_fraction, image_of)
         pools.append(_kcenter_pool(h_in, h_tgt, fit, cal, fit_cfg.pool_ratio, fit_cfg, seed, rng))
         if fine is not None:  # its own generator: the token pool's draws stay as they were
             frng = np.random.default_rng([seed, gi, 1])
@@ -236,6 +235,20 @@ def fit_pools(
     if fine is not None:
         out.fine_in, _, out.fine_valid, _, out.fine_cal_scale = _stack(fine_pools)
     return out
+
+
+def _held_out(pos, rng, fraction, image_of=None):
+    """(held-out positions, pool positions) of one class: `fraction` of its images (at least one,
+    never all), drawn by rng; with image_of, whole images (all their tiles) at a time."""
+    if image_of is None:
+        pos = pos[rng.permutation(len(pos))]
+        n_cal = int(round(fraction * len(pos)))
+        n_cal = min(max(n_cal, 1), len(pos) - 1) if len(pos) > 1 else 0
+        return pos[:n_cal], pos[n_cal:]
+    images = np.unique(image_of[pos])
+    cal_images, _ = _held_out(images, rng, fraction)
+    held = np.isin(image_of[pos], cal_images)
+    return pos[held], pos[~held]
 
 
 def _kcenter_pool(feats, feats_tgt, fit, cal, ratio, fit_cfg, seed, rng):

@@ -31,7 +31,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from maskad_jax.coreset import nearest
+from maskad_jax.coreset import nearest_in_pools
 
 GCONST = 0.5 * math.log(2 * math.pi)  # the released code's _GCONST_ (with the sign folded in below)
 
@@ -182,11 +182,12 @@ def residual_logp(flow, params, residuals, grid, cond_dim: int):
 
 
 def flow_logp_fn(flow, grid):
-    """f(params, tokens (B, n, C), pool_in (B, P, C), valid (B, P), cond_dim) -> log-likelihood (B, n)."""
+    """f(params, tokens (B, n, C), pools (K, P, C), valid (K, P), pool_idx (B,), cond_dim) ->
+    log-likelihood (B, n), each image against its pool pools[pool_idx]."""
 
-    def logp(params, tokens, pool_in, valid, cond_dim):
-        _, idx = jax.vmap(nearest)(tokens, pool_in, valid)
-        r = tokens - jnp.take_along_axis(pool_in, idx[..., None], axis=1)
+    def logp(params, tokens, pools, valid, pool_idx, cond_dim):
+        _, idx = nearest_in_pools(tokens, pools, valid, pool_idx)
+        r = tokens - jnp.take_along_axis(pools[pool_idx], idx[..., None], axis=1)
         return residual_logp(flow, params, r, grid, cond_dim)
 
     return logp

@@ -142,7 +142,7 @@ def calibrate_flow(config, params, feats: np.ndarray, pools, batch: int = 64) ->
     """L_ref per pool: the largest per-position log-likelihood over the class's held-out normal images."""
     n, gh, gw, c = feats.shape
     flow = build_flow(config, c)
-    fn = jax.jit(flow_logp_fn(flow, (gh, gw)), static_argnums=(4,))
+    fn = jax.jit(flow_logp_fn(flow, (gh, gw)), static_argnums=(5,))
     ref = np.zeros(len(pools.class_names), np.float32)
     for k, cls in enumerate(pools.class_names):
         pos = pools.calibration.get(cls, np.zeros(0, int))
@@ -154,8 +154,9 @@ def calibrate_flow(config, params, feats: np.ndarray, pools, batch: int = 64) ->
             lp = fn(
                 params,
                 jnp.asarray(feats[p].reshape(len(p), gh * gw, c)),
-                jnp.broadcast_to(jnp.asarray(pools.pool_in[k]), (len(p),) + pools.pool_in.shape[1:]),
-                jnp.broadcast_to(jnp.asarray(pools.valid[k]), (len(p),) + pools.valid.shape[1:]),
+                jnp.asarray(pools.pool_in[k : k + 1]),
+                jnp.asarray(pools.valid[k : k + 1]),
+                jnp.zeros(len(p), jnp.int32),
                 config.flow.cond_dim,
             )
             best = max(best, float(jnp.max(lp)))

@@ -29,15 +29,17 @@ from maskad_jax.export import export
 from maskad_jax.fit import Pools, fit_pools, mean_nearest, save_replacing, scoring_difference, scoring_signature
 from maskad_jax.flow import FlowState, build_flow
 from maskad_jax.flow_fit import calibrate_flow, load_flow_reference, restore_flow, save_flow_reference, train_flow
+from maskad_jax.geometry import place
 from maskad_jax.ignore_masks import load_ignore_masks
 from maskad_jax.learning_curves import build_eval_set, make_learning_curves
 from maskad_jax.parallel import barrier, is_writer, place_for_scoring, to_local
-from maskad_jax.predict import predict
+from maskad_jax.predict import crop_note, predict
 from maskad_jax.reconstructor import build_reconstructor, count_params
 from maskad_jax.report import write_report
 from maskad_jax.samples import export_samples
 from maskad_jax.scoring import fine_on, needs_term_stats
 from maskad_jax.thresholds import class_threshold, threshold_rule
+from maskad_jax.tiling import image_level, tiled, tiles_on
 from maskad_jax.train import restore_params, train
 from maskad_jax.update import add_images, aspect_ranges
 from maskad_jax.validation import validation_thresholds
@@ -53,7 +55,11 @@ def load_data(config):
     builder = prepare(d.name, d.tfds_dir, manual_dir=d.manual_dir or None, config=d.config or None)
     classes = list(d.classes) or None
     train = SplitData.load(builder, "train", classes)
-    return builder, train, SplitData.load(builder, "test", classes, required=False)
+    test = SplitData.load(builder, "test", classes, required=False)
+    if tiles_on(config):  # every image as rows x cols tiles (tiling.py)
+        rows, cols = d.tiles
+        return builder, tiled(train, rows, cols, d.tile_overlap), tiled(test, rows, cols, d.tile_overlap)
+    return builder, train, test
 
 
 def train_and_evaluate(config, workdir: str, mode: str = "train_and_eval") -> dict:
@@ -118,9 +124,16 @@ def _predict_or_export(config, workdir, mode) -> dict:
 def _train_and_eval(config, workdir, mode) -> dict:
     _, train_data, test_data = load_data(config)
     progress.log(
-        f"dataset {config.data.name}: {len(train_data)} train, {len(test_data) if test_data else 'no'} test images, "
-        f"classes {train_data.present_classes()}"
+        f"dataset {config.data.name}: {len(train_data)} train, {len(test_data) if test_data else 'no'} test "
+        f"{'tiles' if tiles_on(config) else 'images'}, classes {train_data.present_classes()}"
     )
+    note = crop_note(
+        place(int(w), int(h), config.data.image_size, config.data.geometry).seen_fraction
+        for w, h in (train_data.sizes if train_data.sizes is not None else [])
+        if w and h
+    )
+    if note:
+        progress.log(note.replace("the rest is NaN in the maps", "the rest is never inspected"))
     if test_data is None and mode == "eval":
         raise DataError("--mode=eval: the dataset has no test images to evaluate (add <class>/test/... folders)")
     extractor, model, channels, grid = _models(config)
@@ -165,7 +178,7 @@ def _train_stage(config, workdir, extractor, model, train_data, test_data):
     )
     class_names = [train_data.class_names[i] for i in train_data.class_ids]
     t0 = time.time()  # the pools depend on the features only: fitted first, so the learning curves can use them
-    pools = fit_pools(h_in, h_tgt, class_names, config.fit, config.seed, fine=fine)
+    pools = fit_pools(h_in, h_tgt, class_names, config.fit, config.seed, fine=fine, image_of=train_data.image_of)
     pools.geometry = {
         "geometry": config.data.geometry,
         "image_size": int(config.data.image_size),
@@ -201,7 +214,7 @@ def _train_stage(config, workdir, extractor, model, train_data, test_data):
     if config.scoring.mpo == "flow":
         flow, f_train = _train_flow_stage(config, workdir, h_in, pools, class_names, train_data)
     cal = calibrate(config, model, res.params, pools, h_in, h_tgt, keys, flow, f_train, fine, boxes)
-    _set_calibration(pools, config, cal)
+    _set_calibration(pools, config, image_level(cal, pools.calibration, train_data.image_of))
     pools.val_thresholds = validation_thresholds(config, extractor, model, res.params, pools, flow)
     if is_writer():
         pools.save(os.path.join(workdir, "fit"))
@@ -286,9 +299,8 @@ def _recalibrate(config, extractor, model, params, pools, flow, train_data, resc
     if rescale is not None:
         _rescale(pools, rescale, h_in[rows[pools.class_names[rescale]]], fine, rows[pools.class_names[rescale]])
     local = dataclasses.replace(pools, calibration=rows)  # positions into the extracted rows
-    _set_calibration(
-        pools, config, calibrate(config, model, to_local(params), local, h_in, h_tgt, keys, flow, None, fine, boxes)
-    )
+    cal = calibrate(config, model, to_local(params), local, h_in, h_tgt, keys, flow, None, fine, boxes)
+    _set_calibration(pools, config, image_level(cal, pools.calibration, train_data.image_of))
     return pools
 
 

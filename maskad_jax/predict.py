@@ -39,8 +39,9 @@ from maskad_jax.overlay import overlay, unique_names
 from maskad_jax.parallel import place_for_scoring, scoring_sharding
 from maskad_jax.preprocess import ImageDecodeError, open_image, preprocess_image, to_rgb
 from maskad_jax.scoring import device_pools, make_score_fn
-from maskad_jax.serve_export import regions_over
+from maskad_jax.serve_export import regions_over, stitch_tiles, tile_boxes
 from maskad_jax.thresholds import class_threshold, class_thresholds, normal_medians, normalised, threshold_rule
+from maskad_jax.tiling import tiles_on
 
 EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
 
@@ -124,29 +125,38 @@ def predict(config, workdir: str, extractor, model, params, pools, log=print, fl
 
 
 def _predict_into(config, out_dir, root, rels, extractor, model, params, pools, flow, log) -> list[dict]:
-    """Score the images in batches, writing maps and overlays into out_dir; a row per image."""
+    """Score the images in batches (their tiles, with data.tiles), writing maps and overlays into
+    out_dir; a row per image."""
     pc = config.predict
     fixed = int(pools.pool_index([pc.class_name])[0]) if pc.class_name else None
     names = dict(zip(rels, unique_names(rels, "")))  # flat, unique file names for the outputs
-    rows = []
+    rows, pending = [], {}
     for chunk, pidx, out in scored_batches(config, root, rels, extractor, model, params, pools, flow, rows, log, fixed):
-        new = _write_images(config, pools, out_dir, chunk, [names[r] for r in chunk["rels"]], pidx, out)
-        for r, p in zip(new, chunk["placed"]):
-            note = "; ".join(filter(None, [chunk["notes"].get(r["file"]), shape_note(pools, r["class"], p)]))
-            if note:
-                r["note"] = note
-        rows += new
+        maps, scores = np.asarray(out["map"]), np.asarray(out["score"])
+        for i, (rel, _) in enumerate(chunk["entries"]):
+            got = pending.setdefault(rel, {"maps": [], "scores": [], "pidx": [], "placed": [], "crops": []})
+            got["img"] = chunk["originals"][i]
+            for key, v in (("maps", maps[i]), ("scores", scores[i]), ("pidx", pidx[i])):
+                got[key].append(v)
+            got["placed"].append(chunk["placed"][i])
+            got["crops"].append(chunk["crops"][i])
+            if len(got["maps"]) == chunk["tiles_per_image"]:
+                row = _write_image(config, pools, out_dir, rel, names[rel], pending.pop(rel))
+                note = "; ".join(filter(None, [chunk["notes"].get(rel), shape_note(pools, row["class"], got["img"])]))
+                if note:
+                    row["note"] = note
+                rows.append(row)
     return rows
 
 
 ASPECT_TOLERANCE = 1.1  # an image may be this much wider or narrower than its class's training images
 
 
-def shape_note(pools, cls, p, tolerance: float = ASPECT_TOLERANCE) -> str:
+def shape_note(pools, cls, img, tolerance: float = ASPECT_TOLERANCE) -> str:
     """A note when an image's aspect ratio lies outside its class's training images' (the fit's
     record): under crop or resize it reaches the model shaped otherwise than anything it learned."""
     aspect = (pools.geometry or {}).get("aspect", {}).get(cls)
-    a = p.original[0] / p.original[1]
+    a = img.size[0] / img.size[1]
     if not aspect or aspect[0] / tolerance <= a <= aspect[1] * tolerance:
         return ""
     return (
@@ -156,10 +166,11 @@ def shape_note(pools, cls, p, tolerance: float = ASPECT_TOLERANCE) -> str:
 
 
 def scored_batches(config, root, rels, extractor, model, params, pools, flow, rows, log, pool_of=None, desc="predict"):
-    """Score the images at root/rels in batches: yields ({"rels", "placed", "originals", "notes"} of the
-    images read, their pool indices, the score program's outputs); an image that cannot be read gets
-    a row in `rows` with its error. pool_of: one pool index for all, an array of one per path, or
-    None (the nearest pool, image by image)."""
+    """Score the images at root/rels in batches (with data.tiles, each image's tiles, in order): yields
+    (_load_chunk's {"entries": (path, tile or -1), "placed", "crops", "originals", "notes"} of what
+    was read, and "tiles_per_image"; their pool indices; the score program's outputs). An image that
+    cannot be read gets a row in `rows` with its error. pool_of: one pool index for all, an array of
+    one per path, or None (the nearest pool, tile by tile)."""
     params, dev_pools = place_for_scoring(config, (params, device_pools(pools, flow)))
     score = make_score_fn(config, extractor, model, flow)
     assign = jax.jit(lambda v, x: assign_pools(extractor.apply(v, x), dev_pools))
@@ -169,19 +180,20 @@ def scored_batches(config, root, rels, extractor, model, params, pools, flow, ro
     # a whole number per device
     shard = scoring_sharding(config)
     per = len(shard.device_set)
-    bs = -(-min(config.data.eval_batch_size, -(-len(rels) // 8) * 8) // per) * per
-    with progress.bar(len(rels), desc) as pbar:
-        for start in range(0, len(rels), bs):
-            images, ok_rels, notes, placed, originals = _load_chunk(
-                rels[start : start + bs], root, config.data.image_size, config.data.geometry, rows, log
-            )
+    t = int(np.prod(config.data.tiles)) if tiles_on(config) else 1
+    entries = [(r, k) for r in rels for k in (range(t) if t > 1 else [-1])]  # an image, or its tiles
+    bs = -(-min(config.data.eval_batch_size, -(-len(entries) // 8) * 8) // per) * per
+    with progress.bar(len(entries), desc) as pbar:
+        for start in range(0, len(entries), bs):
+            loaded = _load_chunk(entries[start : start + bs], root, config, rows, log)
+            images, ok = loaded["images"], loaded["entries"]
             if images:
                 batch = np.stack(images + [images[-1]] * (bs - len(images)))  # a fixed shape: one compiled program
                 x = jax.device_put(batch, shard)
                 if wanted is None:
                     pidx = np.asarray(assign(extractor.variables, x))
                 else:
-                    pidx = np.asarray([wanted[r] for r in ok_rels] + [wanted[ok_rels[-1]]] * (bs - len(ok_rels)))
+                    pidx = np.asarray([wanted[r] for r, _ in ok] + [wanted[ok[-1][0]]] * (bs - len(ok)))
                 out = score(
                     params,
                     extractor.variables,
@@ -189,10 +201,10 @@ def scored_batches(config, root, rels, extractor, model, params, pools, flow, ro
                     x,
                     jax.device_put(pidx, shard),
                     jax.device_put(np.asarray([image_key(im) for im in batch]), shard),
-                    *boxes_for(config, placed, bs, shard),
+                    *boxes_for(config, loaded["placed"], bs, shard),
                 )
-                yield {"rels": ok_rels, "placed": placed, "originals": originals, "notes": notes}, pidx, out
-            pbar.update(len(rels[start : start + bs]))
+                yield dict(loaded, tiles_per_image=t), pidx, out
+            pbar.update(len(entries[start : start + bs]))
 
 
 def boxes_for(config, placed, bs, shard) -> tuple:
@@ -247,65 +259,73 @@ def point_latest(workdir: str, name: str) -> None:
     os.replace(tmp, latest)
 
 
-def _load_chunk(chunk, root, size, geometry, rows, log):
-    """(the chunk's preprocessed images, their paths, {path: a note}, their placements, their RGB
-    originals); a file that cannot be used gets a row with its error and a log line."""
-    images, ok_rels, notes, placed, originals = [], [], {}, [], []
-    for rel in chunk:
+def _load_chunk(entries, root, config, rows, log) -> dict:
+    """The entries' (path, tile index or -1) model inputs: {"images", "entries", "placed" (each input's
+    placement), "crops" (its tile's rectangle, or None), "originals" (the whole RGB image), "notes"}. An
+    image that cannot be used gets one row with its error and a log line (its tiles are all left out)."""
+    size, geometry = config.data.image_size, config.data.geometry
+    out = {"images": [], "entries": [], "placed": [], "crops": [], "originals": [], "notes": {}}
+    last, failed = (None, None), set()
+    for rel, k in entries:
+        if rel in failed:
+            continue
         try:
-            img = open_image(os.path.join(root, rel), source=rel)
-            if img.info.get("frames", 1) > 1:
-                notes[rel] = f"{img.info['frames']} frames: the first is scored"
-                log(f"{rel}: {notes[rel]}")
-            img = to_rgb(img, rel)
-            images.append(preprocess_image(img, size, source=rel, geometry=geometry))
-            placed.append(place(img.size[0], img.size[1], size, geometry))
-            originals.append(img)
-            ok_rels.append(rel)
+            if last[0] != rel:
+                img = open_image(os.path.join(root, rel), source=rel)
+                if img.info.get("frames", 1) > 1:
+                    out["notes"][rel] = f"{img.info['frames']} frames: the first is scored"
+                    log(f"{rel}: {out['notes'][rel]}")
+                last = (rel, to_rgb(img, rel))
+            img, crop = last[1], None
+            if k >= 0:
+                crop = tile_boxes(*img.size, *config.data.tiles, config.data.tile_overlap)[k]
+            part = img if crop is None else img.crop(crop)
+            out["images"].append(preprocess_image(part, size, source=rel, geometry=geometry))
+            out["placed"].append(place(part.size[0], part.size[1], size, geometry))
+            for key, v in (("crops", crop), ("originals", img), ("entries", (rel, k))):
+                out[key].append(v)
         except (ImageDecodeError, ValueError, OSError) as e:
+            failed.add(rel)
             log(f"skipped {rel}: {e}")
             rows.append(
                 {"file": rel, "class": "", "score": None, "threshold": None, "anomalous": None, "error": str(e)}
             )
-    return images, ok_rels, notes, placed, originals
+    return out
 
 
-def _write_images(config, pools, out_dir, chunk, names, pidx, out) -> list[dict]:
-    """maps/<name>.npy and .png and overlays/<name>.png of each scored image, at its original size
-    (NaN in the .npy where the geometry did not look: crop's sides); its row."""
-    maps, scores = np.asarray(out["map"]), np.asarray(out["score"])
-    medians = normal_medians(pools)
-    rows = []
-    for i, (rel, name, p, img) in enumerate(zip(chunk["rels"], names, chunk["placed"], chunk["originals"])):
-        cls = pools.class_names[pidx[i]]
-        thr, map_thr = class_threshold(config, pools, cls), class_threshold(config, pools, cls, of="map")
-        if not (np.isfinite(thr) and np.isfinite(scores[i]) and np.isfinite(maps[i]).all()):
-            raise NonFiniteError(
-                f"{rel}: its score ({scores[i]}) or the threshold of class {cls!r} ({thr}) is not "
-                f"finite; the checkpoint or the fit is damaged: retrain, or check the weights"
-            )
-        full = to_original(maps[i], p)
-        np.save(os.path.join(out_dir, "maps", name + ".npy"), full)
-        scaled = np.clip(np.nan_to_num(full, nan=0.0) / max(2 * map_thr, 1e-12) * 255, 0, 255).astype(np.uint8)
-        Image.fromarray(scaled, "L").save(os.path.join(out_dir, "maps", name + ".png"))
-        image01 = np.asarray(img, np.float32) / 255.0
-        Image.fromarray(overlay(image01, full, 0.0, 2 * map_thr, map_thr)).save(
-            os.path.join(out_dir, "overlays", name + ".png")
+def _write_image(config, pools, out_dir, rel, name, got) -> dict:
+    """maps/<name>.npy and .png and overlays/<name>.png of a scored image, at its original size (NaN
+    in the .npy where the geometry did not look: crop's sides; tiles stitched, their maximum where
+    they overlap); its row. got: its inputs' maps, scores, pool indices, placements and crops."""
+    img = got["img"]
+    tiles = [to_original(m, p) for m, p in zip(got["maps"], got["placed"])]
+    full = tiles[0] if got["crops"][0] is None else stitch_tiles(tiles, got["crops"], img.size)
+    score, k = float(np.max(got["scores"])), int(np.bincount(got["pidx"]).argmax())  # tiles: max, majority class
+    cls = pools.class_names[k]
+    thr, map_thr = class_threshold(config, pools, cls), class_threshold(config, pools, cls, of="map")
+    if not (np.isfinite(thr) and np.isfinite(score) and all(np.isfinite(m).all() for m in got["maps"])):
+        raise NonFiniteError(
+            f"{rel}: its score ({score}) or the threshold of class {cls!r} ({thr}) is not "
+            f"finite; the checkpoint or the fit is damaged: retrain, or check the weights"
         )
-        rows.append(
-            {
-                "file": rel,
-                "class": cls,
-                "score": float(scores[i]),
-                "normalised_score": normalised(float(scores[i]), thr, medians[pidx[i]]),
-                "threshold": thr,
-                "anomalous": bool(scores[i] >= thr),
-                "regions": regions_over(full, map_thr),
-                "inspected_fraction": round(p.seen_fraction, 4),
-                "output_name": name,
-            }
-        )
-    return rows
+    np.save(os.path.join(out_dir, "maps", name + ".npy"), full)
+    scaled = np.clip(np.nan_to_num(full, nan=0.0) / max(2 * map_thr, 1e-12) * 255, 0, 255).astype(np.uint8)
+    Image.fromarray(scaled, "L").save(os.path.join(out_dir, "maps", name + ".png"))
+    image01 = np.asarray(img, np.float32) / 255.0
+    Image.fromarray(overlay(image01, full, 0.0, 2 * map_thr, map_thr)).save(
+        os.path.join(out_dir, "overlays", name + ".png")
+    )
+    return {
+        "file": rel,
+        "class": cls,
+        "score": score,
+        "normalised_score": normalised(score, thr, normal_medians(pools)[k]),
+        "threshold": thr,
+        "anomalous": bool(score >= thr),
+        "regions": regions_over(full, map_thr),
+        "inspected_fraction": round(float(np.isfinite(full).mean()), 4),
+        "output_name": name,
+    }
 
 
 def _write_tables(out_dir, rows):

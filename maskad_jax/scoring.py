@@ -28,7 +28,7 @@ import numpy as np
 
 from maskad_jax import association, threefry
 from maskad_jax import masks as masks_lib
-from maskad_jax.coreset import nearest
+from maskad_jax.coreset import nearest_in_pools
 from maskad_jax.errors import ConfigError
 from maskad_jax.flow import flow_logp_fn, residual_logp
 from maskad_jax.reconstructor import patch_errors
@@ -84,7 +84,7 @@ def reference_and_knn(pools, tokens, pool_idx):
 
     M_po = the L2 distance to the nearest token of the image's pool over the pool's calibration
     scale (the mean such distance of held-out normal tokens, fit.py)."""
-    d, idx = jax.vmap(nearest)(tokens, pools["pool_in"][pool_idx], pools["valid"][pool_idx])
+    d, idx = nearest_in_pools(tokens, pools["pool_in"], pools["valid"], pool_idx)
     return idx, jnp.sqrt(d) / pools["cal_scale"][pool_idx][:, None]
 
 
@@ -92,7 +92,7 @@ def fine_knn(pools, fine, pool_idx):
     """fine (B, fh, fw, Cf) -> (B, fh, fw): each position's L2 distance to the nearest token of the
     image's fine pool over that pool's calibration scale (fit.py, the fine pool)."""
     b, fh, fw, c = fine.shape
-    d, _ = jax.vmap(nearest)(fine.reshape(b, fh * fw, c), pools["fine_in"][pool_idx], pools["fine_valid"][pool_idx])
+    d, _ = nearest_in_pools(fine.reshape(b, fh * fw, c), pools["fine_in"], pools["fine_valid"], pool_idx)
     return (jnp.sqrt(d) / pools["fine_cal_scale"][pool_idx][:, None]).reshape(b, fh, fw)
 
 
@@ -119,8 +119,9 @@ def flow_mpo(flow, flow_pools, tokens, residuals, pool_idx, grid, cond_dim, f_fl
         logp = flow_logp_fn(flow, fgrid)(
             flow_pools["params"],
             f_flow.reshape(b, fgrid[0] * fgrid[1], -1),
-            flow_pools["pool"][pool_idx],
-            flow_pools["valid"][pool_idx],
+            flow_pools["pool"],
+            flow_pools["valid"],
+            pool_idx,
             cond_dim,
         )
     return (1.0 - jnp.exp(jnp.minimum(logp - flow_pools["logp_ref"][pool_idx][:, None], 0.0))).reshape((b,) + fgrid)

@@ -164,16 +164,48 @@ def to_original(amap, box, region, original, out_size=None, fill=np.nan):
     return out
 
 
-def preprocess(path, size, geometry="crop"):
-    """(uint8 (size, size, 3) RGB under the geometry (manifest "preprocess"), its placement (box,
-    region), the original (width, height), the RGB image)."""
+def tile_boxes(w, h, rows, cols, overlap):
+    """The rows x cols tiles of a w x h image, neighbours sharing `overlap` of a tile's size, row by
+    row: [(x0, y0, x1, y1)] in pixels (x1, y1 exclusive; the last row and column end at the edge)."""
+
+    def cuts(n, length):
+        size = length / (n - (n - 1) * overlap)
+        starts = [int(np.floor(k * size * (1 - overlap))) for k in range(n)]
+        ends = [min(length, max(a + 1, int(np.ceil(k * size * (1 - overlap) + size)))) for k, a in enumerate(starts)]
+        ends[-1] = length
+        return list(zip(starts, ends))
+
+    return [(x0, y0, x1, y1) for y0, y1 in cuts(rows, h) for x0, x1 in cuts(cols, w)]
+
+
+def stitch_tiles(tile_maps, crops, size):
+    """One (height, width) map of an image of size (width, height) from its tiles' maps, each on its
+    tile's pixel grid (NaN where not inspected): the maximum where tiles overlap."""
+    out = np.full((size[1], size[0]), np.nan, np.float32)
+    for amap, (x0, y0, x1, y1) in zip(tile_maps, crops):
+        out[y0:y1, x0:x1] = np.fmax(out[y0:y1, x0:x1], amap)
+    return out
+
+
+def preprocess(path, size, geometry="crop", tiles=None):
+    """The image's model inputs under the manifest's "preprocess" (geometry, and "tiles": rows, cols,
+    overlap): ([(uint8 (size, size, 3) RGB input, its placement (box, region) in its tile or image,
+    that tile's or image's (width, height), the tile's rectangle or None)], the image's (width, height))."""
     img = Image.open(path)
     w, h = img.size
     if min(w, h) < 1 or max(w, h) > MAX_ASPECT * min(w, h):
         raise ValueError(f"{w} x {h} pixels, an aspect ratio over the limit of {MAX_ASPECT}")
     img.load()
     img = to_rgb(img)
-    return np.asarray(to_input(img, size, geometry), np.uint8), placement(w, h, size, geometry), (w, h), img
+    crops = [None] if not tiles else tile_boxes(w, h, tiles["rows"], tiles["cols"], tiles["overlap"])
+    inputs = []
+    for crop in crops:
+        part = img if crop is None else img.crop(crop)
+        pw, ph = part.size
+        inputs.append(
+            (np.asarray(to_input(part, size, geometry), np.uint8), placement(pw, ph, size, geometry), (pw, ph), crop)
+        )
+    return inputs, (w, h)
 
 
 def image_key(image_u8):
@@ -317,13 +349,13 @@ def positive(text):
     return value
 
 
-def load_images(paths, size, geometry="crop"):
-    """([(uint8 image, (box, region), original size)], their paths) of the paths that can be read;
-    the others reported on stderr."""
+def load_images(paths, size, geometry="crop", tiles=None):
+    """(preprocess's (inputs, size) of the paths that can be read, those paths); the others reported
+    on stderr."""
     images, ok = [], []
     for p in paths:
         try:
-            images.append(preprocess(p, size, geometry)[:3])
+            images.append(preprocess(p, size, geometry, tiles))
             ok.append(p)
         except (OSError, ValueError, SyntaxError, ArtifactError, Image.DecompressionBombError) as e:
             print(f"skipped {escape(p)}: {e}", file=sys.stderr)
@@ -331,25 +363,31 @@ def load_images(paths, size, geometry="crop"):
 
 
 def score_chunk(run, manifest, loaded, chunk, out_dir, common, taken):
-    """Score one batch: a line per image on stdout, its map at the original size in out_dir; rows."""
-    images = np.stack([im for im, _, _ in loaded])
-    extra = (np.asarray([p[0] for _, p, _ in loaded], np.int32),) if "boxes" in manifest["input"] else ()
+    """Score a few images (their tiles together): a line per image on stdout, its map at the original
+    size in out_dir; their rows. With tiles an image's score is its tiles' maximum, its map theirs
+    stitched (the maximum where they overlap), its class the one most of its tiles chose."""
+    flat = [t for inputs, _ in loaded for t in inputs]
+    images = np.stack([t[0] for t in flat])
+    extra = (np.asarray([t[1][0] for t in flat], np.int32),) if "boxes" in manifest["input"] else ()
     out = run(images, np.asarray([image_key(im) for im in images], np.int32), *extra)
-    rows = []
-    for i, path in enumerate(chunk):
-        cls = manifest["classes"][int(out["class_index"][i])]
-        score, thr = float(out["score"][i]), float(out["threshold"][i])
-        (box, region), size = loaded[i][1], loaded[i][2]
-        full = to_original(out["map"][i], box, region, size)
+    rows, start = [], 0
+    for path, (inputs, size) in zip(chunk, loaded):
+        sel = slice(start, start + len(inputs))
+        start = sel.stop
+        k = int(np.bincount(np.asarray(out["class_index"][sel], np.int64)).argmax())
+        cls = manifest["classes"][k]
+        score, thr = float(np.max(out["score"][sel])), float(manifest["thresholds"][cls])
+        maps = [to_original(m, box, region, tsize) for m, (_, (box, region), tsize, _) in zip(out["map"][sel], inputs)]
+        full = maps[0] if inputs[0][3] is None else stitch_tiles(maps, [t[3] for t in inputs], size)
         found = regions_over(full, manifest.get("map_thresholds", {}).get(cls, thr))
         median = manifest.get("normal_medians", {}).get(cls)
         norm = (score - median) / (thr - median) if median is not None and thr > median else None
         print(
-            f"{escape(path)}\t{cls}\t{score:.6g}\t{thr:.6g}\t{'anomalous' if out['anomalous'][i] else 'normal'}\t"
+            f"{escape(path)}\t{cls}\t{score:.6g}\t{thr:.6g}\t{'anomalous' if score >= thr else 'normal'}\t"
             f"{'' if norm is None else f'{norm:.4g}'}\t{len(found)}"
         )
         row = {"file": path, "class": cls, "score": score, "normalised_score": norm, "threshold": thr}
-        row.update(anomalous=bool(out["anomalous"][i]), regions=found)
+        row.update(anomalous=bool(score >= thr), regions=found)
         if out_dir:
             row["map"] = flat_name(os.path.relpath(os.path.abspath(path), common), taken) + ".npy"
             np.save(os.path.join(out_dir, row["map"]), full)
@@ -387,9 +425,10 @@ def main(argv=None):
     if args.out:
         os.makedirs(args.out, exist_ok=True)
     geometry = manifest.get("preprocess", {}).get("geometry", "crop")
+    tiles = manifest.get("preprocess", {}).get("tiles")
     rows = []
     for start in range(0, len(files), args.batch):
-        loaded, chunk = load_images(files[start : start + args.batch], size, geometry)
+        loaded, chunk = load_images(files[start : start + args.batch], size, geometry, tiles)
         if not loaded:
             continue
         rows += score_chunk(run, manifest, loaded, chunk, args.out, common, taken)

@@ -72,7 +72,8 @@ def validation_thresholds(config, extractor, model, params, pools, flow=None, lo
     for chunk, _, out in scored_batches(
         config, root, rels, extractor, model, params, pools, flow, rows, log, np.asarray(pidx), "validation"
     ):
-        scores.update(zip(chunk["rels"], np.asarray(out["score"]).tolist()))
+        for (rel, _), v in zip(chunk["entries"], np.asarray(out["score"]).tolist()):
+            scores[rel] = max(scores.get(rel, -np.inf), v)  # with tiles, the maximum over them
     if rows:
         raise DataError(
             f"data.validation: {len(rows)} image(s) could not be read: {rows[0]['file']}: {rows[0]['error']}"

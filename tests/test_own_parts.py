@@ -242,3 +242,72 @@ def test_another_geometry_than_the_fit_is_refused_in_one_line(parts, trained):
         ok=False,
     )
     assert proc.returncode == 2 and "geometry" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+
+
+DOT = (300, 140, 324, 164)  # 24 px: under one token of the 512 px image squashed to the input (512 / 14 = 37 px)
+
+
+@pytest.fixture(scope="module")
+def tiled_run(tmp_path_factory):
+    """512 x 512 parts in MVTec layout (a test split with masks), trained with 3 x 3 tiles."""
+    base = tmp_path_factory.mktemp("tiles")
+    rng = np.random.default_rng(1)
+    part = base / "data" / "plate"
+    for i in range(10):
+        _save(_texture(rng, 512, 512), part / "train" / "good" / f"{i:02d}.png")
+    for i in range(2):
+        _save(_texture(rng, 512, 512), part / "test" / "good" / f"{i}.png")
+        box = (DOT[0] - 60 * i, DOT[1], DOT[2] - 60 * i, DOT[3])
+        _save(_defective(rng, 512, 512, box), part / "test" / "dot" / f"{i}.png")
+        mask = np.zeros((512, 512), np.uint8)
+        mask[box[1] : box[3], box[0] : box[2]] = 255
+        _save(mask, part / "ground_truth" / "dot" / f"{i}_mask.png")
+    args = [
+        "--config=configs/folder.py:smoke",
+        f"--config.data.manual_dir={base / 'data'}",
+        f"--config.data.tfds_dir={base / 'tfds'}",
+        f"--workdir={base / 'run'}",
+        "--config.data.image_size=96",
+        "--config.data.tiles=(3, 3)",
+    ]
+    out = _run(*args)
+    return base, args, out.stdout + out.stderr
+
+
+def test_tiles_find_a_defect_smaller_than_a_token_of_the_whole_image(tiled_run):
+    base, args, log = tiled_run
+    metrics = json.loads((base / "run" / "metrics.json").read_text())
+    assert "metrics in the image frame" in log and np.isfinite(metrics["mean"]["pixel_auroc"])
+    assert metrics["num_test_images"] == 4  # images, not tiles
+    _run(*args, "--mode=predict", f"--config.predict.input={base / 'data' / 'plate' / 'test' / 'dot'}")
+    latest = (base / "run" / "predictions" / "latest.txt").read_text().strip()
+    folder = base / "run" / "predictions" / latest
+    rows = {r["file"]: r for r in json.loads((folder / "scores.json").read_text())}
+    for i in range(2):
+        amap = np.load(folder / "maps" / (rows[f"{i}.png"]["output_name"] + ".npy"))
+        assert amap.shape == (512, 512) and np.isfinite(amap).all()
+        y, x = np.unravel_index(np.argmax(amap), amap.shape)
+        cx, cy = (DOT[0] + DOT[2]) // 2 - 60 * i, (DOT[1] + DOT[3]) // 2
+        assert abs(x - cx) <= 40 and abs(y - cy) <= 40, (i, x, y)
+    # the exported scorer with serve.py cuts and stitches the same tiles: the same scores and maps
+    _run(*args, "--mode=export", "--config.export.onnx=no")
+    out_dir = base / "served"
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(base / "run" / "export" / "serve.py"),
+            str(base / "data" / "plate" / "test" / "dot"),
+            "--out",
+            str(out_dir),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr
+    served = {os.path.basename(r["file"]): r for r in json.loads((out_dir / "scores.json").read_text())}
+    for name, r in rows.items():
+        assert served[name]["score"] == pytest.approx(r["score"], rel=1e-4, abs=1e-5)
+        a = np.load(folder / "maps" / (r["output_name"] + ".npy"))
+        b = np.load(out_dir / served[name]["map"])
+        assert np.abs(a - b).max() <= 1e-4 * max(1.0, np.abs(a).max())

@@ -10,11 +10,12 @@ from scipy import ndimage
 from configs import demo
 from maskad_jax.coreset import extend_kcenter
 from maskad_jax.errors import ConfigError, DataError
-from maskad_jax.fit import Pools, scoring_signature
+from maskad_jax.fit import Pools, _held_out, scoring_signature
 from maskad_jax.geometry import place, to_input, to_original
 from maskad_jax.ignore_masks import load_ignore_masks
-from maskad_jax.serve_export import regions_over
+from maskad_jax.serve_export import regions_over, stitch_tiles, tile_boxes
 from maskad_jax.thresholds import class_threshold, f1_threshold, fixed_thresholds, normalised
+from maskad_jax.tiling import image_level
 
 
 def test_crop_of_a_450_by_200_image_sees_the_middle_44_percent():
@@ -143,3 +144,41 @@ def test_ignore_masks_load_in_class_order_and_refuse_bad_folders(tmp_path):
         load_ignore_masks(str(tmp_path), ("screw", "nut"), 64, "resize")
     with pytest.raises(DataError, match="no such folder"):
         load_ignore_masks(str(tmp_path / "missing"), ("screw",), 64, "resize")
+
+
+def test_tile_boxes_cover_the_image_with_the_asked_overlap():
+    # 2 x 2 at 25%: a tile is 640 / (2 - 0.25) = 365.7 px wide, the second starts 0.75 of it in (274)
+    assert tile_boxes(640, 480, 2, 2, 0.25) == [
+        (0, 0, 366, 275),
+        (274, 0, 640, 275),
+        (0, 205, 366, 480),
+        (274, 205, 640, 480),
+    ]
+    assert tile_boxes(100, 50, 1, 1, 0.2) == [(0, 0, 100, 50)]
+    for w, h, r, c, o in ((2000, 500, 2, 5, 0.125), (513, 97, 3, 4, 0.0)):
+        cover = np.zeros((h, w), int)
+        for x0, y0, x1, y1 in tile_boxes(w, h, r, c, o):
+            cover[y0:y1, x0:x1] += 1
+        assert cover.min() >= 1  # every pixel in some tile
+
+
+def test_stitching_takes_the_max_where_tiles_overlap():
+    crops = [(0, 0, 6, 4), (4, 0, 10, 4)]
+    a, b = np.full((4, 6), 1.0, np.float32), np.full((4, 6), 2.0, np.float32)
+    a[0, 0] = np.nan  # not inspected by its only tile
+    out = stitch_tiles([a, b], crops, (10, 4))
+    assert np.isnan(out[0, 0]) and (out[:, 4:] == 2).all() and (out[1:, :4] == 1).all()
+
+
+def test_tiles_are_held_out_by_image_and_calibrated_by_their_image_maximum():
+    image_of = np.repeat(np.arange(10), 4)  # 10 images of 4 tiles
+    cal, fit = _held_out(np.arange(40), np.random.default_rng(0), 0.2, image_of)
+    assert len(np.unique(image_of[cal])) == 2 and not set(image_of[cal]) & set(image_of[fit])
+    assert len(cal) == 8 and len(cal) + len(fit) == 40
+    cal_res = {
+        "cal_scores": {"a": [1.0, 5.0, 2.0, 3.0]},
+        "cal_map_max": {"a": [0.1, 0.5, 0.2, 0.3]},
+        "term_stats": None,
+    }
+    out = image_level(cal_res, {"a": np.array([8, 9, 2, 3])}, np.array([0, 0, 1, 1, 2, 2, 3, 3, 4, 4]))
+    assert sorted(out["cal_scores"]["a"]) == [3.0, 5.0]  # image 4: max(1, 5); image 1: max(2, 3)

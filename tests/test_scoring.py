@@ -11,7 +11,7 @@ from scipy import ndimage
 
 from configs import default
 from maskad_jax import association
-from maskad_jax.coreset import greedy_kcenter, nearest
+from maskad_jax.coreset import greedy_kcenter, nearest, nearest_in_pools
 from maskad_jax.smoothing import gaussian_smooth
 
 ot = pytest.importorskip("ot", reason="POT is a test extra")
@@ -250,3 +250,22 @@ def test_grouped_branches_give_the_same_maps(engine):
         jnp.asarray([1, 2, 3], jnp.int32),
     )
     np.testing.assert_allclose(np.asarray(b["map"]), np.asarray(a["map"]), rtol=1e-4, atol=1e-5)
+
+
+def test_nearest_in_one_pool_is_right_for_every_batch_size_under_jit():
+    """With one pool, gathering it per image led XLA's CPU compiler (jaxlib 0.10.2, YNNPACK fusion) to
+    a wrong distance for batches of 2 or more (every distance off, by up to half the pool's norm);
+    nearest_in_pools passes a single pool unbatched. Checked against float64 numpy, with 1 and 3 pools."""
+    rng = np.random.default_rng(0)
+    for k in (1, 3):
+        q = rng.normal(size=(2, 144, 152)).astype(np.float32)
+        pools = rng.normal(size=(k, 104, 152)).astype(np.float32)
+        valid = np.ones((k, 104), bool)
+        valid[:, -3:] = False
+        idx = np.asarray([k - 1, 0], np.int32)
+        for batch in (slice(0, 1), slice(0, 2)):
+            d, i = jax.jit(nearest_in_pools)(q[batch], pools, valid, idx[batch])
+            for b in range(d.shape[0]):
+                full = ((q[b][:, None].astype(np.float64) - pools[idx[b], :101][None]) ** 2).sum(-1)
+                np.testing.assert_allclose(np.asarray(d)[b], full.min(-1), rtol=1e-4, atol=1e-3)
+                assert np.array_equal(np.asarray(i)[b], full.argmin(-1))
