@@ -13,7 +13,8 @@
 Modes (--mode): train_and_eval (default) | train | eval (reuse the workdir's checkpoint and fit) |
 predict (score new images with them) | export (the trained model as one artifact that scores
 images without this package: <workdir>/export/, docs/deploy.md) | update (new good images join the
-pools, thresholds recalibrated, the reconstructor kept: maskad_jax/update.py).
+pools, thresholds recalibrated, the reconstructor kept: maskad_jax/update.py) | serve (an HTTP
+service over <workdir>/export: maskad_jax/serve_http.py, docs/deploy.md).
 Configs: configs/demo.py (synthetic data, CPU-sized), folder.py (any folder in MVTec layout),
 mvtec.py, visa.py, realiad.py (the paper's setup). Variants after a colon, comma-separated:
 smoke (tiny, for tests), cpu (the CPU-sized model), paper (folder.py only), code (the released
@@ -55,7 +56,7 @@ from ml_collections import config_flags  # noqa: E402
 config_flags.DEFINE_config_file("config", "configs/demo.py", "ml_collections config file (path[:variant])")
 flags.DEFINE_string("workdir", None, "directory for checkpoints, metrics and heatmaps (default runs/<config name>)")
 flags.DEFINE_enum(
-    "mode", "train_and_eval", ["train_and_eval", "train", "eval", "predict", "export", "update"], "what to run"
+    "mode", "train_and_eval", ["train_and_eval", "train", "eval", "predict", "export", "update", "serve"], "what to run"
 )
 flags.DEFINE_string(
     "xla_cache",

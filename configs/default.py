@@ -254,6 +254,18 @@ def get_config():
     c.new_images.input = ""  # a folder (recursive) or an image of new good parts
     c.new_images.class_name = ""  # the class they show; "" when the model has one class
 
+    # ---------------------------------------------------------------- serve (--mode=serve)
+    # The HTTP service over <workdir>/export (maskad_jax/serve_http.py; the same as export/serve.py --http).
+    c.serve = ml_collections.ConfigDict()
+    c.serve.port = 8080
+    c.serve.host = "127.0.0.1"  # this machine only; 0.0.0.0 for every interface (behind a proxy: docs/deploy.md)
+    c.serve.max_batch = 16  # model inputs (tiles counted) per call of the compiled program
+    c.serve.max_wait_ms = 5.0  # how long a batch waits for more requests once one is queued
+    c.serve.max_bytes = 20_000_000  # the largest image accepted
+    c.serve.max_images = 32  # the most images in one request
+    c.serve.token_file = ""  # a file holding the bearer token every /v1 and /metrics request must carry
+    c.serve.runtime = "auto"  # auto | stablehlo | onnx
+
     # ---------------------------------------------------------------- predict
     c.predict = ml_collections.ConfigDict()
     c.predict.input = ""  # an image or a folder (recursive)

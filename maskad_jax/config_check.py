@@ -15,7 +15,7 @@ from maskad_jax.scoring import CHOICES as SCORING_CHOICES
 from maskad_jax.thresholds import fixed_thresholds
 
 DATASETS = ("synthetic", "mvtec_ad", "visa", "real_iad", "folder")
-MODES = ("train_and_eval", "train", "eval", "predict", "export", "update")
+MODES = ("train_and_eval", "train", "eval", "predict", "export", "update", "serve")
 
 
 class _Checker:
@@ -51,6 +51,39 @@ class _Checker:
         self.need(self.get(field) in allowed, field, f"must be one of {' | '.join(map(str, allowed))}")
 
 
+def _geometry(c, config):
+    c.integer("data.image_size", 32, 4096)
+    c.choice("data.geometry", ("crop", "resize", "pad"))
+    c.choice("eval.frame", ("auto", "input", "image"))
+    tiles = tuple(config.data.tiles)
+    c.need(
+        tiles == ()
+        or (len(tiles) == 2 and all(isinstance(t, int) and not isinstance(t, bool) and 1 <= t <= 16 for t in tiles)),
+        "data.tiles",
+        "must be () or (rows, cols), each an integer from 1 to 16",
+    )
+    c.number("data.tile_overlap", 0, 0.75)
+
+
+def _mode_fields(c, config, mode):
+    """The fields one mode needs."""
+    if mode == "serve":
+        c.integer("serve.port", 1, 65535)
+        c.integer("serve.max_batch", 1, 4096)
+        c.number("serve.max_wait_ms", 0, 10000)
+        c.integer("serve.max_bytes", 1)
+        c.integer("serve.max_images", 1, 4096)
+        c.choice("serve.runtime", ("auto", "stablehlo", "onnx"))
+    if mode == "update":
+        c.need(
+            bool(config.new_images.input),
+            "new_images.input",
+            "is needed with --mode=update: a folder of new good images",
+        )
+    if mode == "predict":
+        c.need(bool(config.predict.input), "predict.input", "is needed with --mode=predict: an image or a folder")
+
+
 def _thresholds(c, config):
     c.choice("predict.threshold_rule", ("quantile", "f1", "auto"))
     try:  # a number, a mapping or "a=0.5,b=0.7"; the class names are checked against the model's later
@@ -69,17 +102,7 @@ def validate(config, mode: str = "train_and_eval") -> None:
         "data.manual_dir",
         "is needed for data.name = 'folder': the folder of classes in MVTec layout",
     )
-    c.integer("data.image_size", 32, 4096)
-    c.choice("data.geometry", ("crop", "resize", "pad"))
-    c.choice("eval.frame", ("auto", "input", "image"))
-    tiles = tuple(config.data.tiles)
-    c.need(
-        tiles == ()
-        or (len(tiles) == 2 and all(isinstance(t, int) and not isinstance(t, bool) and 1 <= t <= 16 for t in tiles)),
-        "data.tiles",
-        "must be () or (rows, cols), each an integer from 1 to 16",
-    )
-    c.number("data.tile_overlap", 0, 0.75)
+    _geometry(c, config)
     # images per scoring batch; above 1024 one batch of 224 px images alone needs over 600 MB of input
     # and far more in the program (a million would ask for tens of GB before the first image)
     c.integer("data.eval_batch_size", 1, 1024)
@@ -112,14 +135,7 @@ def validate(config, mode: str = "train_and_eval") -> None:
     )
     c.choice("export.onnx", ("auto", "yes", "no"))
     c.integer("export.onnx_batch", 1)
-    if mode == "update":
-        c.need(
-            bool(config.new_images.input),
-            "new_images.input",
-            "is needed with --mode=update: a folder of new good images",
-        )
-    if mode == "predict":
-        c.need(bool(config.predict.input), "predict.input", "is needed with --mode=predict: an image or a folder")
+    _mode_fields(c, config, mode)
     if c.problems:
         more = f" (and {len(c.problems) - 1} more: {'; '.join(c.problems[1:])})" if len(c.problems) > 1 else ""
         raise ConfigError(f"invalid config: {c.problems[0]}{more}")

@@ -108,9 +108,10 @@ def nearest_in_pools(queries: jax.Array, pools: jax.Array, valid: jax.Array, poo
     """nearest for each image's queries (B, n, C) in its own pool pools[pool_idx] (pools (K, P, C),
     valid (K, P)): (squared distance, index), each (B, n). Jittable.
 
-    With one pool (K = 1) the pool is passed unbatched: gathering it per image lets XLA's CPU compiler
-    (jaxlib 0.10.2, its YNNPACK fusion) turn the gather into a broadcast and fuse the distance
-    computation wrongly for batches of two or more (tests/test_scoring.py keeps this checked)."""
+    With one pool (K = 1) the pool is passed unbatched: gathered per image, XLA's CPU compiler (jaxlib
+    0.10.2 with its YNNPACK fusions on, as they are outside run.py: serve.py, notebooks) turns the
+    gather into a broadcast and fuses the distance computation wrongly for batches of two or more
+    (tests/test_scoring.py keeps this checked)."""
     if pools.shape[0] == 1:
         return jax.vmap(nearest, in_axes=(0, None, None))(queries, pools[0], valid[0])
     return jax.vmap(nearest)(queries, pools[pool_idx], valid[pool_idx])

@@ -163,25 +163,7 @@ def evaluate(config, workdir, extractor, model, params, pools, data: SplitData, 
         else ""
     )
     progress.log(f"scored {len(data)} test images at {rate:.2f} img/s{several} (first batch includes compilation)")
-    per_class = {}
-    has_mask = np.ones(len(data), bool) if data.has_mask is None else data.has_mask
-    if not has_mask.all():
-        progress.log(
-            f"{int((~has_mask).sum())} defective test image(s) have no ground-truth mask: they count for the image "
-            f"metrics only"
-        )
-    for cid in sorted(set(data.class_ids.tolist())):
-        sel = data.class_ids == cid
-        pix = sel & has_mask  # pixel metrics: the images whose masks are ground truth
-        per_class[data.class_names[cid]] = metrics_lib.all_metrics(
-            scores[sel], data.labels[sel], maps[pix], masks[pix], protocol=config.eval.protocol, bins=config.eval.bins
-        )
-        undefined = [k for k, v in per_class[data.class_names[cid]].items() if not np.isfinite(v)]
-        if undefined:
-            progress.log(
-                f"class {data.class_names[cid]}: {', '.join(undefined)} undefined (its test images need both normal "
-                f"and defective ones, and masks for the pixel metrics)"
-            )
+    per_class = per_class_metrics(config, data, scores, maps, masks)
     mean = {k: float(np.nanmean([m[k] for m in per_class.values()])) for k in metrics_lib.METRIC_NAMES}
     report = {
         "per_class": per_class,
@@ -198,6 +180,30 @@ def evaluate(config, workdir, extractor, model, params, pools, data: SplitData, 
         _write_results(workdir, report, data, scores, rec_mean)
         report["report_data"] = report_data(config, data, pools, maps, masks, scores, report["examples"])
     return report
+
+
+def per_class_metrics(config, data, scores, maps, masks) -> dict:
+    """The seven metrics of every class; pixel metrics over the images whose masks are ground truth."""
+    per_class = {}
+    has_mask = np.ones(len(data), bool) if data.has_mask is None else data.has_mask
+    if not has_mask.all():
+        progress.log(
+            f"{int((~has_mask).sum())} defective test image(s) have no ground-truth mask: they count for the image "
+            f"metrics only"
+        )
+    for cid in sorted(set(data.class_ids.tolist())):
+        sel = data.class_ids == cid
+        pix = sel & has_mask
+        per_class[data.class_names[cid]] = metrics_lib.all_metrics(
+            scores[sel], data.labels[sel], maps[pix], masks[pix], protocol=config.eval.protocol, bins=config.eval.bins
+        )
+        undefined = [k for k, v in per_class[data.class_names[cid]].items() if not np.isfinite(v)]
+        if undefined:
+            progress.log(
+                f"class {data.class_names[cid]}: {', '.join(undefined)} undefined (its test images need both normal "
+                f"and defective ones, and masks for the pixel metrics)"
+            )
+    return per_class
 
 
 def eval_frame(config) -> str:

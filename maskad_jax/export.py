@@ -130,7 +130,10 @@ def _write_artifact(config, tmp, extractor, model, params, pools, flow, onnx_ski
         f"exported the scoring program as StableHLO for {', '.join(config.export.platforms)} in {time.time() - t0:.0f}s"
     )
     onnx_note = _write_onnx(config, lambda c: scorer_function(c, extractor, model, params, pools, flow), tmp, onnx_skip)
-    shutil.copyfile(os.path.join(os.path.dirname(__file__), "serve_export.py"), os.path.join(tmp, "serve.py"))
+    here = os.path.dirname(__file__)
+    shutil.copyfile(os.path.join(here, "serve_export.py"), os.path.join(tmp, "serve.py"))
+    for name in ("serve_http.py", "serve_page.html"):  # serve.py --http (docs/deploy.md)
+        shutil.copyfile(os.path.join(here, name), os.path.join(tmp, name))
     write_manifest(tmp, build_manifest(config, pools, tmp, onnx_note))
 
 

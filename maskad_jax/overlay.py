@@ -1,38 +1,14 @@
 """Heatmap images and file names: a colour map of an anomaly map, blended over the image, with the outline of the
-region at or above a threshold."""
+region at or above a threshold (drawn by serve_export.overlay, which the exported loader shares)."""
 
 from __future__ import annotations
 
 import zlib
 
-import numpy as np
-from scipy import ndimage
+from maskad_jax import serve_export
 
-# A perceptually ordered blue -> cyan -> yellow -> red ramp (5 anchor colours, linear between).
-_ANCHORS = np.array([[0, 0, 130], [0, 120, 255], [0, 230, 200], [255, 230, 0], [220, 0, 0]], np.float64)
-
-
-def colormap(values01: np.ndarray) -> np.ndarray:
-    """(H, W) in [0, 1] -> (H, W, 3) uint8."""
-    v = np.clip(values01, 0, 1) * (len(_ANCHORS) - 1)
-    lo = np.floor(v).astype(int).clip(0, len(_ANCHORS) - 2)
-    t = (v - lo)[..., None]
-    return (_ANCHORS[lo] * (1 - t) + _ANCHORS[lo + 1] * t).astype(np.uint8)
-
-
-def overlay(
-    image01: np.ndarray, amap: np.ndarray, lo: float, hi: float, threshold: float | None = None, alpha: float = 0.45
-) -> np.ndarray:
-    """image (H, W, 3) in [0, 1], map (H, W) scaled to [lo, hi] -> (H, W, 3) uint8 with an outline in
-    white; where the map is NaN (not inspected) the image is shown darkened, without heat."""
-    seen = np.isfinite(amap)
-    heat = colormap((np.where(seen, amap, lo) - lo) / max(hi - lo, 1e-12)).astype(np.float64)
-    out = np.where(seen[..., None], (1 - alpha) * image01 * 255 + alpha * heat, 0.5 * image01 * 255)
-    if threshold is not None:
-        region = seen & (np.where(seen, amap, -np.inf) >= threshold)
-        edge = region & ~ndimage.binary_erosion(region, iterations=1, border_value=0)
-        out[edge] = 255
-    return np.clip(out, 0, 255).astype(np.uint8)
+colormap = serve_export.colormap  # the export's loader holds the arithmetic, so both draw alike
+overlay = serve_export.overlay
 
 
 def safe_name(relative_path: str, suffix: str) -> str:

@@ -20,7 +20,7 @@ import time
 import jax
 import numpy as np
 
-from maskad_jax import config_check, feature_cache, progress
+from maskad_jax import config_check, feature_cache, progress, serve_export
 from maskad_jax import workdir as workdir_lib
 from maskad_jax.data import SplitData
 from maskad_jax.errors import ConfigError, DataError, MissingInputError
@@ -69,6 +69,8 @@ def train_and_evaluate(config, workdir: str, mode: str = "train_and_eval") -> di
         raise ConfigError(
             f"--mode={mode} runs in one process (it writes files of its own); start it without jax.distributed"
         )
+    if mode == "serve":  # reads the export only: no lock, so predict and export stay possible meanwhile
+        return {"serve": serve_workdir(config, workdir)}
     if mode in ("eval", "predict", "export", "update"):
         workdir_lib.require_trained(workdir)  # refused before anything is written
     with workdir_lib.locked(workdir, mode):
@@ -83,6 +85,22 @@ def train_and_evaluate(config, workdir: str, mode: str = "train_and_eval") -> di
         if "per_class" in result and is_writer():
             write_report(os.path.join(workdir, "report.html"), config, result, workdir)
     return result
+
+
+def serve_workdir(config, workdir) -> int:
+    """--mode=serve: export/serve.py --http over <workdir>/export with the serve.* settings."""
+    folder = os.path.join(workdir, "export")
+    if not os.path.isfile(os.path.join(folder, "manifest.json")):
+        raise MissingInputError(f"no export in {folder}: run --mode=export first (the service serves the export)")
+    sv = config.serve
+    argv = ["--export", folder, "--http", str(sv.port), "--host", sv.host, "--runtime", sv.runtime]
+    argv += ["--max-batch", str(sv.max_batch), "--max-wait-ms", str(sv.max_wait_ms)]
+    argv += ["--max-bytes", str(sv.max_bytes), "--max-images", str(sv.max_images)]
+    argv += ["--token-file", sv.token_file] if sv.token_file else []
+    status = serve_export.main(argv)
+    if status:
+        raise DataError(f"the service over {folder} could not start (the line above says why)")
+    return status
 
 
 def _write_config(config, workdir, mode):

@@ -270,6 +270,33 @@ def regions_over(amap, threshold):
     return sorted(found.values(), key=lambda r: -r["peak"])
 
 
+# A perceptually ordered blue -> cyan -> yellow -> red ramp (5 anchor colours, linear between).
+_ANCHORS = np.array([[0, 0, 130], [0, 120, 255], [0, 230, 200], [255, 230, 0], [220, 0, 0]], np.float64)
+
+
+def colormap(values01):
+    """(H, W) in [0, 1] -> (H, W, 3) uint8."""
+    v = np.clip(values01, 0, 1) * (len(_ANCHORS) - 1)
+    lo = np.floor(v).astype(int).clip(0, len(_ANCHORS) - 2)
+    t = (v - lo)[..., None]
+    return (_ANCHORS[lo] * (1 - t) + _ANCHORS[lo + 1] * t).astype(np.uint8)
+
+
+def overlay(image01, amap, lo, hi, threshold=None, alpha=0.45):
+    """image (H, W, 3) in [0, 1], map (H, W) scaled to [lo, hi] -> (H, W, 3) uint8, the region at or
+    above the threshold outlined in white (its pixels with a 4-neighbour outside it); where the map
+    is NaN (not inspected) the image is shown darkened, without heat."""
+    seen = np.isfinite(amap)
+    heat = colormap((np.where(seen, amap, lo) - lo) / max(hi - lo, 1e-12)).astype(np.float64)
+    out = np.where(seen[..., None], (1 - alpha) * image01 * 255 + alpha * heat, 0.5 * image01 * 255)
+    if threshold is not None:
+        region = seen & (np.where(seen, amap, -np.inf) >= threshold)
+        r = np.pad(region, 1)
+        inner = r[1:-1, 1:-1] & r[:-2, 1:-1] & r[2:, 1:-1] & r[1:-1, :-2] & r[1:-1, 2:]
+        out[region & ~inner] = 255
+    return np.clip(out, 0, 255).astype(np.uint8)
+
+
 def escape(text):
     """A file name fit for one tab-separated field: backslash, tab, newline and return escaped."""
     return text.replace("\\", "\\\\").replace("\t", "\\t").replace("\n", "\\n").replace("\r", "\\r")
@@ -362,16 +389,16 @@ def load_images(paths, size, geometry="crop", tiles=None):
     return images, ok
 
 
-def score_chunk(run, manifest, loaded, chunk, out_dir, common, taken):
-    """Score a few images (their tiles together): a line per image on stdout, its map at the original
-    size in out_dir; their rows. With tiles an image's score is its tiles' maximum, its map theirs
-    stitched (the maximum where they overlap), its class the one most of its tiles chose."""
+def score_loaded(run, manifest, loaded):
+    """Score preprocessed images (load_images/preprocess output; their tiles together): per image a
+    (row, map at its original size). With tiles an image's score is its tiles' maximum, its map
+    theirs stitched (the maximum where they overlap), its class the one most of its tiles chose."""
     flat = [t for inputs, _ in loaded for t in inputs]
     images = np.stack([t[0] for t in flat])
     extra = (np.asarray([t[1][0] for t in flat], np.int32),) if "boxes" in manifest["input"] else ()
     out = run(images, np.asarray([image_key(im) for im in images], np.int32), *extra)
-    rows, start = [], 0
-    for path, (inputs, size) in zip(chunk, loaded):
+    results, start = [], 0
+    for inputs, size in loaded:
         sel = slice(start, start + len(inputs))
         start = sel.stop
         k = int(np.bincount(np.asarray(out["class_index"][sel], np.int64)).argmax())
@@ -379,15 +406,30 @@ def score_chunk(run, manifest, loaded, chunk, out_dir, common, taken):
         score, thr = float(np.max(out["score"][sel])), float(manifest["thresholds"][cls])
         maps = [to_original(m, box, region, tsize) for m, (_, (box, region), tsize, _) in zip(out["map"][sel], inputs)]
         full = maps[0] if inputs[0][3] is None else stitch_tiles(maps, [t[3] for t in inputs], size)
-        found = regions_over(full, manifest.get("map_thresholds", {}).get(cls, thr))
         median = manifest.get("normal_medians", {}).get(cls)
-        norm = (score - median) / (thr - median) if median is not None and thr > median else None
+        row = {
+            "class": cls,
+            "score": score,
+            "normalised_score": (score - median) / (thr - median) if median is not None and thr > median else None,
+            "threshold": thr,
+            "anomalous": bool(score >= thr),
+            "regions": regions_over(full, manifest.get("map_thresholds", {}).get(cls, thr)),
+        }
+        results.append((row, full))
+    return results
+
+
+def score_chunk(run, manifest, loaded, chunk, out_dir, common, taken):
+    """Score one batch: a line per image on stdout, its map at the original size in out_dir; rows."""
+    rows = []
+    for path, (row, full) in zip(chunk, score_loaded(run, manifest, loaded)):
+        norm = row["normalised_score"]
         print(
-            f"{escape(path)}\t{cls}\t{score:.6g}\t{thr:.6g}\t{'anomalous' if score >= thr else 'normal'}\t"
-            f"{'' if norm is None else f'{norm:.4g}'}\t{len(found)}"
+            f"{escape(path)}\t{row['class']}\t{row['score']:.6g}\t{row['threshold']:.6g}\t"
+            f"{'anomalous' if row['anomalous'] else 'normal'}\t{'' if norm is None else f'{norm:.4g}'}\t"
+            f"{len(row['regions'])}"
         )
-        row = {"file": path, "class": cls, "score": score, "normalised_score": norm, "threshold": thr}
-        row.update(anomalous=bool(score >= thr), regions=found)
+        row = {"file": path, **row}
         if out_dir:
             row["map"] = flat_name(os.path.relpath(os.path.abspath(path), common), taken) + ".npy"
             np.save(os.path.join(out_dir, row["map"]), full)
@@ -395,18 +437,50 @@ def score_chunk(run, manifest, loaded, chunk, out_dir, common, taken):
     return rows
 
 
+def http_arguments(ap):
+    """serve.py's options for the HTTP service (serve_http.py)."""
+    ap.add_argument("--http", type=int, default=None, metavar="PORT", help="serve HTTP on PORT instead (serve_http.py)")
+    ap.add_argument("--host", default="127.0.0.1", help="the address to bind (default: this machine only)")
+    ap.add_argument("--max-batch", type=positive, default=16, help="model inputs per call of the program")
+    ap.add_argument("--max-wait-ms", type=float, default=5.0, help="how long a batch waits for more requests")
+    ap.add_argument("--max-bytes", type=positive, default=20_000_000, help="the largest image accepted, in bytes")
+    ap.add_argument("--max-images", type=positive, default=32, help="the most images in one request")
+    ap.add_argument("--token-file", default=None, help="a file holding the bearer token requests must carry")
+
+
+def serve_http_main(folder, args):
+    """--http: the HTTP service over this export (serve_http.py beside this file); status 2 on a
+    damaged artifact or a missing extra."""
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    try:
+        import serve_http
+
+        manifest = load_manifest(folder)
+        run = choose_runtime(folder, manifest, args.runtime)
+        return serve_http.serve(sys.modules[__name__], manifest, run, args, folder)
+    except (ArtifactError, ImportError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
 def main(argv=None):
     here = os.path.dirname(os.path.abspath(__file__))
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("inputs", nargs="+", help="images or folders (the first may be the export folder with -m)")
+    ap.add_argument("inputs", nargs="*", help="images or folders (the first may be the export folder with -m)")
     ap.add_argument("--export", default=None, help="the export folder (default: this file's folder)")
     ap.add_argument("--batch", type=positive, default=8)
     ap.add_argument("--runtime", choices=("auto", "stablehlo", "onnx"), default="auto")
     ap.add_argument("--out", default=None, help="a new or empty folder: each map saved as OUT/<name>.npy")
+    http_arguments(ap)
     args = ap.parse_args(argv)
     folder = args.export
     if folder is None:
-        folder = args.inputs.pop(0) if os.path.isfile(os.path.join(args.inputs[0], "manifest.json")) else here
+        first = args.inputs[0] if args.inputs else ""
+        folder = args.inputs.pop(0) if os.path.isfile(os.path.join(first, "manifest.json")) else here
+    if args.http is not None:
+        return serve_http_main(folder, args)
+    if not args.inputs:
+        ap.error("give images or folders to score, or --http PORT")
     try:
         if args.out and os.path.exists(args.out) and (not os.path.isdir(args.out) or os.listdir(args.out)):
             raise ArtifactError(f"--out {args.out} exists and is not an empty folder: choose a new one")

@@ -129,9 +129,15 @@ def test_good_photos_only_train_fit_and_calibrate(trained):
     assert (val["good"], val["defective"]) == (3, 3) and 0 < val["f1"] <= 1
 
 
-def test_predict_maps_have_the_original_size_and_find_the_edge_defect(parts, trained):
+@pytest.fixture(scope="module")
+def predicted(parts, trained):
+    """One predict run on the inspect folder with the quantile rule: (its folder, rows by file)."""
+    return _predict(parts, trained[0], "--config.predict.threshold_rule=quantile")
+
+
+def test_predict_maps_have_the_original_size_and_find_the_edge_defect(trained, predicted):
     work, _ = trained
-    folder, rows = _predict(parts, work, "--config.predict.threshold_rule=quantile")
+    folder, rows = predicted
     for name, shape in (("edge_640x480.png", (480, 640)), ("edge_2000x500.png", (500, 2000))):
         amap = np.load(folder / "maps" / (rows[name]["output_name"] + ".npy"))
         assert amap.shape == shape and np.isfinite(amap).all()  # resize: every pixel inspected
@@ -162,22 +168,18 @@ def test_predict_maps_have_the_original_size_and_find_the_edge_defect(parts, tra
     )
 
 
-def test_the_ignore_region_is_zero_and_never_raises_an_alarm(parts, trained):
-    work, _ = trained
-    folder, rows = _predict(parts, work, "--config.predict.threshold_rule=quantile")
+def test_the_ignore_region_is_zero_and_never_raises_an_alarm(predicted):
+    folder, rows = predicted
     amap = np.load(folder / "maps" / (rows["fixture_640x480.png"]["output_name"] + ".npy"))
     assert np.all(amap[395:465, 510:620] == 0)  # inside the ignore mask (away from its bilinear border)
     assert amap[:300].max() > 0
 
 
-def test_thresholds_follow_each_rule(parts, trained):
+def test_thresholds_follow_each_rule(parts, trained, predicted):
     work, _ = trained
     fit = json.loads((work / "run" / "fit" / "pools.json").read_text())
-    q = float(np.quantile(fit["cal_scores"]["bracket"], 0.9))
-    _, rows = _predict(
-        parts, work, "--config.predict.threshold_rule=quantile", "--config.predict.threshold_quantile=0.9"
-    )
-    assert rows["edge_640x480.png"]["threshold"] == pytest.approx(q)
+    q = float(np.quantile(fit["cal_scores"]["bracket"], 0.99))  # the default quantile
+    assert predicted[1]["edge_640x480.png"]["threshold"] == pytest.approx(q)
     _, rows = _predict(parts, work)  # auto: the class has validation images, so F1
     assert rows["edge_640x480.png"]["threshold"] == pytest.approx(fit["val_thresholds"]["bracket"]["threshold"])
     _, rows = _predict(parts, work, "--config.predict.threshold=bracket=123.5")

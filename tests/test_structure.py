@@ -60,6 +60,8 @@ UPPER = {
     "validation",
     "ignore_masks",
     "update",
+    "tiling",
+    "serve_http",
 }
 
 
@@ -137,8 +139,10 @@ def test_functions_are_short():
 
 
 def test_the_export_loader_is_standalone():
-    """serve_export.py is copied next to exported artifacts and run where maskad_jax is not installed."""
-    found, _ = _imports(PACKAGE / "serve_export.py")
-    assert found == set()
-    text = (PACKAGE / "serve_export.py").read_text()
-    assert "import maskad_jax" not in text and "from maskad_jax" not in text and "importlib" not in text
+    """serve_export.py and serve_http.py are copied next to exported artifacts and run where maskad_jax
+    is not installed."""
+    for name in ("serve_export.py", "serve_http.py"):
+        found, _ = _imports(PACKAGE / name)
+        assert found == set(), name
+        text = (PACKAGE / name).read_text()
+        assert "import maskad_jax" not in text and "from maskad_jax" not in text and "importlib" not in text

@@ -1,0 +1,222 @@
+"""The HTTP inspection service (#27) over a smoke model's export, started as a user would
+(`export/serve.py --http PORT`): the API's numbers equal --mode=predict's on the same files, bad
+input gets a 4xx and the service keeps answering, concurrent requests are batched, the token is
+required, and the browser page shows an overlay and a decision in a real headless chromium."""
+
+import io
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+
+import numpy as np
+import pytest
+from helpers import FAST_COMPILE
+from PIL import Image
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+pytestmark = pytest.mark.slow  # trains, exports and starts a service
+TOKEN = "s3cret-token"
+
+
+def _run(*args):
+    env = dict(os.environ, XLA_FLAGS=(os.environ.get("XLA_FLAGS", "") + " " + FAST_COMPILE).strip())
+    proc = subprocess.run(
+        [sys.executable, "run.py", *args], cwd=ROOT, capture_output=True, text=True, timeout=600, env=env
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _request(url, data=None, headers=None, token=TOKEN):
+    headers = dict(headers or {})
+    if token:
+        headers["Authorization"] = f"Bearer {token}"
+    req = urllib.request.Request(url, data=data, headers=headers, method="POST" if data is not None else "GET")
+    try:
+        with urllib.request.urlopen(req, timeout=120) as r:
+            return r.status, r.read()
+    except urllib.error.HTTPError as e:
+        return e.code, e.read()
+
+
+def _multipart(files, field="image"):
+    boundary = "maskadboundary"
+    body = b""
+    for name, data in files:
+        body += (
+            (
+                f'--{boundary}\r\nContent-Disposition: form-data; name="{field}"; filename="{name}"\r\n'
+                f"Content-Type: image/png\r\n\r\n"
+            ).encode()
+            + data
+            + b"\r\n"
+        )
+    body += f"--{boundary}--\r\n".encode()
+    return body, {"Content-Type": f"multipart/form-data; boundary={boundary}"}
+
+
+@pytest.fixture(scope="module")
+def service(tmp_path_factory):
+    """A trained smoke workdir, its export, predict's results on its sample images, and the service."""
+    base = tmp_path_factory.mktemp("svc")
+    work = base / "run"
+    common = ["--config=configs/demo.py:smoke", f"--workdir={work}", f"--config.data.tfds_dir={base / 'tfds'}"]
+    _run(*common)
+    _run(*common, "--mode=export", "--config.export.onnx=no")
+    _run(*common, "--mode=predict", f"--config.predict.input={work / 'samples'}")
+    latest = (work / "predictions" / "latest.txt").read_text().strip()
+    predicted = {r["file"]: r for r in json.loads((work / "predictions" / latest / "scores.json").read_text())}
+    (base / "token").write_text(TOKEN + "\n")
+    port = _free_port()
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            str(work / "export" / "serve.py"),
+            "--http",
+            str(port),
+            "--token-file",
+            str(base / "token"),
+            "--max-bytes",
+            "400000",
+            "--max-wait-ms",
+            "200",
+            "--max-batch",
+            "16",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    url = f"http://127.0.0.1:{port}"
+    for _ in range(300):
+        try:
+            if _request(url + "/v1/health")[0] == 200:
+                break
+        except (urllib.error.URLError, ConnectionError):
+            time.sleep(0.2)
+    else:
+        proc.kill()
+        pytest.fail("the service did not start: " + proc.stdout.read())
+    yield {"url": url, "samples": work / "samples", "predicted": predicted, "base": base}
+    proc.terminate()
+    proc.wait(timeout=30)
+
+
+def test_scores_equal_predict_on_the_same_files(service):
+    files = sorted(os.listdir(service["samples"]))
+    body, headers = _multipart([(f, (service["samples"] / f).read_bytes()) for f in files])
+    status, raw = _request(service["url"] + "/v1/score", body, headers)
+    assert status == 200, raw
+    rows = {r["file"]: r for r in json.loads(raw)["images"]}
+    for f in files:
+        want, got = service["predicted"][f], rows[f]
+        assert got["class"] == want["class"] and got["anomalous"] == want["anomalous"]
+        # the exported program and predict's jit round floats alike to ~1e-6 of the scores' scale
+        assert got["score"] == pytest.approx(want["score"], rel=1e-5, abs=2e-5)
+        assert got["threshold"] == pytest.approx(want["threshold"])
+        assert got["normalised_score"] == pytest.approx(want["normalised_score"], rel=1e-4, abs=1e-4)
+        assert [r["box"] for r in got["regions"]] == [r["box"] for r in want["regions"]]
+    one = (service["samples"] / files[0]).read_bytes()  # a raw body, with the map and overlay asked for
+    status, raw = _request(service["url"] + "/v1/score?maps=1", one, {"Content-Type": "image/png"})
+    row = json.loads(raw)["images"][0]
+    overlay = Image.open(io.BytesIO(__import__("base64").b64decode(row["overlay_png"])))
+    assert status == 200 and overlay.size == Image.open(service["samples"] / files[0]).size
+
+
+def _png(size=(64, 64), value=128):
+    buf = io.BytesIO()
+    Image.fromarray(np.full((size[1], size[0], 3), value, np.uint8)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def test_bad_input_gets_a_4xx_and_the_service_keeps_answering(service):
+    url, png = service["url"] + "/v1/score", _png()
+    bomb = io.BytesIO()
+    Image.new("1", (20000, 20000)).save(bomb, format="PNG")  # 400 M pixels in a few KB
+    big = np.random.default_rng(0).integers(0, 255, (400, 400, 3), np.uint8)
+    big_png = io.BytesIO()
+    Image.fromarray(big).save(big_png, format="PNG")  # ~480 KB, over --max-bytes 400000
+    cases = [
+        (b"not an image at all", {"Content-Type": "image/png"}, 415),
+        (png[: len(png) // 2], {"Content-Type": "image/png"}, 400),  # truncated
+        (bomb.getvalue(), {"Content-Type": "image/png"}, 413),
+        (big_png.getvalue(), {"Content-Type": "image/png"}, 413),
+        (*_multipart([("a.png", png)], field="file"), 400),  # wrong field name
+        (png, {"Content-Type": "text/plain"}, 400),
+    ]
+    for body, headers, want in cases:
+        status, raw = _request(url, body, headers)
+        assert status == want, (want, raw)
+        assert "\n" not in json.loads(raw)["error"].strip()
+    status, raw = _request(url + "?class=bolt", png, {"Content-Type": "image/png"})
+    assert status == 400 and "bolt" in json.loads(raw)["error"]
+    assert _request(service["url"] + "/v1/health")[0] == 200
+    assert _request(url, png, {"Content-Type": "image/png"})[0] == 200
+
+
+def test_the_token_is_required(service):
+    assert _request(service["url"] + "/v1/health", token=None)[0] == 401
+    assert _request(service["url"] + "/v1/score", _png(), {"Content-Type": "image/png"}, token="wrong")[0] == 401
+    assert _request(service["url"] + "/metrics", token=None)[0] == 401
+
+
+def test_concurrent_requests_all_succeed_and_are_batched(service):
+    files = sorted(os.listdir(service["samples"]))
+    data = [(service["samples"] / f).read_bytes() for f in files]
+    results, start = [None] * 16, threading.Barrier(16)
+
+    def client(i):
+        start.wait()
+        results[i] = _request(service["url"] + "/v1/score", data[i % len(data)], {"Content-Type": "image/png"})
+
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(16)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert all(status == 200 for status, _ in results), [r[1][:200] for r in results if r[0] != 200]
+    metrics = _request(service["url"] + "/metrics")[1].decode()
+    count = float(next(ln.split()[-1] for ln in metrics.splitlines() if ln.startswith("maskad_batch_size_count")))
+    total = float(next(ln.split()[-1] for ln in metrics.splitlines() if ln.startswith("maskad_batch_size_sum")))
+    assert total / count > 1.5  # some calls of the program scored several requests' images together
+    assert "maskad_images_scored_total" in metrics and 'maskad_requests_total{endpoint="score",status="200"}' in metrics
+
+
+def test_the_page_shows_an_overlay_and_a_decision_in_a_browser(service):
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    if chromium is None:
+        pytest.skip("no chromium on this machine (.ci/run installs Debian's chromium)")
+    sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is a test extra")
+    sample = str(service["samples"] / sorted(os.listdir(service["samples"]))[0])
+    problems = []
+    with sync_api.sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=chromium, args=["--no-sandbox", "--disable-gpu", "--no-first-run"])
+        page = browser.new_page()
+        page.on("console", lambda m: problems.append(m.text) if m.type in ("error", "warning") else None)
+        page.on("pageerror", lambda e: problems.append(str(e)))
+        page.goto(service["url"] + "/")
+        page.fill("#token", TOKEN)
+        page.set_input_files("#files", sample)
+        page.wait_for_selector("img.overlay", timeout=60000)
+        decision = page.text_content(".decision")
+        shown = page.evaluate("Array.from(document.images).map(i => i.complete && i.naturalWidth > 0)")
+        # the slider recolours without scoring again: at 0 every image is anomalous
+        page.eval_on_selector_all(
+            "input.threshold", "all => all.forEach(s => { s.value = 0; s.dispatchEvent(new Event('input')); })"
+        )
+        after = page.text_content(".decision")
+        browser.close()
+    assert problems == []
+    assert decision in ("normal", "anomalous") and shown and all(shown) and after == "anomalous"
