@@ -96,8 +96,15 @@ class Batcher:
                 start += len(group)
 
     def _locked(self, loaded):
+        """Score under the lock, the batch padded with copies of its last image up to a power of two
+        of model inputs: the program is compiled for a few batch sizes only, not for every size
+        concurrency happens to produce (each new size costs a compilation)."""
+        n = sum(len(inputs) for inputs, _ in loaded)
+        padded = list(loaded)
+        while sum(len(inputs) for inputs, _ in padded) < 1 << (n - 1).bit_length():
+            padded.append(loaded[-1])
         with self.lock:
-            return self.score(loaded)
+            return self.score(padded)[: len(loaded)]
 
 
 def _png_b64(array_u8):

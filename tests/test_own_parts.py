@@ -184,14 +184,7 @@ def test_thresholds_follow_each_rule(parts, trained, predicted):
     assert rows["edge_640x480.png"]["threshold"] == pytest.approx(fit["val_thresholds"]["bracket"]["threshold"])
     _, rows = _predict(parts, work, "--config.predict.threshold=bracket=123.5")
     assert rows["edge_640x480.png"]["threshold"] == 123.5 and not rows["edge_640x480.png"]["anomalous"]
-    bad = _run(
-        *_common(parts, work),
-        "--mode=predict",
-        f"--config.predict.input={parts / 'inspect'}",
-        "--config.predict.threshold=screw=1",
-        ok=False,
-    )
-    assert bad.returncode == 2 and "screw" in bad.stderr and len(bad.stderr.strip().splitlines()) == 1
+    _refused_predict(parts, work, "--config.predict.threshold=screw=1", "screw")
 
 
 def test_update_grows_the_pool_and_keeps_the_reconstructor(parts, trained):
@@ -234,16 +227,14 @@ def test_update_grows_the_pool_and_keeps_the_reconstructor(parts, trained):
     assert manifest["ignore_regions"] == ["bracket"]
 
 
+def _refused_predict(parts, work, flag, word):
+    """predict with `flag` exits 2 with one line naming `word`."""
+    proc = _run(*_common(parts, work), "--mode=predict", f"--config.predict.input={parts / 'inspect'}", flag, ok=False)
+    assert proc.returncode == 2 and word in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+
+
 def test_another_geometry_than_the_fit_is_refused_in_one_line(parts, trained):
-    work, _ = trained
-    proc = _run(
-        *_common(parts, work),
-        "--mode=predict",
-        f"--config.predict.input={parts / 'inspect'}",
-        "--config.data.geometry=crop",
-        ok=False,
-    )
-    assert proc.returncode == 2 and "geometry" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+    _refused_predict(parts, trained[0], "--config.data.geometry=crop", "geometry")
 
 
 DOT = (300, 140, 324, 164)  # 24 px: under one token of the 512 px image squashed to the input (512 / 14 = 37 px)
