@@ -401,7 +401,8 @@ def test_export_scores_like_predict_without_the_package_and_refuses_a_changed_ar
         "speckle",
         "weave",
     ]
-    assert set(manifest["files"]) == {"scorer.stablehlo", "scorer.onnx", "serve.py"} and manifest["platforms"] == [
+    files = {"scorer.stablehlo", "scorer.onnx", "serve.py", "serve_http.py", "serve_page.html"}
+    assert set(manifest["files"]) == files and manifest["platforms"] == [
         "cpu",
         "cuda",
         "tpu",
@@ -417,14 +418,18 @@ def test_export_scores_like_predict_without_the_package_and_refuses_a_changed_ar
         lines = [ln.split("\t") for ln in proc.stdout.strip().splitlines()]
         assert len(lines) == len(pred) == 6
         worst = 0.0
-        for i, (path, cls, score, thr, decision) in enumerate(lines):
+        for i, (path, cls, score, thr, decision, normalised, regions) in enumerate(lines):
             row = pred[os.path.basename(path)]
             assert cls == row["class"] and decision == ("anomalous" if row["anomalous"] == "True" else "normal")
             assert float(score) == pytest.approx(float(row["score"]), rel=1e-4)
             assert float(thr) == pytest.approx(float(row["threshold"]), rel=1e-6)
             ours = np.load(tmp_path / name / (os.path.basename(path) + ".npy"))  # named after the input
             ref = np.load(os.path.join(_latest_predictions(wd), "maps", row["output_name"] + ".npy"))
-            worst = max(worst, float(np.abs(ours - ref).max() / np.abs(ref).max()))
+            assert np.array_equal(np.isnan(ours), np.isnan(ref))  # both at the image's size, NaN where unseen
+            worst = max(worst, float(np.nanmax(np.abs(ours - ref)) / np.nanmax(np.abs(ref))))
+            assert int(regions) == int(row["regions"])  # the same regions over the same map threshold
+            if row["normalised_score"]:
+                assert float(normalised) == pytest.approx(float(row["normalised_score"]), rel=1e-3, abs=1e-3)
         print(f"exported {name} vs predict: max |map difference| / max |map| = {worst:.2e}")
         assert worst <= 1e-4
 
