@@ -39,7 +39,7 @@ from maskad_jax.report import write_report
 from maskad_jax.samples import export_samples
 from maskad_jax.scoring import fine_on, needs_term_stats
 from maskad_jax.thresholds import class_threshold, threshold_rule
-from maskad_jax.tiling import image_level, tiled, tiles_on
+from maskad_jax.tiling import image_level, tiled, tiles_on, untiled
 from maskad_jax.train import restore_params, train
 from maskad_jax.update import add_images, aspect_ranges
 from maskad_jax.validation import validation_thresholds
@@ -200,7 +200,8 @@ def _train_stage(config, workdir, extractor, model, train_data, test_data):
     pools.geometry = {
         "geometry": config.data.geometry,
         "image_size": int(config.data.image_size),
-        "aspect": aspect_ranges(train_data),  # --mode=update refuses images of another shape
+        # of the whole images (not their tiles): --mode=update refuses, and predict notes, another shape
+        "aspect": aspect_ranges(train_data if train_data.image_of is None else untiled(train_data)),
     }
     pools.ignore = load_ignore_masks(
         config.data.ignore_masks, pools.class_names, config.data.image_size, config.data.geometry

@@ -32,6 +32,8 @@ from maskad_jax.errors import ConfigError, DataError
 from maskad_jax.parallel import local_batch_sharding
 from maskad_jax.predict import ASPECT_TOLERANCE, collect_inputs
 from maskad_jax.preprocess import ImageDecodeError, open_image, preprocess_image, to_rgb
+from maskad_jax.serve_export import tile_boxes
+from maskad_jax.tiling import tiles_on
 
 
 def update_class(config, pools) -> int:
@@ -80,7 +82,8 @@ def check_images(paths, rels, pools, k) -> tuple[list, list]:
 
 
 def new_features(config, extractor, images):
-    """(h_in, h_tgt or None, fine or None) of the images, as the training features were computed."""
+    """(h_in, h_tgt or None, fine or None) of the images (their tiles, with data.tiles), as the
+    training features were computed."""
     size, geometry = config.data.image_size, config.data.geometry
     fine = feature_cache.fine_strides(config)
     raw = config.train.target == "unnormalized"
@@ -92,6 +95,9 @@ def new_features(config, extractor, images):
         return h, (extractor.apply(v, x, normalize=False) if raw else None), f
 
     fn = jax.jit(feats)
+    if tiles_on(config):  # each image as its tiles, as the training images were
+        rows, cols = config.data.tiles
+        images = [im.crop(b) for im in images for b in tile_boxes(*im.size, rows, cols, config.data.tile_overlap)]
     bs = -(-min(config.data.eval_batch_size, len(images)) // per) * per
     out = ([], [], [])
     for s in range(0, len(images), bs):
