@@ -72,8 +72,16 @@ def service(tmp_path_factory):
     """A trained smoke workdir, its export, predict's results on its sample images, and the service."""
     base = tmp_path_factory.mktemp("svc")
     work = base / "run"
-    common = ["--config=configs/demo.py:smoke", f"--workdir={work}", f"--config.data.tfds_dir={base / 'tfds'}"]
+    # pad: the exported program then takes the content boxes too (manifest input.boxes)
+    common = [
+        "--config=configs/demo.py:smoke",
+        f"--workdir={work}",
+        f"--config.data.tfds_dir={base / 'tfds'}",
+        "--config.data.geometry=pad",
+    ]
     _run(*common)
+    first = sorted(os.listdir(work / "samples"))[0]  # and a wide one: pad's box then leaves out real padding
+    Image.open(work / "samples" / first).convert("RGB").resize((96, 40)).save(work / "samples" / "wide.png")
     _run(*common, "--mode=export", "--config.export.onnx=no")
     _run(*common, "--mode=predict", f"--config.predict.input={work / 'samples'}")
     latest = (work / "predictions" / "latest.txt").read_text().strip()
@@ -119,6 +127,8 @@ def test_scores_equal_predict_on_the_same_files(service):
     body, headers = _multipart([(f, (service["samples"] / f).read_bytes()) for f in files])
     status, raw = _request(service["url"] + "/v1/score", body, headers)
     assert status == 200, raw
+    status, health = _request(service["url"] + "/v1/health")
+    assert json.loads(health)["geometry"] == "pad"
     rows = {r["file"]: r for r in json.loads(raw)["images"]}
     for f in files:
         want, got = service["predicted"][f], rows[f]
