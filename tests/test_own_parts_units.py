@@ -182,3 +182,11 @@ def test_tiles_are_held_out_by_image_and_calibrated_by_their_image_maximum():
     }
     out = image_level(cal_res, {"a": np.array([8, 9, 2, 3])}, np.array([0, 0, 1, 1, 2, 2, 3, 3, 4, 4]))
     assert sorted(out["cal_scores"]["a"]) == [3.0, 5.0]  # image 4: max(1, 5); image 1: max(2, 3)
+
+
+def test_crop_and_resize_are_the_same_on_square_images():
+    """Why docs/results.md compares the geometries on rope only: on a square image (mtd, the demo) the
+    centre crop of the resized image is all of it, bit for bit."""
+    img = Image.fromarray(np.random.default_rng(2).integers(0, 255, (256, 256, 3), np.uint8))
+    assert np.array_equal(np.asarray(to_input(img, 224, "crop")), np.asarray(to_input(img, 224, "resize")))
+    assert place(256, 256, 224, "crop").seen_fraction == 1.0
