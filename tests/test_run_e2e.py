@@ -206,7 +206,9 @@ def test_predict_that_scores_nothing_or_is_interrupted_leaves_no_folder(tmp_path
 
     many = tmp_path / "many"
     _export_test_images(tfds_dir, many, 8)
-    for k in range(3):  # 32 images: the run is still scoring when the interrupt comes
+    # 8 x 25 = 200 images in batches of 4: the run is still scoring when the interrupt comes, even when
+    # the compiled programs come from the cache and this process waits for a busy CPU (32 were too few)
+    for k in range(24):
         for f in list(many.glob("disc_?.png")):
             shutil.copy(f, many / f"copy{k}_{f.name}")
     proc = subprocess.Popen(
