@@ -218,6 +218,9 @@ def test_predict_that_scores_nothing_or_is_interrupted_leaves_no_folder(tmp_path
         stderr=subprocess.PIPE,
         text=True,
         env=dict(os.environ, XLA_FLAGS=(os.environ.get("XLA_FLAGS", "") + " " + FAST_COMPILE).strip()),
+        # a shell without job control starts background jobs with SIGINT ignored, and children inherit
+        # that: give the run the default disposition, so Python turns SIGINT into KeyboardInterrupt
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     for line in proc.stdout:  # interrupt once the model is restored and scoring starts
         if "restored the reconstructor" in line:
