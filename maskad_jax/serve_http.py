@@ -296,9 +296,26 @@ def build_app(loader, manifest, run, args, folder):
     return Starlette(routes=routes)
 
 
+def warm_up(loader, manifest, run, max_batch):
+    """Compile the program for every batch size the queue uses (powers of two up to max_batch), so no
+    request waits for a compilation; the sizes and the seconds it took."""
+    size = manifest["input"]["shape"][1]
+    image = np.full((size, size, 3), 128, np.uint8)
+    inputs = [(image, ((0, 0, size, size), (0.0, 0.0, float(size), float(size))), (size, size), None)]
+    sizes, t0 = [], time.perf_counter()
+    while not sizes or sizes[-1] < max_batch:
+        sizes.append(1 << len(sizes))
+    for n in [1] + sizes[1:]:
+        loader.score_loaded(run, manifest, [(inputs, (size, size))] * n)
+    return sizes, time.perf_counter() - t0
+
+
 def serve(loader, manifest, run, args, folder):
-    """Run the service until interrupted (uvicorn, one process: the compiled program is loaded once)."""
+    """Run the service until interrupted (uvicorn, one process: the compiled program is loaded once),
+    after compiling it for the batch sizes it will use."""
     app = build_app(loader, manifest, run, args, folder)
+    sizes, seconds = warm_up(loader, manifest, run, args.max_batch)
+    print(f"compiled for batches of {', '.join(map(str, sizes))} model inputs in {seconds:.1f} s", flush=True)
     print(f"serving {folder} on http://{args.host}:{args.http}/ (POST /v1/score, GET /v1/health, /metrics)", flush=True)
     uvicorn.run(app, host=args.host, port=args.http, log_level="warning", access_log=False)
     return 0
