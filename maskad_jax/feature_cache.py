@@ -51,6 +51,17 @@ def fine_strides(config):
     return tuple(config.fit.fine_strides) if fine_on(config.scoring) else None
 
 
+def feature_fn(extractor, with_target: bool, fine=None):
+    """f(variables, images) -> (h_in, h_tgt or None, the fine embedding at the strides `fine` or None):
+    the features training, the fit and --mode=update compute from one backbone pass."""
+
+    def features(v, x):
+        h, f = extractor.apply_with_fine(v, x, fine) if fine else (extractor.apply(v, x, normalize=True), None)
+        return h, (extractor.apply(v, x, normalize=False) if with_target else None), f
+
+    return features
+
+
 def extract_features(extractor, data: SplitData, config, with_target: bool, desc: str = "features", fine=None):
     """Backbone features of a whole split, in order: (h_in, h_tgt or None, image keys, the fine
     embeddings at the strides `fine` or None, the images' content boxes (N, 4) in the input frame)."""
@@ -77,11 +88,7 @@ def extract_positions(
     "fine" is the fine embedding at the strides `fine` (FeatureExtractor.apply_with_fine), from the
     same backbone pass as h_in."""
     shard = local_batch_sharding(config)
-
-    def features(v, x):
-        h, f = extractor.apply_with_fine(v, x, fine) if fine else (extractor.apply(v, x, normalize=True), None)
-        return h, (extractor.apply(v, x, normalize=False) if with_target else None), f
-
+    features = feature_fn(extractor, with_target, fine)
     fn = jax.jit(features)
     h_in, h_tgt, keys, extra, t0 = [], [], [], {f: [] for f in fields}, time.time()
     with progress.bar(len(positions), desc) as pbar:

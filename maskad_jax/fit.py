@@ -34,6 +34,7 @@ class PoolsCorruptError(UserError, ValueError):
 
 # scoring fields that change how the work is laid out, not the scores (left out of the calibration's signature)
 PLACEMENT_ONLY = ("branches_per_step", "devices", "ot_sequential")
+ASPECT_TOLERANCE = 1.1  # an image may be this much wider or narrower than its class's training images
 # scoring fields that act after the two terms are computed: they change scores and maps, not term_stats
 AFTER_TERMS = ("sigma", "pixel_map")
 
@@ -85,6 +86,17 @@ class Pools:
                 f"{fitted['image_size']}, and this run asks for {now['geometry']!r} at {now['image_size']}: use the "
                 f"training config's geometry (images must reach the model as they did in training)"
             )
+
+    def aspect_range(self, cls: str):
+        """[min, max] width/height of the class's training images (the fit's record), or None."""
+        return (self.geometry or {}).get("aspect", {}).get(cls)
+
+    def shape_fits(self, cls: str, width: int, height: int) -> bool:
+        """Whether an image's aspect ratio lies within the class's training range, ASPECT_TOLERANCE
+        either way (True when the fit has no record): predict notes, and update refuses, the others."""
+        aspect = self.aspect_range(cls)
+        a = width / height
+        return not aspect or aspect[0] / ASPECT_TOLERANCE <= a <= aspect[1] * ASPECT_TOLERANCE
 
     def calibrated_for(self, config, terms_only: bool = False) -> bool:
         """Whether the calibration was computed under this config's scoring (terms_only: whether its

@@ -149,19 +149,15 @@ def _predict_into(config, out_dir, root, rels, extractor, model, params, pools, 
     return rows
 
 
-ASPECT_TOLERANCE = 1.1  # an image may be this much wider or narrower than its class's training images
-
-
-def shape_note(pools, cls, img, tolerance: float = ASPECT_TOLERANCE) -> str:
+def shape_note(pools, cls, img) -> str:
     """A note when an image's aspect ratio lies outside its class's training images' (the fit's
     record): under crop or resize it reaches the model shaped otherwise than anything it learned."""
-    aspect = (pools.geometry or {}).get("aspect", {}).get(cls)
-    a = img.size[0] / img.size[1]
-    if not aspect or aspect[0] / tolerance <= a <= aspect[1] * tolerance:
+    if pools.shape_fits(cls, *img.size):
         return ""
+    aspect = pools.aspect_range(cls)
     return (
-        f"its shape (width/height {a:.3g}) is outside class {cls}'s training images' ({aspect[0]:.3g} to "
-        f"{aspect[1]:.3g}): the map and score are less reliable; train on images of this shape"
+        f"its shape (width/height {img.size[0] / img.size[1]:.3g}) is outside class {cls}'s training images' "
+        f"({aspect[0]:.3g} to {aspect[1]:.3g}): the map and score are less reliable; train on images of this shape"
     )
 
 

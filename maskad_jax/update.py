@@ -30,7 +30,7 @@ from maskad_jax.coreset import extend_kcenter
 from maskad_jax.digests import sha256_file
 from maskad_jax.errors import ConfigError, DataError
 from maskad_jax.parallel import local_batch_sharding
-from maskad_jax.predict import ASPECT_TOLERANCE, collect_inputs
+from maskad_jax.predict import collect_inputs
 from maskad_jax.preprocess import ImageDecodeError, open_image, preprocess_image, to_rgb
 from maskad_jax.serve_export import tile_boxes
 from maskad_jax.tiling import tiles_on
@@ -55,7 +55,7 @@ def check_images(paths, rels, pools, k) -> tuple[list, list]:
     """(the images as RGB, their SHA-256): refused when one cannot be read, was added before, or has
     an aspect ratio outside the class's training range (pools.geometry["aspect"])."""
     seen = {d for rec in pools.added for d in rec["files"].values()}
-    aspect = (pools.geometry or {}).get("aspect", {}).get(pools.class_names[k])
+    aspect = pools.aspect_range(pools.class_names[k])
     images, digests, bad = [], [], []
     for path, rel in zip(paths, rels):
         try:
@@ -67,8 +67,7 @@ def check_images(paths, rels, pools, k) -> tuple[list, list]:
             raise DataError(
                 f"new_images.input: {rel} was already added to this workdir (same SHA-256); nothing was added"
             )
-        a = img.size[0] / img.size[1]
-        if aspect and not (aspect[0] / ASPECT_TOLERANCE <= a <= aspect[1] * ASPECT_TOLERANCE):
+        if not pools.shape_fits(pools.class_names[k], *img.size):
             bad.append(f"{rel} ({img.size[0]} x {img.size[1]})")
         images.append(img)
         digests.append(digest)
@@ -85,16 +84,10 @@ def new_features(config, extractor, images):
     """(h_in, h_tgt or None, fine or None) of the images (their tiles, with data.tiles), as the
     training features were computed."""
     size, geometry = config.data.image_size, config.data.geometry
-    fine = feature_cache.fine_strides(config)
-    raw = config.train.target == "unnormalized"
     shard = local_batch_sharding(config)
     per = len(shard.device_set)
-
-    def feats(v, x):
-        h, f = extractor.apply_with_fine(v, x, fine) if fine else (extractor.apply(v, x, normalize=True), None)
-        return h, (extractor.apply(v, x, normalize=False) if raw else None), f
-
-    fn = jax.jit(feats)
+    raw = config.train.target == "unnormalized"
+    fn = jax.jit(feature_cache.feature_fn(extractor, raw, feature_cache.fine_strides(config)))
     if tiles_on(config):  # each image as its tiles, as the training images were
         rows, cols = config.data.tiles
         images = [im.crop(b) for im in images for b in tile_boxes(*im.size, rows, cols, config.data.tile_overlap)]
