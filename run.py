@@ -13,8 +13,8 @@
 Modes (--mode): train_and_eval (default) | train | eval (reuse the workdir's checkpoint and fit) |
 predict (score new images with them) | export (the trained model as one artifact that scores
 images without this package: <workdir>/export/, docs/deploy.md) | update (new good images join the
-pools, thresholds recalibrated, the reconstructor kept: maskad_jax/update.py) | serve (an HTTP
-service over <workdir>/export: maskad_jax/serve_http.py, docs/deploy.md).
+pools, thresholds recalibrated, the reconstructor kept: maskad_jax/app/update.py) | serve (an HTTP
+service over <workdir>/export: maskad_jax/runtime/serve_http.py, docs/deploy.md).
 Configs: configs/demo.py (synthetic data, CPU-sized), folder.py (any folder in MVTec layout),
 mvtec.py, visa.py, realiad.py (the paper's setup). Variants after a colon, comma-separated:
 smoke (tiny, for tests), cpu (the CPU-sized model), paper (folder.py only), code (the released
@@ -86,8 +86,8 @@ def main(argv):
         logging.set_verbosity(logging.WARNING)  # keep orbax/TFDS chatter out of the progress lines
     _distributed(FLAGS.coordinator, FLAGS.num_processes, FLAGS.process_id)
     _compilation_cache(FLAGS.xla_cache)
-    from maskad_jax.errors import UserError
-    from maskad_jax.pipeline import train_and_evaluate
+    from maskad_jax.app.pipeline import train_and_evaluate
+    from maskad_jax.common.errors import UserError
 
     config = FLAGS.config
     workdir = FLAGS.workdir or os.path.join("runs", config.get("name", "run"))

@@ -16,7 +16,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from maskad_jax.reconstructor import ATTENTION_IMPLEMENTATIONS, MaskedReconstructor  # noqa: E402
+from maskad_jax.models.reconstructor import ATTENTION_IMPLEMENTATIONS, MaskedReconstructor  # noqa: E402
 
 
 def main():

@@ -25,13 +25,15 @@ import numpy as np  # noqa: E402
 from absl import app, flags, logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
-from maskad_jax import feature_cache, pipeline, serve_export  # noqa: E402
-from maskad_jax.data import eval_batches  # noqa: E402
-from maskad_jax.fit import Pools  # noqa: E402
-from maskad_jax.parallel import to_local  # noqa: E402
-from maskad_jax.reconstructor import build_reconstructor  # noqa: E402
-from maskad_jax.scoring import device_pools, make_score_fn  # noqa: E402
-from maskad_jax.train import restore_params  # noqa: E402
+from maskad_jax.app import pipeline
+from maskad_jax.common.parallel import to_local  # noqa: E402
+from maskad_jax.data.splits import eval_batches  # noqa: E402
+from maskad_jax.engine.scoring import device_pools, make_score_fn  # noqa: E402
+from maskad_jax.models.reconstructor import build_reconstructor  # noqa: E402
+from maskad_jax.runtime import serve_export  # noqa: E402
+from maskad_jax.training import feature_cache
+from maskad_jax.training.fit import Pools  # noqa: E402
+from maskad_jax.training.train import restore_params  # noqa: E402
 
 config_flags.DEFINE_config_file("config", "configs/demo.py", "the config the workdir was trained with")
 flags.DEFINE_string("workdir", None, "a trained and exported workdir (checkpoints/, fit/, export/)", required=True)

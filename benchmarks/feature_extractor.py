@@ -28,7 +28,7 @@ def jax_worker(arch, batch, repeats, depthwise="auto"):
     from jax.sharding import Mesh, NamedSharding
     from jax.sharding import PartitionSpec as P
 
-    from maskad_jax.features import FeatureExtractor
+    from maskad_jax.models.features import FeatureExtractor
 
     ex = FeatureExtractor.create(arch, weights="random", depthwise=depthwise)
     mesh = Mesh(np.asarray(jax.devices()), ("data",))
@@ -55,7 +55,7 @@ def torch_worker(arch, batch, repeats):
     from efficientnet_pytorch.utils import BlockDecoder, GlobalParams
 
     sys.path.insert(0, ROOT)
-    from maskad_jax import efficientnet_arch as ea
+    from maskad_jax.models import efficientnet_arch as ea
 
     torch.set_num_threads(2)
     if arch == "efficientnet-lite0":

@@ -21,7 +21,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 def worker(n, size, protocol):
     import numpy as np
 
-    from maskad_jax.metrics import all_metrics
+    from maskad_jax.engine.metrics import all_metrics
 
     rng = np.random.default_rng(0)
     maps = rng.normal(size=(n, size, size)).astype(np.float32)

@@ -26,7 +26,7 @@ def main():
     p.add_argument("--batch", type=int, default=16)
     a = p.parse_args()
     flags.FLAGS.mark_as_parsed()  # grain's worker processes read absl flags
-    from maskad_jax.data import SplitData, eval_batches
+    from maskad_jax.data.splits import SplitData, eval_batches
     from tfds_builders import prepare
 
     with tempfile.TemporaryDirectory() as tmp:

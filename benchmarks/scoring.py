@@ -36,24 +36,24 @@ from jax.sharding import PartitionSpec as P
 
 from benchmarks.memory_report import memory_report  # noqa: E402
 from configs import default, variants  # noqa: E402
-from maskad_jax import association  # noqa: E402
-from maskad_jax.coreset import nearest  # noqa: E402
-from maskad_jax.features import FeatureExtractor  # noqa: E402
-from maskad_jax.fit import fit_pools  # noqa: E402
-from maskad_jax.parallel import data_mesh  # noqa: E402
-from maskad_jax.reconstructor import (
-    build_reconstructor,  # noqa: E402
-    patch_errors,  # noqa: E402
-)
-from maskad_jax.resize import resize_map_align_corners  # noqa: E402
-from maskad_jax.scoring import (  # noqa: E402
+from maskad_jax.common.parallel import data_mesh  # noqa: E402
+from maskad_jax.engine import association  # noqa: E402
+from maskad_jax.engine.coreset import nearest  # noqa: E402
+from maskad_jax.engine.scoring import (  # noqa: E402
     device_pools,
     make_masks,
     make_score_features_fn,
     make_score_fn,  # noqa: E402
     num_masks,
 )
-from maskad_jax.smoothing import gaussian_smooth  # noqa: E402
+from maskad_jax.engine.smoothing import gaussian_smooth  # noqa: E402
+from maskad_jax.models.features import FeatureExtractor  # noqa: E402
+from maskad_jax.models.reconstructor import (
+    build_reconstructor,  # noqa: E402
+    patch_errors,  # noqa: E402
+)
+from maskad_jax.models.resize import resize_map_align_corners  # noqa: E402
+from maskad_jax.training.fit import fit_pools  # noqa: E402
 
 
 def reconstructor_gflop_per_pass(d, depth, c, tokens=197, mlp=4.0):

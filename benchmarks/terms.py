@@ -37,15 +37,17 @@ from absl import app, flags, logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 from scipy import ndimage  # noqa: E402
 
-from maskad_jax import feature_cache, pipeline, scoring  # noqa: E402
-from maskad_jax import metrics as metrics_lib  # noqa: E402
-from maskad_jax.data import Preprocess, eval_batches  # noqa: E402
-from maskad_jax.fit import Pools  # noqa: E402
-from maskad_jax.parallel import to_local  # noqa: E402
-from maskad_jax.reconstructor import build_reconstructor  # noqa: E402
-from maskad_jax.resize import interpolation_matrix  # noqa: E402
-from maskad_jax.smoothing import gaussian_matrix  # noqa: E402
-from maskad_jax.train import restore_params  # noqa: E402
+from maskad_jax.app import pipeline
+from maskad_jax.common.parallel import to_local  # noqa: E402
+from maskad_jax.data.splits import Preprocess, eval_batches  # noqa: E402
+from maskad_jax.engine import metrics as metrics_lib  # noqa: E402
+from maskad_jax.engine import scoring  # noqa: E402
+from maskad_jax.engine.smoothing import gaussian_matrix  # noqa: E402
+from maskad_jax.models.reconstructor import build_reconstructor  # noqa: E402
+from maskad_jax.models.resize import interpolation_matrix  # noqa: E402
+from maskad_jax.training import feature_cache
+from maskad_jax.training.fit import Pools  # noqa: E402
+from maskad_jax.training.train import restore_params  # noqa: E402
 
 config_flags.DEFINE_config_file("config", "configs/demo.py", "the config the workdir was trained with")
 flags.DEFINE_string("workdir", None, "a trained workdir (checkpoints/ and fit/)", required=True)
@@ -157,7 +159,7 @@ def mpo_grid(t):
 def pixel_maps(d, sigma, size) -> dict:
     """Each term's and combination's map at the image size, as scoring builds them (upsampled,
     smoothed); z(Rec) + z(M_po) standardises each term on its grid by its class's held-out normal
-    mean and std (evaluate.term_stats), as scoring.mpo_fusion = sum does."""
+    mean and std (calibration.term_stats), as scoring.mpo_fusion = sum does."""
     t, c = patch_terms(d, "t_"), patch_terms(d, "c_")
     mpo, c_mpo = mpo_grid(t), mpo_grid(c)
     rec, c_rec = t["Rec (reference units)"], c["Rec (reference units)"]

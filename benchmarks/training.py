@@ -20,7 +20,7 @@ import numpy as np  # noqa: E402
 
 from benchmarks.memory_report import memory_report  # noqa: E402
 from configs import default  # noqa: E402
-from maskad_jax.train import train  # noqa: E402
+from maskad_jax.training.train import train  # noqa: E402
 
 
 def main():

@@ -37,7 +37,7 @@ def main():
     import jax.numpy as jnp
     import numpy as np
 
-    from maskad_jax.reconstructor import MaskedReconstructor
+    from maskad_jax.models.reconstructor import MaskedReconstructor
 
     model = MaskedReconstructor(in_channels=192, embed_dim=256, encoder_depth=2, decoder_depth=2, num_heads=a.heads)
     rng = np.random.default_rng(0)

@@ -21,7 +21,7 @@ def get_config():
     c.data.tfds_dir = "~/tensorflow_datasets"  # where prepared array_record files go (never inside manual_dir)
     c.data.classes = ()  # () = every class of the dataset
     c.data.image_size = 224  # the model's input is image_size x image_size (the geometry says how)
-    # How an image of any shape becomes that square (maskad_jax/geometry.py): crop (the shorter side to
+    # How an image of any shape becomes that square (maskad_jax/data/geometry.py): crop (the shorter side to
     # image_size, the centre kept: the released code's and the benchmarks' geometry; of a 450 x 200
     # image 44% is seen) | resize (the whole image squashed to the square) | pad (aspect kept,
     # letterboxed; the padding is left out of maps, scores and metrics).
@@ -32,7 +32,7 @@ def get_config():
     # Per-class ignore regions: a folder holding <class>.png (white = ignore; the images' size or aspect),
     # zeroed in the maps before the image score, in eval, predict and export. "" = none.
     c.data.ignore_masks = ""
-    # Large images as tiles (maskad_jax/tiling.py): (rows, cols) tiles per image, each scored by the same
+    # Large images as tiles (maskad_jax/data/tiling.py): (rows, cols) tiles per image, each scored by the same
     # model like an image of its own, the maps stitched back (max where tiles overlap); () = none. For
     # defects smaller than a token of the whole image (image width / 14 at 224 px). tile_overlap: the
     # share of a tile's width (height) its neighbour also covers.
@@ -47,7 +47,7 @@ def get_config():
     c.model.backbone = ml_collections.ConfigDict()
     c.model.backbone.arch = "efficientnet-b4"  # paper: B4 (272 channels); any of B0-B7, Lite0-Lite4
     # "packaged" (Lite0 only, offline), "random" (tests), a .pth / .safetensors file, or an orbax dir
-    # made by `python -m maskad_jax.convert_weights`.
+    # made by `python -m maskad_jax.models.convert_weights`.
     c.model.backbone.weights = "weights/efficientnet-b4"
     c.model.backbone.padding = "static"  # static (lukemelas/UniAD, the paper's features) | tf-same
     c.model.backbone.strides = (2, 4, 8, 16)  # taps: the last block at each of these strides
@@ -102,8 +102,8 @@ def get_config():
     # Feature extraction and scoring have their own placement (no collectives there).
     c.train.devices = "auto"
     c.train.log_every = 50  # steps between console/JSON-lines logs
-    # Learning curves (maskad_jax/learning_curves.py): every eval_every epochs (0 = off), the seven
-    # metrics of each Table-2 row in eval_rows (maskad_jax/ablations.py) on a fixed subset of at most
+    # Learning curves (maskad_jax/training/learning_curves.py): every eval_every epochs (0 = off), the seven
+    # metrics of each Table-2 row in eval_rows (maskad_jax/engine/ablations.py) on a fixed subset of at most
     # eval_images test images, and the training loss on the subset's normal images, to the console,
     # train_log.jsonl and TensorBoard. For watching training, not for choosing a checkpoint.
     c.train.eval_every = 0
@@ -115,7 +115,7 @@ def get_config():
     # ---------------------------------------------------------------- flow M_po (scoring.mpo = "flow")
     # A conditional normalizing flow over the residual between each position's feature and its nearest
     # nominal pool token (docs/method.md §6.1, PMAD's ProtoFlow), trained after the reconstructor and the
-    # fit (maskad_jax/flow.py, flow_fit.py). Defaults: the released code's sizes and recipe.
+    # fit (maskad_jax/models/flow.py, flow_fit.py). Defaults: the released code's sizes and recipe.
     c.flow = ml_collections.ConfigDict()
     # Flow features. reconstructor: the main backbone's h (14 x 14) and the fit's pools. backbone: a
     # second backbone (flow.backbone) at the strides given, 3x3 average pooled, coarser taps repeated
@@ -190,7 +190,7 @@ def get_config():
     # purpose of the reference branch). Measured in docs/results.md. Needs use_reference; without it
     # the errors stay absolute.
     c.scoring.error_units = "absolute"
-    # The terms of (Rec + AssDis) x M_po (Table 2's switches; maskad_jax/ablations.py names the rows).
+    # The terms of (Rec + AssDis) x M_po (Table 2's switches; maskad_jax/engine/ablations.py names the rows).
     # use_reference: the reference branch r (needed by AssDis and by error_units = reference).
     c.scoring.use_reference = True
     c.scoring.use_assdis = True  # the paper's full formula; the CPU-sized configs turn it off (variants.cpu)
@@ -249,13 +249,13 @@ def get_config():
     c.eval.frame = "auto"
 
     # ---------------------------------------------------------------- update (--mode=update)
-    # New good images joining a trained workdir's pools, the reconstructor untouched (maskad_jax/update.py).
+    # New good images joining a trained workdir's pools, the reconstructor untouched (maskad_jax/app/update.py).
     c.new_images = ml_collections.ConfigDict()
     c.new_images.input = ""  # a folder (recursive) or an image of new good parts
     c.new_images.class_name = ""  # the class they show; "" when the model has one class
 
     # ---------------------------------------------------------------- serve (--mode=serve)
-    # The HTTP service over <workdir>/export (maskad_jax/serve_http.py; the same as export/serve.py --http).
+    # The HTTP service over <workdir>/export (maskad_jax/runtime/serve_http.py; the same as export/serve.py --http).
     c.serve = ml_collections.ConfigDict()
     c.serve.port = 8080
     c.serve.host = "127.0.0.1"  # this machine only; 0.0.0.0 for every interface (behind a proxy: docs/deploy.md)
@@ -270,7 +270,7 @@ def get_config():
     c.predict = ml_collections.ConfigDict()
     c.predict.input = ""  # an image or a folder (recursive)
     c.predict.class_name = ""  # the pool to score against; "" = the nearest pool, image by image
-    # Decision thresholds (maskad_jax/thresholds.py). predict.threshold fixes them: a number for every
+    # Decision thresholds (maskad_jax/training/thresholds.py). predict.threshold fixes them: a number for every
     # class (< 0: none fixed), or per class, {"screw": 0.5} or "screw=0.5,nut=0.7" (the rest keep the
     # rule). threshold_rule: quantile (the threshold_quantile quantile of normal held-out scores: 0.99
     # is about 1% false alarms on good parts), f1 (F1-optimal on data.validation's labelled images),

@@ -9,8 +9,8 @@ ablation=<row>  a row of the paper's Table 2 (see ABLATIONS); scoring switches o
                 existing checkpoint can be evaluated under each row with --mode=eval
 """
 
-from maskad_jax.ablations import ABLATIONS, apply_row  # noqa: F401  (the rows live in the package)
-from maskad_jax.errors import ConfigError
+from maskad_jax.common.errors import ConfigError
+from maskad_jax.engine.ablations import ABLATIONS, apply_row  # noqa: F401  (the rows live in the package)
 
 
 def code(c):

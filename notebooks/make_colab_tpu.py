@@ -64,7 +64,7 @@ print(config.data.name, config.model.backbone.arch, config.model.reconstructor.e
     ("markdown", "## Train, fit and evaluate (rerunning resumes from the latest checkpoint)"),
     (
         "code",
-        """from maskad_jax.pipeline import train_and_evaluate
+        """from maskad_jax.app.pipeline import train_and_evaluate
 result = train_and_evaluate(config, WORKDIR, "train_and_eval")
 {k: round(100 * v, 1) for k, v in result["mean"].items()}""",
     ),

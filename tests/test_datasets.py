@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from maskad_jax.data import SplitData, eval_batches, train_batches
-from maskad_jax.errors import DataError
-from maskad_jax.preprocess import ImageDecodeError
+from maskad_jax.common.errors import DataError
+from maskad_jax.data.preprocess import ImageDecodeError
+from maskad_jax.data.splits import SplitData, eval_batches, train_batches
 from tfds_builders import DatasetLayoutError, prepare
 
 
@@ -295,7 +295,7 @@ def test_decompression_bomb_names_the_file(tmp_path):
     import struct
     import zlib
 
-    from maskad_jax.preprocess import open_image
+    from maskad_jax.data.preprocess import open_image
 
     def chunk(kind, data):
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)

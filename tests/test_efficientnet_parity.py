@@ -10,9 +10,9 @@ efficientnet_pytorch = pytest.importorskip("efficientnet_pytorch")
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
-from maskad_jax import efficientnet_arch as ea  # noqa: E402
-from maskad_jax import weights as W  # noqa: E402
-from maskad_jax.efficientnet import EfficientNet  # noqa: E402
+from maskad_jax.models import efficientnet_arch as ea  # noqa: E402
+from maskad_jax.models import weights as W  # noqa: E402
+from maskad_jax.models.efficientnet import EfficientNet  # noqa: E402
 
 
 def _randomised_torch_model(name, seed, **overrides):
@@ -89,7 +89,7 @@ def test_shifted_depthwise_equals_the_grouped_convolution(hw, kernel, stride, pa
     import flax.linen as nn
     import jax
 
-    from maskad_jax.efficientnet import DepthwiseConv
+    from maskad_jax.models.efficientnet import DepthwiseConv
 
     rng = np.random.default_rng(3)
     x = jnp.asarray(rng.normal(size=(2,) + hw + (6,)).astype(np.float32))

@@ -1,4 +1,4 @@
-"""maskad_jax.export_onnx: pieces of the exported program through jax2onnx and onnxruntime, against JAX.
+"""maskad_jax.app.export_onnx: pieces of the exported program through jax2onnx and onnxruntime, against JAX.
 
 The whole smoke scorer is converted and compared with --mode=predict in tests/test_run_e2e.py; here
 the parts one variant or another adds, converted alone (seconds, not minutes)."""
@@ -12,7 +12,8 @@ import pytest
 from onnx import TensorProto, helper
 
 from configs import demo
-from maskad_jax import association, export_onnx, scoring
+from maskad_jax.app import export_onnx
+from maskad_jax.engine import association, scoring
 
 
 def _session(blob):

@@ -5,10 +5,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from maskad_jax import efficientnet_arch as ea
-from maskad_jax.features import FeatureExtractor
-from maskad_jax.preprocess import preprocess_image
-from maskad_jax.resize import resize_align_corners, resize_map_align_corners
+from maskad_jax.data.preprocess import preprocess_image
+from maskad_jax.models import efficientnet_arch as ea
+from maskad_jax.models.features import FeatureExtractor
+from maskad_jax.models.resize import resize_align_corners, resize_map_align_corners
 
 
 @pytest.mark.parametrize(
@@ -63,8 +63,8 @@ def test_feature_map_equals_manual_composition():
 
 
 def _top5(ex, image):
-    from maskad_jax import weights as W
-    from maskad_jax.efficientnet import EfficientNet
+    from maskad_jax.models import weights as W
+    from maskad_jax.models.efficientnet import EfficientNet
 
     full = W.load_backbone_variables("efficientnet-lite0", "packaged")
     model = EfficientNet("efficientnet-lite0", "static", include_head=True)

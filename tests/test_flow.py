@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from helpers import torch_or_skip
 
-from maskad_jax.flow import ConditionalFlow, flow_loss, log_likelihood, positional_encoding_2d
+from maskad_jax.models.flow import ConditionalFlow, flow_loss, log_likelihood, positional_encoding_2d
 
 
 def _flow_and_vars(channels=7, cond=4, blocks=3, clamp_form="current", seed=0, scale=0.3):
@@ -144,13 +144,13 @@ def _structured(n=24, seed=0):
 
 
 def _fitted(c, h):
-    from maskad_jax.fit import fit_pools
+    from maskad_jax.training.fit import fit_pools
 
     return fit_pools(h, None, ["a"] * len(h), c.fit, c.seed)
 
 
 def test_training_residuals_leave_the_image_out():
-    from maskad_jax.flow_fit import residuals_fn
+    from maskad_jax.training.flow_fit import residuals_fn
 
     tokens = jnp.asarray([[[0.0, 0.0], [5.0, 5.0]]])  # one image, two tokens
     pool = jnp.asarray([[0.0, 0.0], [1.0, 0.0], [5.0, 5.0], [4.0, 5.0]])
@@ -162,7 +162,7 @@ def test_training_residuals_leave_the_image_out():
 
 
 def test_flow_training_loss_falls_and_resumes_to_the_same_parameters(tmp_path):
-    from maskad_jax.flow_fit import restore_flow, train_flow
+    from maskad_jax.training.flow_fit import restore_flow, train_flow
 
     c, h = _flow_config(), _structured()
     pools = _fitted(c, h)
@@ -188,10 +188,10 @@ def test_flow_training_loss_falls_and_resumes_to_the_same_parameters(tmp_path):
 
 
 def test_flow_mpo_ranks_an_injected_defect_first():
-    from maskad_jax.flow import FlowState, build_flow
-    from maskad_jax.flow_fit import calibrate_flow, train_flow
-    from maskad_jax.reconstructor import build_reconstructor
-    from maskad_jax.scoring import device_pools, make_score_features_fn
+    from maskad_jax.engine.scoring import device_pools, make_score_features_fn
+    from maskad_jax.models.flow import FlowState, build_flow
+    from maskad_jax.models.reconstructor import build_reconstructor
+    from maskad_jax.training.flow_fit import calibrate_flow, train_flow
 
     c, h = _flow_config(epochs=15), _structured()
     c.scoring.mpo = "flow"
@@ -224,7 +224,7 @@ def test_flow_mpo_ranks_an_injected_defect_first():
 
 def test_flow_embedder_pools_and_repeats_the_taps_like_the_released_code():
     from configs import default
-    from maskad_jax.flow_features import FlowEmbedder
+    from maskad_jax.models.flow_features import FlowEmbedder
 
     c = default.get_config().flow
     c.backbone.arch, c.backbone.weights, c.backbone.padding = "efficientnet-lite0", "random", "static"

@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from maskad_jax import export as export_lib
-from maskad_jax import predict as predict_lib
-from maskad_jax.errors import DataError, MissingInputError
-from maskad_jax.preprocess import ImageDecodeError, open_image, preprocess_image
+from maskad_jax.app import export as export_lib
+from maskad_jax.app import predict as predict_lib
+from maskad_jax.common.errors import DataError, MissingInputError
+from maskad_jax.data.preprocess import ImageDecodeError, open_image, preprocess_image
 
 
 def test_long_thin_images_are_refused_from_the_header(tmp_path):
@@ -127,8 +127,8 @@ def test_export_swap_puts_the_new_artifact_in_place_even_when_the_old_cannot_be_
 
 def test_eval_batch_size_is_bounded_by_the_config_check():
     from configs import demo
-    from maskad_jax import config_check
-    from maskad_jax.errors import ConfigError
+    from maskad_jax.app import config_check
+    from maskad_jax.common.errors import ConfigError
 
     c = demo.get_config("smoke")
     c.data.eval_batch_size = 1000000

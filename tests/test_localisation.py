@@ -11,10 +11,10 @@ import numpy as np
 import pytest
 
 from configs import default, variants
-from maskad_jax import scoring
-from maskad_jax.evaluate import calibrate, term_stats
-from maskad_jax.features import FeatureExtractor, avg_pool3, pooled_embedding
-from maskad_jax.fit import Pools, fit_pools
+from maskad_jax.engine import scoring
+from maskad_jax.models.features import FeatureExtractor, avg_pool3, pooled_embedding
+from maskad_jax.training.calibration import calibrate, term_stats
+from maskad_jax.training.fit import Pools, fit_pools
 
 
 def _sc(**kw):
@@ -133,7 +133,7 @@ def test_fine_pools_use_the_same_held_out_split_and_round_trip(tmp_path):
 # --------------------------------------------------------------------------------------- the engine
 @pytest.fixture(scope="module")
 def engine():
-    from maskad_jax.reconstructor import build_reconstructor
+    from maskad_jax.models.reconstructor import build_reconstructor
 
     c = default.get_config()
     variants.smoke(c)  # the CPU configs' scoring: two-grid M_po, sum, pixel map from M_po

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from maskad_jax import metrics as M
+from maskad_jax.engine import metrics as M
 
 sk = pytest.importorskip("sklearn.metrics")
 

@@ -15,7 +15,7 @@ import pytest
 from helpers import FAST_COMPILE
 from PIL import Image
 
-from maskad_jax.geometry import place
+from maskad_jax.data.geometry import place
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow  # subprocess runs of run.py

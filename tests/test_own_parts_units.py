@@ -8,14 +8,14 @@ from PIL import Image
 from scipy import ndimage
 
 from configs import demo
-from maskad_jax.coreset import extend_kcenter
-from maskad_jax.errors import ConfigError, DataError
-from maskad_jax.fit import Pools, _held_out, scoring_signature
-from maskad_jax.geometry import place, to_input, to_original
-from maskad_jax.ignore_masks import load_ignore_masks
-from maskad_jax.serve_export import regions_over, stitch_tiles, tile_boxes
-from maskad_jax.thresholds import class_threshold, f1_threshold, fixed_thresholds, normalised
-from maskad_jax.tiling import image_level
+from maskad_jax.common.errors import ConfigError, DataError
+from maskad_jax.data.geometry import place, to_input, to_original
+from maskad_jax.data.ignore_masks import load_ignore_masks
+from maskad_jax.data.tiling import image_level
+from maskad_jax.engine.coreset import extend_kcenter
+from maskad_jax.runtime.serve_export import regions_over, stitch_tiles, tile_boxes
+from maskad_jax.training.fit import Pools, _held_out, scoring_signature
+from maskad_jax.training.thresholds import class_threshold, f1_threshold, fixed_thresholds, normalised
 
 
 def test_crop_of_a_450_by_200_image_sees_the_middle_44_percent():

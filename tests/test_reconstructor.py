@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from scipy.special import erf
 
-from maskad_jax.reconstructor import MaskedReconstructor, count_params, patch_errors, relative_position_index
+from maskad_jax.models.reconstructor import MaskedReconstructor, count_params, patch_errors, relative_position_index
 
 
 def _ln(x, scale, bias, eps=1e-6):

@@ -13,9 +13,9 @@ import pytest
 from PIL import Image
 
 from configs import demo
-from maskad_jax.metrics import METRIC_NAMES, curve_points
-from maskad_jax.overlay import unique_names
-from maskad_jax.report import write_report
+from maskad_jax.app.overlay import unique_names
+from maskad_jax.app.report import write_report
+from maskad_jax.engine.metrics import METRIC_NAMES, curve_points
 
 HOSTILE = '<script>alert(1)</script> "x" & y'
 

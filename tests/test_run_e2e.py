@@ -14,7 +14,7 @@ import pytest
 from helpers import FAST_COMPILE, forced_devices_env, loopback_coordinator
 from PIL import Image
 
-from maskad_jax.overlay import unique_names
+from maskad_jax.app.overlay import unique_names
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # these runs train and score a few dozen 64 px images
@@ -44,7 +44,7 @@ def _csv(path):
 
 def _export_test_images(tfds, folder, count, class_name="disc") -> dict:
     """The first `count` test images of a class written as PNG files: {file: the dataset's file name}."""
-    from maskad_jax.data import SplitData
+    from maskad_jax.data.splits import SplitData
     from tfds_builders import prepare
 
     data = SplitData.load(prepare("synthetic", tfds, config="tiny"), "test", [class_name])

@@ -10,9 +10,9 @@ import pytest
 from scipy import ndimage
 
 from configs import default
-from maskad_jax import association
-from maskad_jax.coreset import greedy_kcenter, nearest, nearest_in_pools
-from maskad_jax.smoothing import gaussian_smooth
+from maskad_jax.engine import association
+from maskad_jax.engine.coreset import greedy_kcenter, nearest, nearest_in_pools
+from maskad_jax.engine.smoothing import gaussian_smooth
 
 ot = pytest.importorskip("ot", reason="POT is a test extra")
 
@@ -160,10 +160,10 @@ def test_gaussian_smoothing_equals_scipy(shape, sigma):
 # --------------------------------------------------------------------------------------- the engine
 @pytest.fixture(scope="module")
 def engine():
-    from maskad_jax.features import FeatureExtractor
-    from maskad_jax.fit import fit_pools
-    from maskad_jax.reconstructor import build_reconstructor
-    from maskad_jax.scoring import device_pools, make_score_fn
+    from maskad_jax.engine.scoring import device_pools, make_score_fn
+    from maskad_jax.models.features import FeatureExtractor
+    from maskad_jax.models.reconstructor import build_reconstructor
+    from maskad_jax.training.fit import fit_pools
 
     c = default.get_config()
     c.data.image_size = 64
@@ -216,7 +216,7 @@ def test_same_seed_same_maps_and_an_image_alone_equals_it_in_a_batch(engine):
 
 
 def test_masks_per_image_follow_the_config(engine):
-    from maskad_jax.scoring import make_masks, num_masks
+    from maskad_jax.engine.scoring import make_masks, num_masks
 
     sc = engine["c"].scoring
     mpo = jnp.arange(196, dtype=jnp.float32)
@@ -232,8 +232,8 @@ def test_grouped_branches_give_the_same_maps(engine):
     """branches_per_step > 0 runs the 2N reconstructions in groups inside the program: same numbers."""
     import copy
 
-    from maskad_jax.reconstructor import build_reconstructor
-    from maskad_jax.scoring import _branch_steps, make_score_fn
+    from maskad_jax.engine.scoring import _branch_steps, make_score_fn
+    from maskad_jax.models.reconstructor import build_reconstructor
 
     assert [_branch_steps(26, k) for k in (0, 1, 2, 4, 26, 30)] == [1, 26, 13, 13, 1, 1]
     e = engine

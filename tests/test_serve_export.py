@@ -1,4 +1,4 @@
-"""serve.py (maskad_jax/serve_export.py) against what hostile users feed it, on a small exported program
+"""serve.py (maskad_jax/runtime/serve_export.py) against what hostile users feed it, on a small exported program
 made here (the same interface as --mode=export's scorer: uint8 images and keys in; map, score,
 anomalous, class_index, threshold out), so no training is needed: bad images are skipped and
 reported while the good ones of the same call are scored, arguments are checked, names are escaped,
@@ -14,8 +14,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from maskad_jax import serve_export
-from maskad_jax.digests import sha256_file
+from maskad_jax.common.digests import sha256_file
+from maskad_jax.runtime import serve_export
 
 SIZE = 32
 

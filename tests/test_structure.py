@@ -1,68 +1,72 @@
-"""The package's import structure (docs: the module map in the README): the test-time engine and
-the models never import training, orchestration or file I/O; no import cycles; no function-local
-import of the package; functions stay short."""
+"""The package's structure (docs: README "Reading the code"): layers as folders, imported only
+downwards, across maskad_jax and tfds_builders; the test-time engine and the models never reach
+training, orchestration or file I/O; no import cycles; no function-local import of the package;
+functions stay short."""
 
 import ast
 import pathlib
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "maskad_jax"
+PACKAGES = ("maskad_jax", "tfds_builders")
 
-# pure computation: models, masks, pools, OT, scoring, metrics, resizing, smoothing, the flow
+# The layers, bottom to top (the order data flows through them): a module imports only from its own
+# layer and the ones before it. tfds_builders reads the datasets with data/'s decoding and feeds
+# data/'s splits, so it sits between data and models.
+LAYERS = ("common", "runtime", "data", "tfds_builders", "models", "engine", "training", "app")
+
+# pure computation, importing nothing of training, orchestration or I/O: the models' definitions,
+# masks, pools, M_po, OT, scoring, metrics, resizing, smoothing
 PURE = {
-    "ablations",
-    "association",
-    "coreset",
-    "efficientnet",
-    "efficientnet_arch",
-    "errors",
-    "flow",
-    "masks",
-    "metrics",
-    "reconstructor",
-    "resize",
-    "scoring",
-    "smoothing",
-    "threefry",
+    "common.errors",
+    "engine.ablations",
+    "engine.association",
+    "engine.coreset",
+    "engine.masks",
+    "engine.metrics",
+    "engine.mpo",
+    "engine.scoring",
+    "engine.smoothing",
+    "engine.threefry",
+    "models.efficientnet",
+    "models.efficientnet_arch",
+    "models.flow",
+    "models.reconstructor",
+    "models.resize",
 }
-# training, orchestration and I/O: what PURE must never reach, even indirectly
-UPPER = {
-    "train",
-    "flow_fit",
-    "pipeline",
-    "predict",
-    "evaluate",
-    "learning_curves",
-    "feature_cache",
-    "report",
-    "progress",
-    "workdir",
-    "data",
-    "fit",
-    "weights",
-    "torch_pickle",
-    "safetensors_reader",
-    "samples",
-    "config_check",
-    "convert_weights",
-    "parallel",
-    "features",
-    "flow_features",
-    "export",
-    "export_onnx",
-    "serve_export",
-    "digests",
-    "optim",
-    "overlay",
-    "preprocess",
-    "geometry",
-    "thresholds",
-    "validation",
-    "ignore_masks",
-    "update",
-    "tiling",
-    "serve_http",
-}
+
+
+def _modules():
+    """{dotted name: path} of every module of both packages (a package's __init__ by its own name)."""
+    out = {}
+    for pkg in PACKAGES:
+        for path in (ROOT / pkg).rglob("*.py"):
+            parts = path.relative_to(ROOT).with_suffix("").parts
+            out[".".join(parts[:-1] if parts[-1] == "__init__" else parts)] = path
+    return out
+
+
+MODULES = _modules()
+
+
+def _short(name: str) -> str:
+    return name.split(".", 1)[1] if name.startswith("maskad_jax.") else name
+
+
+def _layer(name: str) -> str:
+    return "tfds_builders" if name.startswith("tfds_builders") else name.split(".")[1]
+
+
+def _targets(node) -> set:
+    """The package modules an import statement names (a `from pkg import x` names pkg.x when x is a module)."""
+    out = set()
+    if isinstance(node, ast.ImportFrom) and node.module and node.module.split(".")[0] in PACKAGES:
+        for a in node.names:
+            sub = f"{node.module}.{a.name}"
+            out.add(sub if sub in MODULES else node.module)
+    elif isinstance(node, ast.Import):
+        out |= {a.name for a in node.names if a.name.split(".")[0] in PACKAGES}
+    return {t for t in out if t in MODULES}
 
 
 def _imports(path: pathlib.Path):
@@ -71,26 +75,14 @@ def _imports(path: pathlib.Path):
     found, local = set(), set()
     for fn in [n for n in ast.walk(tree) if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef))]:
         for node in ast.walk(fn):
-            local |= _names(node)
+            local |= _targets(node)
     for node in ast.walk(tree):
-        found |= _names(node)
+        found |= _targets(node)
     return found, local
 
 
-def _names(node) -> set:
-    out = set()
-    if isinstance(node, ast.ImportFrom) and node.module:
-        if node.module == "maskad_jax":
-            out |= {a.name for a in node.names}
-        elif node.module.startswith("maskad_jax."):
-            out.add(node.module.split(".")[1])
-    elif isinstance(node, ast.Import):
-        out |= {a.name.split(".")[1] for a in node.names if a.name.startswith("maskad_jax.")}
-    return out
-
-
 def _graph():
-    return {p.stem: _imports(p) for p in PACKAGE.glob("*.py") if p.stem != "__init__"}
+    return {name: _imports(path) for name, path in MODULES.items()}
 
 
 def _reach(graph, start):
@@ -103,13 +95,30 @@ def _reach(graph, start):
     return seen
 
 
-def test_the_layers_are_the_ones_documented():
-    assert {p.stem for p in PACKAGE.glob("*.py")} - {"__init__"} <= PURE | UPPER
+def test_every_module_lives_in_a_layer_folder():
+    loose = sorted(p.name for p in PACKAGE.glob("*.py") if p.name != "__init__.py")
+    assert loose == [], "modules directly in maskad_jax/"
+    folders = sorted(p.name for p in PACKAGE.iterdir() if p.is_dir() and (p / "__init__.py").exists())
+    assert sorted(folders) == sorted(x for x in LAYERS if x != "tfds_builders")
+    assert {_short(m) for m in PURE} <= {_short(m) for m in MODULES}
+
+
+def test_layers_import_only_downwards():
+    graph = _graph()
+    up = []
+    for name, (found, _) in graph.items():
+        if name == "maskad_jax":
+            continue
+        for target in found:
+            if target != "maskad_jax" and LAYERS.index(_layer(target)) > LAYERS.index(_layer(name)):
+                up.append(f"{name} -> {target}")
+    assert sorted(up) == []
 
 
 def test_pure_modules_never_import_training_orchestration_or_io():
     graph = _graph()
-    bad = {m: sorted(_reach(graph, m) & UPPER) for m in PURE if m in graph}
+    pure = {f"maskad_jax.{m}" for m in PURE}
+    bad = {m: sorted(_short(x) for x in _reach(graph, m) - pure) for m in pure}
     assert all(not v for v in bad.values()), {m: v for m, v in bad.items() if v}
 
 
@@ -122,19 +131,19 @@ def test_no_import_cycles():
 def test_no_function_local_imports_of_the_package():
     """Except convert_weights' deferred import of jax (so --help stays instant), which is commented."""
     graph = _graph()
-    local = {m: sorted(v[1]) for m, v in graph.items() if v[1]}
-    assert local == {"convert_weights": ["weights"]}
-    assert "--help and arg errors stay instant" in (PACKAGE / "convert_weights.py").read_text()
+    local = {m: sorted(v[1]) for m, v in graph.items() if v[1] and m.startswith("maskad_jax")}
+    assert local == {"maskad_jax.models.convert_weights": ["maskad_jax.models.weights"]}
+    assert "--help and arg errors stay instant" in (PACKAGE / "models" / "convert_weights.py").read_text()
 
 
 def test_functions_are_short():
     long = []
-    for path in PACKAGE.glob("*.py"):
+    for name, path in MODULES.items():
         for node in ast.walk(ast.parse(path.read_text())):
             if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
                 n = node.end_lineno - node.lineno + 1
                 if n >= 60:
-                    long.append(f"{path.name}:{node.name} ({n} lines)")
+                    long.append(f"{name}:{node.name} ({n} lines)")
     assert long == []
 
 
@@ -142,7 +151,7 @@ def test_the_export_loader_is_standalone():
     """serve_export.py and serve_http.py are copied next to exported artifacts and run where maskad_jax
     is not installed."""
     for name in ("serve_export.py", "serve_http.py"):
-        found, _ = _imports(PACKAGE / name)
+        found, _ = _imports(PACKAGE / "runtime" / name)
         assert found == set(), name
-        text = (PACKAGE / name).read_text()
+        text = (PACKAGE / "runtime" / name).read_text()
         assert "import maskad_jax" not in text and "from maskad_jax" not in text and "importlib" not in text

@@ -1,11 +1,11 @@
-"""maskad_jax.threefry against jax.random itself (the peer): the same bits for every function."""
+"""maskad_jax.engine.threefry against jax.random itself (the peer): the same bits for every function."""
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from maskad_jax import threefry
+from maskad_jax.engine import threefry
 
 SEEDS = [0, 1, 7, 2**31 - 1, -1, -12345]
 

@@ -4,9 +4,9 @@ import numpy as np
 import pytest
 
 from configs import demo
-from maskad_jax.errors import ConfigError
-from maskad_jax.fit import Pools, scoring_signature
-from maskad_jax.thresholds import class_thresholds
+from maskad_jax.common.errors import ConfigError
+from maskad_jax.training.fit import Pools, scoring_signature
+from maskad_jax.training.thresholds import class_thresholds
 
 
 def _pools(config):

@@ -11,8 +11,8 @@ import pytest
 from helpers import forced_devices_env, loopback_coordinator
 
 from configs import default
-from maskad_jax.optim import decay_mask
-from maskad_jax.train import CheckpointMismatchError, train
+from maskad_jax.training.optim import decay_mask
+from maskad_jax.training.train import CheckpointMismatchError, train
 
 SCRIPT = os.path.join(os.path.dirname(__file__), "scripts", "train_losses.py")
 
@@ -219,7 +219,7 @@ def test_bfloat16_switch_trains_with_float32_parameters():
 def test_diverging_training_stops_with_a_clear_error_and_keeps_the_last_good_checkpoint(tmp_path):
     """lr 1e12: the loss turns NaN within a few steps. The run stops with TrainingDivergedError
     instead of finishing with rc 0, and no checkpoint holds non-finite parameters."""
-    from maskad_jax.train import TrainingDivergedError, _checkpoint_manager, restore_trained
+    from maskad_jax.training.train import TrainingDivergedError, _checkpoint_manager, restore_trained
 
     c = _tiny_config(lr=1e12, checkpoint_every=1, max_to_keep=20)
     with pytest.raises(TrainingDivergedError, match="diverged") as err:
@@ -227,9 +227,9 @@ def test_diverging_training_stops_with_a_clear_error_and_keeps_the_last_good_che
     assert "train.lr" in str(err.value) or "learning rate" in str(err.value)
     steps = _checkpoint_manager(str(tmp_path), c.train).all_steps()
     assert 0 < len(steps) < 9  # stopped early, with the good checkpoints before it
-    from maskad_jax.optim import make_optimizer
-    from maskad_jax.reconstructor import build_reconstructor
-    from maskad_jax.train import model_fingerprint
+    from maskad_jax.models.reconstructor import build_reconstructor
+    from maskad_jax.training.optim import make_optimizer
+    from maskad_jax.training.train import model_fingerprint
 
     model = build_reconstructor(c, 8, (4, 4))
     params, step = restore_trained(
@@ -250,9 +250,9 @@ def _largest_file(folder):
 
 @pytest.mark.parametrize("damage", ["flip", "truncate"])
 def test_corrupt_checkpoint_is_named_and_resuming_falls_back_to_the_previous_one(tmp_path, damage):
-    from maskad_jax.optim import make_optimizer
-    from maskad_jax.reconstructor import build_reconstructor
-    from maskad_jax.train import CheckpointCorruptError, model_fingerprint, restore_trained
+    from maskad_jax.models.reconstructor import build_reconstructor
+    from maskad_jax.training.optim import make_optimizer
+    from maskad_jax.training.train import CheckpointCorruptError, model_fingerprint, restore_trained
 
     c, h = _tiny_config(), _features()
     full = train(c, h, None, str(tmp_path / "full"), log=lambda *_: None)
@@ -280,7 +280,7 @@ def test_corrupt_checkpoint_is_named_and_resuming_falls_back_to_the_previous_one
 
 @pytest.mark.parametrize("damage", ["flip", "truncate"])
 def test_corrupt_pools_file_is_named(tmp_path, damage):
-    from maskad_jax.fit import Pools, PoolsCorruptError, fit_pools
+    from maskad_jax.training.fit import Pools, PoolsCorruptError, fit_pools
 
     c = default.get_config()
     pools = fit_pools(_features(), None, ["a"] * 24, c.fit, 0)

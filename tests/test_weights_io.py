@@ -7,10 +7,10 @@ import pickle
 import numpy as np
 import pytest
 
-from maskad_jax import weights as W
-from maskad_jax.convert_weights import main as convert_main
-from maskad_jax.safetensors_reader import load_safetensors
-from maskad_jax.torch_pickle import CheckpointFormatError, UnsafePickleError, load_pth
+from maskad_jax.models import weights as W
+from maskad_jax.models.convert_weights import main as convert_main
+from maskad_jax.models.safetensors_reader import load_safetensors
+from maskad_jax.models.torch_pickle import CheckpointFormatError, UnsafePickleError, load_pth
 
 
 def _torch():
@@ -141,7 +141,7 @@ def test_safetensors_reader_equals_the_safetensors_package(tmp_path):
 
 def _lukemelas_to_timm(state, arch_name):
     """Rename a lukemelas state dict to timm's names (the inverse of our timm mapping, written out here)."""
-    from maskad_jax import efficientnet_arch as ea
+    from maskad_jax.models import efficientnet_arch as ea
 
     arch = ea.get_arch(arch_name)
     where, count = {}, collections.Counter()
@@ -268,7 +268,7 @@ def _zip_pth(path, numel, offset, size, stride, data: bytes):
 def _legacy_pth(path, numel, offset, size, stride, data: bytes):
     import struct
 
-    from maskad_jax.torch_pickle import LEGACY_MAGIC, LEGACY_PROTOCOL
+    from maskad_jax.models.torch_pickle import LEGACY_MAGIC, LEGACY_PROTOCOL
 
     body = (
         pickle.dumps(LEGACY_MAGIC, protocol=2)

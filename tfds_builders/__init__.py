@@ -51,7 +51,7 @@ def prepare(name: str, data_dir: str, manual_dir: str | None = None, config: str
     download banner and progress bars are kept quiet, as nothing is downloaded."""
     import tensorflow_datasets as tfds
 
-    from maskad_jax import progress
+    from maskad_jax.common import progress
 
     log = log or progress.log
     builder = get_builder(name, data_dir, manual_dir, config)

@@ -23,8 +23,8 @@ import tensorflow_datasets as tfds
 from absl import logging
 from PIL import Image
 
-from maskad_jax.errors import DataError
-from maskad_jax.preprocess import ImageDecodeError, binarize_mask, open_image, to_rgb
+from maskad_jax.common.errors import DataError
+from maskad_jax.data.preprocess import ImageDecodeError, binarize_mask, open_image, to_rgb
 
 
 class DatasetLayoutError(DataError):

@@ -21,7 +21,8 @@ p.add_argument("out")
 args = parse_and_initialize(p)
 
 from configs import demo  # noqa: E402
-from maskad_jax import feature_cache, pipeline  # noqa: E402
+from maskad_jax.app import pipeline  # noqa: E402
+from maskad_jax.training import feature_cache  # noqa: E402
 
 c = demo.get_config("smoke")
 c.data.tfds_dir = args.tfds_dir

@@ -22,8 +22,8 @@ parser.add_argument("--train-devices", default="all")
 args = parse_and_initialize(parser)
 
 from configs import default  # noqa: E402
-from maskad_jax.parallel import training_mesh  # noqa: E402
-from maskad_jax.train import train  # noqa: E402
+from maskad_jax.common.parallel import training_mesh  # noqa: E402
+from maskad_jax.training.train import train  # noqa: E402
 
 c = default.get_config()
 r = c.model.reconstructor

@@ -1,0 +1,128 @@
+"""What evaluation writes: metrics.json, scores.csv, heatmaps and the report's data, in the frame the
+metrics were computed in (eval.frame)."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+
+import numpy as np
+from PIL import Image
+
+from maskad_jax.app.overlay import overlay, unique_names
+from maskad_jax.data.geometry import place, to_original
+from maskad_jax.data.splits import Preprocess
+from maskad_jax.engine import metrics as metrics_lib
+from maskad_jax.training.fit import scoring_signature
+
+
+def eval_frame(config) -> str:
+    """eval.frame resolved: input (the model's input frame) or image (the whole image)."""
+    if config.eval.frame != "auto":
+        return config.eval.frame
+    return "input" if config.data.geometry == "crop" else "image"
+
+
+def display_geometry(config) -> str:
+    """The geometry that shows an image in the frame the metrics are computed in."""
+    return "resize" if eval_frame(config) == "image" else config.data.geometry
+
+
+def to_image_frame(maps, boxes, originals, size: int, geometry: str) -> np.ndarray:
+    """Input-frame maps (N, S, S) on their whole images at S x S (geometry.to_original); the part a
+    crop never saw takes the map's minimum (not inspected: never above anything inspected)."""
+    out = np.empty_like(maps)
+    for i, (amap, box, (w, h)) in enumerate(zip(maps, boxes, originals)):
+        p = place(int(w), int(h), size, geometry)
+        x0, y0, x1, y1 = (int(v) for v in box)
+        out[i] = to_original(amap, p, (size, size), fill=float(amap[y0:y1, x0:x1].min()))
+    return out
+
+
+def report_data(config, data, pools, maps, masks, scores, examples) -> dict:
+    """What report.html plots, per class: the image scores by label and defect type, the predict
+    threshold (the calibrated quantile of held-out normal scores), image and pixel ROC/PR points;
+    and the examples' images, maps and ground truth."""
+    out = {"classes": {}, "examples": [], "threshold_quantile": float(config.predict.threshold_quantile)}
+    for cid in sorted(set(data.class_ids.tolist())):
+        sel = data.class_ids == cid
+        name = data.class_names[cid]
+        try:  # none shown when there is no calibration, or it was made under another scoring (an ablation row)
+            thr = pools.threshold(name, config.predict.threshold_quantile, scoring_signature(config))
+        except ValueError:
+            thr = None
+        labels = data.labels[sel]
+        both = 0 < labels.sum() < len(labels)
+        pixels_both = bool(masks[sel].any()) and not bool(masks[sel].all())
+        out["classes"][name] = {
+            "scores": scores[sel],
+            "labels": labels,
+            "defects": [data.defect_types[i] for i in np.nonzero(sel)[0]],
+            "threshold": thr,
+            "image_curves": metrics_lib.curve_points(scores[sel], labels) if both else None,
+            "pixel_curves": metrics_lib.curve_points(maps[sel], masks[sel]) if pixels_both else None,
+        }
+    pre = Preprocess(data, config.data.image_size, display_geometry(config))
+    for ex in examples:
+        el = pre.map(ex["index"])
+        out["examples"].append(dict(ex, image=el["image"], map=maps[ex["index"]], mask=el["mask"]))
+    return out
+
+
+def write_results(workdir, report, data, scores, rec_mean):
+    with open(os.path.join(workdir, "metrics.json"), "w") as f:
+        json.dump(report, f, indent=2)
+    with open(os.path.join(workdir, "scores.csv"), "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["file", "class", "defect_type", "label", "score", "rec_mean"])
+        for i in range(len(data)):
+            w.writerow(
+                [
+                    data.file_names[i],
+                    data.class_names[data.class_ids[i]],
+                    data.defect_types[i],
+                    int(data.labels[i]),
+                    f"{scores[i]:.6g}",
+                    f"{rec_mean[i]:.6g}",
+                ]
+            )
+
+
+# ------------------------------------------------------------------------------------------ heatmaps
+def write_heatmaps(workdir, data, maps, scores, size, per_class: int = 3, write: bool = True, geometry="crop") -> list:
+    """Overlays of the highest- and lowest-scored test images of each class (colours scaled from the
+    class's lowest to its highest map value). write=False lists them without writing (processes
+    other than the writer)."""
+    out_dir = os.path.join(workdir, "heatmaps")
+    if write:
+        os.makedirs(out_dir, exist_ok=True)
+    pre = Preprocess(data, size, geometry)
+    picks = []
+    for cid in sorted(set(data.class_ids.tolist())):
+        idx = np.nonzero(data.class_ids == cid)[0]
+        order = idx[np.argsort(-scores[idx])]
+        picks += [("highest", cid, i) for i in order[:per_class]] + [
+            ("lowest", cid, i) for i in order[::-1][:per_class]
+        ]
+    names = unique_names([data.file_names[i] for _, _, i in picks], ".png")
+    examples = []
+    for (kind, cid, i), name in zip(picks, names):
+        idx = data.class_ids == cid
+        lo, hi = float(maps[idx].min()), float(maps[idx].max())
+        if write:
+            el = pre.map(int(i))
+            Image.fromarray(overlay(el["image"], maps[i], lo, hi)).save(os.path.join(out_dir, name))
+        examples.append(
+            {
+                "class": data.class_names[cid],
+                "kind": kind,
+                "file": data.file_names[i],
+                "score": float(scores[i]),
+                "label": int(data.labels[i]),
+                "png": f"heatmaps/{name}",
+                "index": int(i),
+                "scale": [lo, hi],
+            }
+        )
+    return examples

@@ -1,0 +1,215 @@
+"""Evaluation: score a test split, compute the seven metrics, write metrics.json, scores.csv and heatmaps.
+
+`evaluate` scores every image with scoring.make_score_fn (each process its own share with several
+processes; parallel.gather_rows collects them), refuses to write anything from non-finite maps or
+scores, and writes the results from process 0. `calibrate` scores the held-out normal training
+images for predict's thresholds and the terms' statistics. With scoring.mpo_normalisation =
+test_max (the released code's transductive choice, eval only) the M_po scale is first taken from
+the test set itself.
+"""
+
+from __future__ import annotations
+
+import time
+
+import jax
+import numpy as np
+from PIL import Image
+
+from maskad_jax.app.eval_outputs import (
+    display_geometry,
+    eval_frame,
+    report_data,
+    to_image_frame,
+    write_heatmaps,
+    write_results,
+)
+from maskad_jax.app.test_max import normalise_on_the_test_set
+from maskad_jax.common import progress
+from maskad_jax.common.errors import NonFiniteError
+from maskad_jax.common.parallel import (
+    gather_rows,
+    is_writer,
+    place_for_scoring,
+    process_share,
+    scoring_sharding,
+)
+from maskad_jax.data.geometry import place, to_original
+from maskad_jax.data.splits import SplitData, eval_batches
+from maskad_jax.data.tiling import image_max, stitch_tiles, untiled
+from maskad_jax.engine import metrics as metrics_lib
+from maskad_jax.engine.scoring import (
+    device_pools,
+    make_score_fn,
+)
+
+
+def evaluate(config, workdir, extractor, model, params, pools, data: SplitData, flow=None) -> dict:
+    """Score the split, check the results are finite, compute the metrics, write the files."""
+    params, dev_pools = place_for_scoring(config, (params, device_pools(pools, flow)))
+    if config.scoring.mpo_normalisation == "test_max":
+        normalise_on_the_test_set(config, extractor, pools, dev_pools, flow, data)
+    t0 = time.time()
+    maps, masks, scores, rec_mean, uncertified, boxes, originals, masks_image = _score_split(
+        config, extractor, model, params, dev_pools, pools, data, flow
+    )
+    rate = len(data) / max(time.time() - t0, 1e-9)
+    frame = eval_frame(config)
+    if data.image_of is not None:  # tiles: stitched onto their images, which the metrics are computed on
+        maps, masks, scores, rec_mean, uncertified, data = stitch_split(
+            config, data, maps, scores, rec_mean, uncertified, boxes, originals
+        )
+        frame = "image"
+    elif frame == "image":  # every map on the whole image at S x S, so geometries compare on the same pixels
+        maps, masks = to_image_frame(maps, boxes, originals, config.data.image_size, config.data.geometry), masks_image
+    progress.log(f"metrics in the {frame} frame (eval.frame; data.geometry = {config.data.geometry})")
+    _refuse_non_finite(data, maps, scores)
+    _log_ot_certification(config, uncertified, len(data))
+    several = (
+        f" over {jax.process_count()} processes ({len(process_share(len(data)))} on this one)"
+        if jax.process_count() > 1
+        else ""
+    )
+    progress.log(f"scored {len(data)} test images at {rate:.2f} img/s{several} (first batch includes compilation)")
+    per_class = per_class_metrics(config, data, scores, maps, masks)
+    mean = {k: float(np.nanmean([m[k] for m in per_class.values()])) for k in metrics_lib.METRIC_NAMES}
+    report = {
+        "per_class": per_class,
+        "mean": mean,
+        "test_images_per_second": rate,
+        "num_test_images": len(data),
+        "metrics_unit": "fraction (the console prints %)",
+        "examples": write_heatmaps(
+            workdir, data, maps, scores, config.data.image_size, write=is_writer(), geometry=display_geometry(config)
+        ),
+    }
+    progress.log("mean over classes (%): " + ", ".join(f"{k} {100 * v:.1f}" for k, v in mean.items()))
+    if is_writer():
+        write_results(workdir, report, data, scores, rec_mean)
+        report["report_data"] = report_data(config, data, pools, maps, masks, scores, report["examples"])
+    return report
+
+
+def per_class_metrics(config, data, scores, maps, masks) -> dict:
+    """The seven metrics of every class; pixel metrics over the images whose masks are ground truth."""
+    per_class = {}
+    has_mask = np.ones(len(data), bool) if data.has_mask is None else data.has_mask
+    if not has_mask.all():
+        progress.log(
+            f"{int((~has_mask).sum())} defective test image(s) have no ground-truth mask: they count for the image "
+            f"metrics only"
+        )
+    for cid in sorted(set(data.class_ids.tolist())):
+        sel = data.class_ids == cid
+        pix = sel & has_mask
+        per_class[data.class_names[cid]] = metrics_lib.all_metrics(
+            scores[sel], data.labels[sel], maps[pix], masks[pix], protocol=config.eval.protocol, bins=config.eval.bins
+        )
+        undefined = [k for k, v in per_class[data.class_names[cid]].items() if not np.isfinite(v)]
+        if undefined:
+            progress.log(
+                f"class {data.class_names[cid]}: {', '.join(undefined)} undefined (its test images need both normal "
+                f"and defective ones, and masks for the pixel metrics)"
+            )
+    return per_class
+
+
+def stitch_split(config, data, maps, scores, rec_mean, uncertified, boxes, originals):
+    """A tiled split's results per image (tiling.py): the tiles' maps stitched onto the whole image at
+    S x S (what a crop never saw takes the map's minimum), the image's score the maximum of its
+    tiles', its mask read whole; (maps, masks, scores, rec_mean, uncertified, the image-level split)."""
+    size, geometry = config.data.image_size, config.data.geometry
+    images = untiled(data)
+    out = np.zeros((len(images), size, size), np.float32)
+    for i in range(len(images)):
+        t = np.flatnonzero(data.image_of == i)
+        tiles = [to_original(maps[j], place(*originals[j], size, geometry)) for j in t]
+        full = stitch_tiles(tiles, data.crops[t], tuple(int(v) for v in images.sizes[i]))
+        full = np.where(np.isfinite(full), full, np.nanmin(full))
+        out[i] = np.asarray(Image.fromarray(full, "F").resize((size, size), Image.BILINEAR), np.float32)
+    masks = np.zeros((len(images), size, size), np.uint8)
+    row = 0
+    for batch in eval_batches(images, config.data.eval_batch_size, image_size=size, geometry="resize"):
+        ok = batch["valid"] == 1
+        masks[row : row + int(ok.sum())] = batch["mask"][ok]
+        row += int(ok.sum())
+    _, score = image_max(scores, data.image_of)
+    rec = np.bincount(data.image_of, rec_mean) / np.bincount(data.image_of)
+    return out, masks, score.astype(np.float32), rec.astype(np.float32), np.bincount(data.image_of, uncertified), images
+
+
+def _score_split(config, extractor, model, params, dev_pools, pools, data, flow):
+    """This process's share of the split scored and every process's rows gathered: (maps, masks,
+    scores, rec_mean, uncertified, content boxes, original sizes, whole-image masks) over the split."""
+    score = make_score_fn(config, extractor, model, flow)
+    size, n = config.data.image_size, len(data)
+    share = process_share(n)  # this process's images (all of them with one process)
+    out = {
+        "map": np.zeros((len(share), size, size), np.float32),
+        "mask": np.zeros((len(share), size, size), np.uint8),
+        "score": np.zeros((len(share),), np.float32),
+        "rec": np.zeros((len(share),), np.float32),  # the image's mean per-patch Rec (scoring.error_units)
+        "ot_uncertified": np.zeros((len(share),), np.int32),  # patches whose AssDis used the exact optimum
+        "box": np.zeros((len(share), 4), np.int32),
+        "original": np.zeros((len(share), 2), np.int32),
+        "mask_image": np.zeros((len(share), size, size), np.uint8),
+    }
+    pad = config.data.geometry == "pad"
+    shard, row = scoring_sharding(config), 0
+    with progress.bar(len(share), "scoring") as pbar:
+        for batch in eval_batches(
+            data,
+            config.data.eval_batch_size,
+            image_size=size,
+            num_workers=config.data.num_workers,
+            positions=share,
+            geometry=config.data.geometry,
+        ):
+            names = [data.class_names[c] for c in batch["class_id"]]
+            res = score(
+                params,
+                extractor.variables,
+                dev_pools,
+                jax.device_put(batch["image"], shard),
+                jax.device_put(pools.pool_index(names), shard),
+                jax.device_put(batch["image_key"], shard),
+                jax.device_put(batch["box"], shard) if pad else None,
+            )
+            ok = batch["valid"] == 1
+            r = slice(row, row + int(ok.sum()))  # batches follow `share` in order
+            for k in ("map", "score", "ot_uncertified"):
+                out[k][r] = np.asarray(res[k])[ok]
+            out["rec"][r] = np.asarray(res["rec"]).mean(axis=(1, 2))[ok]
+            for k in ("mask", "box", "original", "mask_image"):
+                out[k][r] = batch[k][ok]
+            row = r.stop
+            pbar.update(int(ok.sum()))
+    return gather_rows(n, share, *(out[k] for k in out))
+
+
+def _refuse_non_finite(data, maps, scores):
+    bad = ~np.isfinite(scores) | ~np.isfinite(maps).all(axis=(1, 2))
+    if bad.any():
+        first = data.file_names[int(np.nonzero(bad)[0][0])]
+        raise NonFiniteError(
+            f"refusing to write metrics: the anomaly maps of {int(bad.sum())} of {len(bad)} test "
+            f"images are not finite (first: {first}); the checkpoint or the fit is damaged, or "
+            f"training diverged: retrain (a fresh --workdir) or check the weights"
+        )
+
+
+def _log_ot_certification(config, uncertified: np.ndarray, n_images: int):
+    """How many patches' Sinkhorn AssDis was not certified within 1% (association.paper_ot): those
+    use the exact 1-D optimum instead, so the numbers stay right, but a non-zero count says the
+    solver settings (scoring.epsilon, scoring.sinkhorn_iterations) do not suit these errors."""
+    sc = config.scoring
+    if sc.ot != "paper" or not (sc.use_assdis and sc.use_reference):
+        return
+    total = int(uncertified.sum())
+    if total:
+        progress.log(
+            f"AssDis: Sinkhorn not certified within 1% on {total} patch(es) of {n_images} images; the exact "
+            f"1-D optimum was used there (raise scoring.sinkhorn_iterations to avoid it)"
+        )
+    else:
+        progress.log(f"AssDis: Sinkhorn certified within 1% of the optimum on every patch of {n_images} images")

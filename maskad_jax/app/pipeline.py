@@ -1,0 +1,400 @@
+"""train_and_evaluate(config, workdir, mode): the whole job, shared by run.py and notebooks.
+
+Modes: train_and_eval (default), train, eval (reuse the checkpoint and pools), predict (score new
+images with the checkpoint and pools; predict.py), export (the scoring program as one artifact;
+export.py). The stages, in order:
+  validate the config (config_check) -> lock the workdir -> data -> backbone features of the
+  training images (feature_cache) -> nominal pools (fit) -> train the reconstructor (train, with
+  learning curves) -> [train the flow M_po (flow_fit)] -> calibration scores -> save the fit ->
+  evaluate the test split (evaluate) -> report.html.
+A workdir holds config.json, checkpoints/ (orbax), fit/ (pools and calibration), train_log.jsonl,
+tensorboard/, metrics.json, scores.csv, report.html, heatmaps/ and predictions/.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import time
+
+import jax
+import numpy as np
+
+from maskad_jax.app import config_check
+from maskad_jax.app import workdir as workdir_lib
+from maskad_jax.app.evaluate import evaluate
+from maskad_jax.app.export import export
+from maskad_jax.app.predict import crop_note, predict
+from maskad_jax.app.report import write_report
+from maskad_jax.app.samples import export_samples
+from maskad_jax.app.update import add_images, aspect_ranges
+from maskad_jax.app.validation import validation_thresholds
+from maskad_jax.common import progress
+from maskad_jax.common.errors import ConfigError, DataError, MissingInputError
+from maskad_jax.common.parallel import barrier, is_writer, place_for_scoring, to_local
+from maskad_jax.data.geometry import place
+from maskad_jax.data.ignore_masks import load_ignore_masks
+from maskad_jax.data.splits import SplitData
+from maskad_jax.data.tiling import image_level, tiled, tiles_on, untiled
+from maskad_jax.engine.scoring import fine_on, needs_term_stats
+from maskad_jax.models.flow import FlowState, build_flow
+from maskad_jax.models.reconstructor import build_reconstructor, count_params
+from maskad_jax.runtime import serve_export
+from maskad_jax.training import feature_cache
+from maskad_jax.training.calibration import calibrate
+from maskad_jax.training.fit import (
+    Pools,
+    fit_pools,
+    mean_nearest,
+    save_replacing,
+    scoring_difference,
+    scoring_signature,
+)
+from maskad_jax.training.flow_fit import (
+    calibrate_flow,
+    load_flow_reference,
+    restore_flow,
+    save_flow_reference,
+    train_flow,
+)
+from maskad_jax.training.learning_curves import build_eval_set, make_learning_curves
+from maskad_jax.training.thresholds import class_threshold, threshold_rule
+from maskad_jax.training.train import restore_params, train
+from tfds_builders import prepare
+
+MODES = config_check.MODES
+
+
+def load_data(config):
+    """(builder, training split, test split or None when the dataset has no test images) of data.name,
+    prepared once into data.tfds_dir."""
+    d = config.data
+    builder = prepare(d.name, d.tfds_dir, manual_dir=d.manual_dir or None, config=d.config or None)
+    classes = list(d.classes) or None
+    train = SplitData.load(builder, "train", classes)
+    test = SplitData.load(builder, "test", classes, required=False)
+    if tiles_on(config):  # every image as rows x cols tiles (tiling.py)
+        rows, cols = d.tiles
+        return builder, tiled(train, rows, cols, d.tile_overlap), tiled(test, rows, cols, d.tile_overlap)
+    return builder, train, test
+
+
+def train_and_evaluate(config, workdir: str, mode: str = "train_and_eval") -> dict:
+    config_check.validate(config, mode)  # every field, before any work or file
+    workdir = os.path.abspath(os.path.expanduser(workdir))
+    if mode in ("predict", "export", "update") and jax.process_count() > 1:
+        raise ConfigError(
+            f"--mode={mode} runs in one process (it writes files of its own); start it without jax.distributed"
+        )
+    if mode == "serve":  # reads the export only: no lock, so predict and export stay possible meanwhile
+        return {"serve": serve_workdir(config, workdir)}
+    if mode in ("eval", "predict", "export", "update"):
+        workdir_lib.require_trained(workdir)  # refused before anything is written
+    with workdir_lib.locked(workdir, mode):
+        t_start = time.time()
+        if mode in ("predict", "export"):
+            result = _predict_or_export(config, workdir, mode)
+        elif mode == "update":
+            result = _update(config, workdir)
+        else:
+            result = _train_and_eval(config, workdir, mode)
+        result["total_seconds"] = time.time() - t_start
+        if "per_class" in result and is_writer():
+            write_report(os.path.join(workdir, "report.html"), config, result, workdir)
+    return result
+
+
+def serve_workdir(config, workdir) -> int:
+    """--mode=serve: export/serve.py --http over <workdir>/export with the serve.* settings."""
+    folder = os.path.join(workdir, "export")
+    if not os.path.isfile(os.path.join(folder, "manifest.json")):
+        raise MissingInputError(f"no export in {folder}: run --mode=export first (the service serves the export)")
+    sv = config.serve
+    argv = ["--export", folder, "--http", str(sv.port), "--host", sv.host, "--runtime", sv.runtime]
+    argv += ["--max-batch", str(sv.max_batch), "--max-wait-ms", str(sv.max_wait_ms)]
+    argv += ["--max-bytes", str(sv.max_bytes), "--max-images", str(sv.max_images)]
+    argv += ["--token-file", sv.token_file] if sv.token_file else []
+    status = serve_export.main(argv)
+    if status:
+        raise DataError(f"the service over {folder} could not start (the line above says why)")
+    return status
+
+
+def _write_config(config, workdir, mode):
+    """config.json (config.eval.json, config.predict.json), once the data and the models are in hand,
+    so a run refused for its input leaves no file behind."""
+    if is_writer():
+        name = "config.json" if mode.startswith("train") else f"config.{mode}.json"
+        with open(os.path.join(workdir, name), "w") as f:
+            f.write(config.to_json_best_effort(indent=2))
+
+
+def _models(config):
+    extractor = feature_cache.make_extractor(config)
+    gh, gw, channels = extractor.feature_shape(config.data.image_size)
+    return extractor, build_reconstructor(config, channels, (gh, gw)), channels, (gh, gw)
+
+
+def _predict_or_export(config, workdir, mode) -> dict:
+    extractor, model, channels, grid = _models(config)
+    params, step = restore_params(workdir, config, channels, grid)
+    progress.log(f"restored the reconstructor at step {step} from {workdir}")
+    _write_config(config, workdir, mode)
+    pools = Pools.load(os.path.join(workdir, "fit"))
+    flow = restore_flow_state(config, workdir, channels, grid, pools)
+    _require_fine_pools(config, pools)
+    pools.require_geometry(config)
+    if needs_term_stats(config.scoring) and not pools.calibrated_for(config, terms_only=True):
+        what = scoring_difference(pools.cal_scoring or {}, scoring_signature(config))
+        raise ConfigError(
+            f"--mode={mode} standardises the scores' terms by held-out statistics computed under the scoring the "
+            f"model was trained with (scoring.mpo_fusion = sum), and this run's differs ({what}): score with the "
+            f"training config's scoring"
+        )
+    if mode == "export":
+        return {"export": export(config, workdir, extractor, model, params, pools, flow)}
+    return {"predictions": predict(config, workdir, extractor, model, params, pools, log=progress.log, flow=flow)}
+
+
+def _train_and_eval(config, workdir, mode) -> dict:
+    _, train_data, test_data = load_data(config)
+    progress.log(
+        f"dataset {config.data.name}: {len(train_data)} train, {len(test_data) if test_data else 'no'} test "
+        f"{'tiles' if tiles_on(config) else 'images'}, classes {train_data.present_classes()}"
+    )
+    note = crop_note(
+        place(int(w), int(h), config.data.image_size, config.data.geometry).seen_fraction
+        for w, h in (train_data.sizes if train_data.sizes is not None else [])
+        if w and h
+    )
+    if note:
+        progress.log(note.replace("the rest is NaN in the maps", "the rest is never inspected"))
+    if test_data is None and mode == "eval":
+        raise DataError("--mode=eval: the dataset has no test images to evaluate (add <class>/test/... folders)")
+    extractor, model, channels, grid = _models(config)
+    _write_config(config, workdir, mode)
+    result = {}
+    if mode in ("train", "train_and_eval"):
+        params, result["train_seconds"] = _train_stage(config, workdir, extractor, model, train_data, test_data)
+    if test_data is None and mode == "train_and_eval":
+        progress.log(
+            "no test images: trained, fitted and calibrated (--mode=predict is ready, with thresholds from held-out "
+            "good images); nothing to evaluate, so no metrics (add <class>/test/good and <class>/test/<defect>)"
+        )
+        return result
+    if mode in ("eval", "train_and_eval"):
+        if mode == "eval":
+            params, step = restore_params(workdir, config, channels, grid)
+            progress.log(f"restored the reconstructor at step {step} from {workdir}")
+        pools = Pools.load(os.path.join(workdir, "fit"))
+        flow = restore_flow_state(config, workdir, channels, grid, pools)
+        _require_fine_pools(config, pools)
+        pools.require_geometry(config)
+        if needs_term_stats(config.scoring) and not pools.calibrated_for(config):
+            pools = _recalibrate(config, extractor, model, params, pools, flow, train_data)
+        result.update(evaluate(config, workdir, extractor, model, params, pools, test_data, flow))
+        if config.data.name == "synthetic" and is_writer():  # images to try --mode=predict on
+            out = os.path.join(workdir, "samples")
+            progress.log(
+                f"wrote {len(export_samples(test_data, out))} test images to try --mode=predict on: "
+                f"--config.predict.input={out}"
+            )
+    return result
+
+
+def _train_stage(config, workdir, extractor, model, train_data, test_data):
+    """Features, pools, the reconstructor (and flow), calibration; the fit saved. (params, seconds)."""
+    h_in, h_tgt, keys, fine, boxes = feature_cache.extract_features(
+        extractor,
+        train_data,
+        config,
+        with_target=config.train.target == "unnormalized",
+        fine=feature_cache.fine_strides(config),
+    )
+    class_names = [train_data.class_names[i] for i in train_data.class_ids]
+    t0 = time.time()  # the pools depend on the features only: fitted first, so the learning curves can use them
+    pools = fit_pools(h_in, h_tgt, class_names, config.fit, config.seed, fine=fine, image_of=train_data.image_of)
+    pools.geometry = {
+        "geometry": config.data.geometry,
+        "image_size": int(config.data.image_size),
+        # of the whole images (not their tiles): --mode=update refuses, and predict notes, another shape
+        "aspect": aspect_ranges(train_data if train_data.image_of is None else untiled(train_data)),
+    }
+    pools.ignore = load_ignore_masks(
+        config.data.ignore_masks, pools.class_names, config.data.image_size, config.data.geometry
+    )
+    progress.log(
+        f"fitted {len(pools.class_names)} pool(s) of up to {pools.pool_in.shape[1]} tokens"
+        + ("" if fine is None else f" (fine grid {fine.shape[1]}x{fine.shape[2]}: up to {pools.fine_in.shape[1]})")
+        + f" in {time.time() - t0:.0f}s"
+    )
+    periodic = None
+    if config.train.eval_every > 0 and test_data is None:
+        progress.log("train.eval_every: no test images, so no learning curves")
+    elif config.train.eval_every > 0:
+        periodic = make_learning_curves(
+            config,
+            model,
+            pools,
+            build_eval_set(config, extractor, test_data, config.train.eval_images),
+            lambda tree: place_for_scoring(config, tree),
+            heldout=(h_in, h_tgt, keys, fine, boxes),
+        )
+    t0 = time.time()
+    res = train(config, h_in, h_tgt, workdir, log=progress.log, periodic=periodic)
+    seconds = time.time() - t0
+    progress.log(
+        f"reconstructor: {count_params(res.params):,} parameters; trained to step {res.steps} in {seconds:.0f}s"
+    )
+    flow, f_train = None, None
+    if config.scoring.mpo == "flow":
+        flow, f_train = _train_flow_stage(config, workdir, h_in, pools, class_names, train_data)
+    cal = calibrate(config, model, res.params, pools, h_in, h_tgt, keys, flow, f_train, fine, boxes)
+    _set_calibration(pools, config, image_level(cal, pools.calibration, train_data.image_of))
+    pools.val_thresholds = validation_thresholds(config, extractor, model, res.params, pools, flow)
+    if is_writer():
+        pools.save(os.path.join(workdir, "fit"))
+    barrier("fit saved")
+    return res.params, seconds
+
+
+def _train_flow_stage(config, workdir, h_in, pools, class_names, train_data):
+    """Train (or resume) the flow M_po, calibrate L_ref on held-out images, save it.
+
+    Returns (FlowState, the flow features of the training images or None when they are h_in)."""
+    fc = config.flow
+    t0 = time.time()
+    embedder, feats, fpools = None, h_in, pools
+    if fc.features == "backbone":
+        embedder = feature_cache.make_flow_embedder(config)
+        feats, _, _, _, _ = feature_cache.extract_features(
+            embedder, train_data, config, with_target=False, desc="flow features"
+        )
+        fit_cfg = config.fit.copy_and_resolve_references()
+        fit_cfg.pool_ratio = fc.pool_ratio
+        fpools = fit_pools(feats, None, class_names, fit_cfg, config.seed)
+        if is_writer():
+            fpools.save(os.path.join(workdir, "fit", "flow_pool"))
+        progress.log(
+            f"flow backbone {fc.backbone.arch}: features {feats.shape[1:]}, pool of up to "
+            f"{fpools.pool_in.shape[1]} tokens"
+        )
+    res = train_flow(config, feats, fpools, fpools.pool_index(class_names), workdir, log=progress.log)
+    flow_params = to_local(res.params)
+    ref = calibrate_flow(config, flow_params, feats, fpools)
+    if is_writer():
+        save_flow_reference(os.path.join(workdir, "fit"), ref, fpools.class_names)
+    progress.log(
+        f"flow M_po: trained to step {res.steps} in {time.time() - t0:.0f}s; L_ref "
+        + ", ".join(f"{c} {r:.3f}" for c, r in zip(fpools.class_names, ref))
+    )
+    state = FlowState(
+        build_flow(config, feats.shape[-1]), flow_params, ref, embedder, fpools if embedder is not None else None
+    )
+    return state, (feats if embedder is not None else None)
+
+
+def _set_calibration(pools, config, cal: dict):
+    pools.cal_scores, pools.cal_map_max, pools.term_stats = cal["cal_scores"], cal["cal_map_max"], cal["term_stats"]
+    pools.cal_scoring = scoring_signature(config)
+
+
+def _require_fine_pools(config, pools):
+    if fine_on(config.scoring) and pools.fine_in is None:
+        raise MissingInputError(
+            "scoring.knn_fine needs the fine pools, and this workdir's fit has none (fitted by an older version "
+            "or without knn_fine): rerun --mode=train on it (the trained reconstructor is kept; the fit is redone)"
+        )
+
+
+def _recalibrate(config, extractor, model, params, pools, flow, train_data, rescale: int | None = None):
+    """The fit's calibration for this run's scoring, when it differs from the training run's (an
+    ablation row): the held-out training images scored again. In memory only: the saved fit and its
+    thresholds stay those of the training scoring. rescale: a pool that changed (--mode=update), whose
+    calibration scales (the held-out tokens' mean distance to it) are measured again first."""
+    if flow is not None and flow.embedder is not None:
+        raise ConfigError(
+            "scoring.mpo_fusion = sum under a scoring other than the training run's needs its term "
+            "statistics, which cannot be recomputed with the flow's own backbone: use the training scoring"
+        )
+    if rescale is None:
+        progress.log("the fit's term statistics are for another scoring: recomputing them on the held-out images")
+    positions = np.concatenate([np.asarray(pools.calibration.get(c, []), np.int64) for c in pools.class_names])
+    h_in, h_tgt, keys, fine, boxes = feature_cache.extract_at(
+        extractor,
+        train_data,
+        config,
+        config.train.target == "unnormalized",
+        positions,
+        "held-out features",
+        fine=feature_cache.fine_strides(config),
+    )
+    bounds = np.cumsum([0] + [len(pools.calibration.get(c, [])) for c in pools.class_names])
+    rows = {c: np.arange(bounds[k], bounds[k + 1]) for k, c in enumerate(pools.class_names)}
+    pools = dataclasses.replace(pools)
+    if rescale is not None:
+        _rescale(pools, rescale, h_in[rows[pools.class_names[rescale]]], fine, rows[pools.class_names[rescale]])
+    local = dataclasses.replace(pools, calibration=rows)  # positions into the extracted rows
+    cal = calibrate(config, model, to_local(params), local, h_in, h_tgt, keys, flow, None, fine, boxes)
+    _set_calibration(pools, config, image_level(cal, pools.calibration, train_data.image_of))
+    return pools
+
+
+def _rescale(pools, k, held_in, fine, rows):
+    """Pool k's calibration scales measured again: its held-out tokens' mean distance to the pool."""
+    if not len(rows):
+        return
+    pools.cal_scale = np.array(pools.cal_scale, np.float32)
+    pools.cal_scale[k] = mean_nearest(held_in, pools.pool_in[k][pools.valid[k]])
+    if fine is not None and pools.fine_in is not None:
+        pools.fine_cal_scale = np.array(pools.fine_cal_scale, np.float32)
+        pools.fine_cal_scale[k] = mean_nearest(fine[rows], pools.fine_in[k][pools.fine_valid[k]])
+
+
+def _update(config, workdir) -> dict:
+    """--mode=update (update.py): new good images join a class's pools; calibration and thresholds
+    are recomputed on the held-out training images; the reconstructor is not touched."""
+    _, train_data, _ = load_data(config)
+    extractor, model, channels, grid = _models(config)
+    params, step = restore_params(workdir, config, channels, grid)
+    fit_dir = os.path.join(workdir, "fit")
+    pools = Pools.load(fit_dir)
+    _require_fine_pools(config, pools)
+    record = add_images(config, extractor, pools)
+    if config.data.ignore_masks:
+        pools.ignore = load_ignore_masks(
+            config.data.ignore_masks, pools.class_names, config.data.image_size, config.data.geometry
+        )
+    pools = _recalibrate(config, extractor, model, params, pools, None, train_data, rescale=record["pool_index"])
+    if pools.val_thresholds and not config.data.validation:
+        progress.log(
+            "update: the F1 thresholds were for the old pools and are dropped: give data.validation to redo them"
+        )
+    pools.val_thresholds = validation_thresholds(config, extractor, model, params, pools)
+    pools.added = list(pools.added) + [{k: v for k, v in record.items() if k != "pool_index"}]
+    _write_config(config, workdir, "update")
+    if is_writer():
+        save_replacing(pools, fit_dir)
+    cls = record["class"]
+    progress.log(
+        f"update: class {cls} recalibrated (threshold {class_threshold(config, pools, cls):.4g}, "
+        f"{threshold_rule(config, pools)}); the reconstructor (step {step}) is unchanged; "
+        f"recorded in {fit_dir}/pools.json"
+    )
+    return {"update": {k: v for k, v in record.items() if k != "pool_index"}}
+
+
+def restore_flow_state(config, workdir, channels, grid, pools):
+    """The trained flow (flow.FlowState) for scoring.mpo = 'flow', else None."""
+    if config.scoring.mpo != "flow":
+        return None
+    embedder, fpools = None, None
+    if config.flow.features == "backbone":
+        embedder = feature_cache.make_flow_embedder(config)
+        fpools = Pools.load(os.path.join(workdir, "fit", "flow_pool"))
+        channels, grid = embedder.channels, embedder.feature_shape(config.data.image_size)[:2]
+    flow, params, step = restore_flow(workdir, config, channels, grid)
+    progress.log(f"restored the flow at step {step} from {workdir}")
+    return FlowState(
+        flow, to_local(params), load_flow_reference(os.path.join(workdir, "fit"), pools.class_names), embedder, fpools
+    )

@@ -1,0 +1,194 @@
+"""--mode=update: add new good images to a trained workdir without retraining the reconstructor.
+
+    python run.py --config=configs/folder.py --config.data.manual_dir=/parts --workdir=runs/parts \
+        --mode=update --config.new_images.input=/parts/new_good [--config.new_images.class_name=bracket]
+
+The new images' tokens join their class's pools: greedy k-center continued from the current pool
+(coreset.extend_kcenter) picks fit.pool_ratio of the new tokens (fit.fine_pool_ratio for the fine
+pool), the ones the pool covers least. The held-out training images are scored again (calibration:
+thresholds, term statistics), the validation thresholds are recomputed when data.validation is
+given (dropped otherwise: they were for the old pools), and data.ignore_masks replaces the fit's
+regions when given. The reconstructor's checkpoint is not touched. fit/pools.json records each
+update (class, files with their SHA-256, tokens added), and a later export carries the record.
+
+Refused, with one line and nothing written: another geometry or image size than the fit's, a class
+the model does not have (or none named when it has several), images whose aspect ratio lies outside
+the class's training images' (they would reach the model distorted differently), images already
+added (same SHA-256), the flow M_po (its flow is trained on the pool: retrain instead).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+
+import jax
+import numpy as np
+
+from maskad_jax.app.predict import collect_inputs
+from maskad_jax.common import progress
+from maskad_jax.common.digests import sha256_file
+from maskad_jax.common.errors import ConfigError, DataError
+from maskad_jax.common.parallel import local_batch_sharding
+from maskad_jax.data.preprocess import ImageDecodeError, open_image, preprocess_image, to_rgb
+from maskad_jax.data.tiling import tiles_on
+from maskad_jax.engine.coreset import extend_kcenter
+from maskad_jax.runtime.serve_export import tile_boxes
+from maskad_jax.training import feature_cache
+
+
+def update_class(config, pools) -> int:
+    """The pool index the new images join: new_images.class_name, or the only class."""
+    name = config.new_images.class_name
+    if not name:
+        if len(pools.class_names) != 1:
+            raise ConfigError(
+                f"new_images.class_name is needed: the model has {len(pools.class_names)} classes "
+                f"({', '.join(pools.class_names)}); name the one the new good images show"
+            )
+        return 0
+    if name not in pools.class_names:
+        raise DataError(f"new_images.class_name {name!r} is not a class of this model: {', '.join(pools.class_names)}")
+    return pools.class_names.index(name)
+
+
+def check_images(paths, rels, pools, k) -> tuple[list, list]:
+    """(the images as RGB, their SHA-256): refused when one cannot be read, was added before, or has
+    an aspect ratio outside the class's training range (pools.geometry["aspect"])."""
+    seen = {d for rec in pools.added for d in rec["files"].values()}
+    aspect = pools.aspect_range(pools.class_names[k])
+    images, digests, bad = [], [], []
+    for path, rel in zip(paths, rels):
+        try:
+            img = to_rgb(open_image(path, source=rel), rel)
+        except (ImageDecodeError, ValueError, OSError) as e:
+            raise DataError(f"new_images.input: {rel} cannot be read ({e}); nothing was added") from None
+        digest = sha256_file(path)
+        if digest in seen:
+            raise DataError(
+                f"new_images.input: {rel} was already added to this workdir (same SHA-256); nothing was added"
+            )
+        if not pools.shape_fits(pools.class_names[k], *img.size):
+            bad.append(f"{rel} ({img.size[0]} x {img.size[1]})")
+        images.append(img)
+        digests.append(digest)
+    if bad:
+        raise DataError(
+            f"new_images.input: {len(bad)} image(s) have another shape than class {pools.class_names[k]!r}'s training "
+            f"images (width/height {aspect[0]:.3g} to {aspect[1]:.3g}): {', '.join(bad[:3])}"
+            f"{' ...' if len(bad) > 3 else ''}; nothing was added"
+        )
+    return images, digests
+
+
+def new_features(config, extractor, images):
+    """(h_in, h_tgt or None, fine or None) of the images (their tiles, with data.tiles), as the
+    training features were computed."""
+    size, geometry = config.data.image_size, config.data.geometry
+    shard = local_batch_sharding(config)
+    per = len(shard.device_set)
+    raw = config.train.target == "unnormalized"
+    fn = jax.jit(feature_cache.feature_fn(extractor, raw, feature_cache.fine_strides(config)))
+    if tiles_on(config):  # each image as its tiles, as the training images were
+        rows, cols = config.data.tiles
+        images = [im.crop(b) for im in images for b in tile_boxes(*im.size, rows, cols, config.data.tile_overlap)]
+    bs = -(-min(config.data.eval_batch_size, len(images)) // per) * per
+    out = ([], [], [])
+    for s in range(0, len(images), bs):
+        chunk = [preprocess_image(im, size, geometry=geometry) for im in images[s : s + bs]]
+        n = len(chunk)
+        batch = np.stack(chunk + [chunk[-1]] * (bs - n))
+        for lst, v in zip(out, fn(extractor.variables, jax.device_put(batch, shard))):
+            if v is not None:
+                lst.append(np.asarray(v)[:n])
+    return tuple(np.concatenate(v) if v else None for v in out)
+
+
+def grow(pool, valid, new_tokens, ratio, fit_cfg, seed, k, pool_tgt=None, new_tgt=None):
+    """The (K, P', C) pools with class k's grown by k-center over its pool + new_tokens (M, C): the
+    fit's ratio of the new tokens, the ones farthest from what the pool holds. (pool, tgt, valid, added)."""
+    old = pool[k][valid[k]]
+    m = int(np.ceil(ratio * len(new_tokens)))
+    sel = extend_kcenter(old, new_tokens, m, projection_dim=fit_cfg.projection_dim, seed=seed)
+    n_k = len(old) + len(sel)
+    width = max(pool.shape[1], n_k)
+    grown, grown_valid = _widen(pool, width), _widen(valid, width)
+    grown[k, len(old) : n_k], grown_valid[k, len(old) : n_k] = new_tokens[sel], True
+    tgt = None
+    if pool_tgt is not None:
+        tgt = _widen(pool_tgt, width)
+        tgt[k, len(old) : n_k] = new_tgt[sel]
+    return grown, tgt, grown_valid, len(sel)
+
+
+def _widen(a, width):
+    out = np.zeros((a.shape[0], width) + a.shape[2:], a.dtype)
+    out[:, : a.shape[1]] = a
+    return out
+
+
+def add_images(config, extractor, pools, log=progress.log) -> dict:
+    """Grow class k's pools (in place) by the images of new_images.input; the record of what was added."""
+    if config.scoring.mpo == "flow":
+        raise ConfigError(
+            "--mode=update works with the nearest-neighbour M_po; the flow M_po is trained on the pool: retrain"
+        )
+    if not config.new_images.input:
+        raise ConfigError("--mode=update needs new_images.input: a folder (or an image) of new good images")
+    pools.require_geometry(config)
+    k = update_class(config, pools)
+    root, rels, unreadable = collect_inputs(config.new_images.input, log)
+    if unreadable:
+        raise DataError(f"new_images.input: {len(unreadable)} folder(s) under {root} cannot be read; nothing was added")
+    images, digests = check_images([os.path.join(root, r) for r in rels], rels, pools, k)
+    h_in, h_tgt, fine = new_features(config, extractor, images)
+    c = h_in.shape[-1]
+    tgt = None if h_tgt is None else h_tgt.reshape(-1, c)
+    pools.pool_in, pools.pool_tgt, pools.valid, added = grow(
+        pools.pool_in,
+        pools.valid,
+        h_in.reshape(-1, c),
+        config.fit.pool_ratio,
+        config.fit,
+        config.seed,
+        k,
+        pools.pool_tgt,
+        tgt if tgt is not None else h_in.reshape(-1, c),
+    )
+    if pools.src is not None:
+        pools.src = _widen(pools.src + 1, pools.pool_in.shape[1]) - 1  # new tokens come from no training image
+    fine_added = 0
+    if fine is not None and pools.fine_in is not None:
+        pools.fine_in, _, pools.fine_valid, fine_added = grow(
+            pools.fine_in,
+            pools.fine_valid,
+            fine.reshape(-1, fine.shape[-1]),
+            config.fit.fine_pool_ratio,
+            config.fit,
+            config.seed,
+            k,
+        )
+    record = {
+        "pool_index": k,
+        "class": pools.class_names[k],
+        "input": root,
+        "time": time.strftime("%Y-%m-%d %H:%M:%S"),
+        "files": dict(zip(rels, digests)),
+        "tokens_added": int(added),
+        "fine_tokens_added": int(fine_added),
+    }
+    log(
+        f"update: {len(rels)} new good image(s) of class {record['class']}: {added} token(s) joined its pool "
+        f"(now {int(pools.valid[k].sum())})" + (f", {fine_added} its fine pool" if fine_added else "")
+    )
+    return record
+
+
+def aspect_ranges(data) -> dict:
+    """{class: [min, max] of width/height} over a split's images (from their headers)."""
+    out = {}
+    for (w, h), cid in zip(data.sizes if data.sizes is not None else [], data.class_ids):
+        if w and h:
+            lo, hi = out.get(data.class_names[cid], [float("inf"), 0.0])
+            out[data.class_names[cid]] = [min(lo, w / h), max(hi, w / h)]
+    return out

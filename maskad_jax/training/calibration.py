@@ -1,0 +1,120 @@
+"""Calibration (run during training): the held-out normal training images of every pool scored, for
+predict's thresholds and, with scoring.mpo_fusion = sum, the terms' statistics (term_stats). Several
+processes each score a share and gather the terms; the statistics and the scores are then finished
+from the gathered terms with the scoring's own fuse and keep stages."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from maskad_jax.common import progress
+from maskad_jax.common.errors import NonFiniteError
+from maskad_jax.common.parallel import (
+    gather_rows,
+    place_for_scoring,
+    process_share,
+)
+from maskad_jax.engine.scoring import (
+    apply_keep,
+    device_pools,
+    fuse,
+    keep_mask,
+    make_score_features_fn,
+    needs_term_stats,
+)
+
+
+def calibrate(config, model, params, pools, h_in, h_tgt, keys, flow=None, f_flow=None, fine=None, boxes=None) -> dict:
+    """Score the held-out normal training images of every pool (for predict's thresholds and, with
+    scoring.mpo_fusion = sum, the terms' statistics): {"cal_scores": {class: image scores},
+    "cal_map_max": {class: pixel-map maxima}, "term_stats": (K, 4) held-out mean and std of P and of
+    M_po per pool, or None when the scoring does not standardise them}.
+
+    h_in, h_tgt, keys, f_flow, fine, boxes: the training images' features and content boxes (rows at
+    the pools' calibration positions are used; boxes count with data.geometry = pad). Several
+    processes each score a share and gather the terms; the statistics and the scores are then
+    finished from the gathered terms with the scoring's own fuse and keep stages."""
+    sc = config.scoring
+    fn = jax.jit(make_score_features_fn(config, model, flow), static_argnums=(6,))
+    params, dev_pools = place_for_scoring(config, (params, device_pools(pools, flow)))
+    boxes = boxes if config.data.geometry == "pad" else None
+    held = [np.asarray(pools.calibration.get(cls, np.zeros(0, int)), np.int64) for cls in pools.class_names]
+    pos = np.concatenate(held)  # training-image positions, class by class
+    pool = np.concatenate([np.full(len(p), k, np.int32) for k, p in enumerate(held)])
+    rows = process_share(len(pos))
+    terms = {"patch": [], "mpo_map": [], "score": [], "map_max": []}
+    bs, size = config.data.eval_batch_size, config.data.image_size
+    with progress.bar(len(rows), "calibration") as pbar:
+        for s in range(0, len(rows), bs):
+            p, r = pos[rows[s : s + bs]], rows[s : s + bs]
+            tgt = h_in[p] if h_tgt is None else h_tgt[p]
+            out = fn(
+                params,
+                dev_pools,
+                jnp.asarray(h_in[p]),
+                jnp.asarray(tgt),
+                jnp.asarray(pool[r]),
+                jnp.asarray(keys[p]),
+                size,
+                None if f_flow is None else jnp.asarray(f_flow[p]),
+                None if fine is None else jnp.asarray(fine[p]),
+                None if boxes is None else jnp.asarray(boxes[p]),
+            )
+            for k, v in (("patch", out["patch"]), ("mpo_map", out["mpo_map"]), ("score", out["score"])):
+                terms[k].append(np.asarray(v))
+            terms["map_max"].append(np.asarray(out["map"]).max(axis=(1, 2)))
+            pbar.update(len(r))
+    patch, mpo_map, scores, map_max = gather_rows(
+        len(pos), rows, *(np.concatenate(v) if v else None for v in terms.values())
+    )
+    stats = None
+    if needs_term_stats(sc):
+        stats = term_stats(patch, mpo_map, pool, len(held))
+        keep = (None if boxes is None else boxes[pos], dev_pools.get("ignore"), pool)
+        scores, map_max = _finish(sc, patch, mpo_map, stats[pool], keep, size, bs)
+    bad = ~np.isfinite(scores) | ~np.isfinite(map_max)
+    if bad.any() or (stats is not None and not np.all(np.isfinite(stats))):
+        raise NonFiniteError(
+            f"the scores of {int(bad.sum())} held-out normal training images are not finite, so no "
+            f"threshold can be calibrated: training or the fit produced NaNs"
+        )
+    bounds = np.cumsum([0] + [len(p) for p in held])
+    per = lambda v: {cls: v[bounds[k] : bounds[k + 1]].tolist() for k, cls in enumerate(pools.class_names)}  # noqa: E731
+    return {"cal_scores": per(scores), "cal_map_max": per(map_max), "term_stats": stats}
+
+
+def term_stats(patch, mpo_map, pool, k: int) -> np.ndarray:
+    """(k, 4): per pool, the mean and standard deviation of P over its held-out images' patches, then
+    of M_po over their positions (float64 sums). A pool without held-out images gets (0, 1, 0, 1)."""
+    out = np.tile(np.asarray([0.0, 1.0, 0.0, 1.0]), (k, 1))
+    for i in range(k):
+        sel = pool == i
+        if sel.any():
+            p, m = patch[sel].astype(np.float64), mpo_map[sel].astype(np.float64)
+            out[i] = [p.mean(), max(p.std(), 1e-12), m.mean(), max(m.std(), 1e-12)]
+    return out.astype(np.float32)
+
+
+def _finish(sc, patch, mpo_map, stats, keep, size, bs):
+    """Image scores and pixel-map maxima from stored terms: the scoring's fuse and keep stages, batched.
+    keep: (boxes (N, 4) or None, ignore masks (K, S, S) or None, pool index (N,))."""
+    boxes, ignore, pool = keep
+
+    def finish(p, m, st, bx, pidx):
+        score, pixel_map = apply_keep(*fuse(p, m, st, sc, size), keep_mask(bx, ignore, pidx, size))
+        return score, pixel_map.max(axis=(1, 2))
+
+    fn = jax.jit(finish)
+    out = [
+        fn(
+            patch[s : s + bs],
+            mpo_map[s : s + bs],
+            stats[s : s + bs],
+            None if boxes is None else boxes[s : s + bs],
+            pool[s : s + bs],
+        )
+        for s in range(0, len(patch), bs)
+    ]
+    return tuple(np.concatenate([np.asarray(o[i]) for o in out]) if out else np.zeros(0, np.float32) for i in (0, 1))

@@ -1,0 +1,128 @@
+"""The frozen backbones built from a config, and the feature cache of a split.
+
+The backbone runs once per image: `extract_features` computes h (and the unnormalised view's
+features when training regresses them) for a whole split, in order. With several processes
+(jax.distributed) each extracts a contiguous share on its own devices and the shares are gathered,
+so every process holds the whole cache after 1/P of the work.
+"""
+
+from __future__ import annotations
+
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from maskad_jax.common import progress
+from maskad_jax.common.parallel import gather_rows, local_batch_sharding, process_share
+from maskad_jax.data.splits import SplitData, eval_batches
+from maskad_jax.engine.scoring import fine_on
+from maskad_jax.models.features import FeatureExtractor
+from maskad_jax.models.flow_features import FlowEmbedder
+
+
+def make_extractor(config) -> FeatureExtractor:
+    """model.backbone as a FeatureExtractor (weights loaded)."""
+    b = config.model.backbone
+    return FeatureExtractor.create(
+        b.arch,
+        weights=b.weights,
+        padding=b.padding,
+        strides=tuple(b.strides),
+        dtype=jnp.dtype(config.model.dtype),
+        seed=config.seed,
+        depthwise=b.get("depthwise", "auto"),
+    )
+
+
+def make_flow_embedder(config) -> FlowEmbedder:
+    """The flow's own backbone (flow.features = 'backbone'), built like make_extractor's."""
+    return FlowEmbedder.create(
+        config.flow,
+        dtype=jnp.dtype(config.model.dtype),
+        seed=config.seed,
+        depthwise=config.model.backbone.get("depthwise", "auto"),
+    )
+
+
+def fine_strides(config):
+    """fit.fine_strides when the scoring uses the fine kNN M_po (scoring.knn_fine), else None."""
+    return tuple(config.fit.fine_strides) if fine_on(config.scoring) else None
+
+
+def feature_fn(extractor, with_target: bool, fine=None):
+    """f(variables, images) -> (h_in, h_tgt or None, the fine embedding at the strides `fine` or None):
+    the features training, the fit and --mode=update compute from one backbone pass."""
+
+    def features(v, x):
+        h, f = extractor.apply_with_fine(v, x, fine) if fine else (extractor.apply(v, x, normalize=True), None)
+        return h, (extractor.apply(v, x, normalize=False) if with_target else None), f
+
+    return features
+
+
+def extract_features(extractor, data: SplitData, config, with_target: bool, desc: str = "features", fine=None):
+    """Backbone features of a whole split, in order: (h_in, h_tgt or None, image keys, the fine
+    embeddings at the strides `fine` or None, the images' content boxes (N, 4) in the input frame)."""
+    return extract_at(extractor, data, config, with_target, np.arange(len(data)), desc, fine)
+
+
+def extract_at(extractor, data: SplitData, config, with_target: bool, positions, desc: str, fine=None):
+    """extract_features for the images at `positions` only (rows in that order); with several
+    processes each extracts a share and every process gets all rows."""
+    positions = np.asarray(positions, np.int64)
+    share = process_share(len(positions))
+    fields = ("box", "fine") if fine else ("box",)
+    h_in, h_tgt, keys, extra = extract_positions(
+        extractor, data, config, with_target, positions[share], desc, fields, fine
+    )
+    return gather_rows(len(positions), share, h_in, h_tgt, keys, extra.get("fine"), extra["box"])
+
+
+def extract_positions(
+    extractor, data: SplitData, config, with_target: bool, positions, desc: str, fields=(), fine=None
+):
+    """Features of the split's images at `positions` (this process's devices): (h_in, h_tgt or None,
+    image keys, {field: the batches' values of each of `fields`, e.g. "mask", "label"}). The field
+    "fine" is the fine embedding at the strides `fine` (FeatureExtractor.apply_with_fine), from the
+    same backbone pass as h_in."""
+    shard = local_batch_sharding(config)
+    features = feature_fn(extractor, with_target, fine)
+    fn = jax.jit(features)
+    h_in, h_tgt, keys, extra, t0 = [], [], [], {f: [] for f in fields}, time.time()
+    with progress.bar(len(positions), desc) as pbar:
+        for batch in eval_batches(
+            data,
+            config.data.eval_batch_size,
+            image_size=config.data.image_size,
+            num_workers=config.data.num_workers,
+            positions=positions,
+            geometry=config.data.geometry,
+        ):
+            a, b, f = fn(extractor.variables, jax.device_put(batch["image"], shard))
+            ok = batch["valid"] == 1
+            batch = dict(batch, fine=None if f is None else np.asarray(f))
+            h_in.append(np.asarray(a)[ok])
+            if with_target:
+                h_tgt.append(np.asarray(b)[ok])
+            keys.append(batch["image_key"][ok])
+            for f in fields:
+                extra[f].append(batch[f][ok])
+            pbar.update(int(ok.sum()))
+    n_done = sum(len(k) for k in keys)
+    progress.log(
+        f"{desc} of {n_done} images{' (both views)' if with_target else ''}: "
+        f"{n_done / max(time.time() - t0, 1e-9):.1f} img/s"
+    )
+    if not n_done:  # an empty share (fewer images than processes)
+        empty = np.zeros((0,) + tuple(extractor.feature_shape(config.data.image_size)), np.float32)
+        x = jax.ShapeDtypeStruct((1, config.data.image_size, config.data.image_size, 3), jnp.float32)
+        none = {f: None for f in fields}
+        if "box" in fields:
+            none["box"] = np.zeros((0, 4), np.int32)
+        if fine:  # the fine embedding's shape, so the processes' shares still gather
+            none["fine"] = np.zeros((0,) + jax.eval_shape(features, extractor.variables, x)[2].shape[1:], np.float32)
+        return empty, (empty if with_target else None), np.zeros((0,), np.int32), none
+    extra = {f: np.concatenate(v) for f, v in extra.items()}
+    return np.concatenate(h_in), (np.concatenate(h_tgt) if with_target else None), np.concatenate(keys), extra

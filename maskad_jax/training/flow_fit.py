@@ -1,0 +1,192 @@
+"""Training, calibration and restoring of the flow-based M_po (scoring.mpo = 'flow').
+
+The flow models r = e - p, the residual between a position's feature e and its nearest nominal pool
+token p (the fit's per-class pools), conditioned on the position's 2-D sin/cos encoding. Training
+residuals are taken leave-one-image-out: a training image's tokens are matched against pool tokens
+from *other* images (pool.src), so they are distributed like a test image's residuals, which never
+meet their own tokens in the pool. Training runs in train.training_loop (mesh, device cache, orbax
+checkpoints in <workdir>/flow_checkpoints, resume, flow_log.jsonl, TensorBoard tags flow/*).
+
+M_po from the flow: L = per-dimension log-likelihood of each position; P = exp(min(L - L_ref, 0));
+M_po = 1 - P. L_ref, per pool, is the largest L over the held-out normal (calibration) images of the
+class, so an image is scored on its own. The released code's L_ref is the largest L over the class's
+whole test set (scoring.mpo_normalisation = test_max).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from maskad_jax.common.errors import MissingInputError
+from maskad_jax.engine.coreset import nearest
+from maskad_jax.engine.mpo import flow_logp_fn
+from maskad_jax.models.flow import build_flow, flow_loss, positional_encoding_2d
+from maskad_jax.training.train import restore_trained, training_loop
+
+
+def flow_fingerprint(config, channels: int) -> dict:
+    f = config.flow
+    out = {
+        "channels": int(channels),
+        "features": f.features,
+        "blocks": f.blocks,
+        "cond_dim": f.cond_dim,
+        "hidden_ratio": f.hidden_ratio,
+        "clamp": f.clamp,
+        "clamp_form": f.clamp_form,
+        "seed": config.seed,
+    }
+    if f.features == "backbone":
+        out["backbone"] = {
+            "arch": f.backbone.arch,
+            "padding": f.backbone.padding,
+            "strides": list(f.backbone.strides),
+            "pool_ratio": f.pool_ratio,
+        }
+    return out
+
+
+def residuals_fn(tokens, pool, valid, src, image_pos):
+    """tokens (B, n, C) -> (B, n, C) residuals to the nearest valid pool token not from image_pos (B,)."""
+    keep = valid[None, :] & (src[None, :] != image_pos[:, None])  # (B, P)
+    _, idx = jax.vmap(nearest, in_axes=(0, None, 0))(tokens, pool, keep)
+    return tokens - pool[idx]
+
+
+def compute_residuals(feats: np.ndarray, pools, pool_idx: np.ndarray, positions: np.ndarray, batch: int = 64):
+    """Residuals of every training image's tokens (N, gh, gw, C) -> (N, gh*gw, C), leave-one-image-out."""
+    n, gh, gw, c = feats.shape
+    src = pools.src if pools.src is not None else np.full(pools.valid.shape, -1, np.int32)
+    fn = jax.jit(residuals_fn)
+    out = np.zeros((n, gh * gw, c), np.float32)
+    for k in range(len(pools.class_names)):
+        sel = np.nonzero(pool_idx == k)[0]
+        for s in range(0, len(sel), batch):
+            b = sel[s : s + batch]
+            out[b] = np.asarray(
+                fn(
+                    jnp.asarray(feats[b].reshape(len(b), gh * gw, c)),
+                    jnp.asarray(pools.pool_in[k]),
+                    jnp.asarray(pools.valid[k]),
+                    jnp.asarray(src[k]),
+                    jnp.asarray(positions[b]),
+                )
+            )
+    return out
+
+
+def _parts(config, channels: int, grid):
+    flow = build_flow(config, channels)
+    f = config.flow
+    pe = jnp.asarray(positional_encoding_2d(f.cond_dim, *grid))
+
+    def init_params(key):
+        return flow.init(key, jnp.zeros((1, channels)), jnp.zeros((1, f.cond_dim)))["params"]
+
+    def make_tx(total, spe):
+        warm = int(f.warmup_epochs * spe)  # linear from lr/10, then cosine (the released recipe)
+        sched = optax.warmup_cosine_decay_schedule(f.lr / 10, f.lr, max(warm, 0), max(total, warm + 1), end_value=0.0)
+        return optax.adam(sched), sched
+
+    return flow, pe, init_params, make_tx
+
+
+def train_flow(
+    config,
+    feats: np.ndarray,
+    pools,
+    pool_idx: np.ndarray,
+    workdir: str | None,
+    *,
+    log=print,
+    max_steps: int | None = None,
+):
+    """Train (or resume) the flow on the training images' residuals. Returns train.TrainResult."""
+    n, gh, gw, c = feats.shape
+    if pools.src is None:
+        log(
+            "flow: these pools record no token sources (fitted before the flow existed); training "
+            "residuals are taken against the whole pool"
+        )
+    res = compute_residuals(feats, pools, pool_idx, np.arange(n, dtype=np.int32))
+    flow, pe, init_params, make_tx = _parts(config, c, (gh, gw))
+
+    def loss_fn(params, arrays, idx, step):
+        (r,) = arrays
+        b = r.shape[0]
+        z, logdet = flow.apply({"params": params}, r.reshape(b * gh * gw, c), jnp.tile(pe, (b, 1)))
+        return flow_loss(z, logdet)
+
+    return training_loop(
+        config.flow,
+        config.seed,
+        (res,),
+        init_params,
+        loss_fn,
+        make_tx,
+        flow_fingerprint(config, c),
+        workdir,
+        name="flow",
+        log=log,
+        max_steps=max_steps,
+        devices=config.train.get("devices", "auto"),
+    )
+
+
+def calibrate_flow(config, params, feats: np.ndarray, pools, batch: int = 64) -> np.ndarray:
+    """L_ref per pool: the largest per-position log-likelihood over the class's held-out normal images."""
+    n, gh, gw, c = feats.shape
+    flow = build_flow(config, c)
+    fn = jax.jit(flow_logp_fn(flow, (gh, gw)), static_argnums=(5,))
+    ref = np.zeros(len(pools.class_names), np.float32)
+    for k, cls in enumerate(pools.class_names):
+        pos = pools.calibration.get(cls, np.zeros(0, int))
+        if len(pos) == 0:  # no held-out image: the pool's own images (optimistic, but defined)
+            pos = np.unique(pools.src[k][pools.src[k] >= 0]) if pools.src is not None else np.arange(min(n, batch))
+        best = -np.inf
+        for s in range(0, len(pos), batch):
+            p = pos[s : s + batch]
+            lp = fn(
+                params,
+                jnp.asarray(feats[p].reshape(len(p), gh * gw, c)),
+                jnp.asarray(pools.pool_in[k : k + 1]),
+                jnp.asarray(pools.valid[k : k + 1]),
+                jnp.zeros(len(p), jnp.int32),
+                config.flow.cond_dim,
+            )
+            best = max(best, float(jnp.max(lp)))
+        ref[k] = best
+    return ref
+
+
+def save_flow_reference(directory: str, ref: np.ndarray, class_names) -> None:
+    os.makedirs(directory, exist_ok=True)
+    with open(os.path.join(directory, "flow.json"), "w") as f:
+        json.dump({"logp_ref": {c: float(r) for c, r in zip(class_names, ref)}}, f, indent=2)
+
+
+def load_flow_reference(directory: str, class_names) -> np.ndarray:
+    path = os.path.join(directory, "flow.json")
+    if not os.path.isfile(path):
+        raise MissingInputError(f"no flow calibration at {path}: train with scoring.mpo=flow first (--mode=train)")
+    with open(path) as f:
+        ref = json.load(f)["logp_ref"]
+    missing = [c for c in class_names if c not in ref]
+    if missing:
+        raise MissingInputError(f"{path} has no flow calibration for pool(s) {missing}")
+    return np.asarray([ref[c] for c in class_names], np.float32)
+
+
+def restore_flow(workdir: str, config, channels: int, grid):
+    """(flow module, params, step) of the latest flow checkpoint in workdir."""
+    flow, _, init_params, make_tx = _parts(config, channels, grid)
+    params, step = restore_trained(
+        workdir, config.flow, "flow", init_params, make_tx, flow_fingerprint(config, channels)
+    )
+    return flow, params, step

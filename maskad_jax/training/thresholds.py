@@ -1,0 +1,138 @@
+"""Decision thresholds per class, and a score a person can read.
+
+A class's threshold comes from one of three rules (predict.threshold_rule, configs/default.py):
+  quantile  the predict.threshold_quantile quantile of the scores of normal training images held out
+            of the pools (0.99: about 1% false alarms on normal parts like those; the default).
+  f1        the F1-optimal threshold on labelled images the user supplies (data.validation: good and
+            defective images, never the test set), found when the model is fitted or updated.
+  auto      f1 for the classes that have validation thresholds, quantile for the others.
+predict.threshold overrides them: one number for every class, or per class ({"screw": 0.5} in
+Python or on the command line, or "screw=0.5,nut=0.7"); classes it does not name keep the rule.
+
+The normalised score is (score - m) / (threshold - m), m the median held-out normal score of the
+class: 0 is a typical good part, 1.0 the threshold, 2 as far again above it. It is undefined (None)
+when the threshold is not above m (a fixed threshold that flags most good parts).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from maskad_jax.common.errors import ConfigError
+from maskad_jax.training.fit import scoring_signature
+
+RULES = ("quantile", "f1", "auto")
+
+
+def fixed_thresholds(value, class_names) -> dict:
+    """predict.threshold as {class: number} for the classes it fixes ({} when it fixes none).
+
+    value: a number (< 0: none; else every class), a mapping class -> number, or "a=0.5,b=0.7".
+    class_names: the model's classes (a number fixes all of them; None: only the form is checked)."""
+    if isinstance(value, bool):
+        raise ConfigError(f"predict.threshold must be a number or a per-class mapping, got {value!r}")
+    if isinstance(value, (int, float)):
+        if not np.isfinite(value):
+            raise ConfigError(f"predict.threshold must be a finite number, got {value!r}")
+        return {} if value < 0 else {c: float(value) for c in class_names or ()}
+    if isinstance(value, str):
+        try:
+            value = dict((k.strip(), float(v)) for k, v in (item.split("=", 1) for item in value.split(",") if item))
+        except ValueError:
+            raise ConfigError(
+                f"predict.threshold {value!r}: write a number, or class=number pairs separated by commas"
+            ) from None
+    if not hasattr(value, "items"):
+        raise ConfigError(f"predict.threshold must be a number or a per-class mapping, got {value!r}")
+    out = {}
+    for k, v in value.items():
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not np.isfinite(v):
+            raise ConfigError(f"predict.threshold[{k!r}] must be a finite number, got {v!r}")
+        out[str(k)] = float(v)
+    unknown = [] if class_names is None else sorted(set(out) - set(class_names))
+    if unknown:
+        raise ConfigError(f"predict.threshold names class(es) {unknown} the model does not have: {list(class_names)}")
+    return out
+
+
+def f1_threshold(scores, labels) -> tuple[float, float]:
+    """(threshold, F1) maximising F1 when images scoring >= threshold are called defective; ties go
+    to the higher threshold (fewer alarms). labels: 1 = defective; needs at least one."""
+    s = np.asarray(scores, np.float64).ravel()
+    y = np.asarray(labels).ravel().astype(bool)
+    if not y.any():
+        raise ValueError("an F1-optimal threshold needs at least one defective image")
+    order = np.argsort(-s, kind="stable")
+    s, y = s[order], y[order]
+    last = np.r_[s[1:] != s[:-1], True]  # the last of each run of equal scores: a threshold at that score
+    tp, fp = np.cumsum(y)[last], np.cumsum(~y)[last]
+    f1 = 2 * tp / (2 * tp + fp + (y.sum() - tp))
+    best = int(np.argmax(f1))  # the first maximum: the highest threshold
+    return float(s[last][best]), float(f1[best])
+
+
+def class_threshold(config, pools, cls: str, of: str = "score") -> float:
+    """The decision threshold of a class (of = "map": the level outlining a map's regions).
+
+    With scoring.pixel_map = mpo the map has its own scale: its level is always the quantile of the
+    held-out images' map maxima, whatever fixes the score's."""
+    pc = config.predict
+    own_map = of == "map" and config.scoring.pixel_map != "score"
+    fixed = fixed_thresholds(pc.threshold, pools.class_names)
+    if cls in fixed and not own_map:
+        return fixed[cls]
+    signature = None if own_map and cls in fixed else scoring_signature(config)
+    rule = pc.threshold_rule
+    if not own_map and rule in ("f1", "auto"):
+        val = pools.val_thresholds.get(cls)
+        if val is not None:
+            pools.threshold(cls, pc.threshold_quantile, signature)  # the calibration's scoring check
+            return float(val["threshold"])
+        if rule == "f1":
+            raise ConfigError(
+                f"predict.threshold_rule = 'f1' and class {cls!r} has no threshold from labelled validation "
+                f"images: give data.validation (good and defective images of the class) when training or "
+                f"with --mode=update, or use threshold_rule 'auto' or 'quantile'"
+            )
+    return pools.threshold(cls, pc.threshold_quantile, signature, of)
+
+
+def class_thresholds(config, pools) -> list[float]:
+    """class_threshold of every pool, in the pools' order."""
+    return [class_threshold(config, pools, c) for c in pools.class_names]
+
+
+def normal_medians(pools) -> list[float]:
+    """The median held-out normal score of every pool (NaN when the fit has none)."""
+    return [
+        float(np.median(pools.cal_scores[c])) if pools.cal_scores.get(c) else float("nan") for c in pools.class_names
+    ]
+
+
+def normalised(score: float, threshold: float, median: float) -> float | None:
+    """(score - median) / (threshold - median); None when the threshold is not above the median."""
+    if not (np.isfinite(median) and threshold > median):
+        return None
+    return float((score - median) / (threshold - median))
+
+
+def threshold_rule(config, pools=None) -> str:
+    """One line saying where the thresholds come from."""
+    pc = config.predict
+    names = pools.class_names if pools is not None else ()
+    fixed = fixed_thresholds(pc.threshold, names) if pools is not None else {}
+    quant = (
+        f"the {pc.threshold_quantile:g} quantile of the scores of normal training images held out of the pools "
+        f"(predict.threshold_quantile)"
+    )
+    if pools is not None and fixed and len(fixed) == len(names) and len(set(fixed.values())) == 1:
+        return f"threshold {next(iter(fixed.values())):g}, set by predict.threshold"
+    parts = []
+    if fixed:
+        parts.append("set by predict.threshold for " + ", ".join(f"{k} {v:g}" for k, v in fixed.items()))
+    with_val = [c for c in names if c not in fixed and pools.val_thresholds.get(c)] if pools is not None else []
+    if pc.threshold_rule in ("f1", "auto") and with_val:
+        parts.append(f"F1-optimal on the validation images for {', '.join(with_val)}")
+    if pc.threshold_rule != "f1" and (pools is None or len(fixed) + len(with_val) < len(names)):
+        parts.append(quant)
+    return "threshold per class: " + "; ".join(parts)
