@@ -27,6 +27,7 @@ from ml_collections import config_flags  # noqa: E402
 
 from maskad_jax.app import pipeline
 from maskad_jax.common.parallel import to_local  # noqa: E402
+from maskad_jax.common.specs import resolve
 from maskad_jax.data.splits import eval_batches  # noqa: E402
 from maskad_jax.engine.scoring import device_pools, make_score_fn  # noqa: E402
 from maskad_jax.models.reconstructor import build_reconstructor  # noqa: E402
@@ -57,14 +58,15 @@ def main(argv):
     del argv
     logging.set_verbosity(logging.WARNING)  # orbax and TFDS info lines would bury the result
     config, workdir = FLAGS.config, FLAGS.workdir
-    _, _, test_data = pipeline.load_data(config)
-    extractor = feature_cache.make_extractor(config)
+    s = resolve(config)
+    _, _, test_data = pipeline.load_data(s.data)
+    extractor = feature_cache.make_extractor(s.model, s.train.seed)
     gh, gw, ch = extractor.feature_shape(config.data.image_size)
-    model = build_reconstructor(config, ch, (gh, gw))
-    params = to_local(restore_params(workdir, config, ch, (gh, gw))[0])
+    model = build_reconstructor(s.model, ch, (gh, gw))
+    params = to_local(restore_params(workdir, s.train, s.model, s.data.image_size, ch, (gh, gw))[0])
     pools = Pools.load(os.path.join(workdir, "fit"))
     dev_pools = device_pools(pools)
-    score = make_score_fn(config, extractor, model)
+    score = make_score_fn(s.scoring, extractor, model)
     with open(os.path.join(workdir, "export", "scorer.stablehlo"), "rb") as f:
         exported = jax.export.deserialize(bytearray(f.read()))
     bs = config.data.eval_batch_size

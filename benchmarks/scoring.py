@@ -37,6 +37,7 @@ from jax.sharding import PartitionSpec as P
 from benchmarks.memory_report import memory_report  # noqa: E402
 from configs import default, variants  # noqa: E402
 from maskad_jax.common.parallel import data_mesh  # noqa: E402
+from maskad_jax.common.specs import resolve
 from maskad_jax.engine import association  # noqa: E402
 from maskad_jax.engine.coreset import nearest  # noqa: E402
 from maskad_jax.engine.scoring import (  # noqa: E402
@@ -91,7 +92,8 @@ def main():
     c.model.reconstructor.attention = a.attention
     c.scoring.branches_per_step = a.branches_per_step
     ch, grid, size = a.channels, (14, 14), 224
-    model = build_reconstructor(c, ch, grid)
+    s = resolve(c)
+    model = build_reconstructor(s.model, ch, grid)
     params = model.init(jax.random.key(0), jnp.zeros((1, 14, 14, ch)), jnp.zeros((1, 196), bool))["params"]
     rng = np.random.default_rng(0)
     n_pool = a.pool_images
@@ -106,7 +108,7 @@ def main():
     sc = c.scoring
     n_masks = num_masks(sc)
 
-    fused = jax.jit(make_score_features_fn(c, model), static_argnums=(6,))
+    fused = jax.jit(make_score_features_fn(s.scoring, model), static_argnums=(6,))
 
     @jax.jit
     def head(h):
@@ -165,7 +167,7 @@ def main():
         ext = FeatureExtractor.create(arch, "random", dtype=jnp.dtype(a.dtype))
         if ext.channels != ch:
             raise SystemExit(f"--channels {ch} does not match {arch}'s {ext.channels}")
-        full = make_score_fn(c, ext, model)
+        full = make_score_fn(s.scoring, ext, model)
         # --shard: the batch sharded over all local devices, as evaluation does. On this 2-core CPU with
         # two forced host devices that is slower for the whole step (RESULTS.md), so it is an option.
         shard = NamedSharding(data_mesh(), P("data")) if a.shard else jax.devices()[0]

@@ -39,6 +39,7 @@ from scipy import ndimage  # noqa: E402
 
 from maskad_jax.app import pipeline
 from maskad_jax.common.parallel import to_local  # noqa: E402
+from maskad_jax.common.specs import resolve
 from maskad_jax.data.splits import Preprocess, eval_batches  # noqa: E402
 from maskad_jax.engine import metrics as metrics_lib  # noqa: E402
 from maskad_jax.engine import scoring  # noqa: E402
@@ -58,15 +59,16 @@ KEYS = ("e_h", "e_r", "masks", "mpo", "knn_fine")
 
 def collect(config, workdir) -> dict:
     """The ingredients of every test image ("t_*") and held-out normal image ("c_*")."""
-    _, train_data, test_data = pipeline.load_data(config)
-    extractor = feature_cache.make_extractor(config)
+    s = resolve(config)
+    _, train_data, test_data = pipeline.load_data(s.data)
+    extractor = feature_cache.make_extractor(s.model, s.train.seed)
     gh, gw, ch = extractor.feature_shape(config.data.image_size)
-    model = build_reconstructor(config, ch, (gh, gw))
-    params = to_local(restore_params(workdir, config, ch, (gh, gw))[0])
+    model = build_reconstructor(s.model, ch, (gh, gw))
+    params = to_local(restore_params(workdir, s.train, s.model, s.data.image_size, ch, (gh, gw))[0])
     pools = Pools.load(os.path.join(workdir, "fit"))
     dev = scoring.device_pools(pools)
-    feats = jax.jit(scoring.make_score_features_fn(config, model, with_terms=True), static_argnums=(6,))
-    strides = feature_cache.fine_strides(config)
+    feats = jax.jit(scoring.make_score_features_fn(s.scoring, model, with_terms=True), static_argnums=(6,))
+    strides = feature_cache.fine_strides(s.scoring)
     size, bs = config.data.image_size, config.data.eval_batch_size
     if config.train.target != "same":
         raise SystemExit("this tool assumes train.target = same (h is its own target)")

@@ -20,6 +20,7 @@ import numpy as np  # noqa: E402
 
 from benchmarks.memory_report import memory_report  # noqa: E402
 from configs import default  # noqa: E402
+from maskad_jax.common.specs import resolve
 from maskad_jax.training.train import train  # noqa: E402
 
 
@@ -58,7 +59,8 @@ def main():
         if " img/s" in msg:
             rates.append(float(msg.split(" img/s")[0].rsplit(" ", 1)[-1]))
 
-    res = train(c, h, None, None, log=log, max_steps=steps)
+    s = resolve(c)
+    res = train(s.train, s.model, s.data.image_size, h, None, None, log=log, max_steps=steps)
     steady = rates[1:]  # the first interval includes compilation
     print(
         f"model={a.model} dtype={a.dtype} attention={a.attention} channels={a.channels} batch={c.train.batch_size} "

@@ -34,3 +34,11 @@ def torch_or_skip():
     torch = pytest.importorskip("torch", reason="parity tests need torch==2.13.0 (pip install -e .[test])")
     torch.set_num_threads(min(2, os.cpu_count() or 1))
     return torch
+
+
+def train_specs(config) -> tuple:
+    """train.train's leading arguments for a config: (train spec, model spec, image size)."""
+    from maskad_jax.common.specs import resolve
+
+    s = resolve(config)
+    return s.train, s.model, s.data.image_size

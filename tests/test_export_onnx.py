@@ -13,6 +13,7 @@ from onnx import TensorProto, helper
 
 from configs import demo
 from maskad_jax.app import export_onnx
+from maskad_jax.common.specs import resolve
 from maskad_jax.engine import association, scoring
 
 
@@ -92,7 +93,7 @@ def test_the_paper_ot_converts_when_solved_patch_after_patch():
 def test_onnx_config_and_skip_reasons():
     c = demo.get_config("smoke")
     c.scoring.use_assdis, c.scoring.ot = True, "paper"
-    assert export_onnx.onnx_config(c).scoring.ot_sequential and not c.scoring.ot_sequential
-    assert export_onnx.skip_reason(c) is None  # jax2onnx is installed for the tests
+    assert export_onnx.onnx_scoring(resolve(c).scoring).ot_sequential and not resolve(c).scoring.ot_sequential
+    assert export_onnx.skip_reason(resolve(c).export) is None  # jax2onnx is installed for the tests
     c.export.onnx = "no"
-    assert export_onnx.skip_reason(c) == "export.onnx = 'no'"
+    assert export_onnx.skip_reason(resolve(c).export) == "export.onnx = 'no'"

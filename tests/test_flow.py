@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 from helpers import torch_or_skip
 
+from maskad_jax.common.specs import resolve
 from maskad_jax.models.flow import ConditionalFlow, flow_loss, log_likelihood, positional_encoding_2d
 
 
@@ -167,24 +168,24 @@ def test_flow_training_loss_falls_and_resumes_to_the_same_parameters(tmp_path):
     c, h = _flow_config(), _structured()
     pools = _fitted(c, h)
     pidx = np.zeros(len(h), np.int32)
-    full = train_flow(c, h, pools, pidx, str(tmp_path / "full"), log=lambda *_: None)
+    full = train_flow(resolve(c).flow, h, pools, pidx, str(tmp_path / "full"), log=lambda *_: None)
     assert full.steps == 36
     losses = [loss for _, loss in full.losses]
     assert np.mean(losses[-6:]) < np.mean(losses[:6]) - 0.02
-    part = train_flow(c, h, pools, pidx, str(tmp_path / "resumed"), log=lambda *_: None, max_steps=5)
+    part = train_flow(resolve(c).flow, h, pools, pidx, str(tmp_path / "resumed"), log=lambda *_: None, max_steps=5)
     assert part.steps == 5
     said = []
-    rest = train_flow(c, h, pools, pidx, str(tmp_path / "resumed"), log=said.append)
+    rest = train_flow(resolve(c).flow, h, pools, pidx, str(tmp_path / "resumed"), log=said.append)
     assert any("resumed flow from step 5" in m for m in said)
     for a, b in zip(jax.tree_util.tree_leaves(full.params), jax.tree_util.tree_leaves(rest.params)):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
     assert os.path.isfile(tmp_path / "full" / "flow_log.jsonl")
-    _, restored, step = restore_flow(str(tmp_path / "full"), c, h.shape[-1], (4, 4))
+    _, restored, step = restore_flow(str(tmp_path / "full"), resolve(c).flow, h.shape[-1], (4, 4))
     assert step == 36
     for a, b in zip(jax.tree_util.tree_leaves(full.params), jax.tree_util.tree_leaves(restored)):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     with pytest.raises(Exception, match="another model config"):
-        restore_flow(str(tmp_path / "full"), _flow_config(blocks=3), h.shape[-1], (4, 4))
+        restore_flow(str(tmp_path / "full"), resolve(_flow_config(blocks=3)).flow, h.shape[-1], (4, 4))
 
 
 def test_flow_mpo_ranks_an_injected_defect_first():
@@ -196,15 +197,15 @@ def test_flow_mpo_ranks_an_injected_defect_first():
     c, h = _flow_config(epochs=15), _structured()
     c.scoring.mpo = "flow"
     pools = _fitted(c, h)
-    res = train_flow(c, h, pools, np.zeros(len(h), np.int32), None, log=lambda *_: None)
-    ref = calibrate_flow(c, res.params, h, pools)
+    res = train_flow(resolve(c).flow, h, pools, np.zeros(len(h), np.int32), None, log=lambda *_: None)
+    ref = calibrate_flow(resolve(c).flow, res.params, h, pools)
     assert np.isfinite(ref).all()
-    flow = FlowState(build_flow(c, 6), res.params, ref)
-    model = build_reconstructor(c, 6, (4, 4))
+    flow = FlowState(build_flow(resolve(c).flow, 6), res.params, ref)
+    model = build_reconstructor(resolve(c).model, 6, (4, 4))
     params = model.init(jax.random.key(0), jnp.zeros((1, 4, 4, 6)), jnp.zeros((1, 16), bool))["params"]
     test = _structured(n=2, seed=5)
     test[1, 2, 3] += 2.0  # one defective position in the second image
-    fn = jax.jit(make_score_features_fn(c, model, flow), static_argnums=(6,))
+    fn = jax.jit(make_score_features_fn(resolve(c).scoring, model, flow), static_argnums=(6,))
     out = fn(
         params,
         device_pools(pools, flow),
@@ -219,7 +220,7 @@ def test_flow_mpo_ranks_an_injected_defect_first():
     assert np.unravel_index(np.argmax(mpo[1]), (4, 4)) == (2, 3)
     assert mpo[1, 2, 3] > mpo[0].max()
     with pytest.raises(ValueError, match="needs the trained flow"):
-        make_score_features_fn(c, model, None)
+        make_score_features_fn(resolve(c).scoring, model, None)
 
 
 def test_flow_embedder_pools_and_repeats_the_taps_like_the_released_code():

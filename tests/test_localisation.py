@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from configs import default, variants
+from maskad_jax.common.specs import resolve
 from maskad_jax.engine import scoring
 from maskad_jax.models.features import FeatureExtractor, avg_pool3, pooled_embedding
 from maskad_jax.training.calibration import calibrate, term_stats
@@ -139,7 +140,7 @@ def engine():
     variants.smoke(c)  # the CPU configs' scoring: two-grid M_po, sum, pixel map from M_po
     assert c.scoring.knn_fine and c.scoring.mpo_fusion == "sum" and c.scoring.pixel_map == "mpo"
     ex = FeatureExtractor.create("efficientnet-lite0", weights="random")
-    model = build_reconstructor(c, ex.channels, (4, 4))
+    model = build_reconstructor(resolve(c).model, ex.channels, (4, 4))
     params = model.init(jax.random.key(0), jnp.zeros((1, 4, 4, ex.channels)), jnp.zeros((1, 16), bool))["params"]
     c.fit.calibration_fraction = 0.4  # two held-out images per class
     rng = np.random.default_rng(0)
@@ -147,14 +148,14 @@ def engine():
     h, fine = (np.asarray(a) for a in ex.apply_with_fine(ex.variables, train, tuple(c.fit.fine_strides)))
     pools = fit_pools(h, None, ["a"] * 5 + ["b"] * 5, c.fit, seed=0, fine=fine)
     keys = np.arange(10, dtype=np.int32)
-    cal = calibrate(c, model, params, pools, h, None, keys, fine=fine)
+    cal = calibrate(resolve(c).scoring, resolve(c).data, model, params, pools, h, None, keys, fine=fine)
     pools.cal_scores, pools.cal_map_max, pools.term_stats = cal["cal_scores"], cal["cal_map_max"], cal["term_stats"]
     imgs = jnp.asarray(rng.uniform(size=(3, 64, 64, 3)).astype(np.float32))
     return dict(c=c, ex=ex, model=model, params=params, pools=pools, h=h, fine=fine, keys=keys, cal=cal, imgs=imgs)
 
 
 def _score(e, imgs, pidx, ids, config=None):
-    fn = scoring.make_score_fn(config or e["c"], e["ex"], e["model"])
+    fn = scoring.make_score_fn(resolve(config or e["c"]).scoring, e["ex"], e["model"])
     return fn(
         e["params"], e["ex"].variables, scoring.device_pools(e["pools"]), imgs, jnp.asarray(pidx), jnp.asarray(ids)
     )
@@ -184,11 +185,21 @@ def test_calibration_uses_only_the_held_out_images(engine):
     h, fine = e["h"].copy(), e["fine"].copy()
     h[other] += 100.0
     fine[other] -= 50.0
-    again = calibrate(e["c"], e["model"], e["params"], e["pools"], h, None, e["keys"], fine=fine)
+    again = calibrate(
+        resolve(e["c"]).scoring,
+        resolve(e["c"]).data,
+        e["model"],
+        e["params"],
+        e["pools"],
+        h,
+        None,
+        e["keys"],
+        fine=fine,
+    )
     np.testing.assert_allclose(again["term_stats"], e["cal"]["term_stats"], rtol=1e-5)
     for c in e["pools"].class_names:
         np.testing.assert_allclose(again["cal_scores"][c], e["cal"]["cal_scores"][c], rtol=1e-5)
-    fn = scoring.make_score_features_fn(e["c"], e["model"])
+    fn = scoring.make_score_features_fn(resolve(e["c"]).scoring, e["model"])
     pidx = np.concatenate([np.full(len(e["pools"].calibration[c]), k) for k, c in enumerate(e["pools"].class_names)])
     out = fn(
         e["params"],

@@ -9,6 +9,7 @@ from scipy import ndimage
 
 from configs import demo
 from maskad_jax.common.errors import ConfigError, DataError
+from maskad_jax.common.specs import resolve
 from maskad_jax.data.geometry import place, to_input, to_original
 from maskad_jax.data.ignore_masks import load_ignore_masks
 from maskad_jax.data.tiling import image_level
@@ -94,7 +95,7 @@ def _pools(config):
         {"screw": np.array([0]), "nut": np.array([1])},
         {"screw": [1.0, 2.0, 3.0, 4.0, 5.0], "nut": [10.0, 20.0, 30.0]},
     )
-    pools.cal_scoring = scoring_signature(config)
+    pools.cal_scoring = scoring_signature(resolve(config).scoring)
     pools.val_thresholds = {"screw": {"threshold": 4.5, "f1": 0.9, "good": 3, "defective": 2}}
     return pools
 
@@ -105,15 +106,15 @@ def test_threshold_rules_per_class():
     pools = _pools(c)
     c.predict.threshold_quantile = 0.5
     c.predict.threshold_rule = "auto"  # F1 where validation images exist, the quantile elsewhere
-    assert [class_threshold(c, pools, k) for k in pools.class_names] == [4.5, 20.0]
+    assert [class_threshold(resolve(c).predict, resolve(c).scoring, pools, k) for k in pools.class_names] == [4.5, 20.0]
     c.predict.threshold_rule = "quantile"
-    assert [class_threshold(c, pools, k) for k in pools.class_names] == [3.0, 20.0]
+    assert [class_threshold(resolve(c).predict, resolve(c).scoring, pools, k) for k in pools.class_names] == [3.0, 20.0]
     c.predict.threshold_rule = "f1"
-    assert class_threshold(c, pools, "screw") == 4.5
+    assert class_threshold(resolve(c).predict, resolve(c).scoring, pools, "screw") == 4.5
     with pytest.raises(ConfigError, match="data.validation"):
-        class_threshold(c, pools, "nut")
+        class_threshold(resolve(c).predict, resolve(c).scoring, pools, "nut")
     c.predict.threshold = {"nut": 7.0}  # a per-class number wins over every rule
-    assert [class_threshold(c, pools, k) for k in pools.class_names] == [4.5, 7.0]
+    assert [class_threshold(resolve(c).predict, resolve(c).scoring, pools, k) for k in pools.class_names] == [4.5, 7.0]
 
 
 def test_normalised_score():

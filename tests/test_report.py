@@ -15,6 +15,7 @@ from PIL import Image
 from configs import demo
 from maskad_jax.app.overlay import unique_names
 from maskad_jax.app.report import write_report
+from maskad_jax.common.specs import resolve
 from maskad_jax.engine.metrics import METRIC_NAMES, curve_points
 
 HOSTILE = '<script>alert(1)</script> "x" & y'
@@ -83,7 +84,9 @@ class _Collect(HTMLParser):
 @pytest.fixture(scope="module")
 def report(tmp_path_factory):
     path = tmp_path_factory.mktemp("report") / "report.html"
-    write_report(str(path), demo.get_config("smoke"), _result(), "/tmp/wd")
+    s = resolve(demo.get_config("smoke"))
+    run = dict(data=s.data, model=s.model, train=s.train, scoring=s.scoring, protocol=s.eval.protocol)
+    write_report(str(path), dict(run, config_json=s.config_json), _result(), "/tmp/wd")
     return path
 
 

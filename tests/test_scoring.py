@@ -10,6 +10,7 @@ import pytest
 from scipy import ndimage
 
 from configs import default
+from maskad_jax.common.specs import resolve
 from maskad_jax.engine import association
 from maskad_jax.engine.coreset import greedy_kcenter, nearest, nearest_in_pools
 from maskad_jax.engine.smoothing import gaussian_smooth
@@ -171,13 +172,13 @@ def engine():
     r.embed_dim, r.encoder_depth, r.decoder_depth, r.num_heads = 32, 1, 1, 2
     c.scoring.sinkhorn_iterations = 30
     ex = FeatureExtractor.create("efficientnet-lite0", weights="random")
-    model = build_reconstructor(c, ex.channels, (4, 4))
+    model = build_reconstructor(resolve(c).model, ex.channels, (4, 4))
     params = model.init(jax.random.key(0), jnp.zeros((1, 4, 4, ex.channels)), jnp.zeros((1, 16), bool))["params"]
     rng = np.random.default_rng(0)
     train_imgs = jnp.asarray(rng.uniform(size=(6, 64, 64, 3)).astype(np.float32))
     h = np.asarray(ex(train_imgs))
     pools = fit_pools(h, None, ["a"] * 3 + ["b"] * 3, c.fit, seed=0)
-    score = make_score_fn(c, ex, model)
+    score = make_score_fn(resolve(c).scoring, ex, model)
     imgs = jnp.asarray(rng.uniform(size=(3, 64, 64, 3)).astype(np.float32))
     return dict(c=c, ex=ex, params=params, pools=device_pools(pools), score=score, imgs=imgs, raw_pools=pools)
 
@@ -239,7 +240,9 @@ def test_grouped_branches_give_the_same_maps(engine):
     e = engine
     c = copy.deepcopy(e["c"])
     c.scoring.branches_per_step = 4
-    grouped = make_score_fn(c, e["ex"], build_reconstructor(c, e["ex"].channels, (4, 4)))
+    grouped = make_score_fn(
+        resolve(c).scoring, e["ex"], build_reconstructor(resolve(c).model, e["ex"].channels, (4, 4))
+    )
     a = _call(e, e["imgs"], [0, 1, 0], [1, 2, 3])
     b = grouped(
         e["params"],

@@ -19,6 +19,7 @@ LAYERS = ("common", "runtime", "data", "tfds_builders", "models", "engine", "tra
 # masks, pools, M_po, OT, scoring, metrics, resizing, smoothing
 PURE = {
     "common.errors",
+    "common.specs",
     "engine.ablations",
     "engine.association",
     "engine.coreset",
@@ -145,6 +146,29 @@ def test_functions_are_short():
                 if n >= 60:
                     long.append(f"{name}:{node.name} ({n} lines)")
     assert long == []
+
+
+# Where the whole config may go: pipeline resolves it (common/specs.resolve) after config_check has
+# checked it; below them functions take a spec (common/specs.py) or plain arguments.
+TAKES_THE_CONFIG = {"maskad_jax.app.pipeline", "maskad_jax.app.config_check", "maskad_jax.common.specs"}
+TAKES_ALL_SPECS = {"maskad_jax.app.pipeline"}
+
+
+def test_no_function_below_pipeline_takes_the_whole_config():
+    """By parameter name (config, cfg) or annotation (ConfigDict, Specs: every section at once)."""
+    found = []
+    for name, path in MODULES.items():
+        if not name.startswith("maskad_jax"):
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if not isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                continue
+            for a in node.args.posonlyargs + node.args.args + node.args.kwonlyargs:
+                note = ast.unparse(a.annotation) if a.annotation is not None else ""
+                whole = a.arg in ("config", "cfg") or "ConfigDict" in note
+                if (whole and name not in TAKES_THE_CONFIG) or ("Specs" in note and name not in TAKES_ALL_SPECS):
+                    found.append(f"{name}:{node.name}({a.arg}{': ' + note if note else ''})")
+    assert found == []
 
 
 def test_the_export_loader_is_standalone():

@@ -5,6 +5,7 @@ import pytest
 
 from configs import demo
 from maskad_jax.common.errors import ConfigError
+from maskad_jax.common.specs import resolve
 from maskad_jax.training.fit import Pools, scoring_signature
 from maskad_jax.training.thresholds import class_thresholds
 
@@ -20,7 +21,7 @@ def _pools(config):
         {"a": np.array([0, 1]), "b": np.array([2, 3, 4])},
         {"a": [1.0, 2.0, 3.0, 4.0, 5.0], "b": [10.0, 20.0, 30.0]},
     )
-    pools.cal_scoring = scoring_signature(config)
+    pools.cal_scoring = scoring_signature(resolve(config).scoring)
     return pools
 
 
@@ -29,11 +30,11 @@ def test_signature_survives_a_save_and_load_and_placement_fields_do_not_count(tm
     pools = _pools(c)
     pools.save(str(tmp_path))
     loaded = Pools.load(str(tmp_path))
-    assert loaded.cal_scoring == scoring_signature(c)
+    assert loaded.cal_scoring == scoring_signature(resolve(c).scoring)
     c.scoring.branches_per_step = 4  # where the work runs, not what it computes
     # numpy's default ('linear') quantile of [1..5] at 0.5 is 3; of [10, 20, 30] at 0.5 is 20
     c.predict.threshold_quantile = 0.5
-    assert class_thresholds(c, loaded) == [3.0, 20.0]
+    assert class_thresholds(resolve(c).predict, resolve(c).scoring, loaded) == [3.0, 20.0]
 
 
 def test_another_scoring_is_refused_naming_the_fields_unless_the_threshold_is_given():
@@ -42,11 +43,11 @@ def test_another_scoring_is_refused_naming_the_fields_unless_the_threshold_is_gi
     c.scoring.use_assdis = not c.scoring.use_assdis
     c.scoring.sigma = 2.5
     with pytest.raises(ConfigError) as err:
-        class_thresholds(c, pools)
+        class_thresholds(resolve(c).predict, resolve(c).scoring, pools)
     assert "scoring.sigma" in str(err.value) and "scoring.use_assdis" in str(err.value)
     assert "predict.threshold" in str(err.value)
     c.predict.threshold = 0.7  # an explicit threshold is the user's, whatever the scoring
-    assert class_thresholds(c, pools) == [0.7, 0.7]
+    assert class_thresholds(resolve(c).predict, resolve(c).scoring, pools) == [0.7, 0.7]
 
 
 def test_fits_written_before_the_signature_existed_are_not_refused():
@@ -55,4 +56,4 @@ def test_fits_written_before_the_signature_existed_are_not_refused():
     pools.cal_scoring = None
     c.scoring.sigma = 2.5
     c.predict.threshold_quantile = 1.0
-    assert class_thresholds(c, pools) == [5.0, 30.0]
+    assert class_thresholds(resolve(c).predict, resolve(c).scoring, pools) == [5.0, 30.0]

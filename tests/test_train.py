@@ -8,9 +8,10 @@ import sys
 import jax
 import numpy as np
 import pytest
-from helpers import forced_devices_env, loopback_coordinator
+from helpers import forced_devices_env, loopback_coordinator, train_specs
 
 from configs import default
+from maskad_jax.common.specs import resolve
 from maskad_jax.training.optim import decay_mask
 from maskad_jax.training.train import CheckpointMismatchError, train
 
@@ -129,11 +130,13 @@ def _features():
 
 def test_kill_and_resume_ends_with_the_same_parameters(tmp_path):
     c, h = _tiny_config(), _features()
-    full = train(c, h, None, str(tmp_path / "full"), log=lambda *_: None)
-    part = train(c, h, None, str(tmp_path / "resumed"), log=lambda *_: None, max_steps=5)  # "killed" after step 5
+    full = train(*train_specs(c), h, None, str(tmp_path / "full"), log=lambda *_: None)
+    part = train(
+        *train_specs(c), h, None, str(tmp_path / "resumed"), log=lambda *_: None, max_steps=5
+    )  # "killed" after step 5
     assert part.steps == 5
     messages = []
-    rest = train(c, h, None, str(tmp_path / "resumed"), log=messages.append)
+    rest = train(*train_specs(c), h, None, str(tmp_path / "resumed"), log=messages.append)
     assert any("resumed from step 5" in m for m in messages)
     assert [s for s, _ in rest.losses] == list(range(5, 9))
     np.testing.assert_allclose([loss for _, loss in rest.losses], [loss for _, loss in full.losses[5:]], rtol=1e-6)
@@ -143,18 +146,18 @@ def test_kill_and_resume_ends_with_the_same_parameters(tmp_path):
 
 def test_checkpoint_of_another_model_config_is_refused(tmp_path):
     h = _features()
-    train(_tiny_config(), h, None, str(tmp_path), log=lambda *_: None, max_steps=2)
+    train(*train_specs(_tiny_config()), h, None, str(tmp_path), log=lambda *_: None, max_steps=2)
     other = _tiny_config()
     other.model.reconstructor.embed_dim = 64
     with pytest.raises(CheckpointMismatchError, match="another model config"):
-        train(other, h, None, str(tmp_path), log=lambda *_: None)
+        train(*train_specs(other), h, None, str(tmp_path), log=lambda *_: None)
 
 
 def test_device_cache_and_host_gathering_give_the_same_losses():
     h = _features()
     tgt = h * 0.5 + 1.0  # a separate target view exercises the second cache
-    on = train(_tiny_config(epochs=2), h, tgt, None, log=lambda *_: None)
-    off = train(_tiny_config(epochs=2, device_cache_gb=0.0), h, tgt, None, log=lambda *_: None)
+    on = train(*train_specs(_tiny_config(epochs=2)), h, tgt, None, log=lambda *_: None)
+    off = train(*train_specs(_tiny_config(epochs=2, device_cache_gb=0.0)), h, tgt, None, log=lambda *_: None)
     assert len(on.losses) == len(off.losses) == 6
     np.testing.assert_allclose([loss for _, loss in on.losses], [loss for _, loss in off.losses], rtol=1e-6)
     for a, b in zip(jax.tree.leaves(on.params), jax.tree.leaves(off.params)):
@@ -165,8 +168,8 @@ def test_cudnn_attention_setting_trains_with_einsum_and_says_so():
     c = _tiny_config(epochs=1)
     c.model.reconstructor.attention = "jax_cudnn"  # would fail on this CPU if it reached the model
     said = []
-    res = train(c, _features(), None, None, log=said.append)
-    ref = train(_tiny_config(epochs=1), _features(), None, None, log=lambda *_: None)
+    res = train(*train_specs(c), _features(), None, None, log=said.append)
+    ref = train(*train_specs(_tiny_config(epochs=1)), _features(), None, None, log=lambda *_: None)
     assert any("jax_cudnn is for scoring only" in m for m in said)
     np.testing.assert_allclose([loss for _, loss in res.losses], [loss for _, loss in ref.losses], rtol=1e-6)
 
@@ -179,7 +182,7 @@ def test_loss_falls_on_structured_features():
     h = base + ramp * base[:, :, :, ::-1]
     h = np.broadcast_to(h, (48, 4, 4, 8)).copy()
     c = _tiny_config(epochs=30, batch_size=16, lr=1e-2, weight_decay=0.0)
-    res = train(c, h, None, None, log=lambda *_: None)
+    res = train(*train_specs(c), h, None, None, log=lambda *_: None)
     losses = [loss for _, loss in res.losses]
     assert np.mean(losses[-5:]) < 0.6 * np.mean(losses[:5])
 
@@ -207,8 +210,8 @@ def test_bfloat16_switch_trains_with_float32_parameters():
     c32, c16 = _tiny_config(), _tiny_config()
     c16.model.dtype = "bfloat16"
     h = _features()
-    a = train(c32, h, None, None, log=lambda *_: None, max_steps=4)
-    b = train(c16, h, None, None, log=lambda *_: None, max_steps=4)
+    a = train(*train_specs(c32), h, None, None, log=lambda *_: None, max_steps=4)
+    b = train(*train_specs(c16), h, None, None, log=lambda *_: None, max_steps=4)
     assert all(x.dtype == np.float32 for x in jax.tree_util.tree_leaves(b.params))
     la, lb = np.array([loss for _, loss in a.losses]), np.array([loss for _, loss in b.losses])
     assert np.isfinite(lb).all()
@@ -223,7 +226,7 @@ def test_diverging_training_stops_with_a_clear_error_and_keeps_the_last_good_che
 
     c = _tiny_config(lr=1e12, checkpoint_every=1, max_to_keep=20)
     with pytest.raises(TrainingDivergedError, match="diverged") as err:
-        train(c, _features(), None, str(tmp_path), log=lambda *_: None)
+        train(*train_specs(c), _features(), None, str(tmp_path), log=lambda *_: None)
     assert "train.lr" in str(err.value) or "learning rate" in str(err.value)
     steps = _checkpoint_manager(str(tmp_path), c.train).all_steps()
     assert 0 < len(steps) < 9  # stopped early, with the good checkpoints before it
@@ -231,14 +234,14 @@ def test_diverging_training_stops_with_a_clear_error_and_keeps_the_last_good_che
     from maskad_jax.training.optim import make_optimizer
     from maskad_jax.training.train import model_fingerprint
 
-    model = build_reconstructor(c, 8, (4, 4))
+    model = build_reconstructor(resolve(c).model, 8, (4, 4))
     params, step = restore_trained(
         str(tmp_path),
         c.train,
         "train",
         lambda k: model.init(k, np.zeros((1, 4, 4, 8)), np.zeros((1, 16), bool))["params"],
         lambda t, s: make_optimizer(c.train, t, s),
-        model_fingerprint(c, 8),
+        model_fingerprint(resolve(c).model, c.data.image_size, c.train.target, 8),
     )
     assert step == max(steps) and all(np.isfinite(np.asarray(x)).all() for x in jax.tree_util.tree_leaves(params))
 
@@ -255,9 +258,9 @@ def test_corrupt_checkpoint_is_named_and_resuming_falls_back_to_the_previous_one
     from maskad_jax.training.train import CheckpointCorruptError, model_fingerprint, restore_trained
 
     c, h = _tiny_config(), _features()
-    full = train(c, h, None, str(tmp_path / "full"), log=lambda *_: None)
+    full = train(*train_specs(c), h, None, str(tmp_path / "full"), log=lambda *_: None)
     wd = str(tmp_path / "wd")
-    train(c, h, None, wd, log=lambda *_: None)  # checkpoints at steps 6, 8 and 9 are kept
+    train(*train_specs(c), h, None, wd, log=lambda *_: None)  # checkpoints at steps 6, 8 and 9 are kept
     victim = _largest_file(os.path.join(wd, "checkpoints", "9", "state"))
     data = bytearray(open(victim, "rb").read())
     if damage == "flip":
@@ -266,12 +269,19 @@ def test_corrupt_checkpoint_is_named_and_resuming_falls_back_to_the_previous_one
     else:
         data = data[: len(data) // 2]
     open(victim, "wb").write(bytes(data))
-    model = build_reconstructor(c, 8, (4, 4))
+    model = build_reconstructor(resolve(c).model, 8, (4, 4))
     init = lambda k: model.init(k, np.zeros((1, 4, 4, 8)), np.zeros((1, 16), bool))["params"]  # noqa: E731
     with pytest.raises(CheckpointCorruptError, match=os.path.join("checkpoints", "9")):
-        restore_trained(wd, c.train, "train", init, lambda t, s: make_optimizer(c.train, t, s), model_fingerprint(c, 8))
+        restore_trained(
+            wd,
+            c.train,
+            "train",
+            init,
+            lambda t, s: make_optimizer(c.train, t, s),
+            model_fingerprint(resolve(c).model, c.data.image_size, c.train.target, 8),
+        )
     said = []
-    res = train(c, h, None, wd, log=said.append)  # resuming: falls back to step 8 and redoes step 9
+    res = train(*train_specs(c), h, None, wd, log=said.append)  # resuming: falls back to step 8 and redoes step 9
     assert any("falling back to the checkpoint at step 8" in m for m in said), said
     assert any("resumed from step 8" in m for m in said)
     for a, b in zip(jax.tree_util.tree_leaves(full.params), jax.tree_util.tree_leaves(res.params)):
@@ -300,7 +310,9 @@ def test_corrupt_pools_file_is_named(tmp_path, damage):
 def test_a_resumed_run_records_each_step_once(tmp_path):
     """The record of steps replayed after a resume replaces the first attempt's (no step twice)."""
     c, h = _tiny_config(log_every=1, checkpoint_every=4), _features()
-    train(c, h, None, str(tmp_path), log=lambda *_: None, max_steps=6)  # "killed" after step 6, last checkpoint 4
-    train(c, h, None, str(tmp_path), log=lambda *_: None)  # resumes from 4, replays 5 and 6
+    train(
+        *train_specs(c), h, None, str(tmp_path), log=lambda *_: None, max_steps=6
+    )  # "killed" after step 6, last checkpoint 4
+    train(*train_specs(c), h, None, str(tmp_path), log=lambda *_: None)  # resumes from 4, replays 5 and 6
     steps = [json.loads(line)["step"] for line in open(tmp_path / "train_log.jsonl")]
     assert steps == list(range(1, 10))

@@ -11,22 +11,21 @@ import numpy as np
 from PIL import Image
 
 from maskad_jax.app.overlay import overlay, unique_names
+from maskad_jax.common.specs import EvalSpec, ScoringSpec
 from maskad_jax.data.geometry import place, to_original
 from maskad_jax.data.splits import Preprocess
 from maskad_jax.engine import metrics as metrics_lib
 from maskad_jax.training.fit import scoring_signature
 
 
-def eval_frame(config) -> str:
+def eval_frame(ev: EvalSpec) -> str:
     """eval.frame resolved: input (the model's input frame) or image (the whole image)."""
-    if config.eval.frame != "auto":
-        return config.eval.frame
-    return "input" if config.data.geometry == "crop" else "image"
+    return ev.resolved_frame
 
 
-def display_geometry(config) -> str:
+def display_geometry(ev: EvalSpec) -> str:
     """The geometry that shows an image in the frame the metrics are computed in."""
-    return "resize" if eval_frame(config) == "image" else config.data.geometry
+    return "resize" if eval_frame(ev) == "image" else ev.geometry
 
 
 def to_image_frame(maps, boxes, originals, size: int, geometry: str) -> np.ndarray:
@@ -40,16 +39,18 @@ def to_image_frame(maps, boxes, originals, size: int, geometry: str) -> np.ndarr
     return out
 
 
-def report_data(config, data, pools, maps, masks, scores, examples) -> dict:
+def report_data(
+    sc: ScoringSpec, ev: EvalSpec, quantile: float, size: int, data, pools, maps, masks, scores, examples
+) -> dict:
     """What report.html plots, per class: the image scores by label and defect type, the predict
     threshold (the calibrated quantile of held-out normal scores), image and pixel ROC/PR points;
     and the examples' images, maps and ground truth."""
-    out = {"classes": {}, "examples": [], "threshold_quantile": float(config.predict.threshold_quantile)}
+    out = {"classes": {}, "examples": [], "threshold_quantile": float(quantile)}
     for cid in sorted(set(data.class_ids.tolist())):
         sel = data.class_ids == cid
         name = data.class_names[cid]
         try:  # none shown when there is no calibration, or it was made under another scoring (an ablation row)
-            thr = pools.threshold(name, config.predict.threshold_quantile, scoring_signature(config))
+            thr = pools.threshold(name, quantile, scoring_signature(sc))
         except ValueError:
             thr = None
         labels = data.labels[sel]
@@ -63,7 +64,7 @@ def report_data(config, data, pools, maps, masks, scores, examples) -> dict:
             "image_curves": metrics_lib.curve_points(scores[sel], labels) if both else None,
             "pixel_curves": metrics_lib.curve_points(maps[sel], masks[sel]) if pixels_both else None,
         }
-    pre = Preprocess(data, config.data.image_size, display_geometry(config))
+    pre = Preprocess(data, size, display_geometry(ev))
     for ex in examples:
         el = pre.map(ex["index"])
         out["examples"].append(dict(ex, image=el["image"], map=maps[ex["index"]], mask=el["mask"]))

@@ -34,6 +34,7 @@ from maskad_jax.common.parallel import (
     process_share,
     scoring_sharding,
 )
+from maskad_jax.common.specs import DataSpec, EvalSpec, ScoringSpec
 from maskad_jax.data.geometry import place, to_original
 from maskad_jax.data.splits import SplitData, eval_batches
 from maskad_jax.data.tiling import image_max, stitch_tiles, untiled
@@ -44,34 +45,47 @@ from maskad_jax.engine.scoring import (
 )
 
 
-def evaluate(config, workdir, extractor, model, params, pools, data: SplitData, flow=None) -> dict:
-    """Score the split, check the results are finite, compute the metrics, write the files."""
-    params, dev_pools = place_for_scoring(config, (params, device_pools(pools, flow)))
-    if config.scoring.mpo_normalisation == "test_max":
-        normalise_on_the_test_set(config, extractor, pools, dev_pools, flow, data)
+def evaluate(
+    sc: ScoringSpec,
+    d: DataSpec,
+    ev: EvalSpec,
+    quantile: float,
+    workdir,
+    extractor,
+    model,
+    params,
+    pools,
+    data: SplitData,
+    flow=None,
+) -> dict:
+    """Score the split, check the results are finite, compute the metrics, write the files (quantile:
+    predict.threshold_quantile, for the report's thresholds)."""
+    params, dev_pools = place_for_scoring(sc.devices, (params, device_pools(pools, flow)))
+    if sc.mpo_normalisation == "test_max":
+        normalise_on_the_test_set(sc, d, extractor, pools, dev_pools, flow, data)
     t0 = time.time()
     maps, masks, scores, rec_mean, uncertified, boxes, originals, masks_image = _score_split(
-        config, extractor, model, params, dev_pools, pools, data, flow
+        sc, d, extractor, model, params, dev_pools, pools, data, flow
     )
     rate = len(data) / max(time.time() - t0, 1e-9)
-    frame = eval_frame(config)
+    frame = eval_frame(ev)
     if data.image_of is not None:  # tiles: stitched onto their images, which the metrics are computed on
         maps, masks, scores, rec_mean, uncertified, data = stitch_split(
-            config, data, maps, scores, rec_mean, uncertified, boxes, originals
+            d, data, maps, scores, rec_mean, uncertified, boxes, originals
         )
         frame = "image"
     elif frame == "image":  # every map on the whole image at S x S, so geometries compare on the same pixels
-        maps, masks = to_image_frame(maps, boxes, originals, config.data.image_size, config.data.geometry), masks_image
-    progress.log(f"metrics in the {frame} frame (eval.frame; data.geometry = {config.data.geometry})")
+        maps, masks = to_image_frame(maps, boxes, originals, d.image_size, d.geometry), masks_image
+    progress.log(f"metrics in the {frame} frame (eval.frame; data.geometry = {d.geometry})")
     _refuse_non_finite(data, maps, scores)
-    _log_ot_certification(config, uncertified, len(data))
+    _log_ot_certification(sc, uncertified, len(data))
     several = (
         f" over {jax.process_count()} processes ({len(process_share(len(data)))} on this one)"
         if jax.process_count() > 1
         else ""
     )
     progress.log(f"scored {len(data)} test images at {rate:.2f} img/s{several} (first batch includes compilation)")
-    per_class = per_class_metrics(config, data, scores, maps, masks)
+    per_class = per_class_metrics(ev, data, scores, maps, masks)
     mean = {k: float(np.nanmean([m[k] for m in per_class.values()])) for k in metrics_lib.METRIC_NAMES}
     report = {
         "per_class": per_class,
@@ -80,17 +94,19 @@ def evaluate(config, workdir, extractor, model, params, pools, data: SplitData, 
         "num_test_images": len(data),
         "metrics_unit": "fraction (the console prints %)",
         "examples": write_heatmaps(
-            workdir, data, maps, scores, config.data.image_size, write=is_writer(), geometry=display_geometry(config)
+            workdir, data, maps, scores, d.image_size, write=is_writer(), geometry=display_geometry(ev)
         ),
     }
     progress.log("mean over classes (%): " + ", ".join(f"{k} {100 * v:.1f}" for k, v in mean.items()))
     if is_writer():
         write_results(workdir, report, data, scores, rec_mean)
-        report["report_data"] = report_data(config, data, pools, maps, masks, scores, report["examples"])
+        report["report_data"] = report_data(
+            sc, ev, quantile, d.image_size, data, pools, maps, masks, scores, report["examples"]
+        )
     return report
 
 
-def per_class_metrics(config, data, scores, maps, masks) -> dict:
+def per_class_metrics(ev: EvalSpec, data, scores, maps, masks) -> dict:
     """The seven metrics of every class; pixel metrics over the images whose masks are ground truth."""
     per_class = {}
     has_mask = np.ones(len(data), bool) if data.has_mask is None else data.has_mask
@@ -103,7 +119,7 @@ def per_class_metrics(config, data, scores, maps, masks) -> dict:
         sel = data.class_ids == cid
         pix = sel & has_mask
         per_class[data.class_names[cid]] = metrics_lib.all_metrics(
-            scores[sel], data.labels[sel], maps[pix], masks[pix], protocol=config.eval.protocol, bins=config.eval.bins
+            scores[sel], data.labels[sel], maps[pix], masks[pix], protocol=ev.protocol, bins=ev.bins
         )
         undefined = [k for k, v in per_class[data.class_names[cid]].items() if not np.isfinite(v)]
         if undefined:
@@ -114,11 +130,11 @@ def per_class_metrics(config, data, scores, maps, masks) -> dict:
     return per_class
 
 
-def stitch_split(config, data, maps, scores, rec_mean, uncertified, boxes, originals):
+def stitch_split(d: DataSpec, data, maps, scores, rec_mean, uncertified, boxes, originals):
     """A tiled split's results per image (tiling.py): the tiles' maps stitched onto the whole image at
     S x S (what a crop never saw takes the map's minimum), the image's score the maximum of its
     tiles', its mask read whole; (maps, masks, scores, rec_mean, uncertified, the image-level split)."""
-    size, geometry = config.data.image_size, config.data.geometry
+    size, geometry = d.image_size, d.geometry
     images = untiled(data)
     out = np.zeros((len(images), size, size), np.float32)
     for i in range(len(images)):
@@ -129,7 +145,7 @@ def stitch_split(config, data, maps, scores, rec_mean, uncertified, boxes, origi
         out[i] = np.asarray(Image.fromarray(full, "F").resize((size, size), Image.BILINEAR), np.float32)
     masks = np.zeros((len(images), size, size), np.uint8)
     row = 0
-    for batch in eval_batches(images, config.data.eval_batch_size, image_size=size, geometry="resize"):
+    for batch in eval_batches(images, d.eval_batch_size, image_size=size, geometry="resize"):
         ok = batch["valid"] == 1
         masks[row : row + int(ok.sum())] = batch["mask"][ok]
         row += int(ok.sum())
@@ -138,11 +154,11 @@ def stitch_split(config, data, maps, scores, rec_mean, uncertified, boxes, origi
     return out, masks, score.astype(np.float32), rec.astype(np.float32), np.bincount(data.image_of, uncertified), images
 
 
-def _score_split(config, extractor, model, params, dev_pools, pools, data, flow):
+def _score_split(sc: ScoringSpec, d: DataSpec, extractor, model, params, dev_pools, pools, data, flow):
     """This process's share of the split scored and every process's rows gathered: (maps, masks,
     scores, rec_mean, uncertified, content boxes, original sizes, whole-image masks) over the split."""
-    score = make_score_fn(config, extractor, model, flow)
-    size, n = config.data.image_size, len(data)
+    score = make_score_fn(sc, extractor, model, flow)
+    size, n = d.image_size, len(data)
     share = process_share(n)  # this process's images (all of them with one process)
     out = {
         "map": np.zeros((len(share), size, size), np.float32),
@@ -154,16 +170,16 @@ def _score_split(config, extractor, model, params, dev_pools, pools, data, flow)
         "original": np.zeros((len(share), 2), np.int32),
         "mask_image": np.zeros((len(share), size, size), np.uint8),
     }
-    pad = config.data.geometry == "pad"
-    shard, row = scoring_sharding(config), 0
+    pad = d.geometry == "pad"
+    shard, row = scoring_sharding(sc.devices, d.eval_batch_size), 0
     with progress.bar(len(share), "scoring") as pbar:
         for batch in eval_batches(
             data,
-            config.data.eval_batch_size,
+            d.eval_batch_size,
             image_size=size,
-            num_workers=config.data.num_workers,
+            num_workers=d.num_workers,
             positions=share,
-            geometry=config.data.geometry,
+            geometry=d.geometry,
         ):
             names = [data.class_names[c] for c in batch["class_id"]]
             res = score(
@@ -198,11 +214,11 @@ def _refuse_non_finite(data, maps, scores):
         )
 
 
-def _log_ot_certification(config, uncertified: np.ndarray, n_images: int):
+def _log_ot_certification(sc: ScoringSpec, uncertified: np.ndarray, n_images: int):
     """How many patches' Sinkhorn AssDis was not certified within 1% (association.paper_ot): those
     use the exact 1-D optimum instead, so the numbers stay right, but a non-zero count says the
     solver settings (scoring.epsilon, scoring.sinkhorn_iterations) do not suit these errors."""
-    sc = config.scoring
+
     if sc.ot != "paper" or not (sc.use_assdis and sc.use_reference):
         return
     total = int(uncertified.sum())

@@ -19,7 +19,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import importlib.metadata as md
 import os
 import shutil
@@ -35,6 +34,7 @@ from maskad_jax.common import progress
 from maskad_jax.common.digests import sha256_file
 from maskad_jax.common.errors import ConfigError
 from maskad_jax.common.parallel import to_local
+from maskad_jax.common.specs import DataSpec, ExportSpec, PredictSpec, ScoringSpec
 from maskad_jax.data.tiling import tiles_on
 from maskad_jax.engine.scoring import device_pools, make_score_fn
 from maskad_jax.runtime import serve_export
@@ -56,15 +56,17 @@ GEOMETRY_RULES = {
 }
 
 
-def scorer_function(config, extractor, model, params, pools, flow=None):
+def scorer_function(
+    sc: ScoringSpec, d: DataSpec, pc: PredictSpec, xs: ExportSpec, extractor, model, params, pools, flow=None
+):
     """f(images uint8 (B, S, S, 3), keys int32 (B,)[, boxes int32 (B, 4) with data.geometry = pad]) ->
     dict: the eval program with everything baked in (the fit's ignore regions included)."""
-    pc = config.predict
+    pc = pc
     dev_pools = jax.tree_util.tree_map(jnp.asarray, to_local(device_pools(pools, flow)))
     params = jax.tree_util.tree_map(jnp.asarray, to_local(params))
     variables = extractor.variables
-    score = make_score_fn(config, extractor, model, flow)
-    thresholds = jnp.asarray(class_thresholds(config, pools), jnp.float32)
+    score = make_score_fn(sc, extractor, model, flow)
+    thresholds = jnp.asarray(class_thresholds(pc, sc, pools), jnp.float32)
     fixed = pools.pool_index([pc.class_name])[0] if pc.class_name else None
 
     def scorer(images, keys, *boxes):  # boxes (B, 4) int32 with data.geometry = pad only
@@ -86,24 +88,35 @@ def scorer_function(config, extractor, model, params, pools, flow=None):
     return scorer
 
 
-def export_stablehlo(config, scorer) -> bytes:
-    s = config.data.image_size
+def export_stablehlo(sc: ScoringSpec, d: DataSpec, pc: PredictSpec, xs: ExportSpec, scorer) -> bytes:
+    s = d.image_size
     (b,) = jax.export.symbolic_shape("b")
     args = (jax.ShapeDtypeStruct((b, s, s, 3), jnp.uint8), jax.ShapeDtypeStruct((b,), jnp.int32))
-    if config.data.geometry == "pad":
+    if d.geometry == "pad":
         args += (jax.ShapeDtypeStruct((b, 4), jnp.int32),)
-    exported = jax.export.export(jax.jit(scorer), platforms=tuple(config.export.platforms))(*args)
+    exported = jax.export.export(jax.jit(scorer), platforms=tuple(xs.platforms))(*args)
     return bytes(exported.serialize())
 
 
-def export(config, workdir: str, extractor, model, params, pools, flow=None) -> str:
+def export(
+    sc: ScoringSpec,
+    d: DataSpec,
+    pc: PredictSpec,
+    xs: ExportSpec,
+    workdir: str,
+    extractor,
+    model,
+    params,
+    pools,
+    flow=None,
+) -> str:
     """Write <workdir>/export/ (replacing an earlier export, which is this program's own output)."""
-    if config.scoring.mpo_normalisation != "calibration":
+    if sc.mpo_normalisation != "calibration":
         raise ConfigError(
             "export scores images one by one: scoring.mpo_normalisation must be 'calibration' "
-            f"(got {config.scoring.mpo_normalisation!r}, which needs a whole test set)"
+            f"(got {sc.mpo_normalisation!r}, which needs a whole test set)"
         )
-    onnx_skip = export_onnx.skip_reason(config)  # before any work: export.onnx = 'yes' may refuse
+    onnx_skip = export_onnx.skip_reason(xs)  # before any work: export.onnx = 'yes' may refuse
     t0 = time.time()
     out = os.path.join(workdir, "export")
     tmp = out + ".partial"
@@ -111,7 +124,7 @@ def export(config, workdir: str, extractor, model, params, pools, flow=None) -> 
         shutil.rmtree(tmp)
     os.makedirs(tmp)
     try:
-        _write_artifact(config, tmp, extractor, model, params, pools, flow, onnx_skip, t0)
+        _write_artifact(sc, d, pc, xs, tmp, extractor, model, params, pools, flow, onnx_skip, t0)
         swap_in(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -123,20 +136,33 @@ def export(config, workdir: str, extractor, model, params, pools, flow=None) -> 
     return out
 
 
-def _write_artifact(config, tmp, extractor, model, params, pools, flow, onnx_skip, t0):
+def _write_artifact(
+    sc: ScoringSpec,
+    d: DataSpec,
+    pc: PredictSpec,
+    xs: ExportSpec,
+    tmp,
+    extractor,
+    model,
+    params,
+    pools,
+    flow,
+    onnx_skip,
+    t0,
+):
     """The export's files in the folder tmp: scorer(s), serve.py, manifest.json and its digest."""
-    scorer = scorer_function(config, extractor, model, params, pools, flow)
+    scorer = scorer_function(sc, d, pc, xs, extractor, model, params, pools, flow)
     with open(os.path.join(tmp, "scorer.stablehlo"), "wb") as f:
-        f.write(export_stablehlo(config, scorer))
-    progress.log(
-        f"exported the scoring program as StableHLO for {', '.join(config.export.platforms)} in {time.time() - t0:.0f}s"
+        f.write(export_stablehlo(sc, d, pc, xs, scorer))
+    progress.log(f"exported the scoring program as StableHLO for {', '.join(xs.platforms)} in {time.time() - t0:.0f}s")
+    onnx_note = _write_onnx(
+        sc, d, pc, xs, lambda s: scorer_function(s, d, pc, xs, extractor, model, params, pools, flow), tmp, onnx_skip
     )
-    onnx_note = _write_onnx(config, lambda c: scorer_function(c, extractor, model, params, pools, flow), tmp, onnx_skip)
     here = os.path.dirname(serve_export.__file__)  # runtime/: the files that run without this package
     shutil.copyfile(os.path.join(here, "serve_export.py"), os.path.join(tmp, "serve.py"))
     for name in ("serve_http.py", "serve_page.html"):  # serve.py --http (docs/deploy.md)
         shutil.copyfile(os.path.join(here, name), os.path.join(tmp, name))
-    write_manifest(tmp, build_manifest(config, pools, tmp, onnx_note))
+    write_manifest(tmp, build_manifest(sc, d, pc, xs, pools, tmp, onnx_note))
 
 
 def swap_in(new: str, out: str) -> None:
@@ -160,42 +186,42 @@ def swap_in(new: str, out: str) -> None:
             progress.log(f"the previous export could not be deleted completely; what is left is in {old}")
 
 
-def _write_onnx(config, make_scorer, folder: str, why) -> dict:
+def _write_onnx(sc: ScoringSpec, d: DataSpec, pc: PredictSpec, xs: ExportSpec, make_scorer, folder: str, why) -> dict:
     """scorer.onnx unless `why` (export_onnx.skip_reason) says why not; the manifest's "onnx" entry.
 
-    make_scorer(config) -> scorer_function(config, ...): export_onnx builds it with its own config."""
+    make_scorer(scoring spec) -> scorer_function(...): export_onnx builds it with its own scoring (onnx_scoring)."""
     if why:
         progress.log(f"no ONNX export: {why}")
         return {"file": None, "why": why}
     t0 = time.time()
     with open(os.path.join(folder, "scorer.onnx"), "wb") as f:
-        f.write(export_onnx.export_onnx(config, make_scorer))
-    progress.log(f"exported the scoring program as ONNX (batch {config.export.onnx_batch}) in {time.time() - t0:.0f}s")
+        f.write(export_onnx.export_onnx(sc, d, xs, make_scorer))
+    progress.log(f"exported the scoring program as ONNX (batch {xs.onnx_batch}) in {time.time() - t0:.0f}s")
     return {
         "file": "scorer.onnx",
-        "batch": config.export.onnx_batch,
+        "batch": xs.onnx_batch,
         "opset": export_onnx.OPSET,
         "runtime": "onnxruntime (CPUExecutionProvider tested)",
     }
 
 
-def tiles_entry(config) -> dict | None:
+def tiles_entry(d: DataSpec) -> dict | None:
     """The manifest's tiling (data.tiles): each image cut into rows x cols tiles (serve.tile_boxes), each
     scored as an input, the maps stitched (their maximum), the score the tiles' maximum; or None."""
-    if not tiles_on(config):
+    if not tiles_on(d.tiles):
         return None
-    rows, cols = config.data.tiles
-    return {"rows": int(rows), "cols": int(cols), "overlap": float(config.data.tile_overlap)}
+    rows, cols = d.tiles
+    return {"rows": int(rows), "cols": int(cols), "overlap": float(d.tile_overlap)}
 
 
-def threshold_entries(config, pools) -> dict:
+def threshold_entries(sc: ScoringSpec, d: DataSpec, pc: PredictSpec, xs: ExportSpec, pools) -> dict:
     """The manifest's thresholds, map levels, normal medians (the normalised score), ignore regions
     and the record of --mode=update (files and digests, not the local paths they came from)."""
     names = pools.class_names
     return {
-        "thresholds": dict(zip(names, class_thresholds(config, pools))),
-        "threshold_rule": threshold_rule(config, pools),
-        "map_thresholds": {c: class_threshold(config, pools, c, of="map") for c in names},
+        "thresholds": dict(zip(names, class_thresholds(pc, sc, pools))),
+        "threshold_rule": threshold_rule(pc, pools),
+        "map_thresholds": {c: class_threshold(pc, sc, pools, c, of="map") for c in names},
         "normal_medians": dict(zip(names, normal_medians(pools))),
         "normalised_score": "(score - normal_medians[class]) / (threshold - normal_medians[class]); 1 = threshold",
         "ignore_regions": [c for k, c in enumerate(names) if pools.ignore is not None and pools.ignore[k].any()],
@@ -203,9 +229,11 @@ def threshold_entries(config, pools) -> dict:
     }
 
 
-def build_manifest(config, pools, folder: str, onnx_note=None) -> dict:
-    s, geometry = config.data.image_size, config.data.geometry
-    pc = config.predict
+def build_manifest(
+    sc: ScoringSpec, d: DataSpec, pc: PredictSpec, xs: ExportSpec, pools, folder: str, onnx_note=None
+) -> dict:
+    s, geometry = d.image_size, d.geometry
+    pc = pc
     versions = {"python": sys.version.split()[0]}
     for pkg in ("jax", "jaxlib", "flax", "numpy", "ott-jax", "maskad-jax", "jax2onnx", "onnx", "onnxruntime"):
         try:
@@ -231,7 +259,7 @@ def build_manifest(config, pools, folder: str, onnx_note=None) -> dict:
             "convert": "RGB (grey and palette images converted, alpha dropped)",
             "geometry": geometry,
             "how": GEOMETRY_RULES[geometry].format(s=s),
-            "tiles": tiles_entry(config),
+            "tiles": tiles_entry(d),
         },
         "outputs": {
             "map": ["batch", s, s, "float32, the anomaly map (higher = more anomalous)"],
@@ -246,16 +274,16 @@ def build_manifest(config, pools, folder: str, onnx_note=None) -> dict:
             if pc.class_name
             else "per image, the pool whose nearest tokens are closest on average"
         ),
-        **threshold_entries(config, pools),
-        "platforms": list(config.export.platforms),
+        **threshold_entries(sc, d, pc, xs, pools),
+        "platforms": list(xs.platforms),
         "scoring": {
-            "mpo": config.scoring.mpo,
-            "ot": config.scoring.ot,
-            "combine": config.scoring.combine,
-            "error_units": config.scoring.error_units,
+            "mpo": sc.mpo,
+            "ot": sc.ot,
+            "combine": sc.combine,
+            "error_units": sc.error_units,
         },
         "onnx": onnx_note,
-        "config_sha256": hashlib.sha256(config.to_json(sort_keys=True).encode()).hexdigest(),
+        "config_sha256": xs.config_sha256,
         "versions": versions,
         "files": files,
     }

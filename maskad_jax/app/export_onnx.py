@@ -13,7 +13,7 @@ Four things make that possible (each found by converting the smoke model; docs/d
    have the same number of dimensions").
 3. onnxruntime (1.32) has no Where kernel for bool tensors, which vmapped while loops produce:
    `legalize` rewrites each such Where as Cast to uint8, Where, Cast back (exact).
-4. The paper's OT (ott-jax's Sinkhorn) is solved patch after patch (`onnx_config`): vmapped, one of
+4. The paper's OT (ott-jax's Sinkhorn) is solved patch after patch (`onnx_scoring`): vmapped, one of
    its ops becomes a batched scatter jax2onnx cannot convert.
 
 The batch size is fixed at export (export.onnx_batch): with a symbolic batch, jax2onnx 0.17.1 fails on
@@ -23,12 +23,14 @@ it declares orbax-checkpoint < 0.11.37, which this project's pin excludes, and i
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 
 import jax
 import jax.numpy as jnp
 
 from maskad_jax.common.errors import ConfigError
+from maskad_jax.common.specs import DataSpec, ExportSpec, ScoringSpec
 
 INSTALL = (
     "pip install --no-deps jax2onnx==0.17.1 && pip install 'maskad-jax[onnx]' "
@@ -42,9 +44,9 @@ def available() -> bool:
     return all(importlib.util.find_spec(m) is not None for m in ("jax2onnx", "onnx"))
 
 
-def skip_reason(config) -> str | None:
+def skip_reason(xs: ExportSpec) -> str | None:
     """None when scorer.onnx is to be written; else why not (export.onnx = 'yes' raises instead)."""
-    choice = config.export.onnx
+    choice = xs.onnx
     if choice == "no":
         return "export.onnx = 'no'"
     if available():
@@ -55,17 +57,15 @@ def skip_reason(config) -> str | None:
     return why
 
 
-def onnx_config(config):
-    """The config the ONNX scorer is built with: the paper OT solved patch after patch (lax.map).
+def onnx_scoring(sc: ScoringSpec) -> ScoringSpec:
+    """The scoring the ONNX scorer is built with: the paper OT solved patch after patch (lax.map).
 
     Vmapped, ott-jax's Sinkhorn records each iteration's error with
     errors.at[iteration // inner_iterations, :].set(err) (Sinkhorn.one_iteration) as a batched
     scatter, which jax2onnx 0.17.1 rejects ('scatter pattern not supported in plugins'); one problem
     at a time it is a plain scatter, which converts. Same values to float rounding (the calibrated
     thresholds stay valid: ot_sequential is not part of the calibration's scoring signature)."""
-    config = config.copy_and_resolve_references()
-    config.scoring.ot_sequential = True
-    return config
+    return dataclasses.replace(sc, ot_sequential=True)
 
 
 def legalize(model):
@@ -139,13 +139,13 @@ def convert(fn, args, input_names, output_names) -> bytes:
     return model.SerializeToString()
 
 
-def export_onnx(config, make_scorer) -> bytes:
-    """scorer.onnx: make_scorer(onnx_config(config)) for batches of export.onnx_batch images, serialised."""
-    scorer = make_scorer(onnx_config(config))
-    s, b = config.data.image_size, config.export.onnx_batch
+def export_onnx(sc: ScoringSpec, d: DataSpec, xs: ExportSpec, make_scorer) -> bytes:
+    """scorer.onnx: make_scorer(onnx_scoring(sc)) for batches of export.onnx_batch images, serialised."""
+    scorer = make_scorer(onnx_scoring(sc))
+    s, b = d.image_size, xs.onnx_batch
     args = (jax.ShapeDtypeStruct((b, s, s, 3), jnp.uint8), jax.ShapeDtypeStruct((b,), jnp.int32))
     names = ["images", "keys"]
-    if config.data.geometry == "pad":  # the images' content boxes: pad's padding is left out of the score
+    if d.geometry == "pad":  # the images' content boxes: pad's padding is left out of the score
         args, names = args + (jax.ShapeDtypeStruct((b, 4), jnp.int32),), names + ["boxes"]
 
     def outputs(*inputs):

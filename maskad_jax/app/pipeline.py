@@ -29,9 +29,10 @@ from maskad_jax.app.report import write_report
 from maskad_jax.app.samples import export_samples
 from maskad_jax.app.update import add_images, aspect_ranges
 from maskad_jax.app.validation import validation_thresholds
-from maskad_jax.common import progress
+from maskad_jax.common import progress, specs
 from maskad_jax.common.errors import ConfigError, DataError, MissingInputError
 from maskad_jax.common.parallel import barrier, is_writer, place_for_scoring, to_local
+from maskad_jax.common.specs import DataSpec, ServeSpec, Specs
 from maskad_jax.data.geometry import place
 from maskad_jax.data.ignore_masks import load_ignore_masks
 from maskad_jax.data.splits import SplitData
@@ -65,51 +66,53 @@ from tfds_builders import prepare
 MODES = config_check.MODES
 
 
-def load_data(config):
+def load_data(d: DataSpec):
     """(builder, training split, test split or None when the dataset has no test images) of data.name,
     prepared once into data.tfds_dir."""
-    d = config.data
     builder = prepare(d.name, d.tfds_dir, manual_dir=d.manual_dir or None, config=d.config or None)
     classes = list(d.classes) or None
     train = SplitData.load(builder, "train", classes)
     test = SplitData.load(builder, "test", classes, required=False)
-    if tiles_on(config):  # every image as rows x cols tiles (tiling.py)
+    if tiles_on(d.tiles):  # every image as rows x cols tiles (tiling.py)
         rows, cols = d.tiles
         return builder, tiled(train, rows, cols, d.tile_overlap), tiled(test, rows, cols, d.tile_overlap)
     return builder, train, test
 
 
 def train_and_evaluate(config, workdir: str, mode: str = "train_and_eval") -> dict:
-    config_check.validate(config, mode)  # every field, before any work or file
+    """The job of one mode. The config is checked (every field, before any work or file) and resolved
+    once into typed specs (common/specs.py); everything below takes those specs, one at a time."""
+    config_check.validate(config, mode)
+    s = specs.resolve(config)
     workdir = os.path.abspath(os.path.expanduser(workdir))
     if mode in ("predict", "export", "update") and jax.process_count() > 1:
         raise ConfigError(
             f"--mode={mode} runs in one process (it writes files of its own); start it without jax.distributed"
         )
     if mode == "serve":  # reads the export only: no lock, so predict and export stay possible meanwhile
-        return {"serve": serve_workdir(config, workdir)}
+        return {"serve": serve_workdir(s.serve, workdir)}
     if mode in ("eval", "predict", "export", "update"):
         workdir_lib.require_trained(workdir)  # refused before anything is written
     with workdir_lib.locked(workdir, mode):
         t_start = time.time()
         if mode in ("predict", "export"):
-            result = _predict_or_export(config, workdir, mode)
+            result = _predict_or_export(s, workdir, mode)
         elif mode == "update":
-            result = _update(config, workdir)
+            result = _update(s, workdir)
         else:
-            result = _train_and_eval(config, workdir, mode)
+            result = _train_and_eval(s, workdir, mode)
         result["total_seconds"] = time.time() - t_start
         if "per_class" in result and is_writer():
-            write_report(os.path.join(workdir, "report.html"), config, result, workdir)
+            run = dict(data=s.data, model=s.model, train=s.train, scoring=s.scoring, protocol=s.eval.protocol)
+            write_report(os.path.join(workdir, "report.html"), dict(run, config_json=s.config_json), result, workdir)
     return result
 
 
-def serve_workdir(config, workdir) -> int:
+def serve_workdir(sv: ServeSpec, workdir) -> int:
     """--mode=serve: export/serve.py --http over <workdir>/export with the serve.* settings."""
     folder = os.path.join(workdir, "export")
     if not os.path.isfile(os.path.join(folder, "manifest.json")):
         raise MissingInputError(f"no export in {folder}: run --mode=export first (the service serves the export)")
-    sv = config.serve
     argv = ["--export", folder, "--http", str(sv.port), "--host", sv.host, "--runtime", sv.runtime]
     argv += ["--max-batch", str(sv.max_batch), "--max-wait-ms", str(sv.max_wait_ms)]
     argv += ["--max-bytes", str(sv.max_bytes), "--max-images", str(sv.max_images)]
@@ -120,50 +123,56 @@ def serve_workdir(config, workdir) -> int:
     return status
 
 
-def _write_config(config, workdir, mode):
+def _write_config(s: Specs, workdir, mode):
     """config.json (config.eval.json, config.predict.json), once the data and the models are in hand,
     so a run refused for its input leaves no file behind."""
     if is_writer():
         name = "config.json" if mode.startswith("train") else f"config.{mode}.json"
         with open(os.path.join(workdir, name), "w") as f:
-            f.write(config.to_json_best_effort(indent=2))
+            f.write(s.config_json)
 
 
-def _models(config):
-    extractor = feature_cache.make_extractor(config)
-    gh, gw, channels = extractor.feature_shape(config.data.image_size)
-    return extractor, build_reconstructor(config, channels, (gh, gw)), channels, (gh, gw)
+def _models(s: Specs):
+    extractor = feature_cache.make_extractor(s.model, s.train.seed)
+    gh, gw, channels = extractor.feature_shape(s.data.image_size)
+    return extractor, build_reconstructor(s.model, channels, (gh, gw)), channels, (gh, gw)
 
 
-def _predict_or_export(config, workdir, mode) -> dict:
-    extractor, model, channels, grid = _models(config)
-    params, step = restore_params(workdir, config, channels, grid)
+def _predict_or_export(s: Specs, workdir, mode) -> dict:
+    extractor, model, channels, grid = _models(s)
+    params, step = restore_params(workdir, s.train, s.model, s.data.image_size, channels, grid)
     progress.log(f"restored the reconstructor at step {step} from {workdir}")
-    _write_config(config, workdir, mode)
+    _write_config(s, workdir, mode)
     pools = Pools.load(os.path.join(workdir, "fit"))
-    flow = restore_flow_state(config, workdir, channels, grid, pools)
-    _require_fine_pools(config, pools)
-    pools.require_geometry(config)
-    if needs_term_stats(config.scoring) and not pools.calibrated_for(config, terms_only=True):
-        what = scoring_difference(pools.cal_scoring or {}, scoring_signature(config))
+    flow = restore_flow_state(s, workdir, channels, grid, pools)
+    _require_fine_pools(s, pools)
+    pools.require_geometry(s.data)
+    if needs_term_stats(s.scoring) and not pools.calibrated_for(s.scoring, terms_only=True):
+        what = scoring_difference(pools.cal_scoring or {}, scoring_signature(s.scoring))
         raise ConfigError(
             f"--mode={mode} standardises the scores' terms by held-out statistics computed under the scoring the "
             f"model was trained with (scoring.mpo_fusion = sum), and this run's differs ({what}): score with the "
             f"training config's scoring"
         )
     if mode == "export":
-        return {"export": export(config, workdir, extractor, model, params, pools, flow)}
-    return {"predictions": predict(config, workdir, extractor, model, params, pools, log=progress.log, flow=flow)}
+        return {
+            "export": export(s.scoring, s.data, s.predict, s.export, workdir, extractor, model, params, pools, flow)
+        }
+    return {
+        "predictions": predict(
+            s.scoring, s.data, s.predict, workdir, extractor, model, params, pools, log=progress.log, flow=flow
+        )
+    }
 
 
-def _train_and_eval(config, workdir, mode) -> dict:
-    _, train_data, test_data = load_data(config)
+def _train_and_eval(s: Specs, workdir, mode) -> dict:
+    _, train_data, test_data = load_data(s.data)
     progress.log(
-        f"dataset {config.data.name}: {len(train_data)} train, {len(test_data) if test_data else 'no'} test "
-        f"{'tiles' if tiles_on(config) else 'images'}, classes {train_data.present_classes()}"
+        f"dataset {s.data.name}: {len(train_data)} train, {len(test_data) if test_data else 'no'} test "
+        f"{'tiles' if tiles_on(s.data.tiles) else 'images'}, classes {train_data.present_classes()}"
     )
     note = crop_note(
-        place(int(w), int(h), config.data.image_size, config.data.geometry).seen_fraction
+        place(int(w), int(h), s.data.image_size, s.data.geometry).seen_fraction
         for w, h in (train_data.sizes if train_data.sizes is not None else [])
         if w and h
     )
@@ -171,11 +180,11 @@ def _train_and_eval(config, workdir, mode) -> dict:
         progress.log(note.replace("the rest is NaN in the maps", "the rest is never inspected"))
     if test_data is None and mode == "eval":
         raise DataError("--mode=eval: the dataset has no test images to evaluate (add <class>/test/... folders)")
-    extractor, model, channels, grid = _models(config)
-    _write_config(config, workdir, mode)
+    extractor, model, channels, grid = _models(s)
+    _write_config(s, workdir, mode)
     result = {}
     if mode in ("train", "train_and_eval"):
-        params, result["train_seconds"] = _train_stage(config, workdir, extractor, model, train_data, test_data)
+        params, result["train_seconds"] = _train_stage(s, workdir, extractor, model, train_data, test_data)
     if test_data is None and mode == "train_and_eval":
         progress.log(
             "no test images: trained, fitted and calibrated (--mode=predict is ready, with thresholds from held-out "
@@ -184,16 +193,30 @@ def _train_and_eval(config, workdir, mode) -> dict:
         return result
     if mode in ("eval", "train_and_eval"):
         if mode == "eval":
-            params, step = restore_params(workdir, config, channels, grid)
+            params, step = restore_params(workdir, s.train, s.model, s.data.image_size, channels, grid)
             progress.log(f"restored the reconstructor at step {step} from {workdir}")
         pools = Pools.load(os.path.join(workdir, "fit"))
-        flow = restore_flow_state(config, workdir, channels, grid, pools)
-        _require_fine_pools(config, pools)
-        pools.require_geometry(config)
-        if needs_term_stats(config.scoring) and not pools.calibrated_for(config):
-            pools = _recalibrate(config, extractor, model, params, pools, flow, train_data)
-        result.update(evaluate(config, workdir, extractor, model, params, pools, test_data, flow))
-        if config.data.name == "synthetic" and is_writer():  # images to try --mode=predict on
+        flow = restore_flow_state(s, workdir, channels, grid, pools)
+        _require_fine_pools(s, pools)
+        pools.require_geometry(s.data)
+        if needs_term_stats(s.scoring) and not pools.calibrated_for(s.scoring):
+            pools = _recalibrate(s, extractor, model, params, pools, flow, train_data)
+        result.update(
+            evaluate(
+                s.scoring,
+                s.data,
+                s.eval,
+                s.predict.threshold_quantile,
+                workdir,
+                extractor,
+                model,
+                params,
+                pools,
+                test_data,
+                flow,
+            )
+        )
+        if s.data.name == "synthetic" and is_writer():  # images to try --mode=predict on
             out = os.path.join(workdir, "samples")
             progress.log(
                 f"wrote {len(export_samples(test_data, out))} test images to try --mode=predict on: "
@@ -202,86 +225,89 @@ def _train_and_eval(config, workdir, mode) -> dict:
     return result
 
 
-def _train_stage(config, workdir, extractor, model, train_data, test_data):
+def _train_stage(s: Specs, workdir, extractor, model, train_data, test_data):
     """Features, pools, the reconstructor (and flow), calibration; the fit saved. (params, seconds)."""
     h_in, h_tgt, keys, fine, boxes = feature_cache.extract_features(
         extractor,
         train_data,
-        config,
-        with_target=config.train.target == "unnormalized",
-        fine=feature_cache.fine_strides(config),
+        s.data,
+        with_target=s.train.regress_raw,
+        fine=feature_cache.fine_strides(s.scoring),
     )
     class_names = [train_data.class_names[i] for i in train_data.class_ids]
     t0 = time.time()  # the pools depend on the features only: fitted first, so the learning curves can use them
-    pools = fit_pools(h_in, h_tgt, class_names, config.fit, config.seed, fine=fine, image_of=train_data.image_of)
+    pools = fit_pools(h_in, h_tgt, class_names, s.fit, s.fit.seed, fine=fine, image_of=train_data.image_of)
     pools.geometry = {
-        "geometry": config.data.geometry,
-        "image_size": int(config.data.image_size),
+        "geometry": s.data.geometry,
+        "image_size": int(s.data.image_size),
         # of the whole images (not their tiles): --mode=update refuses, and predict notes, another shape
         "aspect": aspect_ranges(train_data if train_data.image_of is None else untiled(train_data)),
     }
-    pools.ignore = load_ignore_masks(
-        config.data.ignore_masks, pools.class_names, config.data.image_size, config.data.geometry
-    )
+    pools.ignore = load_ignore_masks(s.data.ignore_masks, pools.class_names, s.data.image_size, s.data.geometry)
     progress.log(
         f"fitted {len(pools.class_names)} pool(s) of up to {pools.pool_in.shape[1]} tokens"
         + ("" if fine is None else f" (fine grid {fine.shape[1]}x{fine.shape[2]}: up to {pools.fine_in.shape[1]})")
         + f" in {time.time() - t0:.0f}s"
     )
     periodic = None
-    if config.train.eval_every > 0 and test_data is None:
+    if s.train.eval_every > 0 and test_data is None:
         progress.log("train.eval_every: no test images, so no learning curves")
-    elif config.train.eval_every > 0:
+    elif s.train.eval_every > 0:
         periodic = make_learning_curves(
-            config,
+            s.train,
+            s.scoring,
+            s.data,
             model,
             pools,
-            build_eval_set(config, extractor, test_data, config.train.eval_images),
-            lambda tree: place_for_scoring(config, tree),
+            build_eval_set(s.scoring, s.data, extractor, test_data, s.train.eval_images),
+            lambda tree: place_for_scoring(s.scoring.devices, tree),
             heldout=(h_in, h_tgt, keys, fine, boxes),
         )
     t0 = time.time()
-    res = train(config, h_in, h_tgt, workdir, log=progress.log, periodic=periodic)
+    res = train(s.train, s.model, s.data.image_size, h_in, h_tgt, workdir, log=progress.log, periodic=periodic)
     seconds = time.time() - t0
     progress.log(
         f"reconstructor: {count_params(res.params):,} parameters; trained to step {res.steps} in {seconds:.0f}s"
     )
     flow, f_train = None, None
-    if config.scoring.mpo == "flow":
-        flow, f_train = _train_flow_stage(config, workdir, h_in, pools, class_names, train_data)
-    cal = calibrate(config, model, res.params, pools, h_in, h_tgt, keys, flow, f_train, fine, boxes)
-    _set_calibration(pools, config, image_level(cal, pools.calibration, train_data.image_of))
-    pools.val_thresholds = validation_thresholds(config, extractor, model, res.params, pools, flow)
+    if s.scoring.mpo == "flow":
+        flow, f_train = _train_flow_stage(s, workdir, h_in, pools, class_names, train_data)
+    cal = calibrate(s.scoring, s.data, model, res.params, pools, h_in, h_tgt, keys, flow, f_train, fine, boxes)
+    _set_calibration(pools, s, image_level(cal, pools.calibration, train_data.image_of))
+    pools.val_thresholds = validation_thresholds(
+        s.scoring, s.data, s.predict, extractor, model, res.params, pools, flow
+    )
     if is_writer():
         pools.save(os.path.join(workdir, "fit"))
     barrier("fit saved")
     return res.params, seconds
 
 
-def _train_flow_stage(config, workdir, h_in, pools, class_names, train_data):
+def _train_flow_stage(s: Specs, workdir, h_in, pools, class_names, train_data):
     """Train (or resume) the flow M_po, calibrate L_ref on held-out images, save it.
 
     Returns (FlowState, the flow features of the training images or None when they are h_in)."""
-    fc = config.flow
+    fc = s.flow
     t0 = time.time()
     embedder, feats, fpools = None, h_in, pools
     if fc.features == "backbone":
-        embedder = feature_cache.make_flow_embedder(config)
+        embedder = feature_cache.make_flow_embedder(s.flow, s.model)
         feats, _, _, _, _ = feature_cache.extract_features(
-            embedder, train_data, config, with_target=False, desc="flow features"
+            embedder, train_data, s.data, with_target=False, desc="flow features"
         )
-        fit_cfg = config.fit.copy_and_resolve_references()
-        fit_cfg.pool_ratio = fc.pool_ratio
-        fpools = fit_pools(feats, None, class_names, fit_cfg, config.seed)
+        fit_cfg = dataclasses.replace(s.fit, pool_ratio=fc.pool_ratio)
+        fpools = fit_pools(feats, None, class_names, fit_cfg, s.fit.seed)
         if is_writer():
             fpools.save(os.path.join(workdir, "fit", "flow_pool"))
         progress.log(
             f"flow backbone {fc.backbone.arch}: features {feats.shape[1:]}, pool of up to "
             f"{fpools.pool_in.shape[1]} tokens"
         )
-    res = train_flow(config, feats, fpools, fpools.pool_index(class_names), workdir, log=progress.log)
+    res = train_flow(
+        s.flow, feats, fpools, fpools.pool_index(class_names), workdir, log=progress.log, devices=s.train.devices
+    )
     flow_params = to_local(res.params)
-    ref = calibrate_flow(config, flow_params, feats, fpools)
+    ref = calibrate_flow(s.flow, flow_params, feats, fpools)
     if is_writer():
         save_flow_reference(os.path.join(workdir, "fit"), ref, fpools.class_names)
     progress.log(
@@ -289,25 +315,25 @@ def _train_flow_stage(config, workdir, h_in, pools, class_names, train_data):
         + ", ".join(f"{c} {r:.3f}" for c, r in zip(fpools.class_names, ref))
     )
     state = FlowState(
-        build_flow(config, feats.shape[-1]), flow_params, ref, embedder, fpools if embedder is not None else None
+        build_flow(s.flow, feats.shape[-1]), flow_params, ref, embedder, fpools if embedder is not None else None
     )
     return state, (feats if embedder is not None else None)
 
 
-def _set_calibration(pools, config, cal: dict):
+def _set_calibration(pools, s: Specs, cal: dict):
     pools.cal_scores, pools.cal_map_max, pools.term_stats = cal["cal_scores"], cal["cal_map_max"], cal["term_stats"]
-    pools.cal_scoring = scoring_signature(config)
+    pools.cal_scoring = scoring_signature(s.scoring)
 
 
-def _require_fine_pools(config, pools):
-    if fine_on(config.scoring) and pools.fine_in is None:
+def _require_fine_pools(s: Specs, pools):
+    if fine_on(s.scoring) and pools.fine_in is None:
         raise MissingInputError(
             "scoring.knn_fine needs the fine pools, and this workdir's fit has none (fitted by an older version "
             "or without knn_fine): rerun --mode=train on it (the trained reconstructor is kept; the fit is redone)"
         )
 
 
-def _recalibrate(config, extractor, model, params, pools, flow, train_data, rescale: int | None = None):
+def _recalibrate(s: Specs, extractor, model, params, pools, flow, train_data, rescale: int | None = None):
     """The fit's calibration for this run's scoring, when it differs from the training run's (an
     ablation row): the held-out training images scored again. In memory only: the saved fit and its
     thresholds stay those of the training scoring. rescale: a pool that changed (--mode=update), whose
@@ -323,11 +349,11 @@ def _recalibrate(config, extractor, model, params, pools, flow, train_data, resc
     h_in, h_tgt, keys, fine, boxes = feature_cache.extract_at(
         extractor,
         train_data,
-        config,
-        config.train.target == "unnormalized",
+        s.data,
+        s.train.regress_raw,
         positions,
         "held-out features",
-        fine=feature_cache.fine_strides(config),
+        fine=feature_cache.fine_strides(s.scoring),
     )
     bounds = np.cumsum([0] + [len(pools.calibration.get(c, [])) for c in pools.class_names])
     rows = {c: np.arange(bounds[k], bounds[k + 1]) for k, c in enumerate(pools.class_names)}
@@ -335,8 +361,8 @@ def _recalibrate(config, extractor, model, params, pools, flow, train_data, resc
     if rescale is not None:
         _rescale(pools, rescale, h_in[rows[pools.class_names[rescale]]], fine, rows[pools.class_names[rescale]])
     local = dataclasses.replace(pools, calibration=rows)  # positions into the extracted rows
-    cal = calibrate(config, model, to_local(params), local, h_in, h_tgt, keys, flow, None, fine, boxes)
-    _set_calibration(pools, config, image_level(cal, pools.calibration, train_data.image_of))
+    cal = calibrate(s.scoring, s.data, model, to_local(params), local, h_in, h_tgt, keys, flow, None, fine, boxes)
+    _set_calibration(pools, s, image_level(cal, pools.calibration, train_data.image_of))
     return pools
 
 
@@ -351,49 +377,47 @@ def _rescale(pools, k, held_in, fine, rows):
         pools.fine_cal_scale[k] = mean_nearest(fine[rows], pools.fine_in[k][pools.fine_valid[k]])
 
 
-def _update(config, workdir) -> dict:
+def _update(s: Specs, workdir) -> dict:
     """--mode=update (update.py): new good images join a class's pools; calibration and thresholds
     are recomputed on the held-out training images; the reconstructor is not touched."""
-    _, train_data, _ = load_data(config)
-    extractor, model, channels, grid = _models(config)
-    params, step = restore_params(workdir, config, channels, grid)
+    _, train_data, _ = load_data(s.data)
+    extractor, model, channels, grid = _models(s)
+    params, step = restore_params(workdir, s.train, s.model, s.data.image_size, channels, grid)
     fit_dir = os.path.join(workdir, "fit")
     pools = Pools.load(fit_dir)
-    _require_fine_pools(config, pools)
-    record = add_images(config, extractor, pools)
-    if config.data.ignore_masks:
-        pools.ignore = load_ignore_masks(
-            config.data.ignore_masks, pools.class_names, config.data.image_size, config.data.geometry
-        )
-    pools = _recalibrate(config, extractor, model, params, pools, None, train_data, rescale=record["pool_index"])
-    if pools.val_thresholds and not config.data.validation:
+    _require_fine_pools(s, pools)
+    record = add_images(s.scoring, s.data, s.fit, s.new_images, extractor, pools)
+    if s.data.ignore_masks:
+        pools.ignore = load_ignore_masks(s.data.ignore_masks, pools.class_names, s.data.image_size, s.data.geometry)
+    pools = _recalibrate(s, extractor, model, params, pools, None, train_data, rescale=record["pool_index"])
+    if pools.val_thresholds and not s.data.validation:
         progress.log(
             "update: the F1 thresholds were for the old pools and are dropped: give data.validation to redo them"
         )
-    pools.val_thresholds = validation_thresholds(config, extractor, model, params, pools)
+    pools.val_thresholds = validation_thresholds(s.scoring, s.data, s.predict, extractor, model, params, pools)
     pools.added = list(pools.added) + [{k: v for k, v in record.items() if k != "pool_index"}]
-    _write_config(config, workdir, "update")
+    _write_config(s, workdir, "update")
     if is_writer():
         save_replacing(pools, fit_dir)
     cls = record["class"]
     progress.log(
-        f"update: class {cls} recalibrated (threshold {class_threshold(config, pools, cls):.4g}, "
-        f"{threshold_rule(config, pools)}); the reconstructor (step {step}) is unchanged; "
+        f"update: class {cls} recalibrated (threshold {class_threshold(s.predict, s.scoring, pools, cls):.4g}, "
+        f"{threshold_rule(s.predict, pools)}); the reconstructor (step {step}) is unchanged; "
         f"recorded in {fit_dir}/pools.json"
     )
     return {"update": {k: v for k, v in record.items() if k != "pool_index"}}
 
 
-def restore_flow_state(config, workdir, channels, grid, pools):
+def restore_flow_state(s: Specs, workdir, channels, grid, pools):
     """The trained flow (flow.FlowState) for scoring.mpo = 'flow', else None."""
-    if config.scoring.mpo != "flow":
+    if s.scoring.mpo != "flow":
         return None
     embedder, fpools = None, None
-    if config.flow.features == "backbone":
-        embedder = feature_cache.make_flow_embedder(config)
+    if s.flow.features == "backbone":
+        embedder = feature_cache.make_flow_embedder(s.flow, s.model)
         fpools = Pools.load(os.path.join(workdir, "fit", "flow_pool"))
-        channels, grid = embedder.channels, embedder.feature_shape(config.data.image_size)[:2]
-    flow, params, step = restore_flow(workdir, config, channels, grid)
+        channels, grid = embedder.channels, embedder.feature_shape(s.data.image_size)[:2]
+    flow, params, step = restore_flow(workdir, s.flow, channels, grid)
     progress.log(f"restored the flow at step {step} from {workdir}")
     return FlowState(
         flow, to_local(params), load_flow_reference(os.path.join(workdir, "fit"), pools.class_names), embedder, fpools

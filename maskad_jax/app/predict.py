@@ -34,6 +34,7 @@ from maskad_jax.app.overlay import overlay, unique_names
 from maskad_jax.common import progress
 from maskad_jax.common.errors import ConfigError, DataError, MissingInputError, NonFiniteError
 from maskad_jax.common.parallel import place_for_scoring, scoring_sharding
+from maskad_jax.common.specs import DataSpec, PredictSpec, ScoringSpec
 from maskad_jax.data.geometry import place, to_original
 from maskad_jax.data.preprocess import ImageDecodeError, open_image, preprocess_image, to_rgb
 from maskad_jax.data.splits import image_key
@@ -83,21 +84,23 @@ def assign_pools(h, pools_dev):
     return jnp.argmin(dist, axis=1).astype(jnp.int32)
 
 
-def predict(config, workdir: str, extractor, model, params, pools, log=print, flow=None) -> list[dict]:
+def predict(
+    sc: ScoringSpec, d: DataSpec, pc: PredictSpec, workdir: str, extractor, model, params, pools, log=print, flow=None
+) -> list[dict]:
     """Score the images of predict.input; results in a new folder of <workdir>/predictions (output_folder).
 
     flow: the trained flow (flow.FlowState) when scoring.mpo = 'flow' (pipeline.restore_flow_state)."""
-    pc = config.predict
-    if config.scoring.mpo_normalisation != "calibration":
+    pc = pc
+    if sc.mpo_normalisation != "calibration":
         raise ConfigError(
             "predict scores images one by one: scoring.mpo_normalisation must be 'calibration' "
-            f"(got {config.scoring.mpo_normalisation!r}, which needs a whole test set)"
+            f"(got {sc.mpo_normalisation!r}, which needs a whole test set)"
         )
-    class_thresholds(config, pools)  # refuses here, before any work, thresholds calibrated under another scoring
+    class_thresholds(pc, sc, pools)  # refuses here, before any work, thresholds calibrated under another scoring
     root, rels, unreadable = collect_inputs(pc.input, log)
     final, out_dir = output_folder(workdir)
     try:
-        rows = _predict_into(config, out_dir, root, rels, extractor, model, params, pools, flow, log)
+        rows = _predict_into(sc, d, pc, out_dir, root, rels, extractor, model, params, pools, flow, log)
         scored = sum(1 for r in rows if r.get("score") is not None)
         skipped = len(rows) - scored
         if not scored:
@@ -116,7 +119,7 @@ def predict(config, workdir: str, extractor, model, params, pools, log=print, fl
     if note:
         log(note)
     log(
-        f"predicted {scored} images from {root}: {flagged} anomalous ({threshold_rule(config, pools)}); "
+        f"predicted {scored} images from {root}: {flagged} anomalous ({threshold_rule(pc, pools)}); "
         f"{skipped} skipped"
         + (f", {len(unreadable)} folder(s) unreadable" if unreadable else "")
         + f"; results in {final}"
@@ -124,14 +127,18 @@ def predict(config, workdir: str, extractor, model, params, pools, log=print, fl
     return rows
 
 
-def _predict_into(config, out_dir, root, rels, extractor, model, params, pools, flow, log) -> list[dict]:
+def _predict_into(
+    sc: ScoringSpec, d: DataSpec, pc: PredictSpec, out_dir, root, rels, extractor, model, params, pools, flow, log
+) -> list[dict]:
     """Score the images in batches (their tiles, with data.tiles), writing maps and overlays into
     out_dir; a row per image."""
-    pc = config.predict
+    pc = pc
     fixed = int(pools.pool_index([pc.class_name])[0]) if pc.class_name else None
     names = dict(zip(rels, unique_names(rels, "")))  # flat, unique file names for the outputs
     rows, pending = [], {}
-    for chunk, pidx, out in scored_batches(config, root, rels, extractor, model, params, pools, flow, rows, log, fixed):
+    for chunk, pidx, out in scored_batches(
+        sc, d, pc, root, rels, extractor, model, params, pools, flow, rows, log, fixed
+    ):
         maps, scores = np.asarray(out["map"]), np.asarray(out["score"])
         for i, (rel, _) in enumerate(chunk["entries"]):
             got = pending.setdefault(rel, {"maps": [], "scores": [], "pidx": [], "placed": [], "crops": []})
@@ -141,7 +148,7 @@ def _predict_into(config, out_dir, root, rels, extractor, model, params, pools, 
             got["placed"].append(chunk["placed"][i])
             got["crops"].append(chunk["crops"][i])
             if len(got["maps"]) == chunk["tiles_per_image"]:
-                row = _write_image(config, pools, out_dir, rel, names[rel], pending.pop(rel))
+                row = _write_image(sc, d, pc, pools, out_dir, rel, names[rel], pending.pop(rel))
                 note = "; ".join(filter(None, [chunk["notes"].get(rel), shape_note(pools, row["class"], got["img"])]))
                 if note:
                     row["note"] = note
@@ -161,27 +168,42 @@ def shape_note(pools, cls, img) -> str:
     )
 
 
-def scored_batches(config, root, rels, extractor, model, params, pools, flow, rows, log, pool_of=None, desc="predict"):
+def scored_batches(
+    sc: ScoringSpec,
+    d: DataSpec,
+    pc: PredictSpec,
+    root,
+    rels,
+    extractor,
+    model,
+    params,
+    pools,
+    flow,
+    rows,
+    log,
+    pool_of=None,
+    desc="predict",
+):
     """Score the images at root/rels in batches (with data.tiles, each image's tiles, in order): yields
     (_load_chunk's {"entries": (path, tile or -1), "placed", "crops", "originals", "notes"} of what
     was read, and "tiles_per_image"; their pool indices; the score program's outputs). An image that
     cannot be read gets a row in `rows` with its error. pool_of: one pool index for all, an array of
     one per path, or None (the nearest pool, tile by tile)."""
-    params, dev_pools = place_for_scoring(config, (params, device_pools(pools, flow)))
-    score = make_score_fn(config, extractor, model, flow)
+    params, dev_pools = place_for_scoring(sc.devices, (params, device_pools(pools, flow)))
+    score = make_score_fn(sc, extractor, model, flow)
     assign = jax.jit(lambda v, x: assign_pools(extractor.apply(v, x), dev_pools))
     wanted = None if pool_of is None else dict(zip(rels, np.broadcast_to(np.asarray(pool_of, np.int32), len(rels))))
     # one compiled shape: the configured batch, but never padded far beyond the images there are (one
     # image with eval_batch_size 1024 would otherwise score 1024): at most the next multiple of 8, and
     # a whole number per device
-    shard = scoring_sharding(config)
+    shard = scoring_sharding(sc.devices, d.eval_batch_size)
     per = len(shard.device_set)
-    t = int(np.prod(config.data.tiles)) if tiles_on(config) else 1
+    t = int(np.prod(d.tiles)) if tiles_on(d.tiles) else 1
     entries = [(r, k) for r in rels for k in (range(t) if t > 1 else [-1])]  # an image, or its tiles
-    bs = -(-min(config.data.eval_batch_size, -(-len(entries) // 8) * 8) // per) * per
+    bs = -(-min(d.eval_batch_size, -(-len(entries) // 8) * 8) // per) * per
     with progress.bar(len(entries), desc) as pbar:
         for start in range(0, len(entries), bs):
-            loaded = _load_chunk(entries[start : start + bs], root, config, rows, log)
+            loaded = _load_chunk(entries[start : start + bs], root, d, rows, log)
             images, ok = loaded["images"], loaded["entries"]
             if images:
                 batch = np.stack(images + [images[-1]] * (bs - len(images)))  # a fixed shape: one compiled program
@@ -197,16 +219,16 @@ def scored_batches(config, root, rels, extractor, model, params, pools, flow, ro
                     x,
                     jax.device_put(pidx, shard),
                     jax.device_put(np.asarray([image_key(im) for im in batch]), shard),
-                    *boxes_for(config, loaded["placed"], bs, shard),
+                    *boxes_for(sc, d, pc, loaded["placed"], bs, shard),
                 )
                 yield dict(loaded, tiles_per_image=t), pidx, out
             pbar.update(len(entries[start : start + bs]))
 
 
-def boxes_for(config, placed, bs, shard) -> tuple:
+def boxes_for(sc: ScoringSpec, d: DataSpec, pc: PredictSpec, placed, bs, shard) -> tuple:
     """(the content boxes, padded to the batch,) for data.geometry = pad, else (): the score leaves
     pad's padding out (the other geometries fill the frame, and keep the program without boxes)."""
-    if config.data.geometry != "pad":
+    if d.geometry != "pad":
         return ()
     boxes = np.asarray([p.box for p in placed] + [placed[-1].box] * (bs - len(placed)), np.int32)
     return (jax.device_put(boxes, shard),)
@@ -255,11 +277,11 @@ def point_latest(workdir: str, name: str) -> None:
     os.replace(tmp, latest)
 
 
-def _load_chunk(entries, root, config, rows, log) -> dict:
+def _load_chunk(entries, root, d: DataSpec, rows, log) -> dict:
     """The entries' (path, tile index or -1) model inputs: {"images", "entries", "placed" (each input's
     placement), "crops" (its tile's rectangle, or None), "originals" (the whole RGB image), "notes"}. An
     image that cannot be used gets one row with its error and a log line (its tiles are all left out)."""
-    size, geometry = config.data.image_size, config.data.geometry
+    size, geometry = d.image_size, d.geometry
     out = {"images": [], "entries": [], "placed": [], "crops": [], "originals": [], "notes": {}}
     last, failed = (None, None), set()
     for rel, k in entries:
@@ -274,7 +296,7 @@ def _load_chunk(entries, root, config, rows, log) -> dict:
                 last = (rel, to_rgb(img, rel))
             img, crop = last[1], None
             if k >= 0:
-                crop = tile_boxes(*img.size, *config.data.tiles, config.data.tile_overlap)[k]
+                crop = tile_boxes(*img.size, *d.tiles, d.tile_overlap)[k]
             part = img if crop is None else img.crop(crop)
             out["images"].append(preprocess_image(part, size, source=rel, geometry=geometry))
             out["placed"].append(place(part.size[0], part.size[1], size, geometry))
@@ -289,7 +311,7 @@ def _load_chunk(entries, root, config, rows, log) -> dict:
     return out
 
 
-def _write_image(config, pools, out_dir, rel, name, got) -> dict:
+def _write_image(sc: ScoringSpec, d: DataSpec, pc: PredictSpec, pools, out_dir, rel, name, got) -> dict:
     """maps/<name>.npy and .png and overlays/<name>.png of a scored image, at its original size (NaN
     in the .npy where the geometry did not look: crop's sides; tiles stitched, their maximum where
     they overlap); its row. got: its inputs' maps, scores, pool indices, placements and crops."""
@@ -298,7 +320,7 @@ def _write_image(config, pools, out_dir, rel, name, got) -> dict:
     full = tiles[0] if got["crops"][0] is None else stitch_tiles(tiles, got["crops"], img.size)
     score, k = float(np.max(got["scores"])), int(np.bincount(got["pidx"]).argmax())  # tiles: max, majority class
     cls = pools.class_names[k]
-    thr, map_thr = class_threshold(config, pools, cls), class_threshold(config, pools, cls, of="map")
+    thr, map_thr = class_threshold(pc, sc, pools, cls), class_threshold(pc, sc, pools, cls, of="map")
     if not (np.isfinite(thr) and np.isfinite(score) and all(np.isfinite(m).all() for m in got["maps"])):
         raise NonFiniteError(
             f"{rel}: its score ({score}) or the threshold of class {cls!r} ({thr}) is not "

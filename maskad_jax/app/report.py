@@ -123,9 +123,9 @@ def defect_table(c: dict) -> str:
     )
 
 
-def _summary(config, result, workdir) -> str:
-    b, r = config.model.backbone, config.model.reconstructor
-    d = config.data
+def _summary(run: dict, result, workdir) -> str:
+    b, r = run["model"].backbone, run["model"].reconstructor
+    d, sc = run["data"], run["scoring"]
     items = [
         ("when", time.strftime("%Y-%m-%d %H:%M:%S")),
         ("workdir", workdir),
@@ -137,12 +137,11 @@ def _summary(config, result, workdir) -> str:
         (
             "model",
             f"{b.arch} ({b.weights}), reconstructor dim {r.embed_dim}, {r.encoder_depth}+{r.decoder_depth} "
-            f"blocks, {config.train.epochs} epochs",
+            f"blocks, {run['train'].epochs} epochs",
         ),
         (
             "scoring",
-            f"M_po {config.scoring.mpo}, OT {config.scoring.ot}, errors {config.scoring.error_units}, "
-            f"combination {config.scoring.combine}",
+            f"M_po {sc.mpo}, OT {sc.ot}, errors {sc.error_units}, combination {sc.combine}",
         ),
         (
             "time",
@@ -174,7 +173,9 @@ def _metrics_table(result) -> str:
     return "<table>" + head + "".join(rows) + "</table>"
 
 
-def write_report(path: str, config, result: dict, workdir: str) -> None:
+def write_report(path: str, run: dict, result: dict, workdir: str) -> None:
+    """report.html. run: {"data": DataSpec, "model": ModelSpec, "train": TrainSpec, "scoring": ScoringSpec,
+    "protocol": eval.protocol, "config_json": the config as given} (common/specs.py)."""
     data = result.get("report_data") or {"classes": {}, "examples": [], "threshold_quantile": 0}
     sections = []
     for name, c in data["classes"].items():
@@ -197,8 +198,8 @@ def write_report(path: str, config, result: dict, workdir: str) -> None:
     doc = f"""<!doctype html><html lang="en"><head><meta charset="utf-8"><title>maskad-jax report</title>
 <style>{_CSS}</style></head><body>
 <h1>maskad-jax report</h1>
-{_summary(config, result, workdir)}
-<h2>Metrics (%, protocol: {_E(str(config.eval.protocol))}; definitions in docs/metrics.md)</h2>
+{_summary(run, result, workdir)}
+<h2>Metrics (%, protocol: {_E(str(run["protocol"]))}; definitions in docs/metrics.md)</h2>
 {_metrics_table(result)}
 <h2>Per class</h2>
 {"".join(sections) or "<p>no per-class data</p>"}
@@ -206,7 +207,7 @@ def write_report(path: str, config, result: dict, workdir: str) -> None:
 <p>Colours: the anomaly map from the class's lowest to its highest value (colour bar);
 white: the ground-truth outline.</p>
 {"".join(figs) or "<p>none</p>"}
-<h2>Config</h2><pre>{_E(config.to_json_best_effort(indent=2))}</pre>
+<h2>Config</h2><pre>{_E(run["config_json"])}</pre>
 </body></html>"""
     with open(path, "w", encoding="utf-8") as f:
         f.write(doc)

@@ -13,34 +13,35 @@ from maskad_jax.common.parallel import (
     process_share,
     scoring_sharding,
 )
+from maskad_jax.common.specs import DataSpec, ScoringSpec
 from maskad_jax.data.splits import eval_batches
 from maskad_jax.engine.coreset import nearest_in_pools
 from maskad_jax.engine.mpo import flow_logp_fn
 
 
 # ------------------------------------------------------------- the released code's test-set normalisation
-def normalise_on_the_test_set(config, extractor, pools, dev_pools, flow, data):
+def normalise_on_the_test_set(sc: ScoringSpec, d: DataSpec, extractor, pools, dev_pools, flow, data):
     """scoring.mpo_normalisation = test_max: M_po's scale from the class's whole test set (in place)."""
     if flow is not None:
-        dev_pools["flow"]["logp_ref"] = jnp.asarray(_test_max_flow_ref(config, extractor, pools, dev_pools, flow, data))
+        dev_pools["flow"]["logp_ref"] = jnp.asarray(_test_max_flow_ref(sc, d, extractor, pools, dev_pools, flow, data))
     else:
-        dev_pools["cal_scale"] = jnp.asarray(_test_max_scale(config, extractor, pools, dev_pools, data))
+        dev_pools["cal_scale"] = jnp.asarray(_test_max_scale(sc, d, extractor, pools, dev_pools, data))
     progress.log("M_po normalised by the max over each class's test set (transductive, as the released code)")
 
 
-def _per_pool_test_max(config, extractor, pools, data, image_max) -> np.ndarray:
+def _per_pool_test_max(sc: ScoringSpec, d: DataSpec, extractor, pools, data, image_max) -> np.ndarray:
     """Per pool: the max over its class's test images of image_max(backbone_vars, images, pool_idx) -> (B,).
     -inf for a pool without test images."""
     out = np.full(len(pools.class_names), -np.inf, np.float32)
-    shard = scoring_sharding(config)
+    shard = scoring_sharding(sc.devices, d.eval_batch_size)
     fn = jax.jit(image_max)
     for batch in eval_batches(
         data,
-        config.data.eval_batch_size,
-        image_size=config.data.image_size,
-        num_workers=config.data.num_workers,
+        d.eval_batch_size,
+        image_size=d.image_size,
+        num_workers=d.num_workers,
         positions=process_share(len(data)),
-        geometry=config.data.geometry,
+        geometry=d.geometry,
     ):
         pidx = pools.pool_index([data.class_names[c] for c in batch["class_id"]])
         m = np.asarray(fn(extractor.variables, jax.device_put(batch["image"], shard), jax.device_put(pidx, shard)))
@@ -50,7 +51,7 @@ def _per_pool_test_max(config, extractor, pools, data, image_max) -> np.ndarray:
     return gather_max(out)  # each process saw its share of the test images
 
 
-def _test_max_scale(config, extractor, pools, dev_pools, data) -> np.ndarray:
+def _test_max_scale(sc: ScoringSpec, d: DataSpec, extractor, pools, dev_pools, data) -> np.ndarray:
     """Per pool: the largest nearest-pool distance over all test tokens of its images (code variant)."""
 
     def max_dist(v, x, pidx):
@@ -59,11 +60,11 @@ def _test_max_scale(config, extractor, pools, dev_pools, data) -> np.ndarray:
         d, _ = nearest_in_pools(h.reshape(b, gh * gw, c), dev_pools["pool_in"], dev_pools["valid"], pidx)
         return jnp.sqrt(d).max(axis=1)
 
-    scale = _per_pool_test_max(config, extractor, pools, data, max_dist)
+    scale = _per_pool_test_max(sc, d, extractor, pools, data, max_dist)
     return np.where(scale > 0, scale, np.asarray(pools.cal_scale))
 
 
-def _test_max_flow_ref(config, extractor, pools, dev_pools, flow, data) -> np.ndarray:
+def _test_max_flow_ref(sc: ScoringSpec, d: DataSpec, extractor, pools, dev_pools, flow, data) -> np.ndarray:
     """Per pool: the largest flow log-likelihood over all test positions of its images (code variant)."""
     fs = dev_pools["flow"]
     own = flow.embedder is not None  # the flow backbone's features and pool, else h and the fit's pools
@@ -73,9 +74,9 @@ def _test_max_flow_ref(config, extractor, pools, dev_pools, flow, data) -> np.nd
         b, gh, gw, c = h.shape
         pool, valid = (fs["pool"], fs["valid"]) if own else (dev_pools["pool_in"], dev_pools["valid"])
         lp = flow_logp_fn(flow.module, (gh, gw))(
-            flow.params, h.reshape(b, gh * gw, c), pool, valid, pidx, config.flow.cond_dim
+            flow.params, h.reshape(b, gh * gw, c), pool, valid, pidx, sc.flow_cond_dim
         )
         return lp.max(axis=1)
 
-    ref = _per_pool_test_max(config, extractor, pools, data, max_logp)
+    ref = _per_pool_test_max(sc, d, extractor, pools, data, max_logp)
     return np.where(np.isfinite(ref), ref, np.asarray(flow.logp_ref))

@@ -30,6 +30,7 @@ from maskad_jax.common import progress
 from maskad_jax.common.digests import sha256_file
 from maskad_jax.common.errors import ConfigError, DataError
 from maskad_jax.common.parallel import local_batch_sharding
+from maskad_jax.common.specs import DataSpec, FitSpec, NewImagesSpec, ScoringSpec
 from maskad_jax.data.preprocess import ImageDecodeError, open_image, preprocess_image, to_rgb
 from maskad_jax.data.tiling import tiles_on
 from maskad_jax.engine.coreset import extend_kcenter
@@ -37,9 +38,9 @@ from maskad_jax.runtime.serve_export import tile_boxes
 from maskad_jax.training import feature_cache
 
 
-def update_class(config, pools) -> int:
+def update_class(sc: ScoringSpec, d: DataSpec, fs: FitSpec, ni: NewImagesSpec, pools) -> int:
     """The pool index the new images join: new_images.class_name, or the only class."""
-    name = config.new_images.class_name
+    name = ni.class_name
     if not name:
         if len(pools.class_names) != 1:
             raise ConfigError(
@@ -81,18 +82,18 @@ def check_images(paths, rels, pools, k) -> tuple[list, list]:
     return images, digests
 
 
-def new_features(config, extractor, images):
+def new_features(sc: ScoringSpec, d: DataSpec, fs: FitSpec, ni: NewImagesSpec, extractor, images):
     """(h_in, h_tgt or None, fine or None) of the images (their tiles, with data.tiles), as the
     training features were computed."""
-    size, geometry = config.data.image_size, config.data.geometry
-    shard = local_batch_sharding(config)
+    size, geometry = d.image_size, d.geometry
+    shard = local_batch_sharding(d.eval_batch_size)
     per = len(shard.device_set)
-    raw = config.train.target == "unnormalized"
-    fn = jax.jit(feature_cache.feature_fn(extractor, raw, feature_cache.fine_strides(config)))
-    if tiles_on(config):  # each image as its tiles, as the training images were
-        rows, cols = config.data.tiles
-        images = [im.crop(b) for im in images for b in tile_boxes(*im.size, rows, cols, config.data.tile_overlap)]
-    bs = -(-min(config.data.eval_batch_size, len(images)) // per) * per
+    raw = sc.regress_raw
+    fn = jax.jit(feature_cache.feature_fn(extractor, raw, feature_cache.fine_strides(sc)))
+    if tiles_on(d.tiles):  # each image as its tiles, as the training images were
+        rows, cols = d.tiles
+        images = [im.crop(b) for im in images for b in tile_boxes(*im.size, rows, cols, d.tile_overlap)]
+    bs = -(-min(d.eval_batch_size, len(images)) // per) * per
     out = ([], [], [])
     for s in range(0, len(images), bs):
         chunk = [preprocess_image(im, size, geometry=geometry) for im in images[s : s + bs]]
@@ -127,30 +128,32 @@ def _widen(a, width):
     return out
 
 
-def add_images(config, extractor, pools, log=progress.log) -> dict:
+def add_images(
+    sc: ScoringSpec, d: DataSpec, fs: FitSpec, ni: NewImagesSpec, extractor, pools, log=progress.log
+) -> dict:
     """Grow class k's pools (in place) by the images of new_images.input; the record of what was added."""
-    if config.scoring.mpo == "flow":
+    if sc.mpo == "flow":
         raise ConfigError(
             "--mode=update works with the nearest-neighbour M_po; the flow M_po is trained on the pool: retrain"
         )
-    if not config.new_images.input:
+    if not ni.input:
         raise ConfigError("--mode=update needs new_images.input: a folder (or an image) of new good images")
-    pools.require_geometry(config)
-    k = update_class(config, pools)
-    root, rels, unreadable = collect_inputs(config.new_images.input, log)
+    pools.require_geometry(d)
+    k = update_class(sc, d, fs, ni, pools)
+    root, rels, unreadable = collect_inputs(ni.input, log)
     if unreadable:
         raise DataError(f"new_images.input: {len(unreadable)} folder(s) under {root} cannot be read; nothing was added")
     images, digests = check_images([os.path.join(root, r) for r in rels], rels, pools, k)
-    h_in, h_tgt, fine = new_features(config, extractor, images)
+    h_in, h_tgt, fine = new_features(sc, d, fs, ni, extractor, images)
     c = h_in.shape[-1]
     tgt = None if h_tgt is None else h_tgt.reshape(-1, c)
     pools.pool_in, pools.pool_tgt, pools.valid, added = grow(
         pools.pool_in,
         pools.valid,
         h_in.reshape(-1, c),
-        config.fit.pool_ratio,
-        config.fit,
-        config.seed,
+        fs.pool_ratio,
+        fs,
+        fs.seed,
         k,
         pools.pool_tgt,
         tgt if tgt is not None else h_in.reshape(-1, c),
@@ -163,9 +166,9 @@ def add_images(config, extractor, pools, log=progress.log) -> dict:
             pools.fine_in,
             pools.fine_valid,
             fine.reshape(-1, fine.shape[-1]),
-            config.fit.fine_pool_ratio,
-            config.fit,
-            config.seed,
+            fs.fine_pool_ratio,
+            fs,
+            fs.seed,
             k,
         )
     record = {

@@ -16,6 +16,7 @@ import numpy as np
 from maskad_jax.app.predict import EXTENSIONS, scored_batches
 from maskad_jax.common import progress
 from maskad_jax.common.errors import DataError
+from maskad_jax.common.specs import DataSpec, PredictSpec, ScoringSpec
 from maskad_jax.training.thresholds import f1_threshold
 
 
@@ -62,15 +63,17 @@ def validation_images(folder: str, class_names, manual_dir: str = "") -> tuple[s
     return root, rels, pools, labels
 
 
-def validation_thresholds(config, extractor, model, params, pools, flow=None, log=progress.log) -> dict:
+def validation_thresholds(
+    sc: ScoringSpec, d: DataSpec, pc: PredictSpec, extractor, model, params, pools, flow=None, log=progress.log
+) -> dict:
     """{class: {"threshold", "f1", "good", "defective"}} for each class with defective validation
     images (log lines for the others); {} when data.validation is ""."""
-    if not config.data.validation:
+    if not d.validation:
         return {}
-    root, rels, pidx, labels = validation_images(config.data.validation, pools.class_names, config.data.manual_dir)
+    root, rels, pidx, labels = validation_images(d.validation, pools.class_names, d.manual_dir)
     pool_of, label_of, rows, scores = dict(zip(rels, pidx)), dict(zip(rels, labels)), [], {}
     for chunk, _, out in scored_batches(
-        config, root, rels, extractor, model, params, pools, flow, rows, log, np.asarray(pidx), "validation"
+        sc, d, pc, root, rels, extractor, model, params, pools, flow, rows, log, np.asarray(pidx), "validation"
     ):
         for (rel, _), v in zip(chunk["entries"], np.asarray(out["score"]).tolist()):
             scores[rel] = max(scores.get(rel, -np.inf), v)  # with tiles, the maximum over them

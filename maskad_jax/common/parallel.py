@@ -54,33 +54,31 @@ def local_mesh() -> Mesh:
     return Mesh(np.asarray(jax.local_devices()), ("data",))
 
 
-def local_batch_sharding(config):
+def local_batch_sharding(batch_size: int):
     """An eval batch split over this process's devices (data.eval_batch_size must divide evenly)."""
     mesh = local_mesh()
-    if config.data.eval_batch_size % mesh.devices.size:
+    if batch_size % mesh.devices.size:
         raise ConfigError(
-            f"data.eval_batch_size = {config.data.eval_batch_size} must be a multiple of the "
-            f"{mesh.devices.size} local devices"
+            f"data.eval_batch_size = {batch_size} must be a multiple of the {mesh.devices.size} local devices"
         )
     return NamedSharding(mesh, P("data"))
 
 
-def scoring_on_one_device(config) -> bool:
+def scoring_on_one_device(choice: str) -> bool:
     """scoring.devices: one (or auto on a CPU, where one device using every core is faster)."""
-    choice = config.scoring.get("devices", "auto")
     if choice not in ("auto", "all", "one"):
         raise ConfigError(f"scoring.devices must be auto | all | one, got {choice!r}")
     return choice == "one" or (choice == "auto" and jax.default_backend() == "cpu")
 
 
-def scoring_sharding(config):
+def scoring_sharding(devices: str, batch_size: int):
     """Where a scoring batch goes: this process's devices, or the first of them (scoring.devices).
 
     Scoring never spans processes: with several (jax.distributed), each scores its own share of the
     images on its own devices (evaluate.py) and the results are gathered on the host."""
-    if scoring_on_one_device(config):
+    if scoring_on_one_device(devices):
         return jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-    return local_batch_sharding(config)
+    return local_batch_sharding(batch_size)
 
 
 def to_local(tree):
@@ -95,10 +93,10 @@ def to_local(tree):
     return jax.tree_util.tree_map(local, tree)
 
 
-def place_for_scoring(config, tree):
+def place_for_scoring(devices: str, tree):
     """A pytree (parameters, pools) replicated on the devices that scoring.devices selects."""
     tree = to_local(tree)
-    if scoring_on_one_device(config):
+    if scoring_on_one_device(devices):
         return jax.device_put(tree, jax.sharding.SingleDeviceSharding(jax.local_devices()[0]))
     return jax.device_put(tree, NamedSharding(local_mesh(), P()))
 

@@ -23,9 +23,9 @@ from maskad_jax.runtime.serve_export import stitch_tiles, tile_boxes  # the expo
 __all__ = ["tile_boxes", "stitch_tiles", "tiled", "untiled", "image_max", "image_level", "tiles_on"]
 
 
-def tiles_on(config) -> bool:
+def tiles_on(tiles) -> bool:
     """Whether data.tiles asks for more than one tile."""
-    t = tuple(config.data.tiles)
+    t = tuple(tiles)
     return bool(t) and t[0] * t[1] > 1
 
 

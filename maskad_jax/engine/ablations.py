@@ -9,6 +9,8 @@ evaluated under every row with --mode=eval.
 
 from __future__ import annotations
 
+import dataclasses
+
 from maskad_jax.common.errors import ConfigError
 
 _ON = dict(use_rec=True, use_reference=True, use_assdis=True, use_mpo=True)
@@ -34,6 +36,13 @@ ABLATIONS = {
     "mpo_only": dict(_ON, use_rec=False, use_reference=False, use_assdis=False),  # the nearest-neighbour term alone
     "default": dict(),  # the config's own scoring, unchanged
 }
+
+
+def with_row(sc, row: str):
+    """A scoring spec (common/specs.ScoringSpec, frozen) with the row's switches."""
+    if row not in ABLATIONS:
+        raise ConfigError(f"unknown ablation row {row!r}; known: {', '.join(ABLATIONS)}")
+    return dataclasses.replace(sc, **ABLATIONS[row])
 
 
 def apply_row(scoring, row: str):

@@ -26,7 +26,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from maskad_jax.common.errors import ConfigError
+from maskad_jax.common.specs import ScoringSpec
 from maskad_jax.engine import association, threefry
 from maskad_jax.engine import masks as masks_lib
 from maskad_jax.engine.coreset import nearest_in_pools
@@ -35,22 +35,6 @@ from maskad_jax.engine.smoothing import gaussian_smooth
 from maskad_jax.models.flow import residual_logp
 from maskad_jax.models.reconstructor import patch_errors
 from maskad_jax.models.resize import resize_map_align_corners
-
-CHOICES = {
-    "mpo": ("knn", "flow", "none"),
-    "error_units": ("reference", "absolute"),
-    "ot": ("paper", "exact", "code"),
-    "combine": ("paper", "code"),
-    "mpo_fusion": ("product", "sum"),
-    "pixel_map": ("score", "mpo"),
-}
-
-
-def validate(sc) -> None:
-    """Refuse unknown scoring.* choices with a message naming the field."""
-    for field, allowed in CHOICES.items():
-        if sc[field] not in allowed:
-            raise ConfigError(f"scoring.{field} must be {' | '.join(allowed)}, got {sc[field]!r}")
 
 
 def num_masks(sc) -> int:
@@ -274,7 +258,7 @@ def apply_keep(score_map, pixel_map, keep):
 
 
 # ----------------------------------------------------------------------------------- composition
-def make_score_features_fn(config, model, flow=None, with_terms: bool = False):
+def make_score_features_fn(sc: ScoringSpec, model, flow=None, with_terms: bool = False):
     """Scoring from features: f(params, pools, h_in, h_tgt, pool_idx, image_ids, out_size) -> dict.
 
     pools: device_pools(...). flow: the trained flow (flow.FlowState) when scoring.mpo = 'flow';
@@ -283,8 +267,6 @@ def make_score_features_fn(config, model, flow=None, with_terms: bool = False):
     "map" (pixel map), "score", the terms term_stats standardise: "patch" (P; zeros when off) and
     "mpo_map" (M_po on its grid), and "mpo", "rec", "assdis" on the token grid. with_terms: also
     the raw branch errors "e_h", "e_r" (B, n, N) and the "masks" (B, N, n)."""
-    sc = config.scoring
-    validate(sc)
     if sc.mpo == "flow" and flow is None:
         raise ValueError("scoring.mpo = 'flow' needs the trained flow (flow_fit.restore_flow)")
     stochastic = bool(sc.test_drop_path)
@@ -293,10 +275,10 @@ def make_score_features_fn(config, model, flow=None, with_terms: bool = False):
         b, gh, gw, c = h_in.shape
         n = gh * gw
         tokens = h_in.reshape(b, n, c)
-        idx, mpo, mpo_map = mpo_stage(sc, flow, config.flow.cond_dim, pools, tokens, pool_idx, (gh, gw), f_flow, f_fine)
+        idx, mpo, mpo_map = mpo_stage(sc, flow, sc.flow_cond_dim, pools, tokens, pool_idx, (gh, gw), f_flow, f_fine)
         r_in = gather_pool(pools["pool_in"], pool_idx, idx)
         r_tgt = gather_pool(pools["pool_tgt"], pool_idx, idx)
-        m, keys = test_masks(config.seed, image_ids, mpo, (gh, gw), sc)
+        m, keys = test_masks(sc.seed, image_ids, mpo, (gh, gw), sc)
 
         def reconstruct(x, mk, t, key):
             rngs = {"dropout": key} if stochastic else {}
@@ -334,17 +316,16 @@ def make_score_features_fn(config, model, flow=None, with_terms: bool = False):
     return score_features
 
 
-def make_score_fn(config, extractor, model, flow=None):
+def make_score_fn(sc: ScoringSpec, extractor, model, flow=None):
     """Jitted f(params, backbone_vars, pools, images01, pool_idx, image_ids) -> dict of maps and scores.
 
     pools: device_pools(...); flow: the trained flow (flow.FlowState) when scoring.mpo = 'flow'. With
     flow.features = 'backbone' its own backbone (flow.embedder) runs in the same program, its
     variables in pools["flow"]["backbone_vars"]."""
-    score_features = make_score_features_fn(config, model, flow)
-    regress_raw = config.train.target == "unnormalized"
+    score_features = make_score_features_fn(sc, model, flow)
+    regress_raw = sc.regress_raw
     embedder = flow.embedder if flow is not None else None
-
-    fine_strides = tuple(config.fit.fine_strides) if fine_on(config.scoring) else None
+    fine_strides = tuple(sc.fine_strides) if fine_on(sc) else None
 
     def score(params, backbone_vars, pools, images, pool_idx, image_ids, boxes=None):
         f_fine = None

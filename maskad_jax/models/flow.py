@@ -158,8 +158,8 @@ def flow_loss(z, logdet):
     return jnp.mean(-jax.nn.log_sigmoid(log_likelihood(z, logdet)))
 
 
-def build_flow(config, channels: int) -> ConditionalFlow:
-    f = config.flow
+def build_flow(f, channels: int) -> ConditionalFlow:
+    """The flow of a flow spec (common/specs.FlowSpec)."""
     return ConditionalFlow(
         channels=channels,
         cond_dim=f.cond_dim,
@@ -167,7 +167,7 @@ def build_flow(config, channels: int) -> ConditionalFlow:
         hidden_ratio=f.hidden_ratio,
         clamp=f.clamp,
         clamp_form=f.clamp_form,
-        seed=config.seed,
+        seed=f.seed,
     )
 
 

@@ -188,9 +188,10 @@ def count_params(params) -> int:
     return int(sum(np.prod(p.shape) for p in jax.tree_util.tree_leaves(params)))
 
 
-def build_reconstructor(config, in_channels: int, grid, attention: str | None = None) -> MaskedReconstructor:
-    """The configured reconstructor; `attention` overrides model.reconstructor.attention."""
-    r = config.model.reconstructor
+def build_reconstructor(ms, in_channels: int, grid, attention: str | None = None) -> MaskedReconstructor:
+    """The reconstructor of a model spec (common/specs.ModelSpec); `attention` overrides
+    model.reconstructor.attention."""
+    r = ms.reconstructor
     return MaskedReconstructor(
         in_channels=in_channels,
         grid=tuple(grid),
@@ -201,6 +202,6 @@ def build_reconstructor(config, in_channels: int, grid, attention: str | None = 
         mlp_ratio=r.mlp_ratio,
         drop_path=r.drop_path,
         layer_scale_init=r.layer_scale_init,
-        dtype=jnp.dtype(config.model.dtype),
-        attention=attention or r.get("attention", "einsum"),
+        dtype=jnp.dtype(ms.dtype),
+        attention=attention or r.attention,
     )

@@ -16,6 +16,7 @@ from maskad_jax.common.parallel import (
     place_for_scoring,
     process_share,
 )
+from maskad_jax.common.specs import DataSpec, ScoringSpec
 from maskad_jax.engine.scoring import (
     apply_keep,
     device_pools,
@@ -26,7 +27,9 @@ from maskad_jax.engine.scoring import (
 )
 
 
-def calibrate(config, model, params, pools, h_in, h_tgt, keys, flow=None, f_flow=None, fine=None, boxes=None) -> dict:
+def calibrate(
+    sc: ScoringSpec, d: DataSpec, model, params, pools, h_in, h_tgt, keys, flow=None, f_flow=None, fine=None, boxes=None
+) -> dict:
     """Score the held-out normal training images of every pool (for predict's thresholds and, with
     scoring.mpo_fusion = sum, the terms' statistics): {"cal_scores": {class: image scores},
     "cal_map_max": {class: pixel-map maxima}, "term_stats": (K, 4) held-out mean and std of P and of
@@ -36,16 +39,15 @@ def calibrate(config, model, params, pools, h_in, h_tgt, keys, flow=None, f_flow
     the pools' calibration positions are used; boxes count with data.geometry = pad). Several
     processes each score a share and gather the terms; the statistics and the scores are then
     finished from the gathered terms with the scoring's own fuse and keep stages."""
-    sc = config.scoring
-    fn = jax.jit(make_score_features_fn(config, model, flow), static_argnums=(6,))
-    params, dev_pools = place_for_scoring(config, (params, device_pools(pools, flow)))
-    boxes = boxes if config.data.geometry == "pad" else None
+    fn = jax.jit(make_score_features_fn(sc, model, flow), static_argnums=(6,))
+    params, dev_pools = place_for_scoring(sc.devices, (params, device_pools(pools, flow)))
+    boxes = boxes if d.geometry == "pad" else None
     held = [np.asarray(pools.calibration.get(cls, np.zeros(0, int)), np.int64) for cls in pools.class_names]
     pos = np.concatenate(held)  # training-image positions, class by class
     pool = np.concatenate([np.full(len(p), k, np.int32) for k, p in enumerate(held)])
     rows = process_share(len(pos))
     terms = {"patch": [], "mpo_map": [], "score": [], "map_max": []}
-    bs, size = config.data.eval_batch_size, config.data.image_size
+    bs, size = d.eval_batch_size, d.image_size
     with progress.bar(len(rows), "calibration") as pbar:
         for s in range(0, len(rows), bs):
             p, r = pos[rows[s : s + bs]], rows[s : s + bs]

@@ -16,39 +16,35 @@ import numpy as np
 
 from maskad_jax.common import progress
 from maskad_jax.common.parallel import gather_rows, local_batch_sharding, process_share
+from maskad_jax.common.specs import DataSpec, FlowSpec, ModelSpec, ScoringSpec
 from maskad_jax.data.splits import SplitData, eval_batches
 from maskad_jax.engine.scoring import fine_on
 from maskad_jax.models.features import FeatureExtractor
 from maskad_jax.models.flow_features import FlowEmbedder
 
 
-def make_extractor(config) -> FeatureExtractor:
+def make_extractor(ms: ModelSpec, seed: int) -> FeatureExtractor:
     """model.backbone as a FeatureExtractor (weights loaded)."""
-    b = config.model.backbone
+    b = ms.backbone
     return FeatureExtractor.create(
         b.arch,
         weights=b.weights,
         padding=b.padding,
         strides=tuple(b.strides),
-        dtype=jnp.dtype(config.model.dtype),
-        seed=config.seed,
-        depthwise=b.get("depthwise", "auto"),
+        dtype=jnp.dtype(ms.dtype),
+        seed=seed,
+        depthwise=b.depthwise,
     )
 
 
-def make_flow_embedder(config) -> FlowEmbedder:
+def make_flow_embedder(fs: FlowSpec, ms: ModelSpec) -> FlowEmbedder:
     """The flow's own backbone (flow.features = 'backbone'), built like make_extractor's."""
-    return FlowEmbedder.create(
-        config.flow,
-        dtype=jnp.dtype(config.model.dtype),
-        seed=config.seed,
-        depthwise=config.model.backbone.get("depthwise", "auto"),
-    )
+    return FlowEmbedder.create(fs, dtype=jnp.dtype(ms.dtype), seed=fs.seed, depthwise=ms.backbone.depthwise)
 
 
-def fine_strides(config):
+def fine_strides(sc: ScoringSpec):
     """fit.fine_strides when the scoring uses the fine kNN M_po (scoring.knn_fine), else None."""
-    return tuple(config.fit.fine_strides) if fine_on(config.scoring) else None
+    return tuple(sc.fine_strides) if fine_on(sc) else None
 
 
 def feature_fn(extractor, with_target: bool, fine=None):
@@ -62,43 +58,41 @@ def feature_fn(extractor, with_target: bool, fine=None):
     return features
 
 
-def extract_features(extractor, data: SplitData, config, with_target: bool, desc: str = "features", fine=None):
+def extract_features(extractor, data: SplitData, d: DataSpec, with_target: bool, desc: str = "features", fine=None):
     """Backbone features of a whole split, in order: (h_in, h_tgt or None, image keys, the fine
     embeddings at the strides `fine` or None, the images' content boxes (N, 4) in the input frame)."""
-    return extract_at(extractor, data, config, with_target, np.arange(len(data)), desc, fine)
+    return extract_at(extractor, data, d, with_target, np.arange(len(data)), desc, fine)
 
 
-def extract_at(extractor, data: SplitData, config, with_target: bool, positions, desc: str, fine=None):
+def extract_at(extractor, data: SplitData, d: DataSpec, with_target: bool, positions, desc: str, fine=None):
     """extract_features for the images at `positions` only (rows in that order); with several
     processes each extracts a share and every process gets all rows."""
     positions = np.asarray(positions, np.int64)
     share = process_share(len(positions))
     fields = ("box", "fine") if fine else ("box",)
-    h_in, h_tgt, keys, extra = extract_positions(
-        extractor, data, config, with_target, positions[share], desc, fields, fine
-    )
+    h_in, h_tgt, keys, extra = extract_positions(extractor, data, d, with_target, positions[share], desc, fields, fine)
     return gather_rows(len(positions), share, h_in, h_tgt, keys, extra.get("fine"), extra["box"])
 
 
 def extract_positions(
-    extractor, data: SplitData, config, with_target: bool, positions, desc: str, fields=(), fine=None
+    extractor, data: SplitData, d: DataSpec, with_target: bool, positions, desc: str, fields=(), fine=None
 ):
     """Features of the split's images at `positions` (this process's devices): (h_in, h_tgt or None,
     image keys, {field: the batches' values of each of `fields`, e.g. "mask", "label"}). The field
     "fine" is the fine embedding at the strides `fine` (FeatureExtractor.apply_with_fine), from the
     same backbone pass as h_in."""
-    shard = local_batch_sharding(config)
+    shard = local_batch_sharding(d.eval_batch_size)
     features = feature_fn(extractor, with_target, fine)
     fn = jax.jit(features)
     h_in, h_tgt, keys, extra, t0 = [], [], [], {f: [] for f in fields}, time.time()
     with progress.bar(len(positions), desc) as pbar:
         for batch in eval_batches(
             data,
-            config.data.eval_batch_size,
-            image_size=config.data.image_size,
-            num_workers=config.data.num_workers,
+            d.eval_batch_size,
+            image_size=d.image_size,
+            num_workers=d.num_workers,
             positions=positions,
-            geometry=config.data.geometry,
+            geometry=d.geometry,
         ):
             a, b, f = fn(extractor.variables, jax.device_put(batch["image"], shard))
             ok = batch["valid"] == 1
@@ -116,8 +110,8 @@ def extract_positions(
         f"{n_done / max(time.time() - t0, 1e-9):.1f} img/s"
     )
     if not n_done:  # an empty share (fewer images than processes)
-        empty = np.zeros((0,) + tuple(extractor.feature_shape(config.data.image_size)), np.float32)
-        x = jax.ShapeDtypeStruct((1, config.data.image_size, config.data.image_size, 3), jnp.float32)
+        empty = np.zeros((0,) + tuple(extractor.feature_shape(d.image_size)), np.float32)
+        x = jax.ShapeDtypeStruct((1, d.image_size, d.image_size, 3), jnp.float32)
         none = {f: None for f in fields}
         if "box" in fields:
             none["box"] = np.zeros((0, 4), np.int32)

@@ -23,8 +23,10 @@ import zipfile
 import jax.numpy as jnp
 import numpy as np
 
+from maskad_jax.common import specs
 from maskad_jax.common.digests import sha256_file
 from maskad_jax.common.errors import ConfigError, DataError, MissingInputError, UserError
+from maskad_jax.common.specs import DataSpec, ScoringSpec
 from maskad_jax.engine.coreset import greedy_kcenter, nearest
 
 
@@ -32,11 +34,7 @@ class PoolsCorruptError(UserError, ValueError):
     """fit/pools.npz or pools.json cannot be read or differs from its saved digest."""
 
 
-# scoring fields that change how the work is laid out, not the scores (left out of the calibration's signature)
-PLACEMENT_ONLY = ("branches_per_step", "devices", "ot_sequential")
 ASPECT_TOLERANCE = 1.1  # an image may be this much wider or narrower than its class's training images
-# scoring fields that act after the two terms are computed: they change scores and maps, not term_stats
-AFTER_TERMS = ("sigma", "pixel_map")
 
 
 def scoring_difference(calibrated: dict, now: dict) -> str:
@@ -45,11 +43,11 @@ def scoring_difference(calibrated: dict, now: dict) -> str:
     return "; ".join(f"scoring.{k} {calibrated.get(k)!r} at calibration, {now.get(k)!r} now" for k in diff)
 
 
-def scoring_signature(config) -> dict:
-    """The scoring settings held-out scores are computed under: a threshold calibrated from them
-    is a threshold for these settings only (another scoring gives scores of another scale)."""
-    fields = json.loads(config.scoring.to_json(sort_keys=True))
-    return {k: v for k, v in fields.items() if k not in PLACEMENT_ONLY}
+def scoring_signature(sc: ScoringSpec) -> dict:
+    """The scoring settings held-out scores are computed under (common/specs.scoring_signature: every
+    scoring field but the placement ones): a threshold calibrated from them is a threshold for these
+    settings only (another scoring gives scores of another scale)."""
+    return specs.scoring_signature(sc)
 
 
 @dataclasses.dataclass
@@ -76,10 +74,10 @@ class Pools:
     )
     added: list = dataclasses.field(default_factory=list)  # --mode=update: [{"class", "files": {name: sha256}, ...}]
 
-    def require_geometry(self, config) -> None:
+    def require_geometry(self, d: DataSpec) -> None:
         """Refuse a run whose data.geometry or data.image_size differs from the fit's (older fits: crop)."""
         fitted = self.geometry or {"geometry": "crop", "image_size": None}
-        now = {"geometry": config.data.geometry, "image_size": int(config.data.image_size)}
+        now = {"geometry": d.geometry, "image_size": int(d.image_size)}
         if fitted["geometry"] != now["geometry"] or fitted["image_size"] not in (None, now["image_size"]):
             raise ConfigError(
                 f"this workdir's model was fitted with data.geometry = {fitted['geometry']!r} at data.image_size = "
@@ -98,14 +96,14 @@ class Pools:
         a = width / height
         return not aspect or aspect[0] / ASPECT_TOLERANCE <= a <= aspect[1] * ASPECT_TOLERANCE
 
-    def calibrated_for(self, config, terms_only: bool = False) -> bool:
+    def calibrated_for(self, sc: ScoringSpec, terms_only: bool = False) -> bool:
         """Whether the calibration was computed under this config's scoring (terms_only: whether its
         term_stats still hold, which fields acting after the terms do not change)."""
         if self.cal_scoring is None:
             return False
-        drop = AFTER_TERMS if terms_only else ()
+        drop = specs.after_terms_fields() if terms_only else ()
         return {k: v for k, v in self.cal_scoring.items() if k not in drop} == {
-            k: v for k, v in scoring_signature(config).items() if k not in drop
+            k: v for k, v in scoring_signature(sc).items() if k not in drop
         }
 
     def threshold(self, cls: str, quantile: float, scoring: dict | None = None, of: str = "score") -> float:

@@ -24,31 +24,19 @@ import numpy as np
 import optax
 
 from maskad_jax.common.errors import MissingInputError
+from maskad_jax.common.specs import FlowSpec, with_role
 from maskad_jax.engine.coreset import nearest
 from maskad_jax.engine.mpo import flow_logp_fn
 from maskad_jax.models.flow import build_flow, flow_loss, positional_encoding_2d
 from maskad_jax.training.train import restore_trained, training_loop
 
 
-def flow_fingerprint(config, channels: int) -> dict:
-    f = config.flow
-    out = {
-        "channels": int(channels),
-        "features": f.features,
-        "blocks": f.blocks,
-        "cond_dim": f.cond_dim,
-        "hidden_ratio": f.hidden_ratio,
-        "clamp": f.clamp,
-        "clamp_form": f.clamp_form,
-        "seed": config.seed,
-    }
+def flow_fingerprint(f: FlowSpec, channels: int) -> dict:
+    """What a flow checkpoint must agree with to be reused: the flow spec's fields of role "flow_model"
+    (common/specs.py), the channels, and with its own backbone that backbone's model fields and pool."""
+    out = {"channels": int(channels), **with_role(f, "flow_model")}
     if f.features == "backbone":
-        out["backbone"] = {
-            "arch": f.backbone.arch,
-            "padding": f.backbone.padding,
-            "strides": list(f.backbone.strides),
-            "pool_ratio": f.pool_ratio,
-        }
+        out["backbone"] = {**with_role(f.backbone, "model"), "pool_ratio": f.pool_ratio}
     return out
 
 
@@ -81,9 +69,8 @@ def compute_residuals(feats: np.ndarray, pools, pool_idx: np.ndarray, positions:
     return out
 
 
-def _parts(config, channels: int, grid):
-    flow = build_flow(config, channels)
-    f = config.flow
+def _parts(f: FlowSpec, channels: int, grid):
+    flow = build_flow(f, channels)
     pe = jnp.asarray(positional_encoding_2d(f.cond_dim, *grid))
 
     def init_params(key):
@@ -98,7 +85,7 @@ def _parts(config, channels: int, grid):
 
 
 def train_flow(
-    config,
+    f: FlowSpec,
     feats: np.ndarray,
     pools,
     pool_idx: np.ndarray,
@@ -106,8 +93,11 @@ def train_flow(
     *,
     log=print,
     max_steps: int | None = None,
+    devices: str = "auto",
 ):
-    """Train (or resume) the flow on the training images' residuals. Returns train.TrainResult."""
+    """Train (or resume) the flow on the training images' residuals. Returns train.TrainResult.
+
+    devices: train.devices (auto | all | one), shared with the reconstructor's training."""
     n, gh, gw, c = feats.shape
     if pools.src is None:
         log(
@@ -115,7 +105,7 @@ def train_flow(
             "residuals are taken against the whole pool"
         )
     res = compute_residuals(feats, pools, pool_idx, np.arange(n, dtype=np.int32))
-    flow, pe, init_params, make_tx = _parts(config, c, (gh, gw))
+    flow, pe, init_params, make_tx = _parts(f, c, (gh, gw))
 
     def loss_fn(params, arrays, idx, step):
         (r,) = arrays
@@ -124,25 +114,25 @@ def train_flow(
         return flow_loss(z, logdet)
 
     return training_loop(
-        config.flow,
-        config.seed,
+        f,
+        f.seed,
         (res,),
         init_params,
         loss_fn,
         make_tx,
-        flow_fingerprint(config, c),
+        flow_fingerprint(f, c),
         workdir,
         name="flow",
         log=log,
         max_steps=max_steps,
-        devices=config.train.get("devices", "auto"),
+        devices=devices,
     )
 
 
-def calibrate_flow(config, params, feats: np.ndarray, pools, batch: int = 64) -> np.ndarray:
+def calibrate_flow(f: FlowSpec, params, feats: np.ndarray, pools, batch: int = 64) -> np.ndarray:
     """L_ref per pool: the largest per-position log-likelihood over the class's held-out normal images."""
     n, gh, gw, c = feats.shape
-    flow = build_flow(config, c)
+    flow = build_flow(f, c)
     fn = jax.jit(flow_logp_fn(flow, (gh, gw)), static_argnums=(5,))
     ref = np.zeros(len(pools.class_names), np.float32)
     for k, cls in enumerate(pools.class_names):
@@ -158,7 +148,7 @@ def calibrate_flow(config, params, feats: np.ndarray, pools, batch: int = 64) ->
                 jnp.asarray(pools.pool_in[k : k + 1]),
                 jnp.asarray(pools.valid[k : k + 1]),
                 jnp.zeros(len(p), jnp.int32),
-                config.flow.cond_dim,
+                f.cond_dim,
             )
             best = max(best, float(jnp.max(lp)))
         ref[k] = best
@@ -183,10 +173,8 @@ def load_flow_reference(directory: str, class_names) -> np.ndarray:
     return np.asarray([ref[c] for c in class_names], np.float32)
 
 
-def restore_flow(workdir: str, config, channels: int, grid):
+def restore_flow(workdir: str, f: FlowSpec, channels: int, grid):
     """(flow module, params, step) of the latest flow checkpoint in workdir."""
-    flow, _, init_params, make_tx = _parts(config, channels, grid)
-    params, step = restore_trained(
-        workdir, config.flow, "flow", init_params, make_tx, flow_fingerprint(config, channels)
-    )
+    flow, _, init_params, make_tx = _parts(f, channels, grid)
+    params, step = restore_trained(workdir, f, "flow", init_params, make_tx, flow_fingerprint(f, channels))
     return flow, params, step

@@ -24,8 +24,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from maskad_jax.common.specs import DataSpec, ScoringSpec, TrainSpec
 from maskad_jax.engine import metrics as metrics_lib
-from maskad_jax.engine.ablations import apply_row
+from maskad_jax.engine.ablations import with_row
 from maskad_jax.engine.scoring import device_pools, make_score_features_fn, needs_term_stats
 from maskad_jax.training.calibration import calibrate
 from maskad_jax.training.feature_cache import extract_positions, fine_strides
@@ -60,14 +61,14 @@ def subset_positions(labels: np.ndarray, class_ids: np.ndarray, max_images: int)
     return np.unique(np.concatenate(picked))
 
 
-def build_eval_set(config, extractor, data, max_images: int) -> EvalSet:
+def build_eval_set(sc: ScoringSpec, d: DataSpec, extractor, data, max_images: int) -> EvalSet:
     """The curves' images: subset_positions of a split, their features, masks and keys."""
     positions = subset_positions(data.labels, data.class_ids, max_images)
-    regress_raw = config.train.target == "unnormalized"
-    fine = fine_strides(config)
+    regress_raw = sc.regress_raw
+    fine = fine_strides(sc)
     fields = ("mask", "label", "class_id") + (("fine",) if fine else ())
     h_in, h_tgt, keys, extra = extract_positions(
-        extractor, data, config, regress_raw, positions, "curves' features", fields=fields, fine=fine
+        extractor, data, d, regress_raw, positions, "curves' features", fields=fields, fine=fine
     )
     classes = tuple(data.class_names[c] for c in extra["class_id"])
     return EvalSet(
@@ -75,16 +76,13 @@ def build_eval_set(config, extractor, data, max_images: int) -> EvalSet:
     )
 
 
-def _row_configs(config) -> dict:
-    """The config of each row in train.eval_rows (kNN M_po: the flow is trained after the reconstructor)."""
-    cfgs = {}
-    for row in tuple(config.train.eval_rows):
-        cfg = config.copy_and_resolve_references()
-        apply_row(cfg.scoring, row)
-        if cfg.scoring.mpo == "flow":
-            cfg.scoring.mpo = "knn"
-        cfgs[row] = cfg
-    return cfgs
+def _row_specs(sc: ScoringSpec, rows) -> dict:
+    """The scoring spec of each row in train.eval_rows (kNN M_po: the flow is trained after the reconstructor)."""
+    out = {}
+    for row in tuple(rows):
+        spec = with_row(sc, row)
+        out[row] = dataclasses.replace(spec, mpo="knn") if spec.mpo == "flow" else spec
+    return out
 
 
 def _row_metrics(fn, params, dev_pools, evalset: EvalSet, pool_idx, bs: int, size: int) -> dict:
@@ -107,22 +105,23 @@ def _row_metrics(fn, params, dev_pools, evalset: EvalSet, pool_idx, bs: int, siz
     return {m: float(np.nanmean([p[m] for p in per_class])) for m in metrics_lib.METRIC_NAMES}
 
 
-def make_learning_curves(config, model, pools, evalset: EvalSet, place, heldout=None):
+def make_learning_curves(
+    tc: TrainSpec, sc: ScoringSpec, d: DataSpec, model, pools, evalset: EvalSet, place, heldout=None
+):
     """f(params) -> ({name: value}, console line): the rows' seven metrics (fractions) and the
     held-out normal loss.
 
     place(tree): puts parameters and pools where scoring runs (parallel.place_for_scoring).
     heldout: (h_in, h_tgt, keys, fine, boxes) of the training images, whose rows at the pools' calibration
     positions give the term statistics of rows with scoring.mpo_fusion = sum."""
-    tc = config.train
-    cfgs = _row_configs(config)
-    fns = {row: jax.jit(make_score_features_fn(cfg, model), static_argnums=(6,)) for row, cfg in cfgs.items()}
+    rows = _row_specs(sc, tc.eval_rows)
+    fns = {row: jax.jit(make_score_features_fn(spec, model), static_argnums=(6,)) for row, spec in rows.items()}
     dev_pools = place(device_pools(pools))
     few = _few_heldout(pools, tc.eval_images)
     pool_idx = pools.pool_index(list(evalset.classes))
     normal = np.nonzero(evalset.labels == 0)[0]
-    key = jax.random.fold_in(jax.random.key(config.seed), 0xE7A1)
-    bs, size = int(config.data.eval_batch_size), int(config.data.image_size)
+    key = jax.random.fold_in(jax.random.key(tc.seed), 0xE7A1)
+    bs, size = int(d.eval_batch_size), int(d.image_size)
 
     @jax.jit
     def normal_loss(params, h, t, idx):
@@ -141,11 +140,11 @@ def make_learning_curves(config, model, pools, evalset: EvalSet, place, heldout=
         out = {"heldout_normal_loss": total / max(count, 1)}
         for row, fn in fns.items():
             row_pools = dev_pools
-            if needs_term_stats(cfgs[row].scoring):
+            if needs_term_stats(rows[row]):
                 if heldout is None:
                     raise ValueError(f"learning-curve row {row!r} needs held-out features for its term statistics")
                 h, t, k, f, bx = heldout
-                cal = calibrate(cfgs[row], model, params, few, h, t, k, None, None, f, bx)
+                cal = calibrate(rows[row], d, model, params, few, h, t, k, None, None, f, bx)
                 row_pools = dict(dev_pools, term_stats=place(jnp.asarray(cal["term_stats"])))
             metrics = _row_metrics(fn, params, row_pools, evalset, pool_idx, bs, size)
             out.update({f"{row}/{m}": v for m, v in metrics.items()})

@@ -19,6 +19,7 @@ from __future__ import annotations
 import numpy as np
 
 from maskad_jax.common.errors import ConfigError
+from maskad_jax.common.specs import PredictSpec, ScoringSpec
 from maskad_jax.training.fit import scoring_signature
 
 RULES = ("quantile", "f1", "auto")
@@ -71,17 +72,16 @@ def f1_threshold(scores, labels) -> tuple[float, float]:
     return float(s[last][best]), float(f1[best])
 
 
-def class_threshold(config, pools, cls: str, of: str = "score") -> float:
+def class_threshold(pc: PredictSpec, sc: ScoringSpec, pools, cls: str, of: str = "score") -> float:
     """The decision threshold of a class (of = "map": the level outlining a map's regions).
 
     With scoring.pixel_map = mpo the map has its own scale: its level is always the quantile of the
     held-out images' map maxima, whatever fixes the score's."""
-    pc = config.predict
-    own_map = of == "map" and config.scoring.pixel_map != "score"
+    own_map = of == "map" and sc.pixel_map != "score"
     fixed = fixed_thresholds(pc.threshold, pools.class_names)
     if cls in fixed and not own_map:
         return fixed[cls]
-    signature = None if own_map and cls in fixed else scoring_signature(config)
+    signature = None if own_map and cls in fixed else scoring_signature(sc)
     rule = pc.threshold_rule
     if not own_map and rule in ("f1", "auto"):
         val = pools.val_thresholds.get(cls)
@@ -97,9 +97,9 @@ def class_threshold(config, pools, cls: str, of: str = "score") -> float:
     return pools.threshold(cls, pc.threshold_quantile, signature, of)
 
 
-def class_thresholds(config, pools) -> list[float]:
+def class_thresholds(pc: PredictSpec, sc: ScoringSpec, pools) -> list[float]:
     """class_threshold of every pool, in the pools' order."""
-    return [class_threshold(config, pools, c) for c in pools.class_names]
+    return [class_threshold(pc, sc, pools, c) for c in pools.class_names]
 
 
 def normal_medians(pools) -> list[float]:
@@ -116,9 +116,8 @@ def normalised(score: float, threshold: float, median: float) -> float | None:
     return float((score - median) / (threshold - median))
 
 
-def threshold_rule(config, pools=None) -> str:
+def threshold_rule(pc: PredictSpec, pools=None) -> str:
     """One line saying where the thresholds come from."""
-    pc = config.predict
     names = pools.class_names if pools is not None else ()
     fixed = fixed_thresholds(pc.threshold, names) if pools is not None else {}
     quant = (

@@ -28,6 +28,7 @@ from jax.sharding import PartitionSpec as P
 from maskad_jax.common.errors import ConfigError, MissingInputError, UserError
 from maskad_jax.common.parallel import data_mesh, to_local, training_mesh
 from maskad_jax.common.progress import TrainingRecord
+from maskad_jax.common.specs import ModelSpec, TrainSpec, with_role
 from maskad_jax.engine import masks as masks_lib
 from maskad_jax.models.reconstructor import build_reconstructor
 from maskad_jax.training.optim import make_optimizer
@@ -37,23 +38,20 @@ class CheckpointMismatchError(UserError, ValueError):
     """A checkpoint written by a run with another model configuration."""
 
 
-def model_fingerprint(config, in_channels: int) -> dict:
-    """What a checkpoint must agree with to be reused."""
+def model_fingerprint(ms: ModelSpec, image_size: int, target: str, in_channels: int) -> dict:
+    """What a checkpoint must agree with to be reused: the fields of role "model" (common/specs.py) of
+    the backbone and the reconstructor, data.image_size and train.target, and the input channels."""
     return {
-        "backbone": {
-            k: (list(v) if isinstance(v, tuple) else v)
-            for k, v in config.model.backbone.items()
-            if k not in ("weights", "depthwise")
-        },
-        "reconstructor": {k: v for k, v in config.model.reconstructor.items() if k != "attention"},
+        "backbone": with_role(ms.backbone, "model"),
+        "reconstructor": with_role(ms.reconstructor, "model"),
         "in_channels": int(in_channels),
-        "image_size": int(config.data.image_size),
-        "target": config.train.target,
+        "image_size": int(image_size),
+        "target": target,
     }
 
 
-def sample_train_mask(key, h, cfg, fg_weights=None) -> jax.Array:
-    """One training mask for one (gh, gw, C) feature map: strategy drawn with cfg.mask_probs.
+def sample_train_mask(key, h, tc: TrainSpec, fg_weights=None) -> jax.Array:
+    """One training mask for one (gh, gw, C) feature map: strategy drawn with tc.mask_probs.
 
     fg_weights: the map's masks.foreground_weights (gh*gw,), if already computed (training computes
     them once per cached image); None computes them here.
@@ -61,21 +59,21 @@ def sample_train_mask(key, h, cfg, fg_weights=None) -> jax.Array:
     gh, gw = h.shape[:2]
     n = gh * gw
     k_choice, k_r, k_b, k_f = jax.random.split(key, 4)
-    probs = jnp.asarray(cfg.mask_probs, jnp.float32)
+    probs = jnp.asarray(tc.mask_probs, jnp.float32)
     choice = jax.random.choice(k_choice, 3, p=probs / probs.sum())
     options = []
     for i, make in enumerate(
         (
-            lambda: masks_lib.random_mask(k_r, n, int(round(cfg.random_ratio * n))),
-            lambda: masks_lib.block_mask(k_b, (gh, gw), int(round(cfg.block_ratio * n))),
+            lambda: masks_lib.random_mask(k_r, n, int(round(tc.random_ratio * n))),
+            lambda: masks_lib.block_mask(k_b, (gh, gw), int(round(tc.block_ratio * n))),
             lambda: masks_lib.foreground_mask(
                 k_f,
                 masks_lib.foreground_weights(h) if fg_weights is None else fg_weights,
-                int(round(cfg.foreground_ratio * n)),
+                int(round(tc.foreground_ratio * n)),
             ),
         )
     ):
-        options.append(make() if cfg.mask_probs[i] > 0 else jnp.zeros((n,), bool))
+        options.append(make() if tc.mask_probs[i] > 0 else jnp.zeros((n,), bool))
     return jnp.stack(options)[choice]
 
 
@@ -101,7 +99,9 @@ def _batch_indices(n: int, batch: int, seed: int, step: int) -> np.ndarray:
 
 
 def train(
-    config,
+    tc: TrainSpec,
+    ms: ModelSpec,
+    image_size: int,
     h_in: np.ndarray,
     h_tgt: np.ndarray | None,
     workdir: str | None,
@@ -116,14 +116,13 @@ def train(
     max_steps stops early (to simulate an interruption in tests); the schedule still spans all epochs.
     periodic: f(params) -> ({name: value}, summary line), run every train.eval_every epochs (learning_curves.py).
     """
-    tc = config.train
     n, gh, gw, c = h_in.shape
-    attention = config.model.reconstructor.get("attention", "einsum")
+    attention = ms.reconstructor.attention
     if attention == "jax_cudnn":  # cuDNN's fused backward needs other sequence lengths than 1 + 196
         log("model.reconstructor.attention = jax_cudnn is for scoring only; training uses einsum (same parameters)")
         attention = "einsum"
-    model = build_reconstructor(config, c, (gh, gw), attention)
-    base_key = jax.random.key(config.seed)
+    model = build_reconstructor(ms, c, (gh, gw), attention)
+    base_key = jax.random.key(tc.seed)
 
     def init_params(key):
         return model.init(key, jnp.zeros((1, gh, gw, c)), jnp.zeros((1, gh * gw), bool))["params"]
@@ -144,18 +143,18 @@ def train(
 
     return training_loop(
         tc,
-        config.seed,
+        tc.seed,
         (h_in, h_tgt, fg),
         init_params,
         loss_fn,
         lambda total, spe: make_optimizer(tc, total, spe),
-        model_fingerprint(config, c),
+        model_fingerprint(ms, image_size, tc.target, c),
         workdir,
         log=log,
         max_steps=max_steps,
         periodic=periodic,
-        periodic_every=int(tc.get("eval_every", 0)),
-        devices=tc.get("devices", "auto"),
+        periodic_every=int(tc.eval_every),
+        devices=tc.devices,
     )
 
 
@@ -471,15 +470,16 @@ def restore_trained(workdir: str, tc, name: str, init_params, make_tx, fingerpri
     return state["params"], int(state["step"])
 
 
-def restore_params(workdir: str, config, in_channels: int, grid):
-    """The latest trained reconstructor parameters in workdir (for eval/predict), checked against config."""
-    model = build_reconstructor(config, in_channels, grid)
+def restore_params(workdir: str, tc: TrainSpec, ms: ModelSpec, image_size: int, in_channels: int, grid):
+    """The latest trained reconstructor parameters in workdir (for eval/predict), checked against the
+    model spec (model_fingerprint)."""
+    model = build_reconstructor(ms, in_channels, grid)
     gh, gw = grid
     return restore_trained(
         workdir,
-        config.train,
+        tc,
         "train",
         lambda key: model.init(key, jnp.zeros((1, gh, gw, in_channels)), jnp.zeros((1, gh * gw), bool))["params"],
-        lambda total, spe: make_optimizer(config.train, total, spe),
-        model_fingerprint(config, in_channels),
+        lambda total, spe: make_optimizer(tc, total, spe),
+        model_fingerprint(ms, image_size, tc.target, in_channels),
     )

@@ -22,13 +22,15 @@ args = parse_and_initialize(p)
 
 from configs import demo  # noqa: E402
 from maskad_jax.app import pipeline  # noqa: E402
+from maskad_jax.common.specs import resolve  # noqa: E402
 from maskad_jax.training import feature_cache  # noqa: E402
 
 c = demo.get_config("smoke")
 c.data.tfds_dir = args.tfds_dir
 c.data.eval_batch_size = 4
-_, train_data, _ = pipeline.load_data(c)
+s = resolve(c)
+_, train_data, _ = pipeline.load_data(s.data)
 h_in, h_tgt, keys, _, _ = feature_cache.extract_features(
-    feature_cache.make_extractor(c), train_data, c, with_target=True
+    feature_cache.make_extractor(s.model, s.train.seed), train_data, s.data, with_target=True
 )
 np.savez(args.out, h_in=h_in, h_tgt=h_tgt, keys=keys, processes=jax.process_count(), devices=jax.device_count())

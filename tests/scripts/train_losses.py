@@ -23,6 +23,7 @@ args = parse_and_initialize(parser)
 
 from configs import default  # noqa: E402
 from maskad_jax.common.parallel import training_mesh  # noqa: E402
+from maskad_jax.common.specs import resolve  # noqa: E402
 from maskad_jax.training.train import train  # noqa: E402
 
 c = default.get_config()
@@ -30,8 +31,9 @@ r = c.model.reconstructor
 r.embed_dim, r.encoder_depth, r.decoder_depth, r.num_heads = 32, 1, 1, 2
 c.train.epochs, c.train.batch_size, c.train.warmup_epochs, c.train.log_every = 2, 8, 1, 1000
 c.train.devices = args.train_devices
+s = resolve(c)
 h = np.random.default_rng(0).normal(size=(24, 4, 4, 8)).astype(np.float32)
-res = train(c, h, None, None, log=lambda *_: None)
+res = train(s.train, s.model, s.data.image_size, h, None, None, log=lambda *_: None)
 print(
     json.dumps(
         {
