@@ -189,8 +189,9 @@ def test_flow_training_loss_falls_and_resumes_to_the_same_parameters(tmp_path):
 
 
 def test_flow_mpo_ranks_an_injected_defect_first():
+    from maskad_jax.engine.mpo import FlowMpo
     from maskad_jax.engine.scoring import device_pools, make_score_features_fn
-    from maskad_jax.models.flow import FlowState, build_flow
+    from maskad_jax.models.flow import build_flow
     from maskad_jax.models.reconstructor import build_reconstructor
     from maskad_jax.training.flow_fit import calibrate_flow, train_flow
 
@@ -200,7 +201,7 @@ def test_flow_mpo_ranks_an_injected_defect_first():
     res = train_flow(resolve(c).flow, h, pools, np.zeros(len(h), np.int32), None, log=lambda *_: None)
     ref = calibrate_flow(resolve(c).flow, res.params, h, pools)
     assert np.isfinite(ref).all()
-    flow = FlowState(build_flow(resolve(c).flow, 6), res.params, ref)
+    flow = FlowMpo(build_flow(resolve(c).flow, 6), res.params, ref, c.flow.cond_dim)
     model = build_reconstructor(resolve(c).model, 6, (4, 4))
     params = model.init(jax.random.key(0), jnp.zeros((1, 4, 4, 6)), jnp.zeros((1, 16), bool))["params"]
     test = _structured(n=2, seed=5)

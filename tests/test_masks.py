@@ -49,7 +49,7 @@ def test_foreground_weights_pick_out_an_object():
 
 
 def test_foreground_weights_of_a_cache_with_numpy_equal_the_jitted_per_image_ones():
-    from maskad_jax.training.train import foreground_weights_of_cache
+    from maskad_jax.training.step import foreground_weights_of_cache
 
     h = np.random.default_rng(3).normal(size=(5, 4, 6, 7)).astype(np.float32)
     h[1] = 2.0  # a constant map: all distances 0, weights 0 (no division by zero)
@@ -60,7 +60,7 @@ def test_foreground_weights_of_a_cache_with_numpy_equal_the_jitted_per_image_one
 
 def test_training_mask_from_precomputed_foreground_weights_is_the_same_mask():
     from configs import default
-    from maskad_jax.training.train import foreground_weights_of_cache, sample_train_mask
+    from maskad_jax.training.step import foreground_weights_of_cache, sample_train_mask
 
     tc = default.get_config().train
     tc.mask_probs = (0.0, 0.0, 1.0)

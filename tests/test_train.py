@@ -12,8 +12,9 @@ from helpers import forced_devices_env, loopback_coordinator, train_specs
 
 from configs import default
 from maskad_jax.common.specs import resolve
+from maskad_jax.training.checkpoints import CheckpointMismatchError
 from maskad_jax.training.optim import decay_mask
-from maskad_jax.training.train import CheckpointMismatchError, train
+from maskad_jax.training.train import train
 
 SCRIPT = os.path.join(os.path.dirname(__file__), "scripts", "train_losses.py")
 
@@ -222,13 +223,13 @@ def test_bfloat16_switch_trains_with_float32_parameters():
 def test_diverging_training_stops_with_a_clear_error_and_keeps_the_last_good_checkpoint(tmp_path):
     """lr 1e12: the loss turns NaN within a few steps. The run stops with TrainingDivergedError
     instead of finishing with rc 0, and no checkpoint holds non-finite parameters."""
-    from maskad_jax.training.train import TrainingDivergedError, _checkpoint_manager, restore_trained
+    from maskad_jax.training.checkpoints import TrainingDivergedError, checkpoint_manager, restore_trained
 
     c = _tiny_config(lr=1e12, checkpoint_every=1, max_to_keep=20)
     with pytest.raises(TrainingDivergedError, match="diverged") as err:
         train(*train_specs(c), _features(), None, str(tmp_path), log=lambda *_: None)
     assert "train.lr" in str(err.value) or "learning rate" in str(err.value)
-    steps = _checkpoint_manager(str(tmp_path), c.train).all_steps()
+    steps = checkpoint_manager(str(tmp_path), c.train).all_steps()
     assert 0 < len(steps) < 9  # stopped early, with the good checkpoints before it
     from maskad_jax.models.reconstructor import build_reconstructor
     from maskad_jax.training.optim import make_optimizer
@@ -254,8 +255,9 @@ def _largest_file(folder):
 @pytest.mark.parametrize("damage", ["flip", "truncate"])
 def test_corrupt_checkpoint_is_named_and_resuming_falls_back_to_the_previous_one(tmp_path, damage):
     from maskad_jax.models.reconstructor import build_reconstructor
+    from maskad_jax.training.checkpoints import CheckpointCorruptError, restore_trained
     from maskad_jax.training.optim import make_optimizer
-    from maskad_jax.training.train import CheckpointCorruptError, model_fingerprint, restore_trained
+    from maskad_jax.training.train import model_fingerprint
 
     c, h = _tiny_config(), _features()
     full = train(*train_specs(c), h, None, str(tmp_path / "full"), log=lambda *_: None)

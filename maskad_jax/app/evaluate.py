@@ -56,16 +56,16 @@ def evaluate(
     params,
     pools,
     data: SplitData,
-    flow=None,
+    mpo=None,
 ) -> dict:
     """Score the split, check the results are finite, compute the metrics, write the files (quantile:
     predict.threshold_quantile, for the report's thresholds)."""
-    params, dev_pools = place_for_scoring(sc.devices, (params, device_pools(pools, flow)))
+    params, dev_pools = place_for_scoring(sc.devices, (params, device_pools(pools, mpo)))
     if sc.mpo_normalisation == "test_max":
-        normalise_on_the_test_set(sc, d, extractor, pools, dev_pools, flow, data)
+        normalise_on_the_test_set(sc, d, extractor, pools, dev_pools, mpo, data)
     t0 = time.time()
     maps, masks, scores, rec_mean, uncertified, boxes, originals, masks_image = _score_split(
-        sc, d, extractor, model, params, dev_pools, pools, data, flow
+        sc, d, extractor, model, params, dev_pools, pools, data, mpo
     )
     rate = len(data) / max(time.time() - t0, 1e-9)
     frame = eval_frame(ev)
@@ -154,10 +154,10 @@ def stitch_split(d: DataSpec, data, maps, scores, rec_mean, uncertified, boxes, 
     return out, masks, score.astype(np.float32), rec.astype(np.float32), np.bincount(data.image_of, uncertified), images
 
 
-def _score_split(sc: ScoringSpec, d: DataSpec, extractor, model, params, dev_pools, pools, data, flow):
+def _score_split(sc: ScoringSpec, d: DataSpec, extractor, model, params, dev_pools, pools, data, mpo):
     """This process's share of the split scored and every process's rows gathered: (maps, masks,
     scores, rec_mean, uncertified, content boxes, original sizes, whole-image masks) over the split."""
-    score = make_score_fn(sc, extractor, model, flow)
+    score = make_score_fn(sc, extractor, model, mpo)
     size, n = d.image_size, len(data)
     share = process_share(n)  # this process's images (all of them with one process)
     out = {

@@ -57,15 +57,15 @@ GEOMETRY_RULES = {
 
 
 def scorer_function(
-    sc: ScoringSpec, d: DataSpec, pc: PredictSpec, xs: ExportSpec, extractor, model, params, pools, flow=None
+    sc: ScoringSpec, d: DataSpec, pc: PredictSpec, xs: ExportSpec, extractor, model, params, pools, mpo=None
 ):
     """f(images uint8 (B, S, S, 3), keys int32 (B,)[, boxes int32 (B, 4) with data.geometry = pad]) ->
     dict: the eval program with everything baked in (the fit's ignore regions included)."""
     pc = pc
-    dev_pools = jax.tree_util.tree_map(jnp.asarray, to_local(device_pools(pools, flow)))
+    dev_pools = jax.tree_util.tree_map(jnp.asarray, to_local(device_pools(pools, mpo)))
     params = jax.tree_util.tree_map(jnp.asarray, to_local(params))
     variables = extractor.variables
-    score = make_score_fn(sc, extractor, model, flow)
+    score = make_score_fn(sc, extractor, model, mpo)
     thresholds = jnp.asarray(class_thresholds(pc, sc, pools), jnp.float32)
     fixed = pools.pool_index([pc.class_name])[0] if pc.class_name else None
 
@@ -108,7 +108,7 @@ def export(
     model,
     params,
     pools,
-    flow=None,
+    mpo=None,
 ) -> str:
     """Write <workdir>/export/ (replacing an earlier export, which is this program's own output)."""
     if sc.mpo_normalisation != "calibration":
@@ -124,7 +124,7 @@ def export(
         shutil.rmtree(tmp)
     os.makedirs(tmp)
     try:
-        _write_artifact(sc, d, pc, xs, tmp, extractor, model, params, pools, flow, onnx_skip, t0)
+        _write_artifact(sc, d, pc, xs, tmp, extractor, model, params, pools, mpo, onnx_skip, t0)
         swap_in(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -146,17 +146,17 @@ def _write_artifact(
     model,
     params,
     pools,
-    flow,
+    mpo,
     onnx_skip,
     t0,
 ):
     """The export's files in the folder tmp: scorer(s), serve.py, manifest.json and its digest."""
-    scorer = scorer_function(sc, d, pc, xs, extractor, model, params, pools, flow)
+    scorer = scorer_function(sc, d, pc, xs, extractor, model, params, pools, mpo)
     with open(os.path.join(tmp, "scorer.stablehlo"), "wb") as f:
         f.write(export_stablehlo(sc, d, pc, xs, scorer))
     progress.log(f"exported the scoring program as StableHLO for {', '.join(xs.platforms)} in {time.time() - t0:.0f}s")
     onnx_note = _write_onnx(
-        sc, d, pc, xs, lambda s: scorer_function(s, d, pc, xs, extractor, model, params, pools, flow), tmp, onnx_skip
+        sc, d, pc, xs, lambda s: scorer_function(s, d, pc, xs, extractor, model, params, pools, mpo), tmp, onnx_skip
     )
     here = os.path.dirname(serve_export.__file__)  # runtime/: the files that run without this package
     shutil.copyfile(os.path.join(here, "serve_export.py"), os.path.join(tmp, "serve.py"))

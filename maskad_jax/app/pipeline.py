@@ -5,8 +5,8 @@ images with the checkpoint and pools; predict.py), export (the scoring program a
 export.py). The stages, in order:
   validate the config (config_check) -> lock the workdir -> data -> backbone features of the
   training images (feature_cache) -> nominal pools (fit) -> train the reconstructor (train, with
-  learning curves) -> [train the flow M_po (flow_fit)] -> calibration scores -> save the fit ->
-  evaluate the test split (evaluate) -> report.html.
+  learning curves) -> M_po (training/mpo.py: the flow trained when scoring.mpo = flow) -> calibration
+  scores -> save the fit -> evaluate the test split (evaluate) -> report.html.
 A workdir holds config.json, checkpoints/ (orbax), fit/ (pools and calibration), train_log.jsonl,
 tensorboard/, metrics.json, scores.csv, report.html, heatmaps/ and predictions/.
 """
@@ -37,8 +37,8 @@ from maskad_jax.data.geometry import place
 from maskad_jax.data.ignore_masks import load_ignore_masks
 from maskad_jax.data.splits import SplitData
 from maskad_jax.data.tiling import image_level, tiled, tiles_on, untiled
+from maskad_jax.engine.mpo import NearestNeighbourMpo
 from maskad_jax.engine.scoring import fine_on, needs_term_stats
-from maskad_jax.models.flow import FlowState, build_flow
 from maskad_jax.models.reconstructor import build_reconstructor, count_params
 from maskad_jax.runtime import serve_export
 from maskad_jax.training import feature_cache
@@ -51,14 +51,8 @@ from maskad_jax.training.fit import (
     scoring_difference,
     scoring_signature,
 )
-from maskad_jax.training.flow_fit import (
-    calibrate_flow,
-    load_flow_reference,
-    restore_flow,
-    save_flow_reference,
-    train_flow,
-)
 from maskad_jax.training.learning_curves import build_eval_set, make_learning_curves
+from maskad_jax.training.mpo import restore_mpo, train_mpo
 from maskad_jax.training.thresholds import class_threshold, threshold_rule
 from maskad_jax.training.train import restore_params, train
 from tfds_builders import prepare
@@ -144,7 +138,7 @@ def _predict_or_export(s: Specs, workdir, mode) -> dict:
     progress.log(f"restored the reconstructor at step {step} from {workdir}")
     _write_config(s, workdir, mode)
     pools = Pools.load(os.path.join(workdir, "fit"))
-    flow = restore_flow_state(s, workdir, channels, grid, pools)
+    mpo = restore_mpo(s.scoring, s.flow, s.model, s.data, workdir, channels, grid, pools)
     _require_fine_pools(s, pools)
     pools.require_geometry(s.data)
     if needs_term_stats(s.scoring) and not pools.calibrated_for(s.scoring, terms_only=True):
@@ -155,12 +149,10 @@ def _predict_or_export(s: Specs, workdir, mode) -> dict:
             f"training config's scoring"
         )
     if mode == "export":
-        return {
-            "export": export(s.scoring, s.data, s.predict, s.export, workdir, extractor, model, params, pools, flow)
-        }
+        return {"export": export(s.scoring, s.data, s.predict, s.export, workdir, extractor, model, params, pools, mpo)}
     return {
         "predictions": predict(
-            s.scoring, s.data, s.predict, workdir, extractor, model, params, pools, log=progress.log, flow=flow
+            s.scoring, s.data, s.predict, workdir, extractor, model, params, pools, log=progress.log, mpo=mpo
         )
     }
 
@@ -196,11 +188,11 @@ def _train_and_eval(s: Specs, workdir, mode) -> dict:
             params, step = restore_params(workdir, s.train, s.model, s.data.image_size, channels, grid)
             progress.log(f"restored the reconstructor at step {step} from {workdir}")
         pools = Pools.load(os.path.join(workdir, "fit"))
-        flow = restore_flow_state(s, workdir, channels, grid, pools)
+        mpo = restore_mpo(s.scoring, s.flow, s.model, s.data, workdir, channels, grid, pools)
         _require_fine_pools(s, pools)
         pools.require_geometry(s.data)
         if needs_term_stats(s.scoring) and not pools.calibrated_for(s.scoring):
-            pools = _recalibrate(s, extractor, model, params, pools, flow, train_data)
+            pools = _recalibrate(s, extractor, model, params, pools, mpo, train_data)
         result.update(
             evaluate(
                 s.scoring,
@@ -213,7 +205,7 @@ def _train_and_eval(s: Specs, workdir, mode) -> dict:
                 params,
                 pools,
                 test_data,
-                flow,
+                mpo,
             )
         )
         if s.data.name == "synthetic" and is_writer():  # images to try --mode=predict on
@@ -226,7 +218,7 @@ def _train_and_eval(s: Specs, workdir, mode) -> dict:
 
 
 def _train_stage(s: Specs, workdir, extractor, model, train_data, test_data):
-    """Features, pools, the reconstructor (and flow), calibration; the fit saved. (params, seconds)."""
+    """Features, pools, the reconstructor (and the flow M_po), calibration; the fit saved. (params, seconds)."""
     h_in, h_tgt, keys, fine, boxes = feature_cache.extract_features(
         extractor,
         train_data,
@@ -269,55 +261,16 @@ def _train_stage(s: Specs, workdir, extractor, model, train_data, test_data):
     progress.log(
         f"reconstructor: {count_params(res.params):,} parameters; trained to step {res.steps} in {seconds:.0f}s"
     )
-    flow, f_train = None, None
-    if s.scoring.mpo == "flow":
-        flow, f_train = _train_flow_stage(s, workdir, h_in, pools, class_names, train_data)
-    cal = calibrate(s.scoring, s.data, model, res.params, pools, h_in, h_tgt, keys, flow, f_train, fine, boxes)
-    _set_calibration(pools, s, image_level(cal, pools.calibration, train_data.image_of))
-    pools.val_thresholds = validation_thresholds(
-        s.scoring, s.data, s.predict, extractor, model, res.params, pools, flow
+    mpo, f_train = train_mpo(
+        s.scoring, s.flow, s.model, s.data, s.fit, s.train.devices, (workdir, h_in, pools, class_names, train_data)
     )
+    cal = calibrate(s.scoring, s.data, model, res.params, pools, h_in, h_tgt, keys, mpo, f_train, fine, boxes)
+    _set_calibration(pools, s, image_level(cal, pools.calibration, train_data.image_of))
+    pools.val_thresholds = validation_thresholds(s.scoring, s.data, s.predict, extractor, model, res.params, pools, mpo)
     if is_writer():
         pools.save(os.path.join(workdir, "fit"))
     barrier("fit saved")
     return res.params, seconds
-
-
-def _train_flow_stage(s: Specs, workdir, h_in, pools, class_names, train_data):
-    """Train (or resume) the flow M_po, calibrate L_ref on held-out images, save it.
-
-    Returns (FlowState, the flow features of the training images or None when they are h_in)."""
-    fc = s.flow
-    t0 = time.time()
-    embedder, feats, fpools = None, h_in, pools
-    if fc.features == "backbone":
-        embedder = feature_cache.make_flow_embedder(s.flow, s.model)
-        feats, _, _, _, _ = feature_cache.extract_features(
-            embedder, train_data, s.data, with_target=False, desc="flow features"
-        )
-        fit_cfg = dataclasses.replace(s.fit, pool_ratio=fc.pool_ratio)
-        fpools = fit_pools(feats, None, class_names, fit_cfg, s.fit.seed)
-        if is_writer():
-            fpools.save(os.path.join(workdir, "fit", "flow_pool"))
-        progress.log(
-            f"flow backbone {fc.backbone.arch}: features {feats.shape[1:]}, pool of up to "
-            f"{fpools.pool_in.shape[1]} tokens"
-        )
-    res = train_flow(
-        s.flow, feats, fpools, fpools.pool_index(class_names), workdir, log=progress.log, devices=s.train.devices
-    )
-    flow_params = to_local(res.params)
-    ref = calibrate_flow(s.flow, flow_params, feats, fpools)
-    if is_writer():
-        save_flow_reference(os.path.join(workdir, "fit"), ref, fpools.class_names)
-    progress.log(
-        f"flow M_po: trained to step {res.steps} in {time.time() - t0:.0f}s; L_ref "
-        + ", ".join(f"{c} {r:.3f}" for c, r in zip(fpools.class_names, ref))
-    )
-    state = FlowState(
-        build_flow(s.flow, feats.shape[-1]), flow_params, ref, embedder, fpools if embedder is not None else None
-    )
-    return state, (feats if embedder is not None else None)
 
 
 def _set_calibration(pools, s: Specs, cal: dict):
@@ -333,12 +286,12 @@ def _require_fine_pools(s: Specs, pools):
         )
 
 
-def _recalibrate(s: Specs, extractor, model, params, pools, flow, train_data, rescale: int | None = None):
+def _recalibrate(s: Specs, extractor, model, params, pools, mpo, train_data, rescale: int | None = None):
     """The fit's calibration for this run's scoring, when it differs from the training run's (an
     ablation row): the held-out training images scored again. In memory only: the saved fit and its
     thresholds stay those of the training scoring. rescale: a pool that changed (--mode=update), whose
     calibration scales (the held-out tokens' mean distance to it) are measured again first."""
-    if flow is not None and flow.embedder is not None:
+    if mpo.own_features:
         raise ConfigError(
             "scoring.mpo_fusion = sum under a scoring other than the training run's needs its term "
             "statistics, which cannot be recomputed with the flow's own backbone: use the training scoring"
@@ -361,7 +314,7 @@ def _recalibrate(s: Specs, extractor, model, params, pools, flow, train_data, re
     if rescale is not None:
         _rescale(pools, rescale, h_in[rows[pools.class_names[rescale]]], fine, rows[pools.class_names[rescale]])
     local = dataclasses.replace(pools, calibration=rows)  # positions into the extracted rows
-    cal = calibrate(s.scoring, s.data, model, to_local(params), local, h_in, h_tgt, keys, flow, None, fine, boxes)
+    cal = calibrate(s.scoring, s.data, model, to_local(params), local, h_in, h_tgt, keys, mpo, None, fine, boxes)
     _set_calibration(pools, s, image_level(cal, pools.calibration, train_data.image_of))
     return pools
 
@@ -389,7 +342,16 @@ def _update(s: Specs, workdir) -> dict:
     record = add_images(s.scoring, s.data, s.fit, s.new_images, extractor, pools)
     if s.data.ignore_masks:
         pools.ignore = load_ignore_masks(s.data.ignore_masks, pools.class_names, s.data.image_size, s.data.geometry)
-    pools = _recalibrate(s, extractor, model, params, pools, None, train_data, rescale=record["pool_index"])
+    pools = _recalibrate(
+        s,
+        extractor,
+        model,
+        params,
+        pools,
+        NearestNeighbourMpo(fine_on(s.scoring)),
+        train_data,
+        rescale=record["pool_index"],
+    )
     if pools.val_thresholds and not s.data.validation:
         progress.log(
             "update: the F1 thresholds were for the old pools and are dropped: give data.validation to redo them"
@@ -406,19 +368,3 @@ def _update(s: Specs, workdir) -> dict:
         f"recorded in {fit_dir}/pools.json"
     )
     return {"update": {k: v for k, v in record.items() if k != "pool_index"}}
-
-
-def restore_flow_state(s: Specs, workdir, channels, grid, pools):
-    """The trained flow (flow.FlowState) for scoring.mpo = 'flow', else None."""
-    if s.scoring.mpo != "flow":
-        return None
-    embedder, fpools = None, None
-    if s.flow.features == "backbone":
-        embedder = feature_cache.make_flow_embedder(s.flow, s.model)
-        fpools = Pools.load(os.path.join(workdir, "fit", "flow_pool"))
-        channels, grid = embedder.channels, embedder.feature_shape(s.data.image_size)[:2]
-    flow, params, step = restore_flow(workdir, s.flow, channels, grid)
-    progress.log(f"restored the flow at step {step} from {workdir}")
-    return FlowState(
-        flow, to_local(params), load_flow_reference(os.path.join(workdir, "fit"), pools.class_names), embedder, fpools
-    )

@@ -85,11 +85,11 @@ def assign_pools(h, pools_dev):
 
 
 def predict(
-    sc: ScoringSpec, d: DataSpec, pc: PredictSpec, workdir: str, extractor, model, params, pools, log=print, flow=None
+    sc: ScoringSpec, d: DataSpec, pc: PredictSpec, workdir: str, extractor, model, params, pools, log=print, mpo=None
 ) -> list[dict]:
     """Score the images of predict.input; results in a new folder of <workdir>/predictions (output_folder).
 
-    flow: the trained flow (flow.FlowState) when scoring.mpo = 'flow' (pipeline.restore_flow_state)."""
+    mpo: the M_po in use (engine/mpo.py; training/mpo.restore_mpo)."""
     pc = pc
     if sc.mpo_normalisation != "calibration":
         raise ConfigError(
@@ -100,7 +100,7 @@ def predict(
     root, rels, unreadable = collect_inputs(pc.input, log)
     final, out_dir = output_folder(workdir)
     try:
-        rows = _predict_into(sc, d, pc, out_dir, root, rels, extractor, model, params, pools, flow, log)
+        rows = _predict_into(sc, d, pc, out_dir, root, rels, extractor, model, params, pools, mpo, log)
         scored = sum(1 for r in rows if r.get("score") is not None)
         skipped = len(rows) - scored
         if not scored:
@@ -128,7 +128,7 @@ def predict(
 
 
 def _predict_into(
-    sc: ScoringSpec, d: DataSpec, pc: PredictSpec, out_dir, root, rels, extractor, model, params, pools, flow, log
+    sc: ScoringSpec, d: DataSpec, pc: PredictSpec, out_dir, root, rels, extractor, model, params, pools, mpo, log
 ) -> list[dict]:
     """Score the images in batches (their tiles, with data.tiles), writing maps and overlays into
     out_dir; a row per image."""
@@ -137,7 +137,7 @@ def _predict_into(
     names = dict(zip(rels, unique_names(rels, "")))  # flat, unique file names for the outputs
     rows, pending = [], {}
     for chunk, pidx, out in scored_batches(
-        sc, d, pc, root, rels, extractor, model, params, pools, flow, rows, log, fixed
+        sc, d, pc, root, rels, extractor, model, params, pools, mpo, rows, log, fixed
     ):
         maps, scores = np.asarray(out["map"]), np.asarray(out["score"])
         for i, (rel, _) in enumerate(chunk["entries"]):
@@ -178,7 +178,7 @@ def scored_batches(
     model,
     params,
     pools,
-    flow,
+    mpo,
     rows,
     log,
     pool_of=None,
@@ -189,8 +189,8 @@ def scored_batches(
     was read, and "tiles_per_image"; their pool indices; the score program's outputs). An image that
     cannot be read gets a row in `rows` with its error. pool_of: one pool index for all, an array of
     one per path, or None (the nearest pool, tile by tile)."""
-    params, dev_pools = place_for_scoring(sc.devices, (params, device_pools(pools, flow)))
-    score = make_score_fn(sc, extractor, model, flow)
+    params, dev_pools = place_for_scoring(sc.devices, (params, device_pools(pools, mpo)))
+    score = make_score_fn(sc, extractor, model, mpo)
     assign = jax.jit(lambda v, x: assign_pools(extractor.apply(v, x), dev_pools))
     wanted = None if pool_of is None else dict(zip(rels, np.broadcast_to(np.asarray(pool_of, np.int32), len(rels))))
     # one compiled shape: the configured batch, but never padded far beyond the images there are (one

@@ -16,14 +16,15 @@ from maskad_jax.common.parallel import (
 from maskad_jax.common.specs import DataSpec, ScoringSpec
 from maskad_jax.data.splits import eval_batches
 from maskad_jax.engine.coreset import nearest_in_pools
-from maskad_jax.engine.mpo import flow_logp_fn
+from maskad_jax.engine.mpo import FlowMpo, flow_logp_fn
 
 
 # ------------------------------------------------------------- the released code's test-set normalisation
-def normalise_on_the_test_set(sc: ScoringSpec, d: DataSpec, extractor, pools, dev_pools, flow, data):
-    """scoring.mpo_normalisation = test_max: M_po's scale from the class's whole test set (in place)."""
-    if flow is not None:
-        dev_pools["flow"]["logp_ref"] = jnp.asarray(_test_max_flow_ref(sc, d, extractor, pools, dev_pools, flow, data))
+def normalise_on_the_test_set(sc: ScoringSpec, d: DataSpec, extractor, pools, dev_pools, mpo, data):
+    """scoring.mpo_normalisation = test_max: M_po's scale from the class's whole test set (in place):
+    the flow's L_ref, or the nearest-neighbour distances' scale."""
+    if mpo.kind == "flow":
+        dev_pools["flow"]["logp_ref"] = jnp.asarray(_test_max_flow_ref(sc, d, extractor, pools, dev_pools, mpo, data))
     else:
         dev_pools["cal_scale"] = jnp.asarray(_test_max_scale(sc, d, extractor, pools, dev_pools, data))
     progress.log("M_po normalised by the max over each class's test set (transductive, as the released code)")
@@ -57,14 +58,14 @@ def _test_max_scale(sc: ScoringSpec, d: DataSpec, extractor, pools, dev_pools, d
     def max_dist(v, x, pidx):
         h = extractor.apply(v, x)
         b, gh, gw, c = h.shape
-        d, _ = nearest_in_pools(h.reshape(b, gh * gw, c), dev_pools["pool_in"], dev_pools["valid"], pidx)
-        return jnp.sqrt(d).max(axis=1)
+        dist, _ = nearest_in_pools(h.reshape(b, gh * gw, c), dev_pools["pool_in"], dev_pools["valid"], pidx)
+        return jnp.sqrt(dist).max(axis=1)
 
     scale = _per_pool_test_max(sc, d, extractor, pools, data, max_dist)
     return np.where(scale > 0, scale, np.asarray(pools.cal_scale))
 
 
-def _test_max_flow_ref(sc: ScoringSpec, d: DataSpec, extractor, pools, dev_pools, flow, data) -> np.ndarray:
+def _test_max_flow_ref(sc: ScoringSpec, d: DataSpec, extractor, pools, dev_pools, flow: FlowMpo, data) -> np.ndarray:
     """Per pool: the largest flow log-likelihood over all test positions of its images (code variant)."""
     fs = dev_pools["flow"]
     own = flow.embedder is not None  # the flow backbone's features and pool, else h and the fit's pools
@@ -74,7 +75,7 @@ def _test_max_flow_ref(sc: ScoringSpec, d: DataSpec, extractor, pools, dev_pools
         b, gh, gw, c = h.shape
         pool, valid = (fs["pool"], fs["valid"]) if own else (dev_pools["pool_in"], dev_pools["valid"])
         lp = flow_logp_fn(flow.module, (gh, gw))(
-            flow.params, h.reshape(b, gh * gw, c), pool, valid, pidx, sc.flow_cond_dim
+            flow.params, h.reshape(b, gh * gw, c), pool, valid, pidx, flow.cond_dim
         )
         return lp.max(axis=1)
 

@@ -172,7 +172,7 @@ class FitSpec:
 class ScoringSpec:
     """The scoring.* fields, then (role "context", not config fields of this section) what the test-time
     program takes from elsewhere: the seed of its random masks, the fine strides of scoring.knn_fine,
-    whether the target is the unnormalised image's features, and the flow's positional encoding size."""
+    and whether the target is the unnormalised image's features."""
 
     mpo: str = _one_of("knn", "flow", "none")
     mpo_normalisation: str = _one_of("calibration", "test_max")
@@ -205,7 +205,6 @@ class ScoringSpec:
     seed: int = _any(role="context")
     fine_strides: tuple = _any(role="context")
     regress_raw: bool = _any(role="context")
-    flow_cond_dim: int = _any(role="context")
 
     @property
     def fine(self) -> bool:
@@ -339,7 +338,6 @@ def resolve(config) -> Specs:
         seed=seed,
         fine_strides=tuple(config.fit.fine_strides),
         regress_raw=train.regress_raw,
-        flow_cond_dim=int(config.flow.cond_dim),
     )
     return Specs(
         name=str(config.get("name", "run")),

@@ -2,10 +2,9 @@
 
 score(params, backbone_vars, pools, images, pool_idx, image_ids) runs, in one XLA program, these
 stages (each a pure function below, testable alone):
-  1. reference_and_knn: the nearest pool token of every position (the reference map r) and its
-     distance over the pool's calibration scale (the kNN M_po); with scoring.knn_fine, fine_knn
-     adds the same distance on the finer grid of the backbone's stride-8/16 taps and M_po is the
-     mean of the two (multiscale_mpo); flow_mpo replaces M_po when scoring.mpo = flow;
+  1. mpo_stage: reference_and_knn finds the nearest pool token of every position (the reference
+     map r) and its distance over the pool's calibration scale; the M_po in use (engine/mpo.py: the
+     nearest-neighbour one, on one grid or two, or the flow's) turns that into M_po;
   2. test_masks: N masks per image (prototype-oriented top-k of M_po at each ratio, random, block,
      and the zero mask), from keys folded from (seed, image id), so an image gets the same map
      alone or in a batch;
@@ -17,7 +16,7 @@ stages (each a pure function below, testable alone):
      held-out normal patches' mean and spread, term_stats), align-corners upsampling, Gaussian
      smoothing; the image score is that map's max. The pixel map is that map, or M_po's own
      (scoring.pixel_map = mpo).
-Invalid scoring.* values are refused when the function is built, not inside jit.
+The scoring.* values are checked before (app/config_check.py, from common/specs.py).
 """
 
 from __future__ import annotations
@@ -30,9 +29,8 @@ from maskad_jax.common.specs import ScoringSpec
 from maskad_jax.engine import association, threefry
 from maskad_jax.engine import masks as masks_lib
 from maskad_jax.engine.coreset import nearest_in_pools
-from maskad_jax.engine.mpo import flow_logp_fn
+from maskad_jax.engine.mpo import NearestNeighbourMpo, gather_pool
 from maskad_jax.engine.smoothing import gaussian_smooth
-from maskad_jax.models.flow import residual_logp
 from maskad_jax.models.reconstructor import patch_errors
 from maskad_jax.models.resize import resize_map_align_corners
 
@@ -71,45 +69,6 @@ def reference_and_knn(pools, tokens, pool_idx):
     scale (the mean such distance of held-out normal tokens, fit.py)."""
     d, idx = nearest_in_pools(tokens, pools["pool_in"], pools["valid"], pool_idx)
     return idx, jnp.sqrt(d) / pools["cal_scale"][pool_idx][:, None]
-
-
-def fine_knn(pools, fine, pool_idx):
-    """fine (B, fh, fw, Cf) -> (B, fh, fw): each position's L2 distance to the nearest token of the
-    image's fine pool over that pool's calibration scale (fit.py, the fine pool)."""
-    b, fh, fw, c = fine.shape
-    d, _ = nearest_in_pools(fine.reshape(b, fh * fw, c), pools["fine_in"], pools["fine_valid"], pool_idx)
-    return (jnp.sqrt(d) / pools["fine_cal_scale"][pool_idx][:, None]).reshape(b, fh, fw)
-
-
-def multiscale_mpo(mpo_tokens, mpo_fine):
-    """The mean of the token-grid (B, gh, gw) and fine (B, fh, fw) kNN maps, both in units of their
-    held-out normal distances, on the fine grid."""
-    return 0.5 * (resize_map_align_corners(mpo_tokens, mpo_fine.shape[1:]) + mpo_fine)
-
-
-def gather_pool(pool, pool_idx, idx):
-    """The pool rows idx (B, n) of each image's pool: (B, n, C)."""
-    return jnp.take_along_axis(pool[pool_idx], idx[..., None], axis=1)
-
-
-def flow_mpo(flow, flow_pools, tokens, residuals, pool_idx, grid, cond_dim, f_flow=None):
-    """The flow's M_po map 1 - exp(min(L - L_ref, 0)): (B, gh, gw), or (B, fh, fw) on the flow
-    backbone's own grid when f_flow (B, fh, fw, Cf) is given (flow.features = 'backbone')."""
-    b = tokens.shape[0]
-    if f_flow is None:  # the reconstructor's own features: the residuals to r are at hand
-        fgrid = grid
-        logp = residual_logp(flow, flow_pools["params"], residuals, fgrid, cond_dim)
-    else:  # the flow backbone's features against its own pool
-        fgrid = f_flow.shape[1:3]
-        logp = flow_logp_fn(flow, fgrid)(
-            flow_pools["params"],
-            f_flow.reshape(b, fgrid[0] * fgrid[1], -1),
-            flow_pools["pool"],
-            flow_pools["valid"],
-            pool_idx,
-            cond_dim,
-        )
-    return (1.0 - jnp.exp(jnp.minimum(logp - flow_pools["logp_ref"][pool_idx][:, None], 0.0))).reshape((b,) + fgrid)
 
 
 def test_masks(seed: int, image_ids, mpo, grid, sc):
@@ -217,22 +176,13 @@ def fuse(patch, mpo_map, stats, sc, out_size: int):
     return score_map, score_map
 
 
-def mpo_stage(sc, flow, cond_dim, pools, tokens, pool_idx, grid, f_flow=None, f_fine=None):
+def mpo_stage(mpo, pools, tokens, pool_idx, grid, f_own=None, f_fine=None):
     """M_po and the reference search: (nearest pool index (B, n), M_po on the token grid (B, n), which
-    the prototype masks rank, M_po's map on its own grid: the token grid, the flow's, or the fine one)."""
-    b, n = tokens.shape[:2]
-    idx, mpo = reference_and_knn(pools, tokens, pool_idx)
-    mpo_map = mpo.reshape((b,) + grid)
-    if sc.mpo == "flow":
-        r_in = gather_pool(pools["pool_in"], pool_idx, idx)
-        mpo_map = flow_mpo(flow.module, pools["flow"], tokens, tokens - r_in, pool_idx, grid, cond_dim, f_flow)
-        mpo = mpo_map if mpo_map.shape[1:] == grid else resize_map_align_corners(mpo_map, grid)
-        mpo = mpo.reshape(b, n)
-    elif fine_on(sc):
-        if f_fine is None:
-            raise ValueError("scoring.knn_fine needs the fine embedding f_fine (FeatureExtractor.apply_with_fine)")
-        mpo_map = multiscale_mpo(mpo_map, fine_knn(pools, f_fine, pool_idx))
-    return idx, mpo, mpo_map
+    the prototype masks rank, M_po's map on its own grid: the token grid, the flow's, or the fine one).
+    mpo: the M_po in use (engine/mpo.py); f_own: its own features (mpo.embed), f_fine: the fine grid's."""
+    idx, knn = reference_and_knn(pools, tokens, pool_idx)
+    mpo_tokens, mpo_map = mpo.map(pools, tokens, idx, knn, pool_idx, grid, f_own, f_fine)
+    return idx, mpo_tokens, mpo_map
 
 
 def keep_mask(boxes, ignore, pool_idx, size: int):
@@ -258,7 +208,7 @@ def apply_keep(score_map, pixel_map, keep):
 
 
 # ----------------------------------------------------------------------------------- composition
-def make_score_features_fn(sc: ScoringSpec, model, flow=None, with_terms: bool = False):
+def make_score_features_fn(sc: ScoringSpec, model, mpo=None, with_terms: bool = False):
     """Scoring from features: f(params, pools, h_in, h_tgt, pool_idx, image_ids, out_size) -> dict.
 
     pools: device_pools(...). flow: the trained flow (flow.FlowState) when scoring.mpo = 'flow';
@@ -267,18 +217,21 @@ def make_score_features_fn(sc: ScoringSpec, model, flow=None, with_terms: bool =
     "map" (pixel map), "score", the terms term_stats standardise: "patch" (P; zeros when off) and
     "mpo_map" (M_po on its grid), and "mpo", "rec", "assdis" on the token grid. with_terms: also
     the raw branch errors "e_h", "e_r" (B, n, N) and the "masks" (B, N, n)."""
-    if sc.mpo == "flow" and flow is None:
-        raise ValueError("scoring.mpo = 'flow' needs the trained flow (flow_fit.restore_flow)")
+    mpo = NearestNeighbourMpo(fine_on(sc)) if mpo is None else mpo
+    if (sc.mpo == "flow") != (mpo.kind == "flow"):
+        raise ValueError(
+            f"scoring.mpo = {sc.mpo!r} needs the trained flow (training/mpo.py), and this M_po is {mpo.kind}"
+        )
     stochastic = bool(sc.test_drop_path)
 
-    def score_features(params, pools, h_in, h_tgt, pool_idx, image_ids, out_size, f_flow=None, f_fine=None, boxes=None):
+    def score_features(params, pools, h_in, h_tgt, pool_idx, image_ids, out_size, f_own=None, f_fine=None, boxes=None):
         b, gh, gw, c = h_in.shape
         n = gh * gw
         tokens = h_in.reshape(b, n, c)
-        idx, mpo, mpo_map = mpo_stage(sc, flow, sc.flow_cond_dim, pools, tokens, pool_idx, (gh, gw), f_flow, f_fine)
+        idx, mpo_tok, mpo_map = mpo_stage(mpo, pools, tokens, pool_idx, (gh, gw), f_own, f_fine)
         r_in = gather_pool(pools["pool_in"], pool_idx, idx)
         r_tgt = gather_pool(pools["pool_tgt"], pool_idx, idx)
-        m, keys = test_masks(sc.seed, image_ids, mpo, (gh, gw), sc)
+        m, keys = test_masks(sc.seed, image_ids, mpo_tok, (gh, gw), sc)
 
         def reconstruct(x, mk, t, key):
             rngs = {"dropout": key} if stochastic else {}
@@ -304,7 +257,7 @@ def make_score_features_fn(sc: ScoringSpec, model, flow=None, with_terms: bool =
             "score": score,
             "patch": jnp.zeros((b, gh, gw)) if patch is None else patch,
             "mpo_map": mpo_map,
-            "mpo": mpo.reshape(b, gh, gw),
+            "mpo": mpo_tok.reshape(b, gh, gw),
             "rec": rec.reshape(b, gh, gw),
             "assdis": ass.reshape(b, gh, gw),
             "ot_uncertified": uncertified,
@@ -316,15 +269,15 @@ def make_score_features_fn(sc: ScoringSpec, model, flow=None, with_terms: bool =
     return score_features
 
 
-def make_score_fn(sc: ScoringSpec, extractor, model, flow=None):
+def make_score_fn(sc: ScoringSpec, extractor, model, mpo=None):
     """Jitted f(params, backbone_vars, pools, images01, pool_idx, image_ids) -> dict of maps and scores.
 
     pools: device_pools(...); flow: the trained flow (flow.FlowState) when scoring.mpo = 'flow'. With
     flow.features = 'backbone' its own backbone (flow.embedder) runs in the same program, its
     variables in pools["flow"]["backbone_vars"]."""
-    score_features = make_score_features_fn(sc, model, flow)
+    mpo = NearestNeighbourMpo(fine_on(sc)) if mpo is None else mpo
+    score_features = make_score_features_fn(sc, model, mpo)
     regress_raw = sc.regress_raw
-    embedder = flow.embedder if flow is not None else None
     fine_strides = tuple(sc.fine_strides) if fine_on(sc) else None
 
     def score(params, backbone_vars, pools, images, pool_idx, image_ids, boxes=None):
@@ -334,13 +287,13 @@ def make_score_fn(sc: ScoringSpec, extractor, model, flow=None):
         else:
             h_in = extractor.apply(backbone_vars, images, normalize=True)
         h_tgt = extractor.apply(backbone_vars, images, normalize=False) if regress_raw else h_in
-        f_flow = None if embedder is None else embedder.apply(pools["flow"]["backbone_vars"], images)
-        return score_features(params, pools, h_in, h_tgt, pool_idx, image_ids, images.shape[1], f_flow, f_fine, boxes)
+        f_own = mpo.embed(pools, images)
+        return score_features(params, pools, h_in, h_tgt, pool_idx, image_ids, images.shape[1], f_own, f_fine, boxes)
 
     return jax.jit(score)
 
 
-def device_pools(pools, flow=None) -> dict:
+def device_pools(pools, mpo=None) -> dict:
     """The one layout of what scoring reads besides the parameters: the fit's pools (fit.Pools) and,
     with a trained flow (flow.FlowState), its parameters, L_ref and (flow.features = backbone) its own
     pool and backbone variables. Arrays are placed by the caller (parallel.place_for_scoring).
@@ -364,12 +317,6 @@ def device_pools(pools, flow=None) -> dict:
         )
     if pools.ignore is not None:
         dev["ignore"] = jnp.asarray(pools.ignore, bool)
-    if flow is not None:
-        dev["flow"] = {"params": flow.params, "logp_ref": jnp.asarray(flow.logp_ref)}
-        if flow.embedder is not None:
-            dev["flow"].update(
-                pool=jnp.asarray(flow.pools.pool_in),
-                valid=jnp.asarray(flow.pools.valid),
-                backbone_vars=flow.embedder.variables,
-            )
+    if mpo is not None:
+        dev.update(mpo.device_state())
     return dev

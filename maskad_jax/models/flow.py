@@ -22,9 +22,7 @@ they never see the optimiser and a checkpoint needs only the learned variables a
 
 from __future__ import annotations
 
-import dataclasses
 import math
-from typing import Any
 
 import flax.linen as nn
 import jax
@@ -177,14 +175,3 @@ def residual_logp(flow, params, residuals, grid, cond_dim: int):
     pe = jnp.asarray(positional_encoding_2d(cond_dim, *grid))
     z, logdet = flow.apply({"params": params}, residuals.reshape(b * n, c), jnp.tile(pe, (b, 1)))
     return log_likelihood(z, logdet).reshape(b, n)
-
-
-@dataclasses.dataclass
-class FlowState:
-    """What scoring needs of a trained flow. embedder/pools: only with flow.features = 'backbone'."""
-
-    module: Any
-    params: Any
-    logp_ref: np.ndarray  # (K,) per pool
-    embedder: Any = None  # flow_features.FlowEmbedder
-    pools: Any = None  # fit.Pools of the flow backbone's features

@@ -28,19 +28,19 @@ from maskad_jax.engine.scoring import (
 
 
 def calibrate(
-    sc: ScoringSpec, d: DataSpec, model, params, pools, h_in, h_tgt, keys, flow=None, f_flow=None, fine=None, boxes=None
+    sc: ScoringSpec, d: DataSpec, model, params, pools, h_in, h_tgt, keys, mpo=None, f_own=None, fine=None, boxes=None
 ) -> dict:
     """Score the held-out normal training images of every pool (for predict's thresholds and, with
     scoring.mpo_fusion = sum, the terms' statistics): {"cal_scores": {class: image scores},
     "cal_map_max": {class: pixel-map maxima}, "term_stats": (K, 4) held-out mean and std of P and of
     M_po per pool, or None when the scoring does not standardise them}.
 
-    h_in, h_tgt, keys, f_flow, fine, boxes: the training images' features and content boxes (rows at
+    h_in, h_tgt, keys, f_own, fine, boxes: the training images' features and content boxes (rows at
     the pools' calibration positions are used; boxes count with data.geometry = pad). Several
     processes each score a share and gather the terms; the statistics and the scores are then
     finished from the gathered terms with the scoring's own fuse and keep stages."""
-    fn = jax.jit(make_score_features_fn(sc, model, flow), static_argnums=(6,))
-    params, dev_pools = place_for_scoring(sc.devices, (params, device_pools(pools, flow)))
+    fn = jax.jit(make_score_features_fn(sc, model, mpo), static_argnums=(6,))
+    params, dev_pools = place_for_scoring(sc.devices, (params, device_pools(pools, mpo)))
     boxes = boxes if d.geometry == "pad" else None
     held = [np.asarray(pools.calibration.get(cls, np.zeros(0, int)), np.int64) for cls in pools.class_names]
     pos = np.concatenate(held)  # training-image positions, class by class
@@ -60,7 +60,7 @@ def calibrate(
                 jnp.asarray(pool[r]),
                 jnp.asarray(keys[p]),
                 size,
-                None if f_flow is None else jnp.asarray(f_flow[p]),
+                None if f_own is None else jnp.asarray(f_own[p]),
                 None if fine is None else jnp.asarray(fine[p]),
                 None if boxes is None else jnp.asarray(boxes[p]),
             )

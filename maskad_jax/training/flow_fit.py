@@ -28,7 +28,8 @@ from maskad_jax.common.specs import FlowSpec, with_role
 from maskad_jax.engine.coreset import nearest
 from maskad_jax.engine.mpo import flow_logp_fn
 from maskad_jax.models.flow import build_flow, flow_loss, positional_encoding_2d
-from maskad_jax.training.train import restore_trained, training_loop
+from maskad_jax.training.checkpoints import restore_trained
+from maskad_jax.training.loop import training_loop
 
 
 def flow_fingerprint(f: FlowSpec, channels: int) -> dict:
@@ -95,7 +96,7 @@ def train_flow(
     max_steps: int | None = None,
     devices: str = "auto",
 ):
-    """Train (or resume) the flow on the training images' residuals. Returns train.TrainResult.
+    """Train (or resume) the flow on the training images' residuals. Returns loop.TrainResult.
 
     devices: train.devices (auto | all | one), shared with the reconstructor's training."""
     n, gh, gw, c = feats.shape

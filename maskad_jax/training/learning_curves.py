@@ -30,7 +30,7 @@ from maskad_jax.engine.ablations import with_row
 from maskad_jax.engine.scoring import device_pools, make_score_features_fn, needs_term_stats
 from maskad_jax.training.calibration import calibrate
 from maskad_jax.training.feature_cache import extract_positions, fine_strides
-from maskad_jax.training.train import sample_train_mask
+from maskad_jax.training.step import sample_train_mask
 
 
 @dataclasses.dataclass
