@@ -26,6 +26,7 @@ from maskad_jax.app.eval_outputs import (
 )
 from maskad_jax.app.test_max import normalise_on_the_test_set
 from maskad_jax.common import progress
+from maskad_jax.common.batching import run_batched, split_batches
 from maskad_jax.common.errors import NonFiniteError
 from maskad_jax.common.parallel import (
     gather_rows,
@@ -143,12 +144,9 @@ def stitch_split(d: DataSpec, data, maps, scores, rec_mean, uncertified, boxes, 
         full = stitch_tiles(tiles, data.crops[t], tuple(int(v) for v in images.sizes[i]))
         full = np.where(np.isfinite(full), full, np.nanmin(full))
         out[i] = np.asarray(Image.fromarray(full, "F").resize((size, size), Image.BILINEAR), np.float32)
-    masks = np.zeros((len(images), size, size), np.uint8)
-    row = 0
-    for batch in eval_batches(images, d.eval_batch_size, image_size=size, geometry="resize"):
-        ok = batch["valid"] == 1
-        masks[row : row + int(ok.sum())] = batch["mask"][ok]
-        row += int(ok.sum())
+    batches = eval_batches(images, d.eval_batch_size, image_size=size, geometry="resize")
+    _, kept = run_batched(None, split_batches(batches, lambda b: (), ("mask",)), total=len(images))
+    masks = kept.get("mask", np.zeros((0, size, size), np.uint8))
     _, score = image_max(scores, data.image_of)
     rec = np.bincount(data.image_of, rec_mean) / np.bincount(data.image_of)
     return out, masks, score.astype(np.float32), rec.astype(np.float32), np.bincount(data.image_of, uncertified), images
@@ -160,47 +158,39 @@ def _score_split(sc: ScoringSpec, d: DataSpec, extractor, model, params, dev_poo
     score = make_score_fn(sc, extractor, model, mpo)
     size, n = d.image_size, len(data)
     share = process_share(n)  # this process's images (all of them with one process)
-    out = {
-        "map": np.zeros((len(share), size, size), np.float32),
-        "mask": np.zeros((len(share), size, size), np.uint8),
-        "score": np.zeros((len(share),), np.float32),
-        "rec": np.zeros((len(share),), np.float32),  # the image's mean per-patch Rec (scoring.error_units)
-        "ot_uncertified": np.zeros((len(share),), np.int32),  # patches whose AssDis used the exact optimum
-        "box": np.zeros((len(share), 4), np.int32),
-        "original": np.zeros((len(share), 2), np.int32),
-        "mask_image": np.zeros((len(share), size, size), np.uint8),
-    }
     pad = d.geometry == "pad"
-    shard, row = scoring_sharding(sc.devices, d.eval_batch_size), 0
+    shard = scoring_sharding(sc.devices, d.eval_batch_size)
+
+    def inputs(batch):
+        pidx = pools.pool_index([data.class_names[c] for c in batch["class_id"]])
+        return batch["image"], pidx, batch["image_key"], batch["box"] if pad else None
+
+    def run(images, pidx, keys, boxes):
+        res = score(params, extractor.variables, dev_pools, images, pidx, keys, boxes)
+        # rec: the image's mean per-patch Rec (scoring.error_units); ot_uncertified: patches whose
+        # AssDis used the exact optimum
+        return {k: res[k] for k in ("map", "score", "rec", "ot_uncertified")}
+
+    batches = eval_batches(
+        data, d.eval_batch_size, image_size=size, num_workers=d.num_workers, positions=share, geometry=d.geometry
+    )
+    host = ("mask", "box", "original", "mask_image")
     with progress.bar(len(share), "scoring") as pbar:
-        for batch in eval_batches(
-            data,
-            d.eval_batch_size,
-            image_size=size,
-            num_workers=d.num_workers,
-            positions=share,
-            geometry=d.geometry,
-        ):
-            names = [data.class_names[c] for c in batch["class_id"]]
-            res = score(
-                params,
-                extractor.variables,
-                dev_pools,
-                jax.device_put(batch["image"], shard),
-                jax.device_put(pools.pool_index(names), shard),
-                jax.device_put(batch["image_key"], shard),
-                jax.device_put(batch["box"], shard) if pad else None,
-            )
-            ok = batch["valid"] == 1
-            r = slice(row, row + int(ok.sum()))  # batches follow `share` in order
-            for k in ("map", "score", "ot_uncertified"):
-                out[k][r] = np.asarray(res[k])[ok]
-            out["rec"][r] = np.asarray(res["rec"]).mean(axis=(1, 2))[ok]
-            for k in ("mask", "box", "original", "mask_image"):
-                out[k][r] = batch[k][ok]
-            row = r.stop
-            pbar.update(int(ok.sum()))
-    return gather_rows(n, share, *(out[k] for k in out))
+        res, kept = run_batched(
+            run,
+            split_batches(batches, inputs, host),
+            place=lambda a: jax.device_put(a, shard),
+            total=len(share),
+            bar=pbar,
+        )
+    if res is None:  # an empty share (fewer images than processes)
+        res = {"map": np.zeros((0, size, size), np.float32), "score": np.zeros(0, np.float32)}
+        res.update(rec=np.zeros((0, 1, 1), np.float32), ot_uncertified=np.zeros(0, np.int32))
+        kept = {"mask": np.zeros((0, size, size), np.uint8), "box": np.zeros((0, 4), np.int32)}
+        kept.update(original=np.zeros((0, 2), np.int32), mask_image=np.zeros((0, size, size), np.uint8))
+    rec = res["rec"].mean(axis=(1, 2))
+    parts = (res["map"], kept["mask"], res["score"], rec, res["ot_uncertified"], kept["box"], kept["original"])
+    return gather_rows(n, share, *parts, kept["mask_image"])
 
 
 def _refuse_non_finite(data, maps, scores):

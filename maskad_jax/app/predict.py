@@ -32,6 +32,7 @@ from PIL import Image
 
 from maskad_jax.app.overlay import overlay, unique_names
 from maskad_jax.common import progress
+from maskad_jax.common.batching import iter_batched
 from maskad_jax.common.errors import ConfigError, DataError, MissingInputError, NonFiniteError
 from maskad_jax.common.parallel import place_for_scoring, scoring_sharding
 from maskad_jax.common.specs import DataSpec, PredictSpec, ScoringSpec
@@ -90,7 +91,6 @@ def predict(
     """Score the images of predict.input; results in a new folder of <workdir>/predictions (output_folder).
 
     mpo: the M_po in use (engine/mpo.py; training/mpo.restore_mpo)."""
-    pc = pc
     if sc.mpo_normalisation != "calibration":
         raise ConfigError(
             "predict scores images one by one: scoring.mpo_normalisation must be 'calibration' "
@@ -132,13 +132,10 @@ def _predict_into(
 ) -> list[dict]:
     """Score the images in batches (their tiles, with data.tiles), writing maps and overlays into
     out_dir; a row per image."""
-    pc = pc
     fixed = int(pools.pool_index([pc.class_name])[0]) if pc.class_name else None
     names = dict(zip(rels, unique_names(rels, "")))  # flat, unique file names for the outputs
     rows, pending = [], {}
-    for chunk, pidx, out in scored_batches(
-        sc, d, pc, root, rels, extractor, model, params, pools, mpo, rows, log, fixed
-    ):
+    for chunk, pidx, out in scored_batches(sc, d, root, rels, extractor, model, params, pools, mpo, rows, log, fixed):
         maps, scores = np.asarray(out["map"]), np.asarray(out["score"])
         for i, (rel, _) in enumerate(chunk["entries"]):
             got = pending.setdefault(rel, {"maps": [], "scores": [], "pidx": [], "placed": [], "crops": []})
@@ -171,7 +168,6 @@ def shape_note(pools, cls, img) -> str:
 def scored_batches(
     sc: ScoringSpec,
     d: DataSpec,
-    pc: PredictSpec,
     root,
     rels,
     extractor,
@@ -201,37 +197,41 @@ def scored_batches(
     t = int(np.prod(d.tiles)) if tiles_on(d.tiles) else 1
     entries = [(r, k) for r in rels for k in (range(t) if t > 1 else [-1])]  # an image, or its tiles
     bs = -(-min(d.eval_batch_size, -(-len(entries) // 8) * 8) // per) * per
-    with progress.bar(len(entries), desc) as pbar:
+
+    def source(pbar):
         for start in range(0, len(entries), bs):
             loaded = _load_chunk(entries[start : start + bs], root, d, rows, log)
-            images, ok = loaded["images"], loaded["entries"]
-            if images:
-                batch = np.stack(images + [images[-1]] * (bs - len(images)))  # a fixed shape: one compiled program
-                x = jax.device_put(batch, shard)
-                if wanted is None:
-                    pidx = np.asarray(assign(extractor.variables, x))
-                else:
-                    pidx = np.asarray([wanted[r] for r, _ in ok] + [wanted[ok[-1][0]]] * (bs - len(ok)))
-                out = score(
-                    params,
-                    extractor.variables,
-                    dev_pools,
-                    x,
-                    jax.device_put(pidx, shard),
-                    jax.device_put(np.asarray([image_key(im) for im in batch]), shard),
-                    *boxes_for(sc, d, pc, loaded["placed"], bs, shard),
-                )
-                yield dict(loaded, tiles_per_image=t), pidx, out
             pbar.update(len(entries[start : start + bs]))
+            images, ok = loaded["images"], loaded["entries"]
+            if not images:
+                continue
+            batch = np.stack(images + [images[-1]] * (bs - len(images)))  # a fixed shape: one compiled program
+            pidx = (
+                None
+                if wanted is None
+                else np.asarray([wanted[r] for r, _ in ok] + [wanted[ok[-1][0]]] * (bs - len(ok)))
+            )
+            keys = np.asarray([image_key(im) for im in batch])
+            inputs = (batch, pidx, keys) + boxes_for(d, loaded["placed"], bs)
+            yield inputs, np.arange(bs) < len(images), {"loaded": dict(loaded, tiles_per_image=t)}
+
+    def run(x, pidx, keys, *boxes):
+        if pidx is None:  # the nearest pool, input by input
+            pidx = jax.device_put(np.asarray(assign(extractor.variables, x)), shard)
+        out = score(params, extractor.variables, dev_pools, x, pidx, keys, *boxes)
+        return {"map": out["map"], "score": out["score"], "pool": pidx}
+
+    with progress.bar(len(entries), desc) as pbar:
+        for out, host, _ in iter_batched(run, source(pbar), place=lambda a: jax.device_put(a, shard)):
+            yield host["loaded"], out["pool"], out
 
 
-def boxes_for(sc: ScoringSpec, d: DataSpec, pc: PredictSpec, placed, bs, shard) -> tuple:
+def boxes_for(d: DataSpec, placed, bs) -> tuple:
     """(the content boxes, padded to the batch,) for data.geometry = pad, else (): the score leaves
     pad's padding out (the other geometries fill the frame, and keep the program without boxes)."""
     if d.geometry != "pad":
         return ()
-    boxes = np.asarray([p.box for p in placed] + [placed[-1].box] * (bs - len(placed)), np.int32)
-    return (jax.device_put(boxes, shard),)
+    return (np.asarray([p.box for p in placed] + [placed[-1].box] * (bs - len(placed)), np.int32),)
 
 
 def crop_note(seen) -> str:

@@ -8,6 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from maskad_jax.common import progress
+from maskad_jax.common.batching import run_batched, split_batches
 from maskad_jax.common.parallel import (
     gather_max,
     process_share,
@@ -36,19 +37,21 @@ def _per_pool_test_max(sc: ScoringSpec, d: DataSpec, extractor, pools, data, ima
     out = np.full(len(pools.class_names), -np.inf, np.float32)
     shard = scoring_sharding(sc.devices, d.eval_batch_size)
     fn = jax.jit(image_max)
-    for batch in eval_batches(
+    batches = eval_batches(
         data,
         d.eval_batch_size,
         image_size=d.image_size,
         num_workers=d.num_workers,
         positions=process_share(len(data)),
         geometry=d.geometry,
-    ):
-        pidx = pools.pool_index([data.class_names[c] for c in batch["class_id"]])
-        m = np.asarray(fn(extractor.variables, jax.device_put(batch["image"], shard), jax.device_put(pidx, shard)))
-        for k, v, ok in zip(pidx, m, batch["valid"]):
-            if ok:
-                out[k] = max(out[k], v)
+    )
+    res, _ = run_batched(
+        lambda x, pidx: {"max": fn(extractor.variables, x, pidx), "pool": pidx},
+        split_batches(batches, lambda b: (b["image"], pools.pool_index([data.class_names[c] for c in b["class_id"]]))),
+        place=lambda a: jax.device_put(a, shard),
+    )
+    if res is not None:
+        np.maximum.at(out, res["pool"], res["max"])
     return gather_max(out)  # each process saw its share of the test images
 
 

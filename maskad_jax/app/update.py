@@ -27,6 +27,7 @@ import numpy as np
 
 from maskad_jax.app.predict import collect_inputs
 from maskad_jax.common import progress
+from maskad_jax.common.batching import run_batched
 from maskad_jax.common.digests import sha256_file
 from maskad_jax.common.errors import ConfigError, DataError
 from maskad_jax.common.parallel import local_batch_sharding
@@ -94,15 +95,14 @@ def new_features(sc: ScoringSpec, d: DataSpec, fs: FitSpec, ni: NewImagesSpec, e
         rows, cols = d.tiles
         images = [im.crop(b) for im in images for b in tile_boxes(*im.size, rows, cols, d.tile_overlap)]
     bs = -(-min(d.eval_batch_size, len(images)) // per) * per
-    out = ([], [], [])
-    for s in range(0, len(images), bs):
-        chunk = [preprocess_image(im, size, geometry=geometry) for im in images[s : s + bs]]
-        n = len(chunk)
-        batch = np.stack(chunk + [chunk[-1]] * (bs - n))
-        for lst, v in zip(out, fn(extractor.variables, jax.device_put(batch, shard))):
-            if v is not None:
-                lst.append(np.asarray(v)[:n])
-    return tuple(np.concatenate(v) if v else None for v in out)
+
+    def source():  # preprocessed a batch at a time, the last padded by repeating its last image
+        for s in range(0, len(images), bs):
+            chunk = [preprocess_image(im, size, geometry=geometry) for im in images[s : s + bs]]
+            yield (np.stack(chunk + [chunk[-1]] * (bs - len(chunk))),), np.arange(bs) < len(chunk), {}
+
+    res, _ = run_batched(lambda x: fn(extractor.variables, x), source(), place=lambda a: jax.device_put(a, shard))
+    return tuple(res) if res is not None else (None, None, None)
 
 
 def grow(pool, valid, new_tokens, ratio, fit_cfg, seed, k, pool_tgt=None, new_tgt=None):

@@ -73,7 +73,7 @@ def validation_thresholds(
     root, rels, pidx, labels = validation_images(d.validation, pools.class_names, d.manual_dir)
     pool_of, label_of, rows, scores = dict(zip(rels, pidx)), dict(zip(rels, labels)), [], {}
     for chunk, _, out in scored_batches(
-        sc, d, pc, root, rels, extractor, model, params, pools, mpo, rows, log, np.asarray(pidx), "validation"
+        sc, d, root, rels, extractor, model, params, pools, mpo, rows, log, np.asarray(pidx), "validation"
     ):
         for (rel, _), v in zip(chunk["entries"], np.asarray(out["score"]).tolist()):
             scores[rel] = max(scores.get(rel, -np.inf), v)  # with tiles, the maximum over them

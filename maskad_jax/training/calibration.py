@@ -6,10 +6,10 @@ from the gathered terms with the scoring's own fuse and keep stages."""
 from __future__ import annotations
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from maskad_jax.common import progress
+from maskad_jax.common.batching import row_batches, run_batched
 from maskad_jax.common.errors import NonFiniteError
 from maskad_jax.common.parallel import (
     gather_rows,
@@ -46,31 +46,20 @@ def calibrate(
     pos = np.concatenate(held)  # training-image positions, class by class
     pool = np.concatenate([np.full(len(p), k, np.int32) for k, p in enumerate(held)])
     rows = process_share(len(pos))
-    terms = {"patch": [], "mpo_map": [], "score": [], "map_max": []}
     bs, size = d.eval_batch_size, d.image_size
+    tgt = h_in if h_tgt is None else h_tgt
+
+    def run(x, t, pidx, k, f_o, f_f, bx):
+        out = fn(params, dev_pools, x, t, pidx, k, size, f_o, f_f, bx)
+        terms = {k: out[k] for k in ("patch", "mpo_map", "score")}
+        return dict(terms, map_max=out["map"].max(axis=(1, 2)))
+
+    at = pos[rows]  # this process's held-out images, by their training-set position
+    arrays = tuple(None if a is None else a[at] for a in (h_in, tgt, pool[rows], keys[at], f_own, fine, boxes))
     with progress.bar(len(rows), "calibration") as pbar:
-        for s in range(0, len(rows), bs):
-            p, r = pos[rows[s : s + bs]], rows[s : s + bs]
-            tgt = h_in[p] if h_tgt is None else h_tgt[p]
-            out = fn(
-                params,
-                dev_pools,
-                jnp.asarray(h_in[p]),
-                jnp.asarray(tgt),
-                jnp.asarray(pool[r]),
-                jnp.asarray(keys[p]),
-                size,
-                None if f_own is None else jnp.asarray(f_own[p]),
-                None if fine is None else jnp.asarray(fine[p]),
-                None if boxes is None else jnp.asarray(boxes[p]),
-            )
-            for k, v in (("patch", out["patch"]), ("mpo_map", out["mpo_map"]), ("score", out["score"])):
-                terms[k].append(np.asarray(v))
-            terms["map_max"].append(np.asarray(out["map"]).max(axis=(1, 2)))
-            pbar.update(len(r))
-    patch, mpo_map, scores, map_max = gather_rows(
-        len(pos), rows, *(np.concatenate(v) if v else None for v in terms.values())
-    )
+        res, _ = run_batched(run, row_batches(arrays, bs), bar=pbar)
+    terms = (None,) * 4 if res is None else (res["patch"], res["mpo_map"], res["score"], res["map_max"])
+    patch, mpo_map, scores, map_max = gather_rows(len(pos), rows, *terms)
     stats = None
     if needs_term_stats(sc):
         stats = term_stats(patch, mpo_map, pool, len(held))
@@ -108,15 +97,5 @@ def _finish(sc, patch, mpo_map, stats, keep, size, bs):
         score, pixel_map = apply_keep(*fuse(p, m, st, sc, size), keep_mask(bx, ignore, pidx, size))
         return score, pixel_map.max(axis=(1, 2))
 
-    fn = jax.jit(finish)
-    out = [
-        fn(
-            patch[s : s + bs],
-            mpo_map[s : s + bs],
-            stats[s : s + bs],
-            None if boxes is None else boxes[s : s + bs],
-            pool[s : s + bs],
-        )
-        for s in range(0, len(patch), bs)
-    ]
-    return tuple(np.concatenate([np.asarray(o[i]) for o in out]) if out else np.zeros(0, np.float32) for i in (0, 1))
+    res, _ = run_batched(jax.jit(finish), row_batches((patch, mpo_map, stats, boxes, pool), bs), place=lambda a: a)
+    return (np.zeros(0, np.float32),) * 2 if res is None else res

@@ -15,6 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from maskad_jax.common import progress
+from maskad_jax.common.batching import run_batched, split_batches
 from maskad_jax.common.parallel import gather_rows, local_batch_sharding, process_share
 from maskad_jax.common.specs import DataSpec, FlowSpec, ModelSpec, ScoringSpec
 from maskad_jax.data.splits import SplitData, eval_batches
@@ -84,27 +85,24 @@ def extract_positions(
     shard = local_batch_sharding(d.eval_batch_size)
     features = feature_fn(extractor, with_target, fine)
     fn = jax.jit(features)
-    h_in, h_tgt, keys, extra, t0 = [], [], [], {f: [] for f in fields}, time.time()
+    t0 = time.time()
+    batches = eval_batches(
+        data,
+        d.eval_batch_size,
+        image_size=d.image_size,
+        num_workers=d.num_workers,
+        positions=positions,
+        geometry=d.geometry,
+    )
+    host = ("image_key",) + tuple(f for f in fields if f != "fine")
     with progress.bar(len(positions), desc) as pbar:
-        for batch in eval_batches(
-            data,
-            d.eval_batch_size,
-            image_size=d.image_size,
-            num_workers=d.num_workers,
-            positions=positions,
-            geometry=d.geometry,
-        ):
-            a, b, f = fn(extractor.variables, jax.device_put(batch["image"], shard))
-            ok = batch["valid"] == 1
-            batch = dict(batch, fine=None if f is None else np.asarray(f))
-            h_in.append(np.asarray(a)[ok])
-            if with_target:
-                h_tgt.append(np.asarray(b)[ok])
-            keys.append(batch["image_key"][ok])
-            for f in fields:
-                extra[f].append(batch[f][ok])
-            pbar.update(int(ok.sum()))
-    n_done = sum(len(k) for k in keys)
+        res, kept = run_batched(
+            lambda x: dict(zip(("h_in", "h_tgt", "fine"), fn(extractor.variables, x))),
+            split_batches(batches, lambda b: (b["image"],), host),
+            place=lambda a: jax.device_put(a, shard),
+            bar=pbar,
+        )
+    n_done = 0 if res is None else len(res["h_in"])
     progress.log(
         f"{desc} of {n_done} images{' (both views)' if with_target else ''}: "
         f"{n_done / max(time.time() - t0, 1e-9):.1f} img/s"
@@ -118,5 +116,5 @@ def extract_positions(
         if fine:  # the fine embedding's shape, so the processes' shares still gather
             none["fine"] = np.zeros((0,) + jax.eval_shape(features, extractor.variables, x)[2].shape[1:], np.float32)
         return empty, (empty if with_target else None), np.zeros((0,), np.int32), none
-    extra = {f: np.concatenate(v) for f, v in extra.items()}
-    return np.concatenate(h_in), (np.concatenate(h_tgt) if with_target else None), np.concatenate(keys), extra
+    extra = {f: (res["fine"] if f == "fine" else kept[f]) for f in fields}
+    return res["h_in"], (res["h_tgt"] if with_target else None), kept["image_key"], extra

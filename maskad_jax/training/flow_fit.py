@@ -23,6 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from maskad_jax.common.batching import row_batches, run_batched
 from maskad_jax.common.errors import MissingInputError
 from maskad_jax.common.specs import FlowSpec, with_role
 from maskad_jax.engine.coreset import nearest
@@ -54,19 +55,15 @@ def compute_residuals(feats: np.ndarray, pools, pool_idx: np.ndarray, positions:
     src = pools.src if pools.src is not None else np.full(pools.valid.shape, -1, np.int32)
     fn = jax.jit(residuals_fn)
     out = np.zeros((n, gh * gw, c), np.float32)
+    tokens = feats.reshape(n, gh * gw, c)
     for k in range(len(pools.class_names)):
         sel = np.nonzero(pool_idx == k)[0]
-        for s in range(0, len(sel), batch):
-            b = sel[s : s + batch]
-            out[b] = np.asarray(
-                fn(
-                    jnp.asarray(feats[b].reshape(len(b), gh * gw, c)),
-                    jnp.asarray(pools.pool_in[k]),
-                    jnp.asarray(pools.valid[k]),
-                    jnp.asarray(src[k]),
-                    jnp.asarray(positions[b]),
-                )
-            )
+        pool, valid, pool_src = (jnp.asarray(a[k]) for a in (pools.pool_in, pools.valid, src))
+        res, _ = run_batched(
+            lambda x, p: fn(x, pool, valid, pool_src, p), row_batches((tokens, positions), batch, rows=sel)
+        )
+        if res is not None:
+            out[sel] = res
     return out
 
 
@@ -140,19 +137,12 @@ def calibrate_flow(f: FlowSpec, params, feats: np.ndarray, pools, batch: int = 6
         pos = pools.calibration.get(cls, np.zeros(0, int))
         if len(pos) == 0:  # no held-out image: the pool's own images (optimistic, but defined)
             pos = np.unique(pools.src[k][pools.src[k] >= 0]) if pools.src is not None else np.arange(min(n, batch))
-        best = -np.inf
-        for s in range(0, len(pos), batch):
-            p = pos[s : s + batch]
-            lp = fn(
-                params,
-                jnp.asarray(feats[p].reshape(len(p), gh * gw, c)),
-                jnp.asarray(pools.pool_in[k : k + 1]),
-                jnp.asarray(pools.valid[k : k + 1]),
-                jnp.zeros(len(p), jnp.int32),
-                f.cond_dim,
-            )
-            best = max(best, float(jnp.max(lp)))
-        ref[k] = best
+        pool, valid = jnp.asarray(pools.pool_in[k : k + 1]), jnp.asarray(pools.valid[k : k + 1])
+        lp, _ = run_batched(
+            lambda x: fn(params, x, pool, valid, jnp.zeros(len(x), jnp.int32), f.cond_dim),
+            row_batches((feats.reshape(n, gh * gw, c),), batch, rows=pos),
+        )
+        ref[k] = float(np.max(lp)) if lp is not None else -np.inf
     return ref
 
 

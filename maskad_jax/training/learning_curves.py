@@ -24,6 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from maskad_jax.common.batching import row_batches, run_batched
 from maskad_jax.common.specs import DataSpec, ScoringSpec, TrainSpec
 from maskad_jax.engine import metrics as metrics_lib
 from maskad_jax.engine.ablations import with_row
@@ -87,17 +88,13 @@ def _row_specs(sc: ScoringSpec, rows) -> dict:
 
 def _row_metrics(fn, params, dev_pools, evalset: EvalSet, pool_idx, bs: int, size: int) -> dict:
     """The seven metrics (fractions, mean over classes) of one row's maps and scores of the evaluation set."""
-    maps, scores = [], []
-    for s in range(0, len(evalset.labels), bs):
-        sl = slice(s, s + bs)
-        h_in, h_tgt = jnp.asarray(evalset.h_in[sl]), jnp.asarray(evalset.h_tgt[sl])
-        fine = None if evalset.fine is None else jnp.asarray(evalset.fine[sl])
-        res = fn(
-            params, dev_pools, h_in, h_tgt, jnp.asarray(pool_idx[sl]), jnp.asarray(evalset.keys[sl]), size, None, fine
-        )
-        maps.append(np.asarray(res["map"]))
-        scores.append(np.asarray(res["score"]))
-    maps, scores, classes = np.concatenate(maps), np.concatenate(scores), np.asarray(evalset.classes)
+
+    def run(h_in, h_tgt, pidx, keys, fine):
+        res = fn(params, dev_pools, h_in, h_tgt, pidx, keys, size, None, fine)
+        return {"map": res["map"], "score": res["score"]}
+
+    res, _ = run_batched(run, row_batches((evalset.h_in, evalset.h_tgt, pool_idx, evalset.keys, evalset.fine), bs))
+    maps, scores, classes = res["map"], res["score"], np.asarray(evalset.classes)
     per_class = []
     for c in sorted(set(evalset.classes)):
         sel = classes == c
@@ -132,10 +129,13 @@ def make_learning_curves(
     def evaluate(params) -> dict:
         params = place(params)
         total, count = 0.0, 0
-        for s in range(0, len(normal), bs):
-            sel = normal[s : s + bs]
-            h_in, h_tgt = jnp.asarray(evalset.h_in[sel]), jnp.asarray(evalset.h_tgt[sel])
-            ls, n = normal_loss(params, h_in, h_tgt, jnp.asarray(sel, jnp.int32))
+        index = np.arange(len(evalset.labels), dtype=np.int32)
+        sums, _ = run_batched(
+            lambda h, t, i: normal_loss(params, h, t, i),
+            row_batches((evalset.h_in, evalset.h_tgt, index), bs, rows=normal),
+            per_batch=True,
+        )
+        for ls, n in sums or []:
             total, count = total + float(ls), count + int(n)
         out = {"heldout_normal_loss": total / max(count, 1)}
         for row, fn in fns.items():
