@@ -42,6 +42,7 @@ from maskad_jax.common.parallel import to_local  # noqa: E402
 from maskad_jax.common.specs import resolve
 from maskad_jax.data.splits import Preprocess, eval_batches  # noqa: E402
 from maskad_jax.engine import metrics as metrics_lib  # noqa: E402
+from maskad_jax.engine import mpo as mpo_lib  # noqa: E402
 from maskad_jax.engine import scoring  # noqa: E402
 from maskad_jax.engine.smoothing import gaussian_matrix  # noqa: E402
 from maskad_jax.models.reconstructor import build_reconstructor  # noqa: E402
@@ -78,7 +79,7 @@ def collect(config, workdir) -> dict:
         h, fine = extractor.apply_with_fine(variables, images, strides) if strides else (None, None)
         h = extractor.apply(variables, images) if h is None else h
         out = feats(params, dev, h, h, pidx, keys, size, None, fine)
-        out["knn_fine"] = scoring.fine_knn(dev, fine, pidx) if strides else jnp.zeros((len(images), 1, 1))
+        out["knn_fine"] = mpo_lib.fine_knn(dev, fine, pidx) if strides else jnp.zeros((len(images), 1, 1))
         return {k: out[k] for k in KEYS}
 
     def run(images, pidx, keys):
@@ -151,7 +152,7 @@ def _smooth(x, sigma):
 
 
 def mpo_grid(t):
-    """M_po on its grid, as scoring.multiscale_mpo forms it (the token grid's alone without the fine)."""
+    """M_po on its grid, as engine/mpo.multiscale_mpo forms it (the token grid's alone without the fine)."""
     if "kNN (fine grid)" not in t:
         return t["kNN (token grid)"]
     fine = t["kNN (fine grid)"]

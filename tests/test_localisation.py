@@ -12,6 +12,7 @@ import pytest
 
 from configs import default, variants
 from maskad_jax.common.specs import resolve
+from maskad_jax.engine import mpo as mpo_lib
 from maskad_jax.engine import scoring
 from maskad_jax.models.features import FeatureExtractor, avg_pool3, pooled_embedding
 from maskad_jax.training.calibration import calibrate, term_stats
@@ -92,7 +93,7 @@ def test_fine_knn_is_the_brute_force_distance_over_the_calibration_scale():
     fine = rng.normal(size=(3, 2, 2, 4)).astype(np.float32)
     pools = {"fine_in": jnp.asarray(pool), "fine_valid": jnp.asarray(valid), "fine_cal_scale": jnp.asarray([2.0, 0.5])}
     pidx = np.asarray([0, 1, 1])
-    got = np.asarray(scoring.fine_knn(pools, jnp.asarray(fine), jnp.asarray(pidx)))
+    got = np.asarray(mpo_lib.fine_knn(pools, jnp.asarray(fine), jnp.asarray(pidx)))
     for i, k in enumerate(pidx):
         rows = pool[k][valid[k]]
         d = np.sqrt(((fine[i].reshape(4, 1, 4) - rows[None]) ** 2).sum(-1)).min(1).reshape(2, 2)
@@ -102,7 +103,7 @@ def test_fine_knn_is_the_brute_force_distance_over_the_calibration_scale():
 def test_multiscale_mpo_is_the_mean_on_the_fine_grid():
     tokens = jnp.full((1, 2, 2), 3.0)
     fine = jnp.asarray(np.arange(16, dtype=np.float32).reshape(1, 4, 4))
-    out = np.asarray(scoring.multiscale_mpo(tokens, fine))
+    out = np.asarray(mpo_lib.multiscale_mpo(tokens, fine))
     np.testing.assert_allclose(out, 0.5 * (3.0 + np.arange(16).reshape(1, 4, 4)), rtol=1e-6)
 
 

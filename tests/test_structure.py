@@ -171,6 +171,19 @@ def test_no_function_below_pipeline_takes_the_whole_config():
     assert found == []
 
 
+def test_host_loops_over_the_data_go_through_the_batching_helper():
+    """No loop of the package iterates data/splits.eval_batches itself: common/batching.py's helper
+    pads, places, runs, gathers and unpads for every batched call."""
+    loops = []
+    for name, path in MODULES.items():
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, (ast.For, ast.comprehension)) and isinstance(node.iter, ast.Call):
+                called = ast.unparse(node.iter.func)
+                if called.endswith("eval_batches") and name != "maskad_jax.common.batching":
+                    loops.append(f"{name}: for ... in {called}(...)")
+    assert loops == []
+
+
 def test_the_export_loader_is_standalone():
     """serve_export.py and serve_http.py are copied next to exported artifacts and run where maskad_jax
     is not installed."""

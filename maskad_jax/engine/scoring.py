@@ -211,8 +211,8 @@ def apply_keep(score_map, pixel_map, keep):
 def make_score_features_fn(sc: ScoringSpec, model, mpo=None, with_terms: bool = False):
     """Scoring from features: f(params, pools, h_in, h_tgt, pool_idx, image_ids, out_size) -> dict.
 
-    pools: device_pools(...). flow: the trained flow (flow.FlowState) when scoring.mpo = 'flow';
-    with flow.features = 'backbone', f_flow (B, fh, fw, Cf) gives its own backbone's features.
+    pools: device_pools(...). mpo: the M_po in use (engine/mpo.py; None: the nearest-neighbour one of
+    sc); f_own (B, fh, fw, Cf): its own features when it has them (the flow on its own backbone).
     f_fine: the fine embedding (FeatureExtractor.apply_with_fine) when scoring.knn_fine is on. Out:
     "map" (pixel map), "score", the terms term_stats standardise: "patch" (P; zeros when off) and
     "mpo_map" (M_po on its grid), and "mpo", "rec", "assdis" on the token grid. with_terms: also
@@ -272,9 +272,9 @@ def make_score_features_fn(sc: ScoringSpec, model, mpo=None, with_terms: bool = 
 def make_score_fn(sc: ScoringSpec, extractor, model, mpo=None):
     """Jitted f(params, backbone_vars, pools, images01, pool_idx, image_ids) -> dict of maps and scores.
 
-    pools: device_pools(...); flow: the trained flow (flow.FlowState) when scoring.mpo = 'flow'. With
-    flow.features = 'backbone' its own backbone (flow.embedder) runs in the same program, its
-    variables in pools["flow"]["backbone_vars"]."""
+    pools: device_pools(...); mpo: the M_po in use (engine/mpo.py; None: the nearest-neighbour one of
+    sc). Features of its own (the flow's backbone, flow.features = 'backbone') are computed in the same
+    program (mpo.embed), its variables in pools["flow"]["backbone_vars"]."""
     mpo = NearestNeighbourMpo(fine_on(sc)) if mpo is None else mpo
     score_features = make_score_features_fn(sc, model, mpo)
     regress_raw = sc.regress_raw
@@ -294,9 +294,10 @@ def make_score_fn(sc: ScoringSpec, extractor, model, mpo=None):
 
 
 def device_pools(pools, mpo=None) -> dict:
-    """The one layout of what scoring reads besides the parameters: the fit's pools (fit.Pools) and,
-    with a trained flow (flow.FlowState), its parameters, L_ref and (flow.features = backbone) its own
-    pool and backbone variables. Arrays are placed by the caller (parallel.place_for_scoring).
+    """The one layout of what scoring reads besides the parameters: the fit's pools (fit.Pools) and
+    the M_po's own state (mpo.device_state(): the flow's parameters, L_ref and, with
+    flow.features = backbone, its own pool and backbone variables). Arrays are placed by the caller
+    (parallel.place_for_scoring).
     term_stats: (K, 4) held-out statistics of P and M_po (mpo_fusion = sum); zeros and ones (no
     standardisation) until calibration has computed them. ignore: (K, S, S) bool, each class's ignore
     region (data.ignore_masks), when the fit has one."""

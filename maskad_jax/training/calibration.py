@@ -55,7 +55,8 @@ def calibrate(
         return dict(terms, map_max=out["map"].max(axis=(1, 2)))
 
     at = pos[rows]  # this process's held-out images, by their training-set position
-    arrays = tuple(None if a is None else a[at] for a in (h_in, tgt, pool[rows], keys[at], f_own, fine, boxes))
+    of = lambda a: None if a is None else a[at]  # noqa: E731
+    arrays = (of(h_in), of(tgt), pool[rows], of(keys), of(f_own), of(fine), of(boxes))
     with progress.bar(len(rows), "calibration") as pbar:
         res, _ = run_batched(run, row_batches(arrays, bs), bar=pbar)
     terms = (None,) * 4 if res is None else (res["patch"], res["mpo_map"], res["score"], res["map_max"])
