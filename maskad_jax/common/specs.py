@@ -67,21 +67,19 @@ class DataSpec:
 
 @dataclasses.dataclass(frozen=True)
 class BackboneSpec:
+    """A backbone: flow.backbone (the flow's own), and model.backbone with its depthwise choice."""
+
     arch: str = _any(role="model")
     weights: str = _any()
     padding: str = _one_of("static", "tf-same", role="model")
     strides: tuple = _any(role="model")
-    depthwise: str = _one_of("auto", "conv", "shifts")
 
 
 @dataclasses.dataclass(frozen=True)
-class FlowBackboneSpec:
-    """flow.backbone: the flow's own backbone (depthwise convolutions follow model.backbone.depthwise)."""
+class ModelBackboneSpec(BackboneSpec):
+    """model.backbone; its depthwise choice also runs the flow's backbone (same results either way)."""
 
-    arch: str = _any(role="model")
-    weights: str = _any()
-    padding: str = _one_of("static", "tf-same", role="model")
-    strides: tuple = _any(role="model")
+    depthwise: str = _one_of("auto", "conv", "shifts")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -99,7 +97,7 @@ class ReconstructorSpec:
 @dataclasses.dataclass(frozen=True)
 class ModelSpec:
     dtype: str = _one_of("float32", "bfloat16")
-    backbone: BackboneSpec = _any()
+    backbone: ModelBackboneSpec = _any()
     reconstructor: ReconstructorSpec = _any()
 
 
@@ -138,7 +136,7 @@ class FlowSpec:
     """Checked only when scoring.mpo = flow."""
 
     features: str = _one_of("reconstructor", "backbone", role="flow_model")
-    backbone: FlowBackboneSpec = _any()
+    backbone: BackboneSpec = _any()
     pool_ratio: float = _num(0, 1, low_open=True)
     blocks: int = _int(1, role="flow_model")
     cond_dim: int = _any(role="flow_model")  # a positive multiple of 4: checked in config_check
@@ -299,7 +297,7 @@ SECTIONS = {
 }
 
 
-_SPEC_CLASSES = {c.__name__: c for c in (BackboneSpec, FlowBackboneSpec, ReconstructorSpec)}
+_SPEC_CLASSES = {c.__name__: c for c in (BackboneSpec, ModelBackboneSpec, ReconstructorSpec)}
 
 
 def nested_spec(f):
