@@ -23,7 +23,7 @@ cd "$CODE"
 export PYTHONPATH="$CODE"
 run() {
   local name=$1; shift
-  python run.py --xla_cache="$OUT/xla" --config.data.tfds_dir="$TFDS" "$@" > "$OUT/$name.log" 2>&1 \
+  python run.py --xla_cache="$OUT/xla" "$@" --config.data.tfds_dir="$TFDS" > "$OUT/$name.log" 2>&1 \
     || { echo "FAILED $name (see $OUT/$name.log)"; return 1; }
 }
 SMOKE=configs/demo.py:smoke
