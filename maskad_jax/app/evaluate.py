@@ -208,7 +208,6 @@ def _log_ot_certification(sc: ScoringSpec, uncertified: np.ndarray, n_images: in
     """How many patches' Sinkhorn AssDis was not certified within 1% (association.paper_ot): those
     use the exact 1-D optimum instead, so the numbers stay right, but a non-zero count says the
     solver settings (scoring.epsilon, scoring.sinkhorn_iterations) do not suit these errors."""
-
     if sc.ot != "paper" or not (sc.use_assdis and sc.use_reference):
         return
     total = int(uncertified.sum())

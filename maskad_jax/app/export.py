@@ -56,12 +56,9 @@ GEOMETRY_RULES = {
 }
 
 
-def scorer_function(
-    sc: ScoringSpec, d: DataSpec, pc: PredictSpec, xs: ExportSpec, extractor, model, params, pools, mpo=None
-):
+def scorer_function(sc: ScoringSpec, pc: PredictSpec, extractor, model, params, pools, mpo=None):
     """f(images uint8 (B, S, S, 3), keys int32 (B,)[, boxes int32 (B, 4) with data.geometry = pad]) ->
     dict: the eval program with everything baked in (the fit's ignore regions included)."""
-    pc = pc
     dev_pools = jax.tree_util.tree_map(jnp.asarray, to_local(device_pools(pools, mpo)))
     params = jax.tree_util.tree_map(jnp.asarray, to_local(params))
     variables = extractor.variables
@@ -88,7 +85,7 @@ def scorer_function(
     return scorer
 
 
-def export_stablehlo(sc: ScoringSpec, d: DataSpec, pc: PredictSpec, xs: ExportSpec, scorer) -> bytes:
+def export_stablehlo(d: DataSpec, xs: ExportSpec, scorer) -> bytes:
     s = d.image_size
     (b,) = jax.export.symbolic_shape("b")
     args = (jax.ShapeDtypeStruct((b, s, s, 3), jnp.uint8), jax.ShapeDtypeStruct((b,), jnp.int32))
@@ -151,12 +148,12 @@ def _write_artifact(
     t0,
 ):
     """The export's files in the folder tmp: scorer(s), serve.py, manifest.json and its digest."""
-    scorer = scorer_function(sc, d, pc, xs, extractor, model, params, pools, mpo)
+    scorer = scorer_function(sc, pc, extractor, model, params, pools, mpo)
     with open(os.path.join(tmp, "scorer.stablehlo"), "wb") as f:
-        f.write(export_stablehlo(sc, d, pc, xs, scorer))
+        f.write(export_stablehlo(d, xs, scorer))
     progress.log(f"exported the scoring program as StableHLO for {', '.join(xs.platforms)} in {time.time() - t0:.0f}s")
     onnx_note = _write_onnx(
-        sc, d, pc, xs, lambda s: scorer_function(s, d, pc, xs, extractor, model, params, pools, mpo), tmp, onnx_skip
+        sc, d, xs, lambda s: scorer_function(s, pc, extractor, model, params, pools, mpo), tmp, onnx_skip
     )
     here = os.path.dirname(serve_export.__file__)  # runtime/: the files that run without this package
     shutil.copyfile(os.path.join(here, "serve_export.py"), os.path.join(tmp, "serve.py"))
@@ -186,7 +183,7 @@ def swap_in(new: str, out: str) -> None:
             progress.log(f"the previous export could not be deleted completely; what is left is in {old}")
 
 
-def _write_onnx(sc: ScoringSpec, d: DataSpec, pc: PredictSpec, xs: ExportSpec, make_scorer, folder: str, why) -> dict:
+def _write_onnx(sc: ScoringSpec, d: DataSpec, xs: ExportSpec, make_scorer, folder: str, why) -> dict:
     """scorer.onnx unless `why` (export_onnx.skip_reason) says why not; the manifest's "onnx" entry.
 
     make_scorer(scoring spec) -> scorer_function(...): export_onnx builds it with its own scoring (onnx_scoring)."""
@@ -214,7 +211,7 @@ def tiles_entry(d: DataSpec) -> dict | None:
     return {"rows": int(rows), "cols": int(cols), "overlap": float(d.tile_overlap)}
 
 
-def threshold_entries(sc: ScoringSpec, d: DataSpec, pc: PredictSpec, xs: ExportSpec, pools) -> dict:
+def threshold_entries(sc: ScoringSpec, pc: PredictSpec, pools) -> dict:
     """The manifest's thresholds, map levels, normal medians (the normalised score), ignore regions
     and the record of --mode=update (files and digests, not the local paths they came from)."""
     names = pools.class_names
@@ -233,7 +230,6 @@ def build_manifest(
     sc: ScoringSpec, d: DataSpec, pc: PredictSpec, xs: ExportSpec, pools, folder: str, onnx_note=None
 ) -> dict:
     s, geometry = d.image_size, d.geometry
-    pc = pc
     versions = {"python": sys.version.split()[0]}
     for pkg in ("jax", "jaxlib", "flax", "numpy", "ott-jax", "maskad-jax", "jax2onnx", "onnx", "onnxruntime"):
         try:
@@ -274,7 +270,7 @@ def build_manifest(
             if pc.class_name
             else "per image, the pool whose nearest tokens are closest on average"
         ),
-        **threshold_entries(sc, d, pc, xs, pools),
+        **threshold_entries(sc, pc, pools),
         "platforms": list(xs.platforms),
         "scoring": {
             "mpo": sc.mpo,

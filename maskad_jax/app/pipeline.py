@@ -266,7 +266,7 @@ def _train_stage(s: Specs, workdir, extractor, model, train_data, test_data):
     )
     cal = calibrate(s.scoring, s.data, model, res.params, pools, h_in, h_tgt, keys, mpo, f_train, fine, boxes)
     _set_calibration(pools, s, image_level(cal, pools.calibration, train_data.image_of))
-    pools.val_thresholds = validation_thresholds(s.scoring, s.data, s.predict, extractor, model, res.params, pools, mpo)
+    pools.val_thresholds = validation_thresholds(s.scoring, s.data, extractor, model, res.params, pools, mpo)
     if is_writer():
         pools.save(os.path.join(workdir, "fit"))
     barrier("fit saved")
@@ -356,7 +356,7 @@ def _update(s: Specs, workdir) -> dict:
         progress.log(
             "update: the F1 thresholds were for the old pools and are dropped: give data.validation to redo them"
         )
-    pools.val_thresholds = validation_thresholds(s.scoring, s.data, s.predict, extractor, model, params, pools)
+    pools.val_thresholds = validation_thresholds(s.scoring, s.data, extractor, model, params, pools)
     pools.added = list(pools.added) + [{k: v for k, v in record.items() if k != "pool_index"}]
     _write_config(s, workdir, "update")
     if is_writer():

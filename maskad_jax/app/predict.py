@@ -145,7 +145,7 @@ def _predict_into(
             got["placed"].append(chunk["placed"][i])
             got["crops"].append(chunk["crops"][i])
             if len(got["maps"]) == chunk["tiles_per_image"]:
-                row = _write_image(sc, d, pc, pools, out_dir, rel, names[rel], pending.pop(rel))
+                row = _write_image(sc, pc, pools, out_dir, rel, names[rel], pending.pop(rel))
                 note = "; ".join(filter(None, [chunk["notes"].get(rel), shape_note(pools, row["class"], got["img"])]))
                 if note:
                     row["note"] = note
@@ -311,7 +311,7 @@ def _load_chunk(entries, root, d: DataSpec, rows, log) -> dict:
     return out
 
 
-def _write_image(sc: ScoringSpec, d: DataSpec, pc: PredictSpec, pools, out_dir, rel, name, got) -> dict:
+def _write_image(sc: ScoringSpec, pc: PredictSpec, pools, out_dir, rel, name, got) -> dict:
     """maps/<name>.npy and .png and overlays/<name>.png of a scored image, at its original size (NaN
     in the .npy where the geometry did not look: crop's sides; tiles stitched, their maximum where
     they overlap); its row. got: its inputs' maps, scores, pool indices, placements and crops."""

@@ -39,7 +39,7 @@ from maskad_jax.runtime.serve_export import tile_boxes
 from maskad_jax.training import feature_cache
 
 
-def update_class(sc: ScoringSpec, d: DataSpec, fs: FitSpec, ni: NewImagesSpec, pools) -> int:
+def update_class(ni: NewImagesSpec, pools) -> int:
     """The pool index the new images join: new_images.class_name, or the only class."""
     name = ni.class_name
     if not name:
@@ -83,7 +83,7 @@ def check_images(paths, rels, pools, k) -> tuple[list, list]:
     return images, digests
 
 
-def new_features(sc: ScoringSpec, d: DataSpec, fs: FitSpec, ni: NewImagesSpec, extractor, images):
+def new_features(sc: ScoringSpec, d: DataSpec, extractor, images):
     """(h_in, h_tgt or None, fine or None) of the images (their tiles, with data.tiles), as the
     training features were computed."""
     size, geometry = d.image_size, d.geometry
@@ -139,12 +139,12 @@ def add_images(
     if not ni.input:
         raise ConfigError("--mode=update needs new_images.input: a folder (or an image) of new good images")
     pools.require_geometry(d)
-    k = update_class(sc, d, fs, ni, pools)
+    k = update_class(ni, pools)
     root, rels, unreadable = collect_inputs(ni.input, log)
     if unreadable:
         raise DataError(f"new_images.input: {len(unreadable)} folder(s) under {root} cannot be read; nothing was added")
     images, digests = check_images([os.path.join(root, r) for r in rels], rels, pools, k)
-    h_in, h_tgt, fine = new_features(sc, d, fs, ni, extractor, images)
+    h_in, h_tgt, fine = new_features(sc, d, extractor, images)
     c = h_in.shape[-1]
     tgt = None if h_tgt is None else h_tgt.reshape(-1, c)
     pools.pool_in, pools.pool_tgt, pools.valid, added = grow(

@@ -16,7 +16,7 @@ import numpy as np
 from maskad_jax.app.predict import EXTENSIONS, scored_batches
 from maskad_jax.common import progress
 from maskad_jax.common.errors import DataError
-from maskad_jax.common.specs import DataSpec, PredictSpec, ScoringSpec
+from maskad_jax.common.specs import DataSpec, ScoringSpec
 from maskad_jax.training.thresholds import f1_threshold
 
 
@@ -64,7 +64,7 @@ def validation_images(folder: str, class_names, manual_dir: str = "") -> tuple[s
 
 
 def validation_thresholds(
-    sc: ScoringSpec, d: DataSpec, pc: PredictSpec, extractor, model, params, pools, mpo=None, log=progress.log
+    sc: ScoringSpec, d: DataSpec, extractor, model, params, pools, mpo=None, log=progress.log
 ) -> dict:
     """{class: {"threshold", "f1", "good", "defective"}} for each class with defective validation
     images (log lines for the others); {} when data.validation is ""."""

@@ -347,9 +347,7 @@ def resolve(config) -> Specs:
         scoring=scoring,
         eval=build(EvalSpec, config.eval, geometry=d.geometry),
         predict=build(PredictSpec, config.predict),
-        export=build(
-            ExportSpec, config.export, config_sha256=hashlib.sha256(config.to_json(sort_keys=True).encode()).hexdigest()
-        ),
+        export=build(ExportSpec, config.export, config_sha256=_sha256(config.to_json(sort_keys=True))),
         serve=build(ServeSpec, config.serve),
         new_images=build(NewImagesSpec, config.new_images),
         config_json=config.to_json_best_effort(indent=2),
