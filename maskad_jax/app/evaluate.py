@@ -2,10 +2,9 @@
 
 `evaluate` scores every image with scoring.make_score_fn (each process its own share with several
 processes; parallel.gather_rows collects them), refuses to write anything from non-finite maps or
-scores, and writes the results from process 0. `calibrate` scores the held-out normal training
-images for predict's thresholds and the terms' statistics. With scoring.mpo_normalisation =
+scores, and writes the results from process 0 (eval_outputs.py). With scoring.mpo_normalisation =
 test_max (the released code's transductive choice, eval only) the M_po scale is first taken from
-the test set itself.
+the test set itself (test_max.py). The held-out images' calibration is training/calibration.py.
 """
 
 from __future__ import annotations

@@ -20,6 +20,7 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from maskad_jax.common.errors import ConfigError
+from maskad_jax.common.specs import DEVICES
 
 
 def data_mesh() -> Mesh:
@@ -27,12 +28,13 @@ def data_mesh() -> Mesh:
     return Mesh(np.asarray(jax.devices()), ("data",))  # Auto axis: XLA propagates shardings
 
 
-def training_on_one_device(choice: str) -> bool:
-    """train.devices: one (or auto on a CPU). On a CPU the forced host devices (run.py) are threads of
-    one process, and XLA's in-process all-reduce between them has aborted long runs (a rendezvous
-    timeout when many steps are in flight: benchmarks/RESULTS.md); one device uses every core."""
-    if choice not in ("auto", "all", "one"):
-        raise ConfigError(f"train.devices must be auto | all | one, got {choice!r}")
+def on_one_device(choice: str, field: str) -> bool:
+    """train.devices / scoring.devices (field): one, or auto on a CPU. Training: the forced host devices
+    (run.py) are threads of one process, and XLA's in-process all-reduce between them has aborted long
+    runs (a rendezvous timeout when many steps are in flight: benchmarks/RESULTS.md). Scoring: one
+    device using every core is faster there. all: every device."""
+    if choice not in DEVICES:
+        raise ConfigError(f"{field} must be {' | '.join(DEVICES)}, got {choice!r}")
     return choice == "one" or (choice == "auto" and jax.default_backend() == "cpu")
 
 
@@ -40,7 +42,7 @@ def training_mesh(choice: str = "all") -> Mesh:
     """The training mesh: data_mesh(), or one device of each process (train.devices = one, or auto on
     a CPU): then a single process trains without any collective, and several all-reduce across
     processes only."""
-    if not training_on_one_device(choice):
+    if not on_one_device(choice, "train.devices"):
         return data_mesh()
     firsts = {}
     for d in jax.devices():
@@ -64,19 +66,12 @@ def local_batch_sharding(batch_size: int):
     return NamedSharding(mesh, P("data"))
 
 
-def scoring_on_one_device(choice: str) -> bool:
-    """scoring.devices: one (or auto on a CPU, where one device using every core is faster)."""
-    if choice not in ("auto", "all", "one"):
-        raise ConfigError(f"scoring.devices must be auto | all | one, got {choice!r}")
-    return choice == "one" or (choice == "auto" and jax.default_backend() == "cpu")
-
-
 def scoring_sharding(devices: str, batch_size: int):
     """Where a scoring batch goes: this process's devices, or the first of them (scoring.devices).
 
     Scoring never spans processes: with several (jax.distributed), each scores its own share of the
     images on its own devices (evaluate.py) and the results are gathered on the host."""
-    if scoring_on_one_device(devices):
+    if on_one_device(devices, "scoring.devices"):
         return jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
     return local_batch_sharding(batch_size)
 
@@ -96,7 +91,7 @@ def to_local(tree):
 def place_for_scoring(devices: str, tree):
     """A pytree (parameters, pools) replicated on the devices that scoring.devices selects."""
     tree = to_local(tree)
-    if scoring_on_one_device(devices):
+    if on_one_device(devices, "scoring.devices"):
         return jax.device_put(tree, jax.sharding.SingleDeviceSharding(jax.local_devices()[0]))
     return jax.device_put(tree, NamedSharding(local_mesh(), P()))
 
