@@ -30,30 +30,21 @@ import errno
 import os
 import sys
 
-# On a CPU, XLA runs each convolution on one core; presenting every core as a device lets the
-# data-parallel code use them all. Harmless on GPU/TPU hosts (the accelerator stays the default).
-if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
-    _n = max(1, min(os.cpu_count() or 1, 8))
-    os.environ["XLA_FLAGS"] = (
-        os.environ.get("XLA_FLAGS", "") + f" --xla_force_host_platform_device_count={_n}"
-    ).strip()
-# XLA's CPU backend (jaxlib 0.10) hands matmuls, reductions and elementwise ops to YNNPACK by
-# default; with that off (Eigen matmuls, XLA's own loops) the reconstructor trained 15-20% faster
-# and scored about 15% faster on a 2-core CPU (benchmarks/RESULTS.md). CPU-only: GPUs/TPUs ignore it.
-# Only for the jaxlib it was measured on (the flag is experimental; an unknown flag aborts XLA).
-try:
-    from importlib.metadata import version as _version
+# XLA's CPU flags (maskad_jax/common/xla_env.py), before JAX starts: every core as a device, YNNPACK
+# fusions off on jaxlib 0.10 (faster here, and the same programs as the Python API's)
+from maskad_jax.common.xla_env import set_cpu_flags  # noqa: E402
 
-    _jaxlib = _version("jaxlib")
-except Exception:  # not installed the usual way: leave XLA's defaults
-    _jaxlib = ""
-if _jaxlib.startswith("0.10.") and "xla_cpu_experimental_ynn_fusion_type" not in os.environ.get("XLA_FLAGS", ""):
-    os.environ["XLA_FLAGS"] += " --xla_cpu_experimental_ynn_fusion_type="
+set_cpu_flags(force_devices=True)
 
 from absl import app, flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
-config_flags.DEFINE_config_file("config", "configs/demo.py", "ml_collections config file (path[:variant])")
+config_flags.DEFINE_config_file(
+    "config",
+    os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs", "demo.py"),
+    "ml_collections config file (path[:variant]). Left out with a --workdir that holds a trained run, the "
+    "workdir's own config.json is read back (the --config.<field> overrides still apply); else configs/demo.py",
+)
 flags.DEFINE_string("workdir", None, "directory for checkpoints, metrics and heatmaps (default runs/<config name>)")
 flags.DEFINE_enum(
     "mode", "train_and_eval", ["train_and_eval", "train", "eval", "predict", "export", "update", "serve"], "what to run"
@@ -92,6 +83,8 @@ def main(argv):
     config = FLAGS.config
     workdir = FLAGS.workdir or os.path.join("runs", config.get("name", "run"))
     try:
+        if not _config_given(sys.argv) and os.path.isfile(os.path.join(workdir, "config.json")):
+            config = _workdir_config(workdir, FLAGS.config, sys.argv)
         result = train_and_evaluate(config, workdir, FLAGS.mode)
     except UserError as e:
         if FLAGS.verbose:
@@ -107,6 +100,38 @@ def main(argv):
         _fail(f"{e.strerror or e} {where}: check the workdir and the output folders (free space, permissions)")
     if "mean" in result:
         print("results in", workdir, "(%):", {k: round(100 * v, 1) for k, v in result["mean"].items()})
+
+
+def _config_given(argv) -> bool:
+    return any(a == "--config" or a.startswith("--config=") for a in argv[1:])
+
+
+def _override_fields(argv) -> list[str]:
+    """The fields that --config.<field>[=value] (and --noconfig.<field>) arguments set, in order."""
+    out = []
+    for a in argv[1:]:
+        for prefix in ("--config.", "--noconfig."):
+            if a.startswith(prefix):
+                out.append(a[len(prefix) :].split("=", 1)[0])
+    return out
+
+
+def _workdir_config(workdir, parsed, argv):
+    """The workdir's training config (config.json), with this command's --config.<field> overrides (their
+    values as absl parsed them onto the default config, which has the same fields)."""
+    from maskad_jax.app.detector import apply_overrides, workdir_config
+
+    fields = _override_fields(argv)
+    overrides = {}
+    for f in fields:
+        node = parsed
+        for part in f.split("."):
+            node = node[part]
+        overrides[f] = node
+    config = apply_overrides(workdir_config(workdir), overrides)
+    said = f", with {', '.join('--config.' + f for f in fields)}" if fields else ""
+    print(f"config: {os.path.join(workdir, 'config.json')} (the workdir's training config){said}", file=sys.stderr)
+    return config
 
 
 # OSError numbers that are the file system's answer to a user's folder, not a bug: reported in one line

@@ -77,15 +77,23 @@ for ex in result["examples"][:6]:
     print(ex["class"], ex["kind"], ex["file"], round(ex["score"], 4))
     display(Image.open(os.path.join(WORKDIR, ex["png"])))""",
     ),
-    ("markdown", "## Reuse the orbax checkpoint: evaluate again without training, then score new images"),
+    ("markdown", "## The trained model as one object: load the workdir, score arrays, see maps and regions"),
     (
         "code",
-        """again = train_and_evaluate(config, WORKDIR, "eval")
+        """import glob
+import numpy as np
+import maskad_jax
+det = maskad_jax.load(WORKDIR)  # the orbax checkpoint and the fit; no config, no dataset
+print(det)
+again = det.evaluate()          # --mode=eval on the test split, from the checkpoint
 assert again["mean"] == result["mean"]
-heatmaps = os.path.join(WORKDIR, "heatmaps")
-config.predict.input = heatmaps  # any image or folder; here the overlays themselves, as a demonstration
-rows = train_and_evaluate(config, WORKDIR, "predict")["predictions"]
-rows[:3]""",
+files = sorted(glob.glob(os.path.join(WORKDIR, "heatmaps", "**", "*.png"), recursive=True))[:4]
+arrays = [np.asarray(Image.open(f).convert("RGB")) for f in files]  # any uint8 images, here the overlays
+results = det.predict(arrays)
+for r in results:
+    print(r.class_name, round(r.score, 4), "anomalous" if r.anomalous else "normal", r.map.shape, r.regions[:1])
+saved = results[0].save(os.path.join(WORKDIR, "api_demo"), "first")
+display(Image.open(saved["overlay"]))""",
     ),
 ]
 

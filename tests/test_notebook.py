@@ -27,5 +27,8 @@ def test_colab_notebook_executes(tmp_path, monkeypatch):
     )
     assert "image_auroc" in outputs
     assert os.path.isfile(tmp_path / "wd" / "metrics.json")
-    latest = (tmp_path / "wd" / "predictions" / "latest.txt").read_text().strip()  # each predict run: its own folder
-    assert os.path.isfile(tmp_path / "wd" / "predictions" / latest / "scores.csv")
+    # the API cell: a detector loaded from the workdir scored arrays, printed per image, saved one overlay
+    assert "Detector(workdir" in outputs and ("anomalous" in outputs or "normal" in outputs)
+    assert "(64, 64)" in outputs  # each map at its image's size
+    assert os.path.isfile(tmp_path / "wd" / "api_demo" / "overlays" / "first.png")
+    assert not os.path.exists(tmp_path / "wd" / "predictions")  # the API writes nothing unless asked

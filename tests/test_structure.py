@@ -150,8 +150,17 @@ def test_functions_are_short():
 
 # Where the whole config may go: pipeline resolves it (common/specs.resolve) after config_check has
 # checked it; below them functions take a spec (common/specs.py) or plain arguments.
-TAKES_THE_CONFIG = {"maskad_jax.app.pipeline", "maskad_jax.app.config_check", "maskad_jax.common.specs"}
-TAKES_ALL_SPECS = {"maskad_jax.app.pipeline"}
+# the entries that take a whole config: pipeline (run.py's), the public API (api: load/train; detector: the
+# workdir's config.json and a detector's overrides; restore: the trained model restored from it)
+TAKES_THE_CONFIG = {
+    "maskad_jax.app.pipeline",
+    "maskad_jax.app.config_check",
+    "maskad_jax.common.specs",
+    "maskad_jax.app.api",
+    "maskad_jax.app.detector",
+    "maskad_jax.app.restore",
+}
+TAKES_ALL_SPECS = {"maskad_jax.app.pipeline", "maskad_jax.app.restore"}
 
 
 def test_no_function_below_pipeline_takes_the_whole_config():

@@ -27,15 +27,16 @@ import time
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from maskad_jax.app import export_onnx
-from maskad_jax.app.predict import assign_pools
 from maskad_jax.common import progress
 from maskad_jax.common.digests import sha256_file
 from maskad_jax.common.errors import ConfigError
 from maskad_jax.common.parallel import to_local
 from maskad_jax.common.specs import DataSpec, ExportSpec, PredictSpec, ScoringSpec
 from maskad_jax.data.tiling import tiles_on
+from maskad_jax.engine.coreset import assign_pools
 from maskad_jax.engine.scoring import device_pools, make_score_fn
 from maskad_jax.runtime import serve_export
 from maskad_jax.runtime.serve_export import MANIFEST_DIGEST, load_manifest, write_manifest
@@ -56,24 +57,29 @@ GEOMETRY_RULES = {
 }
 
 
-def scorer_function(sc: ScoringSpec, pc: PredictSpec, extractor, model, params, pools, mpo=None):
-    """f(images uint8 (B, S, S, 3), keys int32 (B,)[, boxes int32 (B, 4) with data.geometry = pad]) ->
-    dict: the eval program with everything baked in (the fit's ignore regions included)."""
-    dev_pools = jax.tree_util.tree_map(jnp.asarray, to_local(device_pools(pools, mpo)))
-    params = jax.tree_util.tree_map(jnp.asarray, to_local(params))
-    variables = extractor.variables
+def scoring_program(sc: ScoringSpec, pc: PredictSpec, extractor, model, params, pools, mpo=None):
+    """(state, f(state, images uint8 (B, S, S, 3), keys int32 (B,)[, boxes int32 (B, 4) with
+    data.geometry = pad]) -> dict): the whole test-time program (nearest pool, scoring, thresholds), its
+    trained state (parameters, backbone variables, pools, the fit's ignore regions, thresholds) a
+    pytree of host arrays apart from the function. The export bakes the state in (scorer_function);
+    the Python API (detector.py) and --mode=predict pass it as an argument of one jitted call."""
+    state = {
+        "params": to_local(params),
+        "variables": extractor.variables,
+        "pools": to_local(device_pools(pools, mpo)),
+        "thresholds": np.asarray(class_thresholds(pc, sc, pools), np.float32),
+    }
     score = make_score_fn(sc, extractor, model, mpo)
-    thresholds = jnp.asarray(class_thresholds(pc, sc, pools), jnp.float32)
     fixed = pools.pool_index([pc.class_name])[0] if pc.class_name else None
 
-    def scorer(images, keys, *boxes):  # boxes (B, 4) int32 with data.geometry = pad only
+    def program(st, images, keys, *boxes):  # boxes (B, 4) int32 with data.geometry = pad only
         x = images.astype(jnp.float32) / 255.0
         if fixed is None:
-            pidx = assign_pools(extractor.apply(variables, x), dev_pools)
+            pidx = assign_pools(extractor.apply(st["variables"], x), st["pools"])
         else:
             pidx = jnp.full(images.shape[:1], fixed, jnp.int32)
-        out = score(params, variables, dev_pools, x, pidx, keys, *boxes)
-        thr = thresholds[pidx]
+        out = score(st["params"], st["variables"], st["pools"], x, pidx, keys, *boxes)
+        thr = st["thresholds"][pidx]
         return {
             "map": out["map"],
             "score": out["score"],
@@ -82,7 +88,15 @@ def scorer_function(sc: ScoringSpec, pc: PredictSpec, extractor, model, params, 
             "threshold": thr,
         }
 
-    return scorer
+    return state, program
+
+
+def scorer_function(sc: ScoringSpec, pc: PredictSpec, extractor, model, params, pools, mpo=None):
+    """f(images uint8 (B, S, S, 3), keys int32 (B,)[, boxes int32 (B, 4) with data.geometry = pad]) ->
+    dict: the eval program with everything baked in (the fit's ignore regions included)."""
+    state, program = scoring_program(sc, pc, extractor, model, params, pools, mpo)
+    state = jax.tree_util.tree_map(jnp.asarray, state)
+    return lambda images, keys, *boxes: program(state, images, keys, *boxes)
 
 
 def export_stablehlo(d: DataSpec, xs: ExportSpec, scorer) -> bytes:

@@ -20,8 +20,9 @@ import time
 import jax
 import numpy as np
 
-from maskad_jax.app import config_check
+from maskad_jax.app import config_check, restore
 from maskad_jax.app import workdir as workdir_lib
+from maskad_jax.app.detector import Detector
 from maskad_jax.app.evaluate import evaluate
 from maskad_jax.app.export import export
 from maskad_jax.app.predict import crop_note, predict
@@ -39,7 +40,7 @@ from maskad_jax.data.splits import SplitData
 from maskad_jax.data.tiling import image_level, tiled, tiles_on, untiled
 from maskad_jax.engine.mpo import NearestNeighbourMpo
 from maskad_jax.engine.scoring import fine_on, needs_term_stats
-from maskad_jax.models.reconstructor import build_reconstructor, count_params
+from maskad_jax.models.reconstructor import count_params
 from maskad_jax.runtime import serve_export
 from maskad_jax.training import feature_cache
 from maskad_jax.training.calibration import calibrate
@@ -48,7 +49,6 @@ from maskad_jax.training.fit import (
     fit_pools,
     mean_nearest,
     save_replacing,
-    scoring_difference,
     scoring_signature,
 )
 from maskad_jax.training.learning_curves import build_eval_set, make_learning_curves
@@ -126,35 +126,18 @@ def _write_config(s: Specs, workdir, mode):
             f.write(s.config_json)
 
 
-def _models(s: Specs):
-    extractor = feature_cache.make_extractor(s.model, s.train.seed)
-    gh, gw, channels = extractor.feature_shape(s.data.image_size)
-    return extractor, build_reconstructor(s.model, channels, (gh, gw)), channels, (gh, gw)
-
-
 def _predict_or_export(s: Specs, workdir, mode) -> dict:
-    extractor, model, channels, grid = _models(s)
-    params, step = restore_params(workdir, s.train, s.model, s.data.image_size, channels, grid)
-    progress.log(f"restored the reconstructor at step {step} from {workdir}")
+    t = restore.restore(s, workdir, mode)
     _write_config(s, workdir, mode)
-    pools = Pools.load(os.path.join(workdir, "fit"))
-    mpo = restore_mpo(s.scoring, s.flow, s.model, s.data, workdir, channels, grid, pools)
-    _require_fine_pools(s, pools)
-    pools.require_geometry(s.data)
-    if needs_term_stats(s.scoring) and not pools.calibrated_for(s.scoring, terms_only=True):
-        what = scoring_difference(pools.cal_scoring or {}, scoring_signature(s.scoring))
-        raise ConfigError(
-            f"--mode={mode} standardises the scores' terms by held-out statistics computed under the scoring the "
-            f"model was trained with (scoring.mpo_fusion = sum), and this run's differs ({what}): score with the "
-            f"training config's scoring"
-        )
     if mode == "export":
-        return {"export": export(s.scoring, s.data, s.predict, s.export, workdir, extractor, model, params, pools, mpo)}
-    return {
-        "predictions": predict(
-            s.scoring, s.data, s.predict, workdir, extractor, model, params, pools, log=progress.log, mpo=mpo
-        )
-    }
+        return {"export": export(s.scoring, s.data, s.predict, s.export, workdir, *_pieces(t))}
+    run, contract = restore.program(t)
+    det = Detector(run, contract, workdir, trained=t, notes=restore.shape_notes(t))
+    return {"predictions": predict(det, s.predict.input, workdir, threshold_rule(s.predict, t.pools), log=progress.log)}
+
+
+def _pieces(t: restore.Trained) -> tuple:
+    return t.extractor, t.model, t.params, t.pools, t.mpo
 
 
 def _train_and_eval(s: Specs, workdir, mode) -> dict:
@@ -172,7 +155,7 @@ def _train_and_eval(s: Specs, workdir, mode) -> dict:
         progress.log(note.replace("the rest is NaN in the maps", "the rest is never inspected"))
     if test_data is None and mode == "eval":
         raise DataError("--mode=eval: the dataset has no test images to evaluate (add <class>/test/... folders)")
-    extractor, model, channels, grid = _models(s)
+    extractor, model, channels, grid = restore.models(s)
     _write_config(s, workdir, mode)
     result = {}
     if mode in ("train", "train_and_eval"):
@@ -189,7 +172,7 @@ def _train_and_eval(s: Specs, workdir, mode) -> dict:
             progress.log(f"restored the reconstructor at step {step} from {workdir}")
         pools = Pools.load(os.path.join(workdir, "fit"))
         mpo = restore_mpo(s.scoring, s.flow, s.model, s.data, workdir, channels, grid, pools)
-        _require_fine_pools(s, pools)
+        restore.require_fine_pools(s, pools)
         pools.require_geometry(s.data)
         if needs_term_stats(s.scoring) and not pools.calibrated_for(s.scoring):
             pools = _recalibrate(s, extractor, model, params, pools, mpo, train_data)
@@ -278,14 +261,6 @@ def _set_calibration(pools, s: Specs, cal: dict):
     pools.cal_scoring = scoring_signature(s.scoring)
 
 
-def _require_fine_pools(s: Specs, pools):
-    if fine_on(s.scoring) and pools.fine_in is None:
-        raise MissingInputError(
-            "scoring.knn_fine needs the fine pools, and this workdir's fit has none (fitted by an older version "
-            "or without knn_fine): rerun --mode=train on it (the trained reconstructor is kept; the fit is redone)"
-        )
-
-
 def _recalibrate(s: Specs, extractor, model, params, pools, mpo, train_data, rescale: int | None = None):
     """The fit's calibration for this run's scoring, when it differs from the training run's (an
     ablation row): the held-out training images scored again. In memory only: the saved fit and its
@@ -334,11 +309,11 @@ def _update(s: Specs, workdir) -> dict:
     """--mode=update (update.py): new good images join a class's pools; calibration and thresholds
     are recomputed on the held-out training images; the reconstructor is not touched."""
     _, train_data, _ = load_data(s.data)
-    extractor, model, channels, grid = _models(s)
+    extractor, model, channels, grid = restore.models(s)
     params, step = restore_params(workdir, s.train, s.model, s.data.image_size, channels, grid)
     fit_dir = os.path.join(workdir, "fit")
     pools = Pools.load(fit_dir)
-    _require_fine_pools(s, pools)
+    restore.require_fine_pools(s, pools)
     record = add_images(s.scoring, s.data, s.fit, s.new_images, extractor, pools)
     if s.data.ignore_masks:
         pools.ignore = load_ignore_masks(s.data.ignore_masks, pools.class_names, s.data.image_size, s.data.geometry)

@@ -13,7 +13,8 @@ import os
 
 import numpy as np
 
-from maskad_jax.app.predict import EXTENSIONS, scored_batches
+from maskad_jax.app.predict import EXTENSIONS
+from maskad_jax.app.scored_files import scored_batches
 from maskad_jax.common import progress
 from maskad_jax.common.errors import DataError
 from maskad_jax.common.specs import DataSpec, ScoringSpec

@@ -31,3 +31,8 @@ class WorkdirBusyError(UserError, RuntimeError):
 
 class NonFiniteError(UserError, FloatingPointError):
     """NaN or infinite scores, maps or thresholds: nothing is written from them."""
+
+
+class ImageInputError(DataError):
+    """An image given to the Python API (maskad_jax.load(...).predict) that cannot be scored: the
+    message names it (its path, or its position in the list) and what is wrong."""

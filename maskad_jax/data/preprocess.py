@@ -3,8 +3,10 @@
 Every image goes: decode -> RGB (grey copied to 3 channels, alpha dropped, 16-bit scaled to 8) ->
 the geometry to size x size (geometry.py; crop, the default here: shorter side to `size` with
 LANCZOS, torchvision `Resize(size)` semantics, then centre crop size x size; resize: the whole image;
-pad: letterboxed) -> float32 in [0, 1]. Masks take the same geometry with NEAREST and are binarised
-above half their range (binarize_mask).
+pad: letterboxed) -> float32 in [0, 1]. Decoding, the EXIF orientation, the RGB conversion, the
+aspect limit and the geometry's arithmetic are runtime/serve_export's (the export's standalone
+loader), so training, predict, the Python API and serve.py prepare an image alike. Masks take the
+same geometry with NEAREST and are binarised above half their range (binarize_mask).
 
 Normalisation by the backbone's statistics happens on the device (features.py), so the pipeline
 ships one [0, 1] view and the model derives both the normalised and the unnormalised views.
@@ -20,6 +22,7 @@ from PIL import Image, UnidentifiedImageError
 
 from maskad_jax.common.errors import DataError
 from maskad_jax.data.geometry import to_input
+from maskad_jax.runtime import serve_export
 
 
 class ImageDecodeError(DataError):
@@ -30,36 +33,24 @@ class ImageDecodeError(DataError):
 # they are decoded: the shorter side goes to the working size, so a 1 x 100000 strip would become a
 # 224 x 22,400,000 image (gigabytes) for one centre crop. 32 keeps every camera and line-scan format
 # we know (4000 x 1000 is 4); longer strips can be cut into tiles first.
-MAX_ASPECT = 32
+MAX_ASPECT = serve_export.MAX_ASPECT
 
 
 def to_rgb(img: Image.Image, source: str = "<image>") -> Image.Image:
-    """Convert any Pillow mode to 8-bit RGB: grey -> 3 copies, alpha dropped, 16/32-bit rescaled."""
-    if img.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
-        arr = np.asarray(img).astype(np.float64)
-        if not np.all(np.isfinite(arr)):
-            bad = int((~np.isfinite(arr)).sum())
-            raise ImageDecodeError(f"{source}: {bad} of {arr.size} pixels are not finite (NaN or infinite)")
-        top = 65535.0 if img.mode.startswith("I;16") or arr.max(initial=0) > 255 else 255.0
-        if img.mode == "F":
-            top = 1.0 if arr.max(initial=0) <= 1.0 else 255.0
-        arr = np.clip(np.round(arr / top * 255.0), 0, 255).astype(np.uint8)
-        img = Image.fromarray(arr, "L")
-    if img.mode == "RGB":
-        return img
-    if img.mode in ("L", "LA", "RGBA", "RGBX", "P", "PA", "CMYK", "YCbCr", "1", "LAB", "HSV"):
-        return img.convert("RGB")
-    raise ImageDecodeError(f"{source}: unsupported image mode {img.mode!r}")
+    """Any Pillow mode as 8-bit RGB (runtime/serve_export.to_rgb, the one conversion the export's
+    serve.py also runs): grey -> 3 copies, alpha dropped, 16/32-bit rescaled; errors name the source."""
+    try:
+        return serve_export.to_rgb(img)
+    except ValueError as e:
+        raise ImageDecodeError(f"{source}: {e}") from None
 
 
 def check_shape(size: tuple[int, int], source) -> None:
     """Refuse an image whose aspect ratio exceeds MAX_ASPECT (from its header, before decoding)."""
-    w, h = size
-    if min(w, h) < 1 or max(w, h) > MAX_ASPECT * min(w, h):
-        raise ImageDecodeError(
-            f"refusing image {os.fspath(source)}: {w} x {h} pixels, an aspect ratio over the limit of "
-            f"{MAX_ASPECT} (preprocess.MAX_ASPECT); cut long strips into pieces first"
-        )
+    try:
+        serve_export.check_aspect(*size)
+    except ValueError as e:
+        raise ImageDecodeError(f"refusing image {os.fspath(source)}: {e} (preprocess.MAX_ASPECT)") from None
 
 
 def open_image(path_or_bytes, source: str | None = None) -> Image.Image:
@@ -73,6 +64,7 @@ def open_image(path_or_bytes, source: str | None = None) -> Image.Image:
         check_shape(img.size, source)
         frames = int(getattr(img, "n_frames", 1) or 1)
         img.load()  # decode now, so a truncated file fails here with its name
+        img = serve_export.upright(img)  # its EXIF orientation applied, as serve.py does
         if frames > 1:
             img.info["frames"] = frames
         return img

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import dataclasses
 import io
-import zlib
 
 import grain
 import numpy as np
@@ -27,6 +26,7 @@ from PIL import Image
 from maskad_jax.common.errors import ConfigError, DataError
 from maskad_jax.data.geometry import place
 from maskad_jax.data.preprocess import preprocess_image, preprocess_mask
+from maskad_jax.runtime import serve_export
 
 
 class _QuietTfds:
@@ -130,10 +130,7 @@ class SplitData:
         return [self.class_names[i] for i in sorted(set(self.class_ids.tolist()))]
 
 
-def image_key(image01: np.ndarray) -> np.int32:
-    """A content key of a preprocessed image: seeds its test-time masks, so an image gets the same
-    masks (and map) in eval, in predict, alone or in any batch, wherever it sits in a dataset."""
-    return np.int32(zlib.crc32(np.ascontiguousarray(image01, np.float32).tobytes()) & 0x7FFFFFFF)
+image_key = serve_export.image_key  # the key that seeds an image's test masks, defined once (runtime)
 
 
 def _text(v) -> str:

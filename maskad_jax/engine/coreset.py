@@ -115,3 +115,16 @@ def nearest_in_pools(queries: jax.Array, pools: jax.Array, valid: jax.Array, poo
     if pools.shape[0] == 1:
         return jax.vmap(nearest, in_axes=(0, None, None))(queries, pools[0], valid[0])
     return jax.vmap(nearest)(queries, pools[pool_idx], valid[pool_idx])
+
+
+def assign_pools(h, pools_dev):
+    """(B,) index of the pool whose nearest tokens are closest on average to each image's tokens."""
+    b, gh, gw, c = h.shape
+    tok = h.reshape(b, gh * gw, c)
+
+    def per_pool(pool, valid):
+        d, _ = jax.vmap(lambda t: nearest(t, pool, valid))(tok)
+        return jnp.mean(jnp.sqrt(d), axis=1)
+
+    dist = jax.vmap(per_pool, out_axes=1)(pools_dev["pool_in"], pools_dev["valid"])
+    return jnp.argmin(dist, axis=1).astype(jnp.int32)

@@ -22,13 +22,14 @@ a_b.png.npy), and DIR/scores.json with every image's row and its regions (box, a
 
 import argparse
 import hashlib
+import io
 import json
 import os
 import sys
 import zlib
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageOps
 
 EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
 MANIFEST_DIGEST = "manifest.sha256"  # the SHA-256 of manifest.json's canonical form (canonical_json)
@@ -95,7 +96,9 @@ def load_manifest(folder):
 
 
 def to_rgb(img):
-    """8-bit RGB as maskad_jax.data.preprocess.to_rgb: grey -> 3 copies, alpha dropped, 16/32-bit rescaled."""
+    """8-bit RGB of any Pillow mode (the one conversion of training, predict, the API and serve.py): grey
+    copied to 3 channels, alpha dropped, palette and CMYK converted, 16/32-bit and float images
+    rescaled to 0-255. ValueError for pixels that are not finite or a mode Pillow cannot convert."""
     if img.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
         arr = np.asarray(img).astype(np.float64)
         if not np.all(np.isfinite(arr)):
@@ -104,7 +107,38 @@ def to_rgb(img):
         if img.mode == "F":
             top = 1.0 if arr.max(initial=0) <= 1.0 else 255.0
         img = Image.fromarray(np.clip(np.round(arr / top * 255.0), 0, 255).astype(np.uint8), "L")
-    return img if img.mode == "RGB" else img.convert("RGB")
+    if img.mode == "RGB":
+        return img
+    try:
+        return img.convert("RGB")
+    except ValueError as e:
+        raise ValueError(f"unsupported image mode {img.mode!r} ({e})") from None
+
+
+def check_aspect(w, h):
+    """ValueError for an image whose aspect ratio exceeds MAX_ASPECT (checked from the header, before decoding)."""
+    if min(w, h) < 1 or max(w, h) > MAX_ASPECT * min(w, h):
+        raise ValueError(f"{w} x {h} pixels, an aspect ratio over the limit of {MAX_ASPECT}; cut long strips first")
+
+
+def upright(img):
+    """The image as it is meant to be seen: its EXIF orientation (a camera's rotation flag) applied."""
+    try:
+        orientation = img.getexif().get(0x0112, 1)
+    except Exception:  # an unreadable EXIF block: the pixels as stored
+        return img
+    return ImageOps.exif_transpose(img) if orientation not in (None, 1) else img
+
+
+def decode(source):
+    """(RGB image, upright, of a path, bytes or file object; its number of frames, of which the first is
+    used): the one decoding of training data, predict, the API and serve.py. The shape is checked from
+    the header before the pixels are decoded; errors are ValueError or Pillow's OSError."""
+    img = Image.open(io.BytesIO(source) if isinstance(source, (bytes, bytearray)) else source)
+    check_aspect(*img.size)
+    frames = int(getattr(img, "n_frames", 1) or 1)
+    img.load()
+    return to_rgb(upright(img)), frames
 
 
 GEOMETRIES = ("crop", "resize", "pad")
@@ -188,15 +222,15 @@ def stitch_tiles(tile_maps, crops, size):
 
 
 def preprocess(path, size, geometry="crop", tiles=None):
-    """The image's model inputs under the manifest's "preprocess" (geometry, and "tiles": rows, cols,
+    """The model inputs of the image file at path (decode, then inputs_of)."""
+    return inputs_of(decode(path)[0], size, geometry, tiles)
+
+
+def inputs_of(img, size, geometry="crop", tiles=None):
+    """An RGB image's model inputs under the manifest's "preprocess" (geometry, and "tiles": rows, cols,
     overlap): ([(uint8 (size, size, 3) RGB input, its placement (box, region) in its tile or image,
     that tile's or image's (width, height), the tile's rectangle or None)], the image's (width, height))."""
-    img = Image.open(path)
     w, h = img.size
-    if min(w, h) < 1 or max(w, h) > MAX_ASPECT * min(w, h):
-        raise ValueError(f"{w} x {h} pixels, an aspect ratio over the limit of {MAX_ASPECT}")
-    img.load()
-    img = to_rgb(img)
     crops = [None] if not tiles else tile_boxes(w, h, tiles["rows"], tiles["cols"], tiles["overlap"])
     inputs = []
     for crop in crops:
@@ -208,9 +242,19 @@ def preprocess(path, size, geometry="crop", tiles=None):
     return inputs, (w, h)
 
 
-def image_key(image_u8):
-    """The int32 key that seeds the image's test masks (manifest 'input.key.rule')."""
-    return np.int32(zlib.crc32(np.ascontiguousarray(image_u8.astype(np.float32) / 255.0).tobytes()) & 0x7FFFFFFF)
+def image_key(image):
+    """The int32 key that seeds an image's test masks (manifest 'input.key.rule'), of its model input as
+    uint8 (S, S, 3) or as float32 in [0, 1] (the same key: the CRC32 of the float32 bytes of u8 / 255),
+    so an image gets the same masks in eval, predict, the API and the export, alone or in any batch."""
+    image = np.asarray(image)
+    as01 = image.astype(np.float32) / 255.0 if image.dtype == np.uint8 else np.asarray(image, np.float32)
+    return np.int32(zlib.crc32(np.ascontiguousarray(as01).tobytes()) & 0x7FFFFFFF)
+
+
+def bucket(n, max_batch):
+    """The batch size a run of n inputs is padded to: the next power of two, at most max_batch (larger
+    runs go in chunks of max_batch): one compiled program per bucket, whatever the number of images."""
+    return min(max_batch, 1 << max(0, int(n) - 1).bit_length())
 
 
 def collect(paths):

@@ -117,8 +117,7 @@ def _visuals(loader, data, full, map_threshold):
     """The map (255 = twice the map's threshold) and the overlay on the image (its bytes), as base64 PNG."""
     level = max(2 * map_threshold, 1e-12)
     scaled = np.clip(np.nan_to_num(full, nan=0.0) / level * 255, 0, 255).astype(np.uint8)
-    with Image.open(io.BytesIO(data)) as img:
-        image01 = np.asarray(loader.to_rgb(img), np.float32) / 255.0
+    image01 = np.asarray(loader.decode(data)[0], np.float32) / 255.0
     over = loader.overlay(image01, full, 0.0, level, map_threshold)
     return {"map_png": _png_b64(scaled), "overlay_png": _png_b64(over)}
 

@@ -1,0 +1,146 @@
+"""A trained workdir restored once, as one object (Trained), for predict, export and the Python API.
+
+restore(s, workdir, mode) checks and loads what scoring needs: the backbone, the reconstructor and its
+checkpoint (refused when written with another model config), the fit (pools, calibration,
+thresholds, the input contract), the M_po in use; then refuses a run whose geometry differs from the
+fit's or whose scoring's term statistics were calibrated under another scoring. program(trained) is
+the jitted test-time program (export.scoring_program) with its state placed on a device once, and
+the contract (classes, thresholds, preprocessing) the export's manifest would hold.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+
+import jax
+import numpy as np
+
+from maskad_jax.app import config_check
+from maskad_jax.app.export import threshold_entries, tiles_entry
+from maskad_jax.common import progress, specs
+from maskad_jax.common.errors import ConfigError, MissingInputError
+from maskad_jax.common.parallel import place_for_scoring
+from maskad_jax.common.specs import Specs
+from maskad_jax.engine.coreset import assign_pools
+from maskad_jax.engine.scoring import device_pools, fine_on, make_score_fn, needs_term_stats
+from maskad_jax.models.reconstructor import build_reconstructor
+from maskad_jax.training import feature_cache
+from maskad_jax.training.fit import Pools, scoring_difference, scoring_signature
+from maskad_jax.training.mpo import restore_mpo
+from maskad_jax.training.thresholds import class_thresholds
+from maskad_jax.training.train import restore_params
+
+
+@dataclasses.dataclass(frozen=True)
+class Trained:
+    """Everything a trained workdir scores with: the specs it was resolved from, the backbone
+    (extractor), the reconstructor (model) and its parameters at `step`, the fit (pools) and the M_po."""
+
+    specs: Specs
+    workdir: str
+    extractor: object
+    model: object
+    params: object
+    step: int
+    pools: Pools
+    mpo: object
+
+
+def models(s: Specs):
+    """(backbone extractor, reconstructor, feature channels, token grid) of the specs."""
+    extractor = feature_cache.make_extractor(s.model, s.train.seed)
+    gh, gw, channels = extractor.feature_shape(s.data.image_size)
+    return extractor, build_reconstructor(s.model, channels, (gh, gw)), channels, (gh, gw)
+
+
+def restore(s: Specs, workdir: str, mode: str) -> Trained:
+    """The trained model of workdir for `mode` (predict, export; the API loads with predict's checks)."""
+    extractor, model, channels, grid = models(s)
+    params, step = restore_params(workdir, s.train, s.model, s.data.image_size, channels, grid)
+    progress.log(f"restored the reconstructor at step {step} from {workdir}")
+    pools = Pools.load(os.path.join(workdir, "fit"))
+    mpo = restore_mpo(s.scoring, s.flow, s.model, s.data, workdir, channels, grid, pools)
+    require_fine_pools(s, pools)
+    pools.require_geometry(s.data)
+    if needs_term_stats(s.scoring) and not pools.calibrated_for(s.scoring, terms_only=True):
+        what = scoring_difference(pools.cal_scoring or {}, scoring_signature(s.scoring))
+        raise ConfigError(
+            f"--mode={mode} standardises the scores' terms by held-out statistics computed under the scoring the "
+            f"model was trained with (scoring.mpo_fusion = sum), and this run's differs ({what}): score with the "
+            f"training config's scoring"
+        )
+    return Trained(s, workdir, extractor, model, params, step, pools, mpo)
+
+
+def restore_for(config, workdir: str, mode: str = "predict") -> Trained:
+    """restore() from a ConfigDict (checked first, as run.py's): the Python API's entry."""
+    config_check.validate(config, "train" if mode == "predict" else mode)
+    return restore(specs.resolve(config), workdir, mode)
+
+
+def require_fine_pools(s: Specs, pools):
+    if fine_on(s.scoring) and pools.fine_in is None:
+        raise MissingInputError(
+            "scoring.knn_fine needs the fine pools, and this workdir's fit has none (fitted by an older version "
+            "or without knn_fine): rerun --mode=train on it (the trained reconstructor is kept; the fit is redone)"
+        )
+
+
+def program(t: Trained):
+    """(run(images uint8 (B, S, S, 3), keys (B,)[, boxes]) -> dict of numpy arrays, contract): the
+    test-time program, compiled once per batch size, its state placed once on one device, and what the
+    export's manifest says of classes, thresholds and preprocessing (serve_export.score_loaded reads
+    it). The program is eval's: the nearest pool (one jitted call) then the scoring (engine/scoring's
+    jitted program), so predict's numbers are eval's and the earlier versions' bit for bit; the export
+    fuses the two into one program (export.scoring_program), which agrees to float rounding."""
+    s = t.specs
+    if s.scoring.mpo_normalisation != "calibration":
+        raise ConfigError(
+            "predict scores images one by one: scoring.mpo_normalisation must be 'calibration' "
+            f"(got {s.scoring.mpo_normalisation!r}, which needs a whole test set)"
+        )
+    params, dev_pools = place_for_scoring("one", (t.params, device_pools(t.pools, t.mpo)))
+    variables = t.extractor.variables
+    score = make_score_fn(s.scoring, t.extractor, t.model, t.mpo)
+    assign = jax.jit(lambda v, x: assign_pools(t.extractor.apply(v, x), dev_pools))
+    thresholds = np.asarray(class_thresholds(s.predict, s.scoring, t.pools), np.float32)
+    fixed = int(t.pools.pool_index([s.predict.class_name])[0]) if s.predict.class_name else None
+
+    def run(images, keys, *boxes):
+        x = jax.device_put(np.asarray(images, np.float32) / 255.0)  # as eval's loader: float32 u8 / 255
+        pidx = assign(variables, x) if fixed is None else np.full(len(images), fixed, np.int32)
+        pidx = np.asarray(pidx)
+        out = score(params, variables, dev_pools, x, jax.device_put(pidx), keys, *boxes)
+        out = {"map": np.asarray(out["map"]), "score": np.asarray(out["score"]), "class_index": pidx}
+        out["threshold"] = thresholds[pidx]
+        out["anomalous"] = out["score"] >= out["threshold"]
+        return out
+
+    contract = {
+        "input": {
+            "shape": ["batch", s.data.image_size, s.data.image_size, 3],
+            **({"boxes": {}} if s.data.geometry == "pad" else {}),
+        },
+        "preprocess": {"geometry": s.data.geometry, "tiles": tiles_entry(s.data)},
+        "classes": list(t.pools.class_names),
+        "max_batch": int(s.data.eval_batch_size),
+        **threshold_entries(s.scoring, s.predict, t.pools),
+    }
+    return run, contract
+
+
+def shape_notes(t: Trained):
+    """f(class, width, height) -> a note when the image's aspect ratio lies outside the class's training
+    images' (the fit's record): under crop or resize it reaches the model shaped otherwise."""
+
+    def note(cls, width, height):
+        if t.pools.shape_fits(cls, width, height):
+            return ""
+        lo, hi = t.pools.aspect_range(cls)
+        return (
+            f"its shape (width/height {width / height:.3g}) is outside class {cls}'s training images' "
+            f"({lo:.3g} to {hi:.3g}): the map and score are less reliable; train on images of this shape"
+        )
+
+    return note

@@ -1,0 +1,36 @@
+"""XLA's CPU settings this package runs with, set in the environment before JAX starts its backend.
+
+- YNNPACK fusions off (`--xla_cpu_experimental_ynn_fusion_type=`): jaxlib 0.10's CPU backend hands
+  matmuls, reductions and elementwise ops to YNNPACK by default; with that off (Eigen matmuls, XLA's
+  own loops) the reconstructor trained 15-20% faster and scored about 15% faster on a 2-core CPU
+  (benchmarks/RESULTS.md). Only for the jaxlib it was measured on (the flag is experimental; an
+  unknown flag aborts XLA); GPUs and TPUs ignore it. Set by `import maskad_jax` and by run.py, so the
+  Python API and run.py compile the same programs (the same numbers, bit for bit).
+- Every core as an XLA device (`--xla_force_host_platform_device_count`, run.py only): the
+  data-parallel feature extraction then uses them all. Harmless on GPU/TPU hosts.
+Either flag is left alone when XLA_FLAGS already names it; nothing changes once JAX's backend runs.
+"""
+
+from __future__ import annotations
+
+import os
+
+
+def _jaxlib_version() -> str:
+    try:
+        from importlib.metadata import version
+
+        return version("jaxlib")
+    except Exception:  # not installed the usual way: leave XLA's defaults
+        return ""
+
+
+def set_cpu_flags(force_devices: bool = False) -> None:
+    """Add this package's XLA CPU flags to XLA_FLAGS (see the module's text)."""
+    flags = os.environ.get("XLA_FLAGS", "")
+    if force_devices and "xla_force_host_platform_device_count" not in flags:
+        flags += f" --xla_force_host_platform_device_count={max(1, min(os.cpu_count() or 1, 8))}"
+    if "xla_cpu_experimental_ynn_fusion_type" not in flags and _jaxlib_version().startswith("0.10."):
+        flags += " --xla_cpu_experimental_ynn_fusion_type="
+    if flags.strip() != os.environ.get("XLA_FLAGS", "").strip():
+        os.environ["XLA_FLAGS"] = flags.strip()
