@@ -29,11 +29,11 @@ from maskad_jax.app import pipeline
 from maskad_jax.common.parallel import to_local  # noqa: E402
 from maskad_jax.common.specs import resolve
 from maskad_jax.data.splits import eval_batches  # noqa: E402
+from maskad_jax.engine.fit_state import Fit  # noqa: E402
 from maskad_jax.engine.scoring import device_pools, make_score_fn  # noqa: E402
 from maskad_jax.models.reconstructor import build_reconstructor  # noqa: E402
 from maskad_jax.runtime import serve_export  # noqa: E402
 from maskad_jax.training import feature_cache
-from maskad_jax.training.fit import Pools  # noqa: E402
 from maskad_jax.training.train import restore_params  # noqa: E402
 
 config_flags.DEFINE_config_file("config", "configs/demo.py", "the config the workdir was trained with")
@@ -64,7 +64,7 @@ def main(argv):
     gh, gw, ch = extractor.feature_shape(config.data.image_size)
     model = build_reconstructor(s.model, ch, (gh, gw))
     params = to_local(restore_params(workdir, s.train, s.model, s.data.image_size, ch, (gh, gw))[0])
-    pools = Pools.load(os.path.join(workdir, "fit"))
+    pools = Fit.load(os.path.join(workdir, "fit"))
     dev_pools = device_pools(pools)
     score = make_score_fn(s.scoring, extractor, model)
     with open(os.path.join(workdir, "export", "scorer.stablehlo"), "rb") as f:

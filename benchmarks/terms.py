@@ -44,11 +44,11 @@ from maskad_jax.data.splits import Preprocess, eval_batches  # noqa: E402
 from maskad_jax.engine import metrics as metrics_lib  # noqa: E402
 from maskad_jax.engine import mpo as mpo_lib  # noqa: E402
 from maskad_jax.engine import scoring  # noqa: E402
+from maskad_jax.engine.fit_state import Fit  # noqa: E402
 from maskad_jax.engine.smoothing import gaussian_matrix  # noqa: E402
 from maskad_jax.models.reconstructor import build_reconstructor  # noqa: E402
 from maskad_jax.models.resize import interpolation_matrix  # noqa: E402
 from maskad_jax.training import feature_cache
-from maskad_jax.training.fit import Pools  # noqa: E402
 from maskad_jax.training.train import restore_params  # noqa: E402
 
 config_flags.DEFINE_config_file("config", "configs/demo.py", "the config the workdir was trained with")
@@ -66,7 +66,7 @@ def collect(config, workdir) -> dict:
     gh, gw, ch = extractor.feature_shape(config.data.image_size)
     model = build_reconstructor(s.model, ch, (gh, gw))
     params = to_local(restore_params(workdir, s.train, s.model, s.data.image_size, ch, (gh, gw))[0])
-    pools = Pools.load(os.path.join(workdir, "fit"))
+    pools = Fit.load(os.path.join(workdir, "fit"))
     dev = scoring.device_pools(pools)
     feats = jax.jit(scoring.make_score_features_fn(s.scoring, model, with_terms=True), static_argnums=(6,))
     strides = feature_cache.fine_strides(s.scoring)
@@ -100,7 +100,7 @@ def collect(config, workdir) -> dict:
         add("t_", batch["image"], pools.pool_index(names), batch["image_key"], extra)
     pre = Preprocess(train_data, size)
     for k, cls in enumerate(pools.class_names):
-        pos = np.asarray(pools.calibration.get(cls, []), int)
+        pos = np.asarray(pools.held_out.get(cls, []), int)
         for s in range(0, len(pos), bs):
             els = [pre.map(int(p)) for p in pos[s : s + bs]]
             images = np.stack([e["image"] for e in els])

@@ -3,6 +3,7 @@ units, the pixel map from M_po; checked on hand-worked cases, against brute forc
 pooling, and on the engine (one program, an image alone equals it in a batch)."""
 
 import copy
+import dataclasses
 
 import flax.linen as nn
 import jax
@@ -14,9 +15,10 @@ from configs import default, variants
 from maskad_jax.common.specs import resolve
 from maskad_jax.engine import mpo as mpo_lib
 from maskad_jax.engine import scoring
+from maskad_jax.engine.fit_state import Calibration, Fit
 from maskad_jax.models.features import FeatureExtractor, avg_pool3, pooled_embedding
 from maskad_jax.training.calibration import calibrate, term_stats
-from maskad_jax.training.fit import Pools, fit_pools
+from maskad_jax.training.fit import fit_pools
 
 
 def _sc(**kw):
@@ -118,14 +120,15 @@ def test_fine_pools_use_the_same_held_out_split_and_round_trip(tmp_path):
     for f in ("pool_in", "valid", "cal_scale", "src"):  # the token pools do not change
         np.testing.assert_array_equal(getattr(pools, f), getattr(plain, f))
     assert pools.fine_in.shape == (2, int(np.ceil(0.01 * 4 * 16)), 2)
-    held = set(np.concatenate(list(pools.calibration.values())).tolist())
+    held = set(np.concatenate(list(pools.held_out.values())).tolist())
     pool_rows = {tuple(r) for r in pools.fine_in.reshape(-1, 2)[pools.fine_valid.reshape(-1)]}
     held_rows = {tuple(r) for i in held for r in fine[i].reshape(-1, 2)}
     assert not pool_rows & held_rows  # no held-out token in the fine pools
-    pools.term_stats = np.asarray([[1, 2, 3, 4], [5, 6, 7, 8]], np.float32)
-    pools.cal_scores, pools.cal_map_max = {"a": [1.0], "b": [2.0]}, {"a": [0.5], "b": [0.25]}
+    stats = np.asarray([[1, 2, 3, 4], [5, 6, 7, 8]], np.float32)
+    cal = Calibration({"a": [1.0], "b": [2.0]}, {"a": [0.5], "b": [0.25]}, stats)
+    pools = dataclasses.replace(pools, calibration=cal)
     pools.save(str(tmp_path))
-    back = Pools.load(str(tmp_path))
+    back = Fit.load(str(tmp_path))
     for f in ("fine_in", "fine_valid", "fine_cal_scale", "term_stats"):
         np.testing.assert_array_equal(getattr(back, f), getattr(pools, f))
     assert back.cal_map_max == pools.cal_map_max
@@ -150,7 +153,9 @@ def engine():
     pools = fit_pools(h, None, ["a"] * 5 + ["b"] * 5, c.fit, seed=0, fine=fine)
     keys = np.arange(10, dtype=np.int32)
     cal = calibrate(resolve(c).scoring, resolve(c).data, model, params, pools, h, None, keys, fine=fine)
-    pools.cal_scores, pools.cal_map_max, pools.term_stats = cal["cal_scores"], cal["cal_map_max"], cal["term_stats"]
+    pools = dataclasses.replace(
+        pools, calibration=Calibration(cal["cal_scores"], cal["cal_map_max"], cal["term_stats"])
+    )
     imgs = jnp.asarray(rng.uniform(size=(3, 64, 64, 3)).astype(np.float32))
     return dict(c=c, ex=ex, model=model, params=params, pools=pools, h=h, fine=fine, keys=keys, cal=cal, imgs=imgs)
 
@@ -181,7 +186,7 @@ def test_calibration_uses_only_the_held_out_images(engine):
     of every other training image leaves them unchanged, and they equal the statistics of those
     images' own terms."""
     e = engine
-    held = np.concatenate([e["pools"].calibration[c] for c in e["pools"].class_names])
+    held = np.concatenate([e["pools"].held_out[c] for c in e["pools"].class_names])
     other = np.setdiff1d(np.arange(10), held)
     h, fine = e["h"].copy(), e["fine"].copy()
     h[other] += 100.0
@@ -201,7 +206,7 @@ def test_calibration_uses_only_the_held_out_images(engine):
     for c in e["pools"].class_names:
         np.testing.assert_allclose(again["cal_scores"][c], e["cal"]["cal_scores"][c], rtol=1e-5)
     fn = scoring.make_score_features_fn(resolve(e["c"]).scoring, e["model"])
-    pidx = np.concatenate([np.full(len(e["pools"].calibration[c]), k) for k, c in enumerate(e["pools"].class_names)])
+    pidx = np.concatenate([np.full(len(e["pools"].held_out[c]), k) for k, c in enumerate(e["pools"].class_names)])
     out = fn(
         e["params"],
         scoring.device_pools(e["pools"]),

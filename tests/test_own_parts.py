@@ -16,6 +16,7 @@ from helpers import FAST_COMPILE
 from PIL import Image
 
 from maskad_jax.data.geometry import place
+from maskad_jax.engine.fit_state import read_meta
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow  # subprocess runs of run.py
@@ -123,8 +124,8 @@ def _predict(parts, work, *extra):
 def test_good_photos_only_train_fit_and_calibrate(trained):
     work, log = trained
     assert "no test images" in log and "no metrics" in log
-    fit = json.loads((work / "run" / "fit" / "pools.json").read_text())
-    assert fit["class_names"] == ["bracket"] and fit["geometry"]["geometry"] == "resize"
+    fit = read_meta(str(work / "run" / "fit"))
+    assert fit["nominal"]["class_names"] == ["bracket"] and fit["contract"]["geometry"] == "resize"
     val = fit["val_thresholds"]["bracket"]
     assert (val["good"], val["defective"]) == (3, 3) and 0 < val["f1"] <= 1
 
@@ -160,11 +161,8 @@ def test_predict_maps_have_the_original_size_and_find_the_edge_defect(trained, p
     assert place(640, 480, 96, "crop").region[0] > x1
     r = rows["edge_640x480.png"]
     assert r["normalised_score"] == pytest.approx(
-        (r["score"] - np.median(json.loads((work / "run" / "fit" / "pools.json").read_text())["cal_scores"]["bracket"]))
-        / (
-            r["threshold"]
-            - np.median(json.loads((work / "run" / "fit" / "pools.json").read_text())["cal_scores"]["bracket"])
-        )
+        (r["score"] - np.median(read_meta(str(work / "run" / "fit"))["calibration"]["scores"]["bracket"]))
+        / (r["threshold"] - np.median(read_meta(str(work / "run" / "fit"))["calibration"]["scores"]["bracket"]))
     )
 
 
@@ -177,8 +175,8 @@ def test_the_ignore_region_is_zero_and_never_raises_an_alarm(predicted):
 
 def test_thresholds_follow_each_rule(parts, trained, predicted):
     work, _ = trained
-    fit = json.loads((work / "run" / "fit" / "pools.json").read_text())
-    q = float(np.quantile(fit["cal_scores"]["bracket"], 0.99))  # the default quantile
+    fit = read_meta(str(work / "run" / "fit"))
+    q = float(np.quantile(fit["calibration"]["scores"]["bracket"], 0.99))  # the default quantile
     assert predicted[1]["edge_640x480.png"]["threshold"] == pytest.approx(q)
     _, rows = _predict(parts, work)  # auto: the class has validation images, so F1
     assert rows["edge_640x480.png"]["threshold"] == pytest.approx(fit["val_thresholds"]["bracket"]["threshold"])
@@ -191,8 +189,8 @@ def test_update_grows_the_pool_and_keeps_the_reconstructor(parts, trained):
     work, _ = trained
     run = work / "run"
     before_ckpt = _digests(run / "checkpoints")
-    before = json.loads((run / "fit" / "pools.json").read_text())
-    with np.load(run / "fit" / "pools.npz") as z:
+    before = read_meta(str(run / "fit"))
+    with np.load(run / "fit" / "fit.npz") as z:
         valid_before = int(z["valid"].sum())
     refused = _run(*_common(parts, work), "--mode=update", f"--config.new_images.input={parts / 'strip'}", ok=False)
     assert refused.returncode == 2 and "another shape" in refused.stderr
@@ -203,13 +201,15 @@ def test_update_grows_the_pool_and_keeps_the_reconstructor(parts, trained):
         f"--config.new_images.input={parts / 'new_good'}",
         f"--config.data.validation={parts / 'validation'}",
     )
-    after = json.loads((run / "fit" / "pools.json").read_text())
-    with np.load(run / "fit" / "pools.npz") as z:
+    after = read_meta(str(run / "fit"))
+    with np.load(run / "fit" / "fit.npz") as z:
         assert int(z["valid"].sum()) > valid_before
     assert _digests(run / "checkpoints") == before_ckpt  # the reconstructor bitwise untouched
-    assert after["cal_scores"]["bracket"] != before["cal_scores"]["bracket"]
-    assert after["calibration"] == before["calibration"]  # the same held-out images, scored against the new pool
-    (record,) = after["added"]
+    assert after["calibration"]["scores"]["bracket"] != before["calibration"]["scores"]["bracket"]
+    assert (
+        after["nominal"]["held_out"] == before["nominal"]["held_out"]
+    )  # the same held-out images, scored against the new pool
+    (record,) = after["updates"]
     assert sorted(record["files"]) == ["n0.png", "n1.png"] and record["class"] == "bracket"
     again = _run(*_common(parts, work), "--mode=update", f"--config.new_images.input={parts / 'new_good'}", ok=False)
     assert again.returncode == 2 and "already added" in again.stderr

@@ -14,9 +14,10 @@ from maskad_jax.data.geometry import place, to_input, to_original
 from maskad_jax.data.ignore_masks import load_ignore_masks
 from maskad_jax.data.tiling import image_level
 from maskad_jax.engine.coreset import extend_kcenter
+from maskad_jax.engine.fit_state import Calibration, Fit, NominalPools, scoring_signature
+from maskad_jax.engine.thresholds import class_threshold, f1_threshold, fixed_thresholds, normalised
 from maskad_jax.runtime.serve_export import regions_over, stitch_tiles, tile_boxes
-from maskad_jax.training.fit import Pools, _held_out, scoring_signature
-from maskad_jax.training.thresholds import class_threshold, f1_threshold, fixed_thresholds, normalised
+from maskad_jax.training.fit import _held_out
 
 
 def test_crop_of_a_450_by_200_image_sees_the_middle_44_percent():
@@ -86,18 +87,20 @@ def test_predict_threshold_forms():
 
 
 def _pools(config):
-    pools = Pools(
+    nominal = NominalPools(
         np.zeros((2, 3, 4), np.float32),
         np.zeros((2, 3, 4), np.float32),
         np.ones((2, 3), bool),
         np.ones((2,), np.float32),
         ("screw", "nut"),
         {"screw": np.array([0]), "nut": np.array([1])},
-        {"screw": [1.0, 2.0, 3.0, 4.0, 5.0], "nut": [10.0, 20.0, 30.0]},
     )
-    pools.cal_scoring = scoring_signature(resolve(config).scoring)
-    pools.val_thresholds = {"screw": {"threshold": 4.5, "f1": 0.9, "good": 3, "defective": 2}}
-    return pools
+    scores = {"screw": [1.0, 2.0, 3.0, 4.0, 5.0], "nut": [10.0, 20.0, 30.0]}
+    return Fit(
+        nominal,
+        Calibration(scores, scoring=scoring_signature(resolve(config).scoring)),
+        val_thresholds={"screw": {"threshold": 4.5, "f1": 0.9, "good": 3, "defective": 2}},
+    )
 
 
 def test_threshold_rules_per_class():

@@ -93,7 +93,7 @@ def test_run_py_train_eval_predict(tmp_path, tfds_dir, smoke_run):
     wd, out, _, _ = smoke_run
     common = ["--config=configs/demo.py:smoke", f"--workdir={wd}", f"--config.data.tfds_dir={tfds}"]
     assert "trained to step 6" in out and "mean over classes" in out
-    for f in ("config.json", "metrics.json", "scores.csv", "train_log.jsonl", "fit/pools.npz", "report.html"):
+    for f in ("config.json", "metrics.json", "scores.csv", "train_log.jsonl", "fit/fit.npz", "report.html"):
         assert os.path.isfile(os.path.join(wd, f)), f
     events = os.listdir(os.path.join(wd, "tensorboard"))
     assert events and b"train/loss" in open(os.path.join(wd, "tensorboard", events[0]), "rb").read()
@@ -354,7 +354,7 @@ def test_flow_mpo_train_and_eval_then_eval_from_checkpoints(tmp_path, tfds_dir, 
         ]
     out = _run(common)
     assert "flow M_po: trained to step" in out and "mean over classes" in out
-    extra = ("fit/flow_pool/pools.npz",) if features == "backbone" else ()
+    extra = ("fit/flow_pool/fit.npz",) if features == "backbone" else ()
     for f in ("flow_log.jsonl", "fit/flow.json", "flow_checkpoints") + extra:
         assert os.path.exists(os.path.join(wd, f)), f
     scores_first = open(os.path.join(wd, "scores.csv")).read()

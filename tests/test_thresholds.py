@@ -1,4 +1,6 @@
-"""Calibrated thresholds belong to the scoring they were calibrated under (fit.Pools, predict)."""
+"""Calibrated thresholds belong to the scoring they were calibrated under (engine/fit_state.Fit, predict)."""
+
+import dataclasses
 
 import numpy as np
 import pytest
@@ -6,30 +8,29 @@ import pytest
 from configs import demo
 from maskad_jax.common.errors import ConfigError
 from maskad_jax.common.specs import resolve
-from maskad_jax.training.fit import Pools, scoring_signature
-from maskad_jax.training.thresholds import class_thresholds
+from maskad_jax.engine.fit_state import Calibration, Fit, NominalPools, scoring_signature
+from maskad_jax.engine.thresholds import class_thresholds
 
 
 def _pools(config):
     k, p, c = 2, 3, 4
-    pools = Pools(
+    nominal = NominalPools(
         np.zeros((k, p, c), np.float32),
         np.zeros((k, p, c), np.float32),
         np.ones((k, p), bool),
         np.ones((k,), np.float32),
         ("a", "b"),
         {"a": np.array([0, 1]), "b": np.array([2, 3, 4])},
-        {"a": [1.0, 2.0, 3.0, 4.0, 5.0], "b": [10.0, 20.0, 30.0]},
     )
-    pools.cal_scoring = scoring_signature(resolve(config).scoring)
-    return pools
+    scores = {"a": [1.0, 2.0, 3.0, 4.0, 5.0], "b": [10.0, 20.0, 30.0]}
+    return Fit(nominal, Calibration(scores, scoring=scoring_signature(resolve(config).scoring)))
 
 
 def test_signature_survives_a_save_and_load_and_placement_fields_do_not_count(tmp_path):
     c = demo.get_config("smoke")
     pools = _pools(c)
     pools.save(str(tmp_path))
-    loaded = Pools.load(str(tmp_path))
+    loaded = Fit.load(str(tmp_path))
     assert loaded.cal_scoring == scoring_signature(resolve(c).scoring)
     c.scoring.branches_per_step = 4  # where the work runs, not what it computes
     # numpy's default ('linear') quantile of [1..5] at 0.5 is 3; of [10, 20, 30] at 0.5 is 20
@@ -53,7 +54,7 @@ def test_another_scoring_is_refused_naming_the_fields_unless_the_threshold_is_gi
 def test_fits_written_before_the_signature_existed_are_not_refused():
     c = demo.get_config("smoke")
     pools = _pools(c)
-    pools.cal_scoring = None
+    pools = dataclasses.replace(pools, calibration=dataclasses.replace(pools.calibration, scoring=None))
     c.scoring.sigma = 2.5
     c.predict.threshold_quantile = 1.0
     assert class_thresholds(resolve(c).predict, resolve(c).scoring, pools) == [5.0, 30.0]

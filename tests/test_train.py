@@ -292,21 +292,22 @@ def test_corrupt_checkpoint_is_named_and_resuming_falls_back_to_the_previous_one
 
 @pytest.mark.parametrize("damage", ["flip", "truncate"])
 def test_corrupt_pools_file_is_named(tmp_path, damage):
-    from maskad_jax.training.fit import Pools, PoolsCorruptError, fit_pools
+    from maskad_jax.engine.fit_state import Fit, FitCorruptError
+    from maskad_jax.training.fit import fit_pools
 
     c = default.get_config()
     pools = fit_pools(_features(), None, ["a"] * 24, c.fit, 0)
     pools.save(str(tmp_path / "fit"))
-    assert Pools.load(str(tmp_path / "fit")).pool_in.shape == pools.pool_in.shape
-    path = tmp_path / "fit" / "pools.npz"
+    assert Fit.load(str(tmp_path / "fit")).pool_in.shape == pools.pool_in.shape
+    path = tmp_path / "fit" / "fit.npz"
     data = bytearray(path.read_bytes())
     if damage == "flip":
         data[len(data) // 2] ^= 0xFF
     else:
         data = data[:100]
     path.write_bytes(bytes(data))
-    with pytest.raises(PoolsCorruptError, match="pools.npz"):
-        Pools.load(str(tmp_path / "fit"))
+    with pytest.raises(FitCorruptError, match="fit.npz"):
+        Fit.load(str(tmp_path / "fit"))
 
 
 def test_a_resumed_run_records_each_step_once(tmp_path):

@@ -13,7 +13,7 @@ import math
 from maskad_jax.common import specs
 from maskad_jax.common.errors import ConfigError
 from maskad_jax.engine.ablations import ABLATIONS
-from maskad_jax.training.thresholds import fixed_thresholds
+from maskad_jax.engine.thresholds import fixed_thresholds
 
 MODES = ("train_and_eval", "train", "eval", "predict", "export", "update", "serve")
 

@@ -15,7 +15,7 @@ from maskad_jax.common.specs import EvalSpec, ScoringSpec
 from maskad_jax.data.geometry import place, to_original
 from maskad_jax.data.splits import Preprocess
 from maskad_jax.engine import metrics as metrics_lib
-from maskad_jax.training.fit import scoring_signature
+from maskad_jax.engine.fit_state import scoring_signature
 
 
 def eval_frame(ev: EvalSpec) -> str:

@@ -38,9 +38,9 @@ from maskad_jax.common.specs import DataSpec, ExportSpec, PredictSpec, ScoringSp
 from maskad_jax.data.tiling import tiles_on
 from maskad_jax.engine.coreset import assign_pools
 from maskad_jax.engine.scoring import device_pools, make_score_fn
+from maskad_jax.engine.thresholds import class_threshold, class_thresholds, normal_medians, threshold_rule
 from maskad_jax.runtime import serve_export
 from maskad_jax.runtime.serve_export import MANIFEST_DIGEST, load_manifest, write_manifest
-from maskad_jax.training.thresholds import class_threshold, class_thresholds, normal_medians, threshold_rule
 
 FORMAT = "maskad-jax export 1"
 KEY_RULE = (

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import shutil
 import time
 
 import jax
@@ -31,29 +32,25 @@ from maskad_jax.app.samples import export_samples
 from maskad_jax.app.update import add_images, aspect_ranges
 from maskad_jax.app.validation import validation_thresholds
 from maskad_jax.common import progress, specs
-from maskad_jax.common.errors import ConfigError, DataError, MissingInputError
+from maskad_jax.common.errors import ConfigError, DataError, MissingInputError, UserError
 from maskad_jax.common.parallel import barrier, is_writer, place_for_scoring, to_local
 from maskad_jax.common.specs import DataSpec, ServeSpec, Specs
 from maskad_jax.data.geometry import place
 from maskad_jax.data.ignore_masks import load_ignore_masks
 from maskad_jax.data.splits import SplitData
 from maskad_jax.data.tiling import image_level, tiled, tiles_on, untiled
+from maskad_jax.engine import fit_state
+from maskad_jax.engine.fit_state import Calibration, Fit, InputContract, scoring_signature
 from maskad_jax.engine.mpo import NearestNeighbourMpo
 from maskad_jax.engine.scoring import fine_on, needs_term_stats
+from maskad_jax.engine.thresholds import class_threshold, threshold_rule
 from maskad_jax.models.reconstructor import count_params
 from maskad_jax.runtime import serve_export
 from maskad_jax.training import feature_cache
 from maskad_jax.training.calibration import calibrate
-from maskad_jax.training.fit import (
-    Pools,
-    fit_pools,
-    mean_nearest,
-    save_replacing,
-    scoring_signature,
-)
+from maskad_jax.training.fit import fit_pools, rescaled
 from maskad_jax.training.learning_curves import build_eval_set, make_learning_curves
 from maskad_jax.training.mpo import restore_mpo, train_mpo
-from maskad_jax.training.thresholds import class_threshold, threshold_rule
 from maskad_jax.training.train import restore_params, train
 from tfds_builders import prepare
 
@@ -170,7 +167,7 @@ def _train_and_eval(s: Specs, workdir, mode) -> dict:
         if mode == "eval":
             params, step = restore_params(workdir, s.train, s.model, s.data.image_size, channels, grid)
             progress.log(f"restored the reconstructor at step {step} from {workdir}")
-        pools = Pools.load(os.path.join(workdir, "fit"))
+        pools = Fit.load(os.path.join(workdir, "fit"))
         mpo = restore_mpo(s.scoring, s.flow, s.model, s.data, workdir, channels, grid, pools)
         restore.require_fine_pools(s, pools)
         pools.require_geometry(s.data)
@@ -212,13 +209,14 @@ def _train_stage(s: Specs, workdir, extractor, model, train_data, test_data):
     class_names = [train_data.class_names[i] for i in train_data.class_ids]
     t0 = time.time()  # the pools depend on the features only: fitted first, so the learning curves can use them
     pools = fit_pools(h_in, h_tgt, class_names, s.fit, s.fit.seed, fine=fine, image_of=train_data.image_of)
-    pools.geometry = {
-        "geometry": s.data.geometry,
-        "image_size": int(s.data.image_size),
+    contract = InputContract(
+        s.data.geometry,
+        int(s.data.image_size),
         # of the whole images (not their tiles): --mode=update refuses, and predict notes, another shape
-        "aspect": aspect_ranges(train_data if train_data.image_of is None else untiled(train_data)),
-    }
-    pools.ignore = load_ignore_masks(s.data.ignore_masks, pools.class_names, s.data.image_size, s.data.geometry)
+        aspect_ranges(train_data if train_data.image_of is None else untiled(train_data)),
+        load_ignore_masks(s.data.ignore_masks, pools.class_names, s.data.image_size, s.data.geometry),
+    )
+    pools = dataclasses.replace(pools, contract=contract)
     progress.log(
         f"fitted {len(pools.class_names)} pool(s) of up to {pools.pool_in.shape[1]} tokens"
         + ("" if fine is None else f" (fine grid {fine.shape[1]}x{fine.shape[2]}: up to {pools.fine_in.shape[1]})")
@@ -248,17 +246,37 @@ def _train_stage(s: Specs, workdir, extractor, model, train_data, test_data):
         s.scoring, s.flow, s.model, s.data, s.fit, s.train.devices, (workdir, h_in, pools, class_names, train_data)
     )
     cal = calibrate(s.scoring, s.data, model, res.params, pools, h_in, h_tgt, keys, mpo, f_train, fine, boxes)
-    _set_calibration(pools, s, image_level(cal, pools.calibration, train_data.image_of))
-    pools.val_thresholds = validation_thresholds(s.scoring, s.data, extractor, model, res.params, pools, mpo)
+    pools = _with_calibration(pools, s, image_level(cal, pools.held_out, train_data.image_of))
+    val = validation_thresholds(s.scoring, s.data, extractor, model, res.params, pools, mpo)
+    pools = dataclasses.replace(pools, val_thresholds=val)
     if is_writer():
-        pools.save(os.path.join(workdir, "fit"))
+        _replace_fit(pools, os.path.join(workdir, "fit"))
     barrier("fit saved")
     return res.params, seconds
 
 
-def _set_calibration(pools, s: Specs, cal: dict):
-    pools.cal_scores, pools.cal_map_max, pools.term_stats = cal["cal_scores"], cal["cal_map_max"], cal["term_stats"]
-    pools.cal_scoring = scoring_signature(s.scoring)
+def _with_calibration(pools: Fit, s: Specs, cal: dict) -> Fit:
+    calibration = Calibration(cal["cal_scores"], cal["cal_map_max"], cal["term_stats"], scoring_signature(s.scoring))
+    return dataclasses.replace(pools, calibration=calibration)
+
+
+def _replace_fit(fit: Fit, fit_dir: str) -> None:
+    """Save a newly trained fit. An earlier fit with --mode=update records is not silently lost: what
+    the new one drops is said first, and the earlier file is kept beside it (fit.before-<time>.npz)."""
+    try:
+        old = Fit.load(fit_dir) if fit_state.exists(fit_dir) else None
+    except UserError:
+        old = None
+    if old is not None and old.updates:
+        added = "; ".join(f"class {u['class']}: {', '.join(sorted(u['files']))}" for u in old.updates)
+        kept = os.path.join(fit_dir, f"fit.before-{time.strftime('%Y%m%d-%H%M%S')}.npz")
+        if os.path.isfile(os.path.join(fit_dir, fit_state.FILE)):
+            shutil.copyfile(os.path.join(fit_dir, fit_state.FILE), kept)
+        progress.log(
+            f"retraining drops the {len(old.updates)} --mode=update record(s) of the earlier fit ({added}): those "
+            f"images are not in the training data; run --mode=update with them again (the earlier fit: {kept})"
+        )
+    fit.save(fit_dir)
 
 
 def _recalibrate(s: Specs, extractor, model, params, pools, mpo, train_data, rescale: int | None = None):
@@ -273,7 +291,7 @@ def _recalibrate(s: Specs, extractor, model, params, pools, mpo, train_data, res
         )
     if rescale is None:
         progress.log("the fit's term statistics are for another scoring: recomputing them on the held-out images")
-    positions = np.concatenate([np.asarray(pools.calibration.get(c, []), np.int64) for c in pools.class_names])
+    positions = np.concatenate([np.asarray(pools.held_out.get(c, []), np.int64) for c in pools.class_names])
     h_in, h_tgt, keys, fine, boxes = feature_cache.extract_at(
         extractor,
         train_data,
@@ -283,26 +301,14 @@ def _recalibrate(s: Specs, extractor, model, params, pools, mpo, train_data, res
         "held-out features",
         fine=feature_cache.fine_strides(s.scoring),
     )
-    bounds = np.cumsum([0] + [len(pools.calibration.get(c, [])) for c in pools.class_names])
+    bounds = np.cumsum([0] + [len(pools.held_out.get(c, [])) for c in pools.class_names])
     rows = {c: np.arange(bounds[k], bounds[k + 1]) for k, c in enumerate(pools.class_names)}
-    pools = dataclasses.replace(pools)
     if rescale is not None:
-        _rescale(pools, rescale, h_in[rows[pools.class_names[rescale]]], fine, rows[pools.class_names[rescale]])
-    local = dataclasses.replace(pools, calibration=rows)  # positions into the extracted rows
+        mine = rows[pools.class_names[rescale]]
+        pools = rescaled(pools, rescale, h_in[mine], None if fine is None else fine[mine])
+    local = pools.with_nominal(held_out=rows)  # positions into the extracted rows
     cal = calibrate(s.scoring, s.data, model, to_local(params), local, h_in, h_tgt, keys, mpo, None, fine, boxes)
-    _set_calibration(pools, s, image_level(cal, pools.calibration, train_data.image_of))
-    return pools
-
-
-def _rescale(pools, k, held_in, fine, rows):
-    """Pool k's calibration scales measured again: its held-out tokens' mean distance to the pool."""
-    if not len(rows):
-        return
-    pools.cal_scale = np.array(pools.cal_scale, np.float32)
-    pools.cal_scale[k] = mean_nearest(held_in, pools.pool_in[k][pools.valid[k]])
-    if fine is not None and pools.fine_in is not None:
-        pools.fine_cal_scale = np.array(pools.fine_cal_scale, np.float32)
-        pools.fine_cal_scale[k] = mean_nearest(fine[rows], pools.fine_in[k][pools.fine_valid[k]])
+    return _with_calibration(pools, s, image_level(cal, pools.held_out, train_data.image_of))
 
 
 def _update(s: Specs, workdir) -> dict:
@@ -312,11 +318,12 @@ def _update(s: Specs, workdir) -> dict:
     extractor, model, channels, grid = restore.models(s)
     params, step = restore_params(workdir, s.train, s.model, s.data.image_size, channels, grid)
     fit_dir = os.path.join(workdir, "fit")
-    pools = Pools.load(fit_dir)
+    pools = Fit.load(fit_dir)
     restore.require_fine_pools(s, pools)
-    record = add_images(s.scoring, s.data, s.fit, s.new_images, extractor, pools)
+    pools, record = add_images(s.scoring, s.data, s.fit, s.new_images, extractor, pools)
     if s.data.ignore_masks:
-        pools.ignore = load_ignore_masks(s.data.ignore_masks, pools.class_names, s.data.image_size, s.data.geometry)
+        ignore = load_ignore_masks(s.data.ignore_masks, pools.class_names, s.data.image_size, s.data.geometry)
+        pools = dataclasses.replace(pools, contract=dataclasses.replace(pools.contract, ignore=ignore))
     pools = _recalibrate(
         s,
         extractor,
@@ -331,15 +338,16 @@ def _update(s: Specs, workdir) -> dict:
         progress.log(
             "update: the F1 thresholds were for the old pools and are dropped: give data.validation to redo them"
         )
-    pools.val_thresholds = validation_thresholds(s.scoring, s.data, extractor, model, params, pools)
-    pools.added = list(pools.added) + [{k: v for k, v in record.items() if k != "pool_index"}]
+    val = validation_thresholds(s.scoring, s.data, extractor, model, params, pools)
+    entry = {k: v for k, v in record.items() if k != "pool_index"}
+    pools = dataclasses.replace(pools, val_thresholds=val, updates=pools.updates + (entry,))
     _write_config(s, workdir, "update")
     if is_writer():
-        save_replacing(pools, fit_dir)
+        pools.save(fit_dir)
     cls = record["class"]
     progress.log(
         f"update: class {cls} recalibrated (threshold {class_threshold(s.predict, s.scoring, pools, cls):.4g}, "
         f"{threshold_rule(s.predict, pools)}); the reconstructor (step {step}) is unchanged; "
-        f"recorded in {fit_dir}/pools.json"
+        f"recorded in {fit_dir}/{fit_state.FILE}"
     )
     return {"update": {k: v for k, v in record.items() if k != "pool_index"}}

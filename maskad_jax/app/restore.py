@@ -23,12 +23,12 @@ from maskad_jax.common.errors import ConfigError, MissingInputError
 from maskad_jax.common.parallel import place_for_scoring
 from maskad_jax.common.specs import Specs
 from maskad_jax.engine.coreset import assign_pools
+from maskad_jax.engine.fit_state import Fit, scoring_difference, scoring_signature
 from maskad_jax.engine.scoring import device_pools, fine_on, make_score_fn, needs_term_stats
+from maskad_jax.engine.thresholds import class_thresholds
 from maskad_jax.models.reconstructor import build_reconstructor
 from maskad_jax.training import feature_cache
-from maskad_jax.training.fit import Pools, scoring_difference, scoring_signature
 from maskad_jax.training.mpo import restore_mpo
-from maskad_jax.training.thresholds import class_thresholds
 from maskad_jax.training.train import restore_params
 
 
@@ -43,7 +43,7 @@ class Trained:
     model: object
     params: object
     step: int
-    pools: Pools
+    pools: Fit
     mpo: object
 
 
@@ -59,7 +59,7 @@ def restore(s: Specs, workdir: str, mode: str) -> Trained:
     extractor, model, channels, grid = models(s)
     params, step = restore_params(workdir, s.train, s.model, s.data.image_size, channels, grid)
     progress.log(f"restored the reconstructor at step {step} from {workdir}")
-    pools = Pools.load(os.path.join(workdir, "fit"))
+    pools = Fit.load(os.path.join(workdir, "fit"))
     mpo = restore_mpo(s.scoring, s.flow, s.model, s.data, workdir, channels, grid, pools)
     require_fine_pools(s, pools)
     pools.require_geometry(s.data)

@@ -3,8 +3,8 @@
     python run.py --config=configs/folder.py --config.data.manual_dir=/parts --workdir=runs/parts \
         --mode=update --config.new_images.input=/parts/new_good [--config.new_images.class_name=bracket]
 
-The new images' tokens join their class's pools: greedy k-center continued from the current pool
-(coreset.extend_kcenter) picks fit.pool_ratio of the new tokens (fit.fine_pool_ratio for the fine
+The new images' tokens join their class's pools (training/fit.grow_class): greedy k-center continued
+from the current pool (coreset.extend_kcenter) picks fit.pool_ratio of the new tokens (fit.fine_pool_ratio for the fine
 pool), the ones the pool covers least. The held-out training images are scored again (calibration:
 thresholds, term statistics), the validation thresholds are recomputed when data.validation is
 given (dropped otherwise: they were for the old pools), and data.ignore_masks replaces the fit's
@@ -34,9 +34,9 @@ from maskad_jax.common.parallel import local_batch_sharding
 from maskad_jax.common.specs import DataSpec, FitSpec, NewImagesSpec, ScoringSpec
 from maskad_jax.data.preprocess import ImageDecodeError, open_image, preprocess_image, to_rgb
 from maskad_jax.data.tiling import tiles_on
-from maskad_jax.engine.coreset import extend_kcenter
 from maskad_jax.runtime.serve_export import tile_boxes
 from maskad_jax.training import feature_cache
+from maskad_jax.training.fit import grow_class
 
 
 def update_class(ni: NewImagesSpec, pools) -> int:
@@ -57,7 +57,7 @@ def update_class(ni: NewImagesSpec, pools) -> int:
 def check_images(paths, rels, pools, k) -> tuple[list, list]:
     """(the images as RGB, their SHA-256): refused when one cannot be read, was added before, or has
     an aspect ratio outside the class's training range (pools.geometry["aspect"])."""
-    seen = {d for rec in pools.added for d in rec["files"].values()}
+    seen = {d: "an earlier update" for rec in pools.added for d in rec["files"].values()}
     aspect = pools.aspect_range(pools.class_names[k])
     images, digests, bad = [], [], []
     for path, rel in zip(paths, rels):
@@ -67,9 +67,12 @@ def check_images(paths, rels, pools, k) -> tuple[list, list]:
             raise DataError(f"new_images.input: {rel} cannot be read ({e}); nothing was added") from None
         digest = sha256_file(path)
         if digest in seen:
+            where = seen[digest] if seen[digest] == "an earlier update" else f"{seen[digest]} in this update"
             raise DataError(
-                f"new_images.input: {rel} was already added to this workdir (same SHA-256); nothing was added"
+                f"new_images.input: {rel} is the same image (same SHA-256) as {where}: already added to "
+                f"this workdir; nothing was added"
             )
+        seen[digest] = rel
         if not pools.shape_fits(pools.class_names[k], *img.size):
             bad.append(f"{rel} ({img.size[0]} x {img.size[1]})")
         images.append(img)
@@ -105,33 +108,11 @@ def new_features(sc: ScoringSpec, d: DataSpec, extractor, images):
     return tuple(res) if res is not None else (None, None, None)
 
 
-def grow(pool, valid, new_tokens, ratio, fit_cfg, seed, k, pool_tgt=None, new_tgt=None):
-    """The (K, P', C) pools with class k's grown by k-center over its pool + new_tokens (M, C): the
-    fit's ratio of the new tokens, the ones farthest from what the pool holds. (pool, tgt, valid, added)."""
-    old = pool[k][valid[k]]
-    m = int(np.ceil(ratio * len(new_tokens)))
-    sel = extend_kcenter(old, new_tokens, m, projection_dim=fit_cfg.projection_dim, seed=seed)
-    n_k = len(old) + len(sel)
-    width = max(pool.shape[1], n_k)
-    grown, grown_valid = _widen(pool, width), _widen(valid, width)
-    grown[k, len(old) : n_k], grown_valid[k, len(old) : n_k] = new_tokens[sel], True
-    tgt = None
-    if pool_tgt is not None:
-        tgt = _widen(pool_tgt, width)
-        tgt[k, len(old) : n_k] = new_tgt[sel]
-    return grown, tgt, grown_valid, len(sel)
-
-
-def _widen(a, width):
-    out = np.zeros((a.shape[0], width) + a.shape[2:], a.dtype)
-    out[:, : a.shape[1]] = a
-    return out
-
-
 def add_images(
     sc: ScoringSpec, d: DataSpec, fs: FitSpec, ni: NewImagesSpec, extractor, pools, log=progress.log
-) -> dict:
-    """Grow class k's pools (in place) by the images of new_images.input; the record of what was added."""
+) -> tuple:
+    """(the fit with class k's pools grown by the images of new_images.input (training/fit.grow_class), the
+    record of what was added); the fit given is not changed."""
     if sc.mpo == "flow":
         raise ConfigError(
             "--mode=update works with the nearest-neighbour M_po; the flow M_po is trained on the pool: retrain"
@@ -145,32 +126,7 @@ def add_images(
         raise DataError(f"new_images.input: {len(unreadable)} folder(s) under {root} cannot be read; nothing was added")
     images, digests = check_images([os.path.join(root, r) for r in rels], rels, pools, k)
     h_in, h_tgt, fine = new_features(sc, d, extractor, images)
-    c = h_in.shape[-1]
-    tgt = None if h_tgt is None else h_tgt.reshape(-1, c)
-    pools.pool_in, pools.pool_tgt, pools.valid, added = grow(
-        pools.pool_in,
-        pools.valid,
-        h_in.reshape(-1, c),
-        fs.pool_ratio,
-        fs,
-        fs.seed,
-        k,
-        pools.pool_tgt,
-        tgt if tgt is not None else h_in.reshape(-1, c),
-    )
-    if pools.src is not None:
-        pools.src = _widen(pools.src + 1, pools.pool_in.shape[1]) - 1  # new tokens come from no training image
-    fine_added = 0
-    if fine is not None and pools.fine_in is not None:
-        pools.fine_in, _, pools.fine_valid, fine_added = grow(
-            pools.fine_in,
-            pools.fine_valid,
-            fine.reshape(-1, fine.shape[-1]),
-            fs.fine_pool_ratio,
-            fs,
-            fs.seed,
-            k,
-        )
+    grown, added, fine_added = grow_class(pools, k, h_in, h_tgt, fine, fs)
     record = {
         "pool_index": k,
         "class": pools.class_names[k],
@@ -182,9 +138,9 @@ def add_images(
     }
     log(
         f"update: {len(rels)} new good image(s) of class {record['class']}: {added} token(s) joined its pool "
-        f"(now {int(pools.valid[k].sum())})" + (f", {fine_added} its fine pool" if fine_added else "")
+        f"(now {int(grown.valid[k].sum())})" + (f", {fine_added} its fine pool" if fine_added else "")
     )
-    return record
+    return grown, record
 
 
 def aspect_ranges(data) -> dict:

@@ -18,7 +18,7 @@ from maskad_jax.app.scored_files import scored_batches
 from maskad_jax.common import progress
 from maskad_jax.common.errors import DataError
 from maskad_jax.common.specs import DataSpec, ScoringSpec
-from maskad_jax.training.thresholds import f1_threshold
+from maskad_jax.engine.thresholds import f1_threshold
 
 
 def validation_images(folder: str, class_names, manual_dir: str = "") -> tuple[str, list, list, list]:

@@ -17,6 +17,7 @@ import time
 import jax
 
 from maskad_jax.common.errors import MissingInputError, WorkdirBusyError
+from maskad_jax.engine import fit_state
 
 LOCK_NAME = ".maskad.lock"
 
@@ -68,7 +69,7 @@ def require_trained(workdir: str) -> None:
     ckpt = os.path.join(workdir, "checkpoints")
     if not os.path.isdir(ckpt) or not any(name.isdigit() for name in os.listdir(ckpt)):
         raise MissingInputError(f"no checkpoint in {ckpt}: train first (--mode=train or train_and_eval)")
-    if not os.path.isfile(os.path.join(workdir, "fit", "pools.npz")):
+    if not fit_state.exists(os.path.join(workdir, "fit")):
         raise MissingInputError(
             f"no fit in {os.path.join(workdir, 'fit')} (training did not finish): rerun the "
             f"training command on this workdir; it resumes"

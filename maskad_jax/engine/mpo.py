@@ -106,7 +106,7 @@ class NearestNeighbourMpo:
 class FlowMpo:
     """A trained flow: its module and parameters, L_ref per pool, the positional encoding's size, and
     with flow.features = backbone its own backbone (embedder: models/flow_features.FlowEmbedder) and
-    pool (training/fit.Pools of that backbone's features)."""
+    pool (engine/fit_state.Fit of that backbone's features)."""
 
     module: Any
     params: Any

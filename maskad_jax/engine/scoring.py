@@ -294,7 +294,7 @@ def make_score_fn(sc: ScoringSpec, extractor, model, mpo=None):
 
 
 def device_pools(pools, mpo=None) -> dict:
-    """The one layout of what scoring reads besides the parameters: the fit's pools (fit.Pools) and
+    """The one layout of what scoring reads besides the parameters: the fit's pools (fit_state.Fit) and
     the M_po's own state (mpo.device_state(): the flow's parameters, L_ref and, with
     flow.features = backbone, its own pool and backbone variables). Arrays are placed by the caller
     (parallel.place_for_scoring).

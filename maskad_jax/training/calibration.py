@@ -42,7 +42,7 @@ def calibrate(
     fn = jax.jit(make_score_features_fn(sc, model, mpo), static_argnums=(6,))
     params, dev_pools = place_for_scoring(sc.devices, (params, device_pools(pools, mpo)))
     boxes = boxes if d.geometry == "pad" else None
-    held = [np.asarray(pools.calibration.get(cls, np.zeros(0, int)), np.int64) for cls in pools.class_names]
+    held = [np.asarray(pools.held_out.get(cls, np.zeros(0, int)), np.int64) for cls in pools.class_names]
     pos = np.concatenate(held)  # training-image positions, class by class
     pool = np.concatenate([np.full(len(p), k, np.int32) for k, p in enumerate(held)])
     rows = process_share(len(pos))

@@ -10,207 +10,17 @@ With the fine embedding (scoring.knn_fine) a second pool per class is fitted the
 tokens (k-center at fit.fine_pool_ratio), with its own calibration scale.
 After training, calibration (calibration.calibrate) scores the held-out images and adds to the fit
 their image scores, their pixel maps' maxima, and per class the mean and spread of the two terms
-(term_stats) that scoring.mpo_fusion = sum standardises; all under one scoring signature.
+(term_stats) that scoring.mpo_fusion = sum standardises; all under one scoring signature. The fit's
+parts, its file and its reading are engine/fit_state.py's.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import json
-import os
-import zipfile
-
 import jax.numpy as jnp
 import numpy as np
 
-from maskad_jax.common import specs
-from maskad_jax.common.digests import sha256_file
-from maskad_jax.common.errors import ConfigError, DataError, MissingInputError, UserError
-from maskad_jax.common.specs import DataSpec, ScoringSpec
-from maskad_jax.engine.coreset import greedy_kcenter, nearest
-
-
-class PoolsCorruptError(UserError, ValueError):
-    """fit/pools.npz or pools.json cannot be read or differs from its saved digest."""
-
-
-ASPECT_TOLERANCE = 1.1  # an image may be this much wider or narrower than its class's training images
-
-
-def scoring_difference(calibrated: dict, now: dict) -> str:
-    """The differing scoring fields, as "scoring.<field> <value> at calibration, <value> now; ..."."""
-    diff = [k for k in sorted(set(now) | set(calibrated)) if now.get(k) != calibrated.get(k)]
-    return "; ".join(f"scoring.{k} {calibrated.get(k)!r} at calibration, {now.get(k)!r} now" for k in diff)
-
-
-def scoring_signature(sc: ScoringSpec) -> dict:
-    """The scoring settings held-out scores are computed under (common/specs.scoring_signature: every
-    scoring field but the placement ones): a threshold calibrated from them is a threshold for these
-    settings only (another scoring gives scores of another scale)."""
-    return specs.scoring_signature(sc)
-
-
-@dataclasses.dataclass
-class Pools:
-    pool_in: np.ndarray  # (K, P, C) padded
-    pool_tgt: np.ndarray  # (K, P, C); equal to pool_in when the target is h itself
-    valid: np.ndarray  # (K, P) bool
-    cal_scale: np.ndarray  # (K,)
-    class_names: tuple  # names of the K pools ('*' for a shared pool)
-    calibration: dict  # class -> positions (into the training set) of the held-out images
-    cal_scores: dict = dataclasses.field(default_factory=dict)  # class -> image scores of those images
-    src: np.ndarray | None = None  # (K, P) training-set position of each pool token's image (-1: padding)
-    cal_scoring: dict | None = None  # scoring_signature the cal_scores were computed under (None: older fits)
-    fine_in: np.ndarray | None = None  # (K, P2, Cf) the fine pools (scoring.knn_fine), padded
-    fine_valid: np.ndarray | None = None  # (K, P2) bool
-    fine_cal_scale: np.ndarray | None = None  # (K,)
-    term_stats: np.ndarray | None = None  # (K, 4): held-out normal mean, std of P and of M_po (under cal_scoring)
-    cal_map_max: dict = dataclasses.field(default_factory=dict)  # class -> the held-out images' pixel-map maxima
-    geometry: dict | None = None  # {"geometry": data.geometry, "image_size": data.image_size} the pools were fitted at
-    # class -> {"threshold", "f1", "good", "defective"}: F1-optimal thresholds on data.validation (thresholds.py)
-    val_thresholds: dict = dataclasses.field(default_factory=dict)
-    ignore: np.ndarray | None = (
-        None  # (K, S, S) bool: each class's ignore region in the input frame (data.ignore_masks)
-    )
-    added: list = dataclasses.field(default_factory=list)  # --mode=update: [{"class", "files": {name: sha256}, ...}]
-
-    def require_geometry(self, d: DataSpec) -> None:
-        """Refuse a run whose data.geometry or data.image_size differs from the fit's (older fits: crop)."""
-        fitted = self.geometry or {"geometry": "crop", "image_size": None}
-        now = {"geometry": d.geometry, "image_size": int(d.image_size)}
-        if fitted["geometry"] != now["geometry"] or fitted["image_size"] not in (None, now["image_size"]):
-            raise ConfigError(
-                f"this workdir's model was fitted with data.geometry = {fitted['geometry']!r} at data.image_size = "
-                f"{fitted['image_size']}, and this run asks for {now['geometry']!r} at {now['image_size']}: use the "
-                f"training config's geometry (images must reach the model as they did in training)"
-            )
-
-    def aspect_range(self, cls: str):
-        """[min, max] width/height of the class's training images (the fit's record), or None."""
-        return (self.geometry or {}).get("aspect", {}).get(cls)
-
-    def shape_fits(self, cls: str, width: int, height: int) -> bool:
-        """Whether an image's aspect ratio lies within the class's training range, ASPECT_TOLERANCE
-        either way (True when the fit has no record): predict notes, and update refuses, the others."""
-        aspect = self.aspect_range(cls)
-        a = width / height
-        return not aspect or aspect[0] / ASPECT_TOLERANCE <= a <= aspect[1] * ASPECT_TOLERANCE
-
-    def calibrated_for(self, sc: ScoringSpec, terms_only: bool = False) -> bool:
-        """Whether the calibration was computed under this config's scoring (terms_only: whether its
-        term_stats still hold, which fields acting after the terms do not change)."""
-        if self.cal_scoring is None:
-            return False
-        drop = specs.after_terms_fields() if terms_only else ()
-        return {k: v for k, v in self.cal_scoring.items() if k not in drop} == {
-            k: v for k, v in scoring_signature(sc).items() if k not in drop
-        }
-
-    def threshold(self, cls: str, quantile: float, scoring: dict | None = None, of: str = "score") -> float:
-        """A decision threshold: the given quantile of the held-out normal images' scores of a pool
-        (of = "score"), or of their pixel maps' maxima (of = "map": the level at which a map's
-        region counts as over the threshold; the same as the score's when the pixel map is the
-        score's own map, and the score's for older fits that did not record map maxima).
-
-        scoring: the scoring_signature of the run that will compare scores with it; refused when it
-        differs from the calibration's (the scores would be of another scale)."""
-        if scoring is not None and self.cal_scoring is not None and scoring != self.cal_scoring:
-            what = scoring_difference(self.cal_scoring, scoring)
-            raise ConfigError(
-                f"the calibrated thresholds are for the scoring the model was trained with, and this run's differs "
-                f"({what}): score with the training config's scoring, or set predict.threshold explicitly"
-            )
-        scores = (self.cal_map_max.get(cls) if of == "map" else None) or self.cal_scores.get(cls) or []
-        if not scores:
-            raise ConfigError(f"no calibration scores for pool {cls!r}; set predict.threshold explicitly")
-        return float(np.quantile(np.asarray(scores), quantile))
-
-    def pool_index(self, class_names_of_images) -> np.ndarray:
-        if self.class_names == ("*",):
-            return np.zeros(len(class_names_of_images), np.int32)
-        lookup = {c: i for i, c in enumerate(self.class_names)}
-        missing = sorted({c for c in class_names_of_images if c not in lookup})
-        if missing:
-            raise DataError(
-                f"no nominal pool for class(es) {missing}; the model was fitted on {list(self.class_names)}"
-            )
-        return np.asarray([lookup[c] for c in class_names_of_images], np.int32)
-
-    def save(self, directory: str) -> None:
-        os.makedirs(directory, exist_ok=True)
-        extra = {} if self.src is None else {"src": self.src}
-        if self.fine_in is not None:
-            extra.update(fine_in=self.fine_in, fine_valid=self.fine_valid, fine_cal_scale=self.fine_cal_scale)
-        if self.ignore is not None:
-            extra["ignore"] = self.ignore
-        if not (np.all(np.isfinite(self.cal_scale)) and all(np.all(np.isfinite(v)) for v in self.cal_scores.values())):
-            raise FloatingPointError(
-                f"refusing to save the fit to {directory}: its calibration is not finite (NaN "
-                f"features or scores: check the backbone weights and the training)"
-            )
-        npz = os.path.join(directory, "pools.npz")
-        np.savez(npz, pool_in=self.pool_in, pool_tgt=self.pool_tgt, valid=self.valid, cal_scale=self.cal_scale, **extra)
-        with open(os.path.join(directory, "pools.json"), "w") as f:
-            json.dump(
-                {
-                    "npz_sha256": sha256_file(npz),
-                    "class_names": list(self.class_names),
-                    "calibration": {k: [int(i) for i in v] for k, v in self.calibration.items()},
-                    "cal_scores": {k: [float(x) for x in v] for k, v in self.cal_scores.items()},
-                    "cal_scoring": self.cal_scoring,
-                    "term_stats": None if self.term_stats is None else np.asarray(self.term_stats).tolist(),
-                    "cal_map_max": {k: [float(x) for x in v] for k, v in self.cal_map_max.items()},
-                    "geometry": self.geometry,
-                    "val_thresholds": self.val_thresholds,
-                    "added": self.added,
-                },
-                f,
-            )
-
-    @classmethod
-    def load(cls, directory: str) -> "Pools":
-        path = os.path.join(directory, "pools.npz")
-        if not os.path.isfile(path):
-            raise MissingInputError(f"no fitted pools at {path}: run --mode=train or train_and_eval first")
-        meta_path = os.path.join(directory, "pools.json")
-        try:
-            with open(meta_path) as f:
-                meta = json.load(f)
-        except (OSError, json.JSONDecodeError) as e:
-            raise PoolsCorruptError(f"{meta_path} is missing or unreadable ({e}): rerun --mode=train") from None
-        digest = meta.get("npz_sha256")
-        if digest is not None and sha256_file(path) != digest:
-            raise PoolsCorruptError(
-                f"{path} is corrupt: its contents differ from the digest in pools.json (a "
-                f"truncated copy or bit rot); rerun --mode=train to refit"
-            )
-        try:
-            with np.load(path) as z:
-                arrays = {k: z[k] for k in z.files}
-            return cls(
-                arrays["pool_in"],
-                arrays["pool_tgt"],
-                arrays["valid"],
-                arrays["cal_scale"],
-                tuple(meta["class_names"]),
-                {k: np.asarray(v, int) for k, v in meta["calibration"].items()},
-                meta.get("cal_scores", {}),
-                arrays.get("src"),
-                meta.get("cal_scoring"),
-                arrays.get("fine_in"),
-                arrays.get("fine_valid"),
-                arrays.get("fine_cal_scale"),
-                None if meta.get("term_stats") is None else np.asarray(meta["term_stats"], np.float32),
-                meta.get("cal_map_max", {}),
-                meta.get("geometry"),
-                meta.get("val_thresholds", {}),
-                arrays.get("ignore"),
-                meta.get("added", []),
-            )
-        except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as e:
-            raise PoolsCorruptError(
-                f"{path} is unreadable ({type(e).__name__}: {e}); rerun --mode=train to refit"
-            ) from None
+from maskad_jax.engine.coreset import extend_kcenter, greedy_kcenter, nearest
+from maskad_jax.engine.fit_state import Fit, NominalPools
 
 
 def fit_pools(
@@ -221,7 +31,7 @@ def fit_pools(
     seed: int,
     fine: np.ndarray | None = None,
     image_of: np.ndarray | None = None,
-) -> Pools:
+) -> Fit:
     """h_in (N, gh, gw, C) features of the normal training images; their class names. fine (N, fh, fw,
     Cf): their fine embeddings, for the fine pools (scoring.knn_fine). image_of (N,): with tiles
     (tiling.py), each row's image: images, not tiles, are held out."""
@@ -241,10 +51,11 @@ def fit_pools(
             fine_pools.append(_kcenter_pool(fine, None, fit, cal, fit_cfg.fine_pool_ratio, fit_cfg, seed, frng))
         cal_pos[cls] = cal
     pool_in, pool_tgt, valid, src, cal_scale = _stack(pools)
-    out = Pools(pool_in, pool_tgt, valid, cal_scale, tuple(groups), cal_pos, src=src)
+    fine_parts = {}
     if fine is not None:
-        out.fine_in, _, out.fine_valid, _, out.fine_cal_scale = _stack(fine_pools)
-    return out
+        f_in, _, f_valid, _, f_scale = _stack(fine_pools)
+        fine_parts = dict(fine_in=f_in, fine_valid=f_valid, fine_cal_scale=f_scale)
+    return Fit(NominalPools(pool_in, pool_tgt, valid, cal_scale, tuple(groups), cal_pos, src=src, **fine_parts))
 
 
 def _held_out(pos, rng, fraction, image_of=None):
@@ -287,16 +98,6 @@ def mean_nearest(queries: np.ndarray, pool: np.ndarray) -> float:
     return float(jnp.mean(jnp.sqrt(d)))
 
 
-def save_replacing(pools: Pools, directory: str) -> None:
-    """Save the fit beside `directory` and move its files over the old ones (pools.npz, then
-    pools.json, which holds the npz's digest: an interrupted swap is refused at load, never used)."""
-    tmp = directory.rstrip(os.sep) + ".new"
-    pools.save(tmp)
-    for name in ("pools.npz", "pools.json"):
-        os.replace(os.path.join(tmp, name), os.path.join(directory, name))
-    os.rmdir(tmp)
-
-
 def _stack(pools):
     """Per-class pools padded to one (K, P, C) layout: (in, tgt, valid, src, scales)."""
     p = max(len(a) for a, _, _, _ in pools)
@@ -308,3 +109,61 @@ def _stack(pools):
     for i, (a, b, sr, _) in enumerate(pools):
         pool_in[i, : len(a)], pool_tgt[i, : len(b)], valid[i, : len(a)], src[i, : len(sr)] = a, b, True, sr
     return pool_in, pool_tgt, valid, src, np.asarray([sc for _, _, _, sc in pools], np.float32)
+
+
+def grow_class(fit: Fit, k: int, h_in, h_tgt, fine, fs) -> tuple:
+    """(fit with class k's pools grown by the new images' tokens, tokens added, fine tokens added):
+    --mode=update's k-center continued from the pool, fit.pool_ratio of the new tokens (fit.fine_pool_ratio
+    of the fine ones). The fit given is not changed."""
+    c = h_in.shape[-1]
+    tokens = h_in.reshape(-1, c)
+    tgt = tokens if h_tgt is None else h_tgt.reshape(-1, c)
+    pool_in, pool_tgt, valid, added = grow(fit.pool_in, fit.valid, tokens, fs.pool_ratio, fs, k, fit.pool_tgt, tgt)
+    changes = dict(pool_in=pool_in, pool_tgt=pool_tgt, valid=valid)
+    if fit.src is not None:
+        changes["src"] = _widen(fit.src + 1, pool_in.shape[1]) - 1  # new tokens come from no training image
+    fine_added = 0
+    if fine is not None and fit.fine_in is not None:
+        f = fine.reshape(-1, fine.shape[-1])
+        changes["fine_in"], _, changes["fine_valid"], fine_added = grow(
+            fit.fine_in, fit.fine_valid, f, fs.fine_pool_ratio, fs, k
+        )
+    return fit.with_nominal(**changes), added, fine_added
+
+
+def grow(pool, valid, new_tokens, ratio, fit_cfg, k, pool_tgt=None, new_tgt=None):
+    """The (K, P', C) pools with class k's grown by k-center over its pool + new_tokens (M, C): the
+    fit's ratio of the new tokens, the ones farthest from what the pool holds. (pool, tgt, valid, added)."""
+    old = pool[k][valid[k]]
+    m = int(np.ceil(ratio * len(new_tokens)))
+    sel = extend_kcenter(old, new_tokens, m, projection_dim=fit_cfg.projection_dim, seed=fit_cfg.seed)
+    n_k = len(old) + len(sel)
+    width = max(pool.shape[1], n_k)
+    grown, grown_valid = _widen(pool, width), _widen(valid, width)
+    grown[k, len(old) : n_k], grown_valid[k, len(old) : n_k] = new_tokens[sel], True
+    tgt = None
+    if pool_tgt is not None:
+        tgt = _widen(pool_tgt, width)
+        tgt[k, len(old) : n_k] = new_tgt[sel]
+    return grown, tgt, grown_valid, len(sel)
+
+
+def _widen(a, width):
+    out = np.zeros((a.shape[0], width) + a.shape[2:], a.dtype)
+    out[:, : a.shape[1]] = a
+    return out
+
+
+def rescaled(fit: Fit, k: int, held_in, fine_held) -> Fit:
+    """fit with pool k's calibration scales measured again (its held-out tokens' mean distance to the
+    pool, and the fine pool's): after --mode=update grew the pool."""
+    if not len(held_in):
+        return fit
+    scale = np.array(fit.cal_scale, np.float32)
+    scale[k] = mean_nearest(held_in, fit.pool_in[k][fit.valid[k]])
+    changes = {"cal_scale": scale}
+    if fine_held is not None and fit.fine_in is not None:
+        fine_scale = np.array(fit.fine_cal_scale, np.float32)
+        fine_scale[k] = mean_nearest(fine_held, fit.fine_in[k][fit.fine_valid[k]])
+        changes["fine_cal_scale"] = fine_scale
+    return fit.with_nominal(**changes)

@@ -134,7 +134,7 @@ def calibrate_flow(f: FlowSpec, params, feats: np.ndarray, pools, batch: int = 6
     fn = jax.jit(flow_logp_fn(flow, (gh, gw)), static_argnums=(5,))
     ref = np.zeros(len(pools.class_names), np.float32)
     for k, cls in enumerate(pools.class_names):
-        pos = pools.calibration.get(cls, np.zeros(0, int))
+        pos = pools.held_out.get(cls, np.zeros(0, int))
         if len(pos) == 0:  # no held-out image: the pool's own images (optimistic, but defined)
             pos = np.unique(pools.src[k][pools.src[k] >= 0]) if pools.src is not None else np.arange(min(n, batch))
         pool, valid = jnp.asarray(pools.pool_in[k : k + 1]), jnp.asarray(pools.valid[k : k + 1])

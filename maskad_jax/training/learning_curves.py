@@ -156,7 +156,7 @@ def make_learning_curves(
 def _few_heldout(pools, max_images: int):
     """The pools with each class's calibration positions cut to an equal share of max_images."""
     per = max(2, max_images // max(len(pools.class_names), 1))
-    return dataclasses.replace(pools, calibration={c: np.asarray(v)[:per] for c, v in pools.calibration.items()})
+    return pools.with_nominal(held_out={c: np.asarray(v)[:per] for c, v in pools.held_out.items()})
 
 
 SHORT = {

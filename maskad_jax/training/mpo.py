@@ -17,11 +17,12 @@ import time
 from maskad_jax.common import progress
 from maskad_jax.common.parallel import is_writer, to_local
 from maskad_jax.common.specs import DataSpec, FitSpec, FlowSpec, ModelSpec, ScoringSpec
+from maskad_jax.engine.fit_state import Fit
 from maskad_jax.engine.mpo import FlowMpo, NearestNeighbourMpo
 from maskad_jax.engine.scoring import fine_on
 from maskad_jax.models.flow import build_flow
 from maskad_jax.training import feature_cache
-from maskad_jax.training.fit import Pools, fit_pools
+from maskad_jax.training.fit import fit_pools
 from maskad_jax.training.flow_fit import (
     calibrate_flow,
     load_flow_reference,
@@ -46,7 +47,7 @@ def restore_mpo(sc: ScoringSpec, fs: FlowSpec, ms: ModelSpec, d: DataSpec, workd
     embedder, fpools = None, None
     if fs.features == "backbone":
         embedder = feature_cache.make_flow_embedder(fs, ms)
-        fpools = Pools.load(os.path.join(workdir, "fit", "flow_pool"))
+        fpools = Fit.load(os.path.join(workdir, "fit", "flow_pool"))
         channels, grid = embedder.channels, embedder.feature_shape(d.image_size)[:2]
     flow, params, step = restore_flow(workdir, fs, channels, grid)
     progress.log(f"restored the flow at step {step} from {workdir}")

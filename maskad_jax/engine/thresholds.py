@@ -20,7 +20,7 @@ import numpy as np
 
 from maskad_jax.common.errors import ConfigError
 from maskad_jax.common.specs import PredictSpec, ScoringSpec
-from maskad_jax.training.fit import scoring_signature
+from maskad_jax.engine.fit_state import scoring_signature
 
 RULES = ("quantile", "f1", "auto")
 
