@@ -263,6 +263,16 @@ def get_config():
     c.serve.max_wait_ms = 5.0  # how long a batch waits for more requests once one is queued
     c.serve.max_bytes = 20_000_000  # the largest image accepted
     c.serve.max_images = 32  # the most images in one request
+    # What a request costs is bounded by pixels (a 90 KB PNG can hold 9400 x 9400 pixels): each image's size
+    # is read from its header first. With the defaults the service's memory stays near 1 GB on the smoke
+    # model (benchmarks/serve_load.py, RESULTS.md); 413 over a per-image or per-request limit, 503 with
+    # Retry-After when the images being worked on would pass max_inflight_pixels.
+    c.serve.max_pixels = 40_000_000  # the largest image, width x height (a 7300 x 5500 photo)
+    c.serve.max_request_pixels = 100_000_000  # the most pixels in one request's images together
+    c.serve.max_inflight_pixels = 200_000_000  # the most pixels being worked on, all requests together
+    c.serve.max_request_bytes = 100_000_000  # the largest request body, counted as it arrives (chunked too)
+    c.serve.max_queue = 256  # the most requests waiting to be scored (then 503 with Retry-After)
+    c.serve.display_size = 1024  # ?maps=1: the map and overlay's longest side, at most (PNG, for display)
     c.serve.token_file = ""  # a file holding the bearer token every /v1 and /metrics request must carry
     c.serve.runtime = "auto"  # auto | stablehlo | onnx
 

@@ -184,3 +184,23 @@ def test_non_finite_float_images_are_refused(export_dir, tmp_path, capsys):
     Image.fromarray(np.full((40, 40), np.nan, np.float32), "F").save(tmp_path / "nan.tif")
     rc, _, err = _serve(export_dir, tmp_path / "nan.tif", _png(tmp_path / "ok.png"), capsys=capsys)
     assert rc == 0 and "nan.tif: 1600 of 1600 pixels are not finite" in err
+
+
+@pytest.mark.parametrize(
+    "change, words",
+    [
+        (lambda m: m.update(classes=["even"]), "'thresholds' must have one number per class"),
+        (lambda m: m.update(classes=[]), "'classes' must be a non-empty list"),
+        (lambda m: m["thresholds"].update(even="high"), "not a finite number"),
+        (lambda m: m.update(map_thresholds={"bolt": 1.0}), "'map_thresholds' names classes"),
+    ],
+    ids=["a class removed", "no classes", "a threshold not a number", "a map level of no class"],
+)
+def test_a_manifest_edited_and_digested_again_is_refused_in_one_line(export_dir, tmp_path, capsys, change, words):
+    """#33 item 8: a class list changed with the digest recomputed raised KeyError (exit 1) before."""
+    folder = _copy(export_dir, tmp_path)
+    _edit(folder, change)
+    manifest = json.loads((folder / "manifest.json").read_text())
+    serve_export.write_manifest(str(folder), manifest)  # its digest recomputed: only the contract check is left
+    rc, _, err = _serve(folder, _png(tmp_path / "a.png"), capsys=capsys)
+    assert rc == 2 and words in err and len(err.strip().splitlines()) == 1, err

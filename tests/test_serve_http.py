@@ -87,6 +87,8 @@ def service(tmp_path_factory):
     latest = (work / "predictions" / "latest.txt").read_text().strip()
     predicted = {r["file"]: r for r in json.loads((work / "predictions" / latest / "scores.json").read_text())}
     (base / "token").write_text(TOKEN + "\n")
+    tmpdir = base / "server_tmp"
+    tmpdir.mkdir()
     port = _free_port()
     proc = subprocess.Popen(
         [
@@ -102,10 +104,20 @@ def service(tmp_path_factory):
             "200",
             "--max-batch",
             "16",
+            # budgets by pixels (#33): small enough to test cheaply
+            "--max-pixels",
+            "10000000",
+            "--max-request-pixels",
+            "20000000",
+            "--max-request-bytes",
+            "3000000",
+            "--display-size",
+            "256",
         ],
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
+        env=dict(os.environ, TMPDIR=str(tmpdir)),  # where a framework would spool uploads: must stay empty
     )
     url = f"http://127.0.0.1:{port}"
     for _ in range(300):
@@ -117,7 +129,7 @@ def service(tmp_path_factory):
     else:
         proc.kill()
         pytest.fail("the service did not start: " + proc.stdout.read())
-    yield {"url": url, "samples": work / "samples", "predicted": predicted, "base": base}
+    yield {"url": url, "samples": work / "samples", "predicted": predicted, "base": base, "proc": proc, "port": port}
     proc.terminate()
     proc.wait(timeout=30)
 
@@ -230,3 +242,126 @@ def test_the_page_shows_an_overlay_and_a_decision_in_a_browser(service):
         browser.close()
     assert problems == []
     assert decision in ("normal", "anomalous") and shown and all(shown) and after == "anomalous"
+
+
+# ------------------------------------------------------------------ hostile load (#33), each finding a test
+
+
+def _gradient_png(w, h):
+    """A w x h grey PNG of a few KB (a smooth gradient compresses well): many pixels, few bytes."""
+    row = (np.arange(w) * 255 // max(1, w - 1)).astype(np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(np.broadcast_to(row, (h, w)).copy(), "L").save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def _peak_rss_mb(pid):
+    for line in open(f"/proc/{pid}/status"):
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+
+
+def test_pixels_not_bytes_bound_what_a_request_costs(service):
+    url = service["url"] + "/v1/score"
+    huge = _gradient_png(4000, 4000)  # 16 M pixels in a few KB: over --max-pixels
+    assert len(huge) < 100_000
+    status, raw = _request(url, huge, {"Content-Type": "image/png"})
+    assert status == 413 and "--max-pixels" in json.loads(raw)["error"]
+    many = _multipart([(f"g{i}.png", _gradient_png(2900, 2900)) for i in range(3)])  # 25 M pixels together
+    status, raw = _request(url, *many)
+    assert status == 413 and "--max-request-pixels" in json.loads(raw)["error"]
+    two = _multipart([(f"g{i}.png", _gradient_png(3000, 3000)) for i in range(2)])
+    status, raw = _request(url + "?maps=1", *two)
+    assert status == 200
+    for row in json.loads(raw)["images"]:
+        overlay = Image.open(io.BytesIO(__import__("base64").b64decode(row["overlay_png"])))
+        assert max(overlay.size) == 256  # built at --display-size, not at the image's 3000 x 3000
+    assert _peak_rss_mb(service["proc"].pid) < 2000
+
+
+def test_bodies_are_counted_as_they_arrive_and_never_spooled(service):
+    import http.client
+
+    host, port = "127.0.0.1", service["port"]
+    conn = http.client.HTTPConnection(host, port, timeout=60)
+    headers = {"Content-Type": "image/png", "Authorization": f"Bearer {TOKEN}", "Transfer-Encoding": "chunked"}
+    conn.putrequest("POST", "/v1/score")
+    for k, v in headers.items():
+        conn.putheader(k, v)
+    conn.endheaders()
+    status = None
+    try:
+        for _ in range(40):  # 40 chunks of 256 KB: 10 MB, over --max-request-bytes 3 MB
+            chunk = b"\0" * (256 * 1024)
+            conn.send(f"{len(chunk):X}\r\n".encode() + chunk + b"\r\n")
+        conn.send(b"0\r\n\r\n")
+    except (BrokenPipeError, ConnectionResetError):
+        pass  # the service answered and closed before the whole body was sent
+    status = conn.getresponse().status
+    conn.close()
+    assert status == 413
+    declared = _request(
+        service["url"] + "/v1/score", b"x", {"Content-Type": "image/png", "Content-Length": "999999999"}
+    )
+    assert declared[0] in (400, 413)
+    noise = np.random.default_rng(1).integers(0, 255, (700, 700, 3), np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(noise).save(buf, format="PNG")  # a part of about 1.5 MB: spooled to disk by the framework before
+    status, _ = _request(service["url"] + "/v1/score", *_multipart([("n.png", buf.getvalue())]))
+    assert status == 413  # over --max-bytes, parsed in memory
+    assert os.listdir(service["base"] / "server_tmp") == []
+
+
+def test_health_answers_while_a_heavy_request_is_scored(service):
+    body, headers = _multipart([(f"g{i}.png", _gradient_png(3000, 3000)) for i in range(2)])
+    done = {}
+
+    def heavy():
+        done["heavy"] = _request(service["url"] + "/v1/score?maps=1", body, headers)[0]
+        done["heavy_at"] = time.perf_counter()
+
+    thread = threading.Thread(target=heavy)
+    thread.start()
+    time.sleep(0.3)
+    status = _request(service["url"] + "/v1/health")[0]
+    health_at = time.perf_counter()
+    thread.join()
+    assert status == 200 and done["heavy"] == 200
+    assert health_at < done["heavy_at"]  # answered while the heavy request was still being worked on
+
+
+def test_a_request_over_max_batch_uses_only_compiled_batch_sizes(service):
+    png = (service["samples"] / sorted(os.listdir(service["samples"]))[0]).read_bytes()
+    status, raw = _request(service["url"] + "/v1/score", *_multipart([(f"s{i}.png", png) for i in range(20)]))
+    assert status == 200 and len(json.loads(raw)["images"]) == 20  # 20 inputs, --max-batch 16: two calls
+    metrics = _request(service["url"] + "/metrics")[1].decode()
+    uncompiled = [ln for ln in metrics.splitlines() if ln.startswith("maskad_uncompiled_batches_total")]
+    assert uncompiled and float(uncompiled[0].split()[-1]) == 0.0
+
+
+def test_the_page_keeps_classes_and_thresholds_behind_the_token(service):
+    status, html = _request(service["url"] + "/", token=None)
+    html = html.decode()
+    assert status == 200 and "const thresholds = {};" in html
+    classes = json.loads(_request(service["url"] + "/v1/health")[1])["classes"]
+    assert classes and not any(f'"{c}"' in html for c in classes)
+
+
+def test_query_flags_are_checked(service):
+    url, png = service["url"] + "/v1/score", _png()
+    status, raw = _request(url + "?maps=2", png, {"Content-Type": "image/png"})
+    assert status == 400 and "maps=1" in json.loads(raw)["error"]
+    status, raw = _request(url + "?maps=True", png, {"Content-Type": "image/png"})
+    assert status == 200 and "overlay_png" in json.loads(raw)["images"][0]
+
+
+def test_a_port_in_use_is_reported_before_compiling(service):
+    export = service["samples"].parent / "export"
+    proc = subprocess.run(
+        [sys.executable, str(export / "serve.py"), "--http", str(service["port"])],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 2 and "cannot listen" in proc.stderr, proc.stderr[-500:]
+    assert "compiled for" not in proc.stdout

@@ -50,6 +50,7 @@ class Prediction:
     map_threshold: float
     regions: list
     inspected_fraction: float
+    threshold_images: int | None = None  # how many images the threshold rests on (0: a number given)
     source: str = "<array>"
     note: str = ""
     image: Image.Image | None = dataclasses.field(default=None, repr=False)  # the RGB image as scored
@@ -65,6 +66,7 @@ class Prediction:
             "anomalous": self.anomalous,
             "regions": self.regions,
             "inspected_fraction": round(float(self.inspected_fraction), 4),
+            "threshold_images": self.threshold_images,
         }
 
     def save(self, folder: str, name: str = "image") -> dict:
@@ -195,6 +197,7 @@ class Detector:
                     map_threshold=float(self.contract.get("map_thresholds", {}).get(row["class"], row["threshold"])),
                     regions=row["regions"],
                     inspected_fraction=float(np.isfinite(full).mean()),
+                    threshold_images=row.get("threshold_images"),
                     source=name,
                     note="; ".join(n for n in notes if n),
                     image=img,
@@ -203,19 +206,16 @@ class Detector:
         return preds
 
     def _padded_run(self, images, keys, *boxes):
-        """The program over any number of inputs: chunks of max_batch, each padded (copies of its last
-        input) to serve_export.bucket's size, so only a few batch sizes are ever compiled."""
-        parts = []
-        for a in range(0, len(images), self.max_batch):
-            sel = slice(a, min(len(images), a + self.max_batch))
-            n = sel.stop - sel.start
-            size = serve_export.bucket(n, self.max_batch)
-            args = [np.concatenate([v[sel], np.repeat(v[sel][-1:], size - n, 0)]) for v in (images, keys, *boxes)]
-            out = self._run(*args)
-            if not np.all(np.isfinite(out["map"][:n])):
-                raise NonFiniteError("the anomaly map is not finite; the checkpoint or the fit is damaged: retrain")
-            parts.append({k: np.asarray(v)[:n] for k, v in out.items()})
-        return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+        """The program over any number of inputs (serve_export.padded_run: chunks of max_batch, each
+        padded to a power of two, so only a few batch sizes are ever compiled); a map that is not
+        finite is refused."""
+        return serve_export.padded_run(self._checked_run, self.max_batch)(images, keys, *boxes)
+
+    def _checked_run(self, *args):
+        out = self._run(*args)
+        if not np.all(np.isfinite(out["map"])):
+            raise NonFiniteError("the anomaly map is not finite; the checkpoint or the fit is damaged: retrain")
+        return out
 
     # -- the modes as methods (workdir detectors only) --------------------------------------------
 

@@ -38,7 +38,13 @@ from maskad_jax.common.specs import DataSpec, ExportSpec, PredictSpec, ScoringSp
 from maskad_jax.data.tiling import tiles_on
 from maskad_jax.engine.coreset import assign_pools
 from maskad_jax.engine.scoring import device_pools, make_score_fn
-from maskad_jax.engine.thresholds import class_threshold, class_thresholds, normal_medians, threshold_rule
+from maskad_jax.engine.thresholds import (
+    class_threshold,
+    class_thresholds,
+    normal_medians,
+    threshold_images,
+    threshold_rule,
+)
 from maskad_jax.runtime import serve_export
 from maskad_jax.runtime.serve_export import MANIFEST_DIGEST, load_manifest, write_manifest
 
@@ -234,6 +240,8 @@ def threshold_entries(sc: ScoringSpec, pc: PredictSpec, pools) -> dict:
         "threshold_rule": threshold_rule(pc, pools),
         "map_thresholds": {c: class_threshold(pc, sc, pools, c, of="map") for c in names},
         "normal_medians": dict(zip(names, normal_medians(pools))),
+        # how many images each threshold rests on (0: a number given by predict.threshold)
+        "threshold_images": {c: threshold_images(pc, pools, c) for c in names},
         "normalised_score": "(score - normal_medians[class]) / (threshold - normal_medians[class]); 1 = threshold",
         "ignore_regions": [c for k, c in enumerate(names) if pools.ignore is not None and pools.ignore[k].any()],
         "updates": [{k: v for k, v in rec.items() if k != "input"} for rec in pools.added],

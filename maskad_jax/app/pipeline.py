@@ -17,6 +17,7 @@ import dataclasses
 import os
 import shutil
 import time
+from collections import Counter
 
 import jax
 import numpy as np
@@ -30,7 +31,7 @@ from maskad_jax.app.predict import crop_note, predict
 from maskad_jax.app.report import write_report
 from maskad_jax.app.samples import export_samples
 from maskad_jax.app.update import add_images, aspect_ranges
-from maskad_jax.app.validation import validation_thresholds
+from maskad_jax.app.validation import validation_images, validation_thresholds
 from maskad_jax.common import progress, specs
 from maskad_jax.common.errors import ConfigError, DataError, MissingInputError, UserError
 from maskad_jax.common.parallel import barrier, is_writer, place_for_scoring, to_local
@@ -43,7 +44,13 @@ from maskad_jax.engine import fit_state
 from maskad_jax.engine.fit_state import Calibration, Fit, InputContract, scoring_signature
 from maskad_jax.engine.mpo import NearestNeighbourMpo
 from maskad_jax.engine.scoring import fine_on, needs_term_stats
-from maskad_jax.engine.thresholds import class_threshold, threshold_rule
+from maskad_jax.engine.thresholds import (
+    MIN_THRESHOLD_IMAGES,
+    class_threshold,
+    fixed_thresholds,
+    threshold_images,
+    threshold_rule,
+)
 from maskad_jax.models.reconstructor import count_params
 from maskad_jax.runtime import serve_export
 from maskad_jax.training import feature_cache
@@ -107,6 +114,9 @@ def serve_workdir(sv: ServeSpec, workdir) -> int:
     argv = ["--export", folder, "--http", str(sv.port), "--host", sv.host, "--runtime", sv.runtime]
     argv += ["--max-batch", str(sv.max_batch), "--max-wait-ms", str(sv.max_wait_ms)]
     argv += ["--max-bytes", str(sv.max_bytes), "--max-images", str(sv.max_images)]
+    for flag in ("max_pixels", "max_request_pixels", "max_inflight_pixels", "max_request_bytes", "max_queue"):
+        argv += ["--" + flag.replace("_", "-"), str(getattr(sv, flag))]
+    argv += ["--display-size", str(sv.display_size)]
     argv += ["--token-file", sv.token_file] if sv.token_file else []
     status = serve_export.main(argv)
     if status:
@@ -152,11 +162,12 @@ def _train_and_eval(s: Specs, workdir, mode) -> dict:
         progress.log(note.replace("the rest is NaN in the maps", "the rest is never inspected"))
     if test_data is None and mode == "eval":
         raise DataError("--mode=eval: the dataset has no test images to evaluate (add <class>/test/... folders)")
+    contract = _check_training_data(s, train_data) if mode in ("train", "train_and_eval") else None
     extractor, model, channels, grid = restore.models(s)
     _write_config(s, workdir, mode)
     result = {}
     if mode in ("train", "train_and_eval"):
-        params, result["train_seconds"] = _train_stage(s, workdir, extractor, model, train_data, test_data)
+        params, result["train_seconds"] = _train_stage(s, workdir, (extractor, model), train_data, test_data, contract)
     if test_data is None and mode == "train_and_eval":
         progress.log(
             "no test images: trained, fitted and calibrated (--mode=predict is ready, with thresholds from held-out "
@@ -197,8 +208,43 @@ def _train_and_eval(s: Specs, workdir, mode) -> dict:
     return result
 
 
-def _train_stage(s: Specs, workdir, extractor, model, train_data, test_data):
+def _check_training_data(s: Specs, train_data) -> InputContract:
+    """Every check of the training data before any work is done or file written: at least 2 good images
+    per class (one for the pool, one held out for its threshold; a warning below MIN_THRESHOLD_IMAGES
+    held out), train.batch_size within the images, the ignore masks (their shape against the class's
+    images) and the validation folder's layout. The input contract the fit records."""
+    whole = train_data if train_data.image_of is None else untiled(train_data)
+    names = [whole.class_names[i] for i in whole.class_ids]
+    counts = Counter(names) if s.fit.per_class else Counter({"*": len(names)})
+    quantile_rule = s.predict.threshold_rule != "f1" and not fixed_thresholds(s.predict.threshold, None)
+    for cls, n in sorted(counts.items()):
+        if n < 2:
+            raise DataError(
+                f"class {cls!r} has {n} good training image: at least 2 are needed (one for its pool, one held out to "
+                f"calibrate its threshold); add good images of it"
+            )
+        held = min(max(int(round(s.fit.calibration_fraction * n)), 1), n - 1)
+        if held < MIN_THRESHOLD_IMAGES and quantile_rule:
+            progress.log(
+                f"warning: class {cls!r}'s threshold will rest on {held} held-out good image(s) of its {n} (fewer than "
+                f"{MIN_THRESHOLD_IMAGES}): its {s.predict.threshold_quantile:g} quantile is about their maximum; add "
+                f"good images, or give labelled data.validation images or predict.threshold"
+            )
+    if s.train.batch_size > len(train_data):
+        raise ConfigError(
+            f"train.batch_size {s.train.batch_size} exceeds the {len(train_data)} training images; lower it"
+        )
+    classes = tuple(sorted(counts)) if s.fit.per_class else ("*",)
+    aspect = aspect_ranges(whole)  # of the whole images: --mode=update refuses, and predict notes, another shape
+    ignore = load_ignore_masks(s.data.ignore_masks, classes, s.data.image_size, s.data.geometry, aspect)
+    if s.data.validation:
+        validation_images(s.data.validation, classes, s.data.manual_dir)
+    return InputContract(s.data.geometry, int(s.data.image_size), aspect, ignore)
+
+
+def _train_stage(s: Specs, workdir, models, train_data, test_data, contract: InputContract):
     """Features, pools, the reconstructor (and the flow M_po), calibration; the fit saved. (params, seconds)."""
+    extractor, model = models
     h_in, h_tgt, keys, fine, boxes = feature_cache.extract_features(
         extractor,
         train_data,
@@ -209,13 +255,6 @@ def _train_stage(s: Specs, workdir, extractor, model, train_data, test_data):
     class_names = [train_data.class_names[i] for i in train_data.class_ids]
     t0 = time.time()  # the pools depend on the features only: fitted first, so the learning curves can use them
     pools = fit_pools(h_in, h_tgt, class_names, s.fit, s.fit.seed, fine=fine, image_of=train_data.image_of)
-    contract = InputContract(
-        s.data.geometry,
-        int(s.data.image_size),
-        # of the whole images (not their tiles): --mode=update refuses, and predict notes, another shape
-        aspect_ranges(train_data if train_data.image_of is None else untiled(train_data)),
-        load_ignore_masks(s.data.ignore_masks, pools.class_names, s.data.image_size, s.data.geometry),
-    )
     pools = dataclasses.replace(pools, contract=contract)
     progress.log(
         f"fitted {len(pools.class_names)} pool(s) of up to {pools.pool_in.shape[1]} tokens"
@@ -249,10 +288,25 @@ def _train_stage(s: Specs, workdir, extractor, model, train_data, test_data):
     pools = _with_calibration(pools, s, image_level(cal, pools.held_out, train_data.image_of))
     val = validation_thresholds(s.scoring, s.data, extractor, model, res.params, pools, mpo)
     pools = dataclasses.replace(pools, val_thresholds=val)
+    _log_thresholds(s, pools)
     if is_writer():
         _replace_fit(pools, os.path.join(workdir, "fit"))
     barrier("fit saved")
     return res.params, seconds
+
+
+def _log_thresholds(s: Specs, fit: Fit) -> None:
+    """Each class's threshold and how many images it rests on."""
+    parts = []
+    for cls in fit.class_names:
+        try:
+            thr = class_threshold(s.predict, s.scoring, fit, cls)
+        except ConfigError as e:
+            parts.append(f"{cls}: none ({e})")
+            continue
+        n = threshold_images(s.predict, fit, cls)
+        parts.append(f"{cls} {thr:.4g} ({'given' if n == 0 else f'from {n} image(s)'})")
+    progress.log(f"thresholds ({threshold_rule(s.predict, fit)}): " + "; ".join(parts))
 
 
 def _with_calibration(pools: Fit, s: Specs, cal: dict) -> Fit:
@@ -322,7 +376,9 @@ def _update(s: Specs, workdir) -> dict:
     restore.require_fine_pools(s, pools)
     pools, record = add_images(s.scoring, s.data, s.fit, s.new_images, extractor, pools)
     if s.data.ignore_masks:
-        ignore = load_ignore_masks(s.data.ignore_masks, pools.class_names, s.data.image_size, s.data.geometry)
+        ignore = load_ignore_masks(
+            s.data.ignore_masks, pools.class_names, s.data.image_size, s.data.geometry, pools.contract.aspect
+        )
         pools = dataclasses.replace(pools, contract=dataclasses.replace(pools.contract, ignore=ignore))
     pools = _recalibrate(
         s,

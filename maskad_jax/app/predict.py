@@ -35,16 +35,16 @@ from maskad_jax.common.errors import DataError, ImageInputError, MissingInputErr
 EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
 
 
-def collect_inputs(path: str, log=print) -> tuple[str, list[str], list[str]]:
+def collect_inputs(path: str, log=print, field: str = "predict.input") -> tuple[str, list[str], list[str]]:
     """(root, sorted relative paths of the images at path (a file or a folder, recursively), the
-    subfolders that could not be read, each logged)."""
+    subfolders that could not be read, each logged). field: the config field that named path."""
     path = os.path.abspath(os.path.expanduser(path))
     if os.path.isfile(path):
         return os.path.dirname(path), [os.path.basename(path)], []
     if not os.path.isdir(path):
-        raise MissingInputError(f"predict.input {path!r} is neither an image file nor a folder")
+        raise MissingInputError(f"{field} {path!r} is neither an image file nor a folder")
     if not os.access(path, os.R_OK | os.X_OK):
-        raise MissingInputError(f"predict.input {path}: the folder cannot be read (permission denied)")
+        raise MissingInputError(f"{field} {path}: the folder cannot be read (permission denied)")
     rels, unreadable = [], []
 
     def report(err):

@@ -121,7 +121,7 @@ def add_images(
         raise ConfigError("--mode=update needs new_images.input: a folder (or an image) of new good images")
     pools.require_geometry(d)
     k = update_class(ni, pools)
-    root, rels, unreadable = collect_inputs(ni.input, log)
+    root, rels, unreadable = collect_inputs(ni.input, log, field="new_images.input")
     if unreadable:
         raise DataError(f"new_images.input: {len(unreadable)} folder(s) under {root} cannot be read; nothing was added")
     images, digests = check_images([os.path.join(root, r) for r in rels], rels, pools, k)

@@ -30,6 +30,12 @@ def validation_images(folder: str, class_names, manual_dir: str = "") -> tuple[s
         md = os.path.realpath(os.path.expanduser(manual_dir))
         tests = [os.path.join(md, "test")] + [os.path.join(md, c, "test") for c in class_names]
         real = os.path.realpath(root)
+        trains = [md, os.path.join(md, "train")] + [os.path.join(md, c, "train") for c in class_names]
+        if any(real == t or real.startswith(t + os.sep) for t in trains[1:]) or real == md:
+            raise DataError(
+                f"data.validation {root} is or lies in the training images' folder (data.manual_dir): thresholds "
+                f"chosen on the images the model was fitted on would be too low; give other labelled images"
+            )
         if any(real == t or real.startswith(t + os.sep) or t.startswith(real + os.sep) for t in tests):
             raise DataError(
                 f"data.validation {root} is or holds the dataset's test split: thresholds chosen on the test "

@@ -252,6 +252,12 @@ class ServeSpec:
     max_wait_ms: float = _num(0, 10000)
     max_bytes: int = _int(1)
     max_images: int = _int(1, 4096)
+    max_pixels: int = _int(1)
+    max_request_pixels: int = _int(1)
+    max_inflight_pixels: int = _int(1)
+    max_request_bytes: int = _int(1)
+    max_queue: int = _int(1)
+    display_size: int = _int(16, 8192)
     token_file: str = _any()
     runtime: str = _one_of("auto", "stablehlo", "onnx")
 

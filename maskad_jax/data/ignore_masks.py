@@ -18,10 +18,11 @@ from maskad_jax.data.preprocess import ImageDecodeError, open_image, preprocess_
 EXTENSIONS = (".png", ".bmp", ".tif", ".tiff")
 
 
-def load_ignore_masks(folder: str, class_names, size: int, geometry: str) -> np.ndarray | None:
+def load_ignore_masks(folder: str, class_names, size: int, geometry: str, aspect=None) -> np.ndarray | None:
     """(K, S, S) bool in the pools' class order (False for a class without a mask), or None when the
     folder is "". Refuses a missing folder, a mask for a class the model does not have, an unreadable
-    image, and a mask that ignores every pixel."""
+    image, a mask that ignores every pixel, and (aspect: {class: [min, max] width / height of its
+    images}) a mask shaped otherwise than its class's images, which the geometry would stretch."""
     if not folder:
         return None
     folder = os.path.abspath(os.path.expanduser(folder))
@@ -46,11 +47,28 @@ def load_ignore_masks(folder: str, class_names, size: int, geometry: str) -> np.
             continue
         path = os.path.join(folder, files[cls])
         try:
-            out[k] = preprocess_mask(open_image(path, source=path), size, geometry).astype(bool)
+            mask = open_image(path, source=path)
         except (ImageDecodeError, ValueError, OSError) as e:
             raise DataError(f"data.ignore_masks: {path} cannot be read as a mask ({e})") from None
+        _check_shape(path, mask.size, (aspect or {}).get(cls), cls)
+        out[k] = preprocess_mask(mask, size, geometry).astype(bool)
         if out[k].all():
             raise DataError(
                 f"data.ignore_masks: {path} ignores every pixel of class {cls!r}: nothing would be inspected"
             )
     return out
+
+
+TOLERANCE = 1.1  # as the fit's aspect check (engine/fit_state.ASPECT_TOLERANCE)
+
+
+def _check_shape(path, size, aspect, cls):
+    if not aspect:
+        return
+    w, h = size
+    if not aspect[0] / TOLERANCE <= w / h <= aspect[1] * TOLERANCE:
+        raise DataError(
+            f"data.ignore_masks: {path} is {w} x {h} (width/height {w / h:.3g}) and class {cls!r}'s images "
+            f"{aspect[0]:.3g} to {aspect[1]:.3g}: the geometry would stretch it over other pixels; draw it on an "
+            f"image of the class, at its size"
+        )

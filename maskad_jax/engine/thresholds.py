@@ -28,21 +28,31 @@ RULES = ("quantile", "f1", "auto")
 def fixed_thresholds(value, class_names) -> dict:
     """predict.threshold as {class: number} for the classes it fixes ({} when it fixes none).
 
-    value: a number (< 0: none; else every class), a mapping class -> number, or "a=0.5,b=0.7".
+    value: a number (-1, the default: none; else every class), a mapping class -> number, or "a=0.5,b=0.7"
+    (a class named twice is refused). Any other negative number is refused: it read as "none" before.
     class_names: the model's classes (a number fixes all of them; None: only the form is checked)."""
     if isinstance(value, bool):
         raise ConfigError(f"predict.threshold must be a number or a per-class mapping, got {value!r}")
     if isinstance(value, (int, float)):
         if not np.isfinite(value):
             raise ConfigError(f"predict.threshold must be a finite number, got {value!r}")
-        return {} if value < 0 else {c: float(value) for c in class_names or ()}
+        if value < 0 and value != -1:
+            raise ConfigError(
+                f"predict.threshold {value:g}: -1 (the default) means the calibrated thresholds; another negative "
+                f"number is ambiguous: give it per class (e.g. 'screw={value:g}') if you mean it as a threshold"
+            )
+        return {} if value == -1 else {c: float(value) for c in class_names or ()}
     if isinstance(value, str):
         try:
-            value = dict((k.strip(), float(v)) for k, v in (item.split("=", 1) for item in value.split(",") if item))
+            pairs = [(k.strip(), float(v)) for k, v in (item.split("=", 1) for item in value.split(",") if item)]
         except ValueError:
             raise ConfigError(
                 f"predict.threshold {value!r}: write a number, or class=number pairs separated by commas"
             ) from None
+        twice = sorted({k for k, _ in pairs if sum(1 for j, _ in pairs if j == k) > 1})
+        if twice:
+            raise ConfigError(f"predict.threshold {value!r} names class(es) {twice} more than once: give each once")
+        value = dict(pairs)
     if not hasattr(value, "items"):
         raise ConfigError(f"predict.threshold must be a number or a per-class mapping, got {value!r}")
     out = {}
@@ -95,6 +105,20 @@ def class_threshold(pc: PredictSpec, sc: ScoringSpec, pools, cls: str, of: str =
                 f"with --mode=update, or use threshold_rule 'auto' or 'quantile'"
             )
     return pools.threshold(cls, pc.threshold_quantile, signature, of)
+
+
+def threshold_images(pc: PredictSpec, pools, cls: str) -> int:
+    """How many images a class's decision threshold rests on: the held-out good images its quantile is
+    taken over, or the labelled validation images of its F1 threshold; 0 for a number given."""
+    if cls in fixed_thresholds(pc.threshold, pools.class_names):
+        return 0
+    val = pools.val_thresholds.get(cls)
+    if pc.threshold_rule in ("f1", "auto") and val is not None:
+        return int(val["good"]) + int(val["defective"])
+    return len(pools.cal_scores.get(cls) or [])
+
+
+MIN_THRESHOLD_IMAGES = 20  # below this a quantile threshold is warned about (0.99 of 20 is their maximum)
 
 
 def class_thresholds(pc: PredictSpec, sc: ScoringSpec, pools) -> list[float]:

@@ -92,7 +92,32 @@ def load_manifest(folder):
             raise ArtifactError(f"{file}: listed in manifest.json but missing")
         if _sha256(file) != digest:
             raise ArtifactError(f"{file}: its SHA-256 differs from manifest.json (changed or truncated); re-export it")
+    check_contract(manifest, path)
     return manifest
+
+
+def check_contract(manifest, path="manifest.json"):
+    """ArtifactError (one line) unless the manifest's classes, thresholds and input agree with each other."""
+    classes, thr = manifest.get("classes"), manifest.get("thresholds")
+    problem = None
+    if not (isinstance(classes, list) and classes and all(isinstance(c, str) for c in classes)):
+        problem = f"'classes' must be a non-empty list of names, got {classes!r:.80}"
+    elif len(set(classes)) != len(classes):
+        problem = "'classes' names a class twice"
+    elif not isinstance(thr, dict) or sorted(thr) != sorted(classes):
+        problem = f"'thresholds' must have one number per class {classes}, got {sorted(thr or {})}"
+    elif not all(isinstance(v, (int, float)) and np.isfinite(v) for v in thr.values()):
+        problem = "'thresholds' holds a value that is not a finite number"
+    else:
+        for key in ("map_thresholds", "normal_medians"):
+            extra = sorted(set(manifest.get(key) or {}) - set(classes))
+            if extra:
+                problem = f"'{key}' names classes the model does not have: {extra}"
+        shape = (manifest.get("input") or {}).get("shape")
+        if not (isinstance(shape, list) and len(shape) == 4 and isinstance(shape[1], int) and shape[1] > 0):
+            problem = f"'input.shape' must be ['batch', S, S, 3], got {shape!r}"
+    if problem:
+        raise ArtifactError(f"{path}: {problem}; re-export")
 
 
 def to_rgb(img):
@@ -255,6 +280,36 @@ def bucket(n, max_batch):
     """The batch size a run of n inputs is padded to: the next power of two, at most max_batch (larger
     runs go in chunks of max_batch): one compiled program per bucket, whatever the number of images."""
     return min(max_batch, 1 << max(0, int(n) - 1).bit_length())
+
+
+def buckets(max_batch):
+    """Every batch size bucket() gives: the powers of two below max_batch, and max_batch."""
+    out = [1]
+    while out[-1] < max_batch:
+        out.append(min(max_batch, out[-1] * 2))
+    return out
+
+
+def padded_run(run, max_batch, on_call=None):
+    """run over any number of inputs: chunks of at most max_batch, each padded with copies of its last
+    input to bucket()'s size, so only buckets(max_batch) sizes are ever compiled. on_call(size): told
+    each call's batch size."""
+
+    def call(images, keys, *boxes):
+        parts = []
+        for a in range(0, len(images), max_batch):
+            n = min(len(images), a + max_batch) - a
+            size = bucket(n, max_batch)
+            args = [
+                np.concatenate([v[a : a + n], np.repeat(v[a + n - 1 : a + n], size - n, 0)])
+                for v in (images, keys, *boxes)
+            ]
+            if on_call is not None:
+                on_call(size)
+            parts.append({k: np.asarray(v)[:n] for k, v in run(*args).items()})
+        return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+
+    return call
 
 
 def collect(paths):
@@ -458,6 +513,7 @@ def score_loaded(run, manifest, loaded):
             "threshold": thr,
             "anomalous": bool(score >= thr),
             "regions": regions_over(full, manifest.get("map_thresholds", {}).get(cls, thr)),
+            "threshold_images": (manifest.get("threshold_images") or {}).get(cls),
         }
         results.append((row, full))
     return results
@@ -489,6 +545,17 @@ def http_arguments(ap):
     ap.add_argument("--max-wait-ms", type=float, default=5.0, help="how long a batch waits for more requests")
     ap.add_argument("--max-bytes", type=positive, default=20_000_000, help="the largest image accepted, in bytes")
     ap.add_argument("--max-images", type=positive, default=32, help="the most images in one request")
+    ap.add_argument("--max-pixels", type=positive, default=40_000_000, help="the largest image, width x height")
+    ap.add_argument(
+        "--max-request-pixels", type=positive, default=100_000_000, help="the most pixels in one request's images"
+    )
+    ap.add_argument(
+        "--max-inflight-pixels", type=positive, default=200_000_000,
+        help="the most pixels being worked on at once, all requests together (then 503 with Retry-After)",
+    )  # fmt: skip
+    ap.add_argument("--max-request-bytes", type=positive, default=100_000_000, help="the largest request body")
+    ap.add_argument("--max-queue", type=positive, default=256, help="the most requests waiting to be scored")
+    ap.add_argument("--display-size", type=positive, default=1024, help="?maps=1: the images' longest side, at most")
     ap.add_argument("--token-file", default=None, help="a file holding the bearer token requests must carry")
 
 
