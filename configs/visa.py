@@ -1,15 +1,8 @@
 """VisA (12 classes) with the paper's hyperparameters (B4 features, dim-768 5+5-block reconstructor, 600 epochs).
 
-    python run.py --config=configs/visa.py --config.data.manual_dir=/data/visa --workdir=runs/visa
-Variants (comma-separated): code, cpu, smoke, ablation=<row>; see configs/variants.py.
-The B4 weights come from a file: see README "Backbone weights".
+The config itself is maskad_jax/configs/visa.py (shipped in the package: `--config=visa` names it from any
+directory); this file lets `--config=configs/visa.py` and `from configs import visa` keep working in a clone.
 """
 
-from configs import default, variants
-
-
-def get_config(variant: str = ""):
-    c = default.get_config()
-    c.name = "visa"
-    c.data.name = "visa"
-    return variants.apply(c, variant)
+from maskad_jax.configs.visa import *  # noqa: F403
+from maskad_jax.configs.visa import get_config  # noqa: F401

@@ -15,12 +15,41 @@ Runtime > Change runtime type > TPU. The cells also run on a CPU (CI executes th
 the `smoke` config).""",
     ),
     (
+        "markdown",
+        """## Install (keeps the runtime's JAX)
+
+Colab's TPU and GPU runtimes come with a JAX built for their accelerator. This cell installs
+maskad-jax and its other requirements with that JAX held at its version (a pip constraint), so
+nothing replaces it; it prints the JAX it found. Outside Colab the notebook runs inside a checkout
+(`MASKAD_INSTALL` names a wheel, folder or git URL to install instead).""",
+    ),
+    (
         "code",
-        """import os, subprocess, sys
+        """import importlib.metadata as md, os, subprocess, sys, tempfile
 IN_COLAB = "COLAB_RELEASE_TAG" in os.environ
 # on Colab: the git URL of your maskad-jax copy, or upload it to /content/maskad-jax
 REPO = os.environ.get("MASKAD_REPO", "")
-if IN_COLAB:  # get the code and install it; elsewhere the notebook runs inside a checkout
+TARGET = os.environ.get("MASKAD_INSTALL", "")  # a wheel, a folder or a git URL to install
+
+
+def install_keeping_jax(target):
+    \"\"\"pip install target with the installed jax and jaxlib held at their versions (none: the tested ones).\"\"\"
+    found = {}
+    for name in ("jax", "jaxlib"):
+        try:
+            found[name] = md.version(name)
+        except md.PackageNotFoundError:
+            pass
+    print("JAX found:", ", ".join(f"{k} {v}" for k, v in found.items()) or "none: installing maskad-jax's")
+    with tempfile.NamedTemporaryFile("w", suffix=".txt", delete=False) as f:
+        f.write("".join(f"{k}=={v}\\n" for k, v in found.items()))
+    done = subprocess.run([sys.executable, "-m", "pip", "install", "-q", "-c", f.name, target])
+    if done.returncode:
+        raise SystemExit(f"maskad-jax does not install beside {found}: its JAX range is in setup.cfg (tested: 0.10)")
+    print("JAX now:", md.version("jax"), "| maskad-jax", md.version("maskad-jax"))
+
+
+if IN_COLAB and not TARGET:  # get the code; elsewhere the notebook runs inside a checkout
     if not os.path.isdir("maskad-jax"):
         if not REPO:
             raise SystemExit(
@@ -28,32 +57,30 @@ if IN_COLAB:  # get the code and install it; elsewhere the notebook runs inside 
             )
         subprocess.run(["git", "clone", REPO, "maskad-jax"], check=True)
     os.chdir("maskad-jax")
-    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "-e", "."], check=True)
+    TARGET = "."
+if TARGET:
+    install_keeping_jax(TARGET)
 elif os.path.basename(os.getcwd()) == "notebooks":
-    os.chdir("..")
-sys.path.insert(0, os.getcwd())""",
+    os.chdir("..")""",
     ),
     (
         "markdown",
         """## Where the data and the outputs live
 
-`CONFIG` picks a config file and variant (`configs/mvtec.py`, `configs/folder.py:cpu`, ...);
+`CONFIG` picks a config and variant (`mvtec`, `folder:cpu`, or a file such as `configs/folder.py`);
 `MANUAL_DIR` points at the dataset (a Drive folder or a mounted bucket); `WORKDIR` keeps the
 checkpoints, metrics and heatmaps (put it on Drive to keep them). On Colab, mount Drive first:
 `from google.colab import drive; drive.mount('/content/drive')`.""",
     ),
     (
         "code",
-        """CONFIG = os.environ.get("MASKAD_CONFIG", "configs/demo.py:smoke")
+        """CONFIG = os.environ.get("MASKAD_CONFIG", "demo:smoke")  # a config name or file, with :variants
 MANUAL_DIR = os.environ.get("MASKAD_MANUAL_DIR", "")          # e.g. /content/drive/MyDrive/mvtec_ad
 WORKDIR = os.environ.get("MASKAD_WORKDIR", "runs/colab")     # e.g. /content/drive/MyDrive/maskad_runs/mvtec
 TFDS_DIR = os.environ.get("MASKAD_TFDS_DIR", "~/tensorflow_datasets")
 
-import importlib.util
-path, _, variant = CONFIG.partition(":")
-spec = importlib.util.spec_from_file_location("user_config", path)
-module = importlib.util.module_from_spec(spec); spec.loader.exec_module(module)
-config = module.get_config(variant)
+import maskad_jax
+config = maskad_jax.config(CONFIG)
 config.data.tfds_dir = TFDS_DIR
 if MANUAL_DIR:
     config.data.manual_dir = MANUAL_DIR

@@ -116,7 +116,7 @@ def test_help_exits_0_and_lists_modes_configs_and_variants():
         "smoke",
         "ablation=<row>",
         "--config.train.epochs=5",
-        "configs/default.py",
+        "maskad_jax/configs/default.py",
         "--verbose",
     ):
         assert word in out, word

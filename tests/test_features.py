@@ -57,7 +57,9 @@ def test_feature_map_equals_manual_composition():
 
     taps = jax.jit(ex.module.apply)(ex.variables, (x - jnp.asarray(ex.arch.mean)) / jnp.asarray(ex.arch.std))
     manual = jnp.concatenate([resize_align_corners(t, (14, 14)) for t in taps], -1)
-    np.testing.assert_allclose(np.asarray(ex(x)), np.asarray(manual), atol=1e-6)
+    # the same computation to float rounding (XLA fuses the two programs differently: up to 7e-5 on values
+    # near 12 with jaxlib 0.8.1, 1e-6 with 0.10.2)
+    np.testing.assert_allclose(np.asarray(ex(x)), np.asarray(manual), rtol=1e-5, atol=1e-4)
     raw = ex(x, normalize=False)
     assert float(jnp.abs(raw - manual).max()) > 1e-3  # the unnormalised view is a different input
 

@@ -14,11 +14,14 @@ import os
 
 import jax
 
-from maskad_jax.app import restore
 from maskad_jax.app.detector import Detector, apply_overrides, workdir_config
-from maskad_jax.app.pipeline import train_and_evaluate
 from maskad_jax.common.errors import ConfigError, MissingInputError
 from maskad_jax.runtime import serve_export
+
+# A detector loaded from an export needs only the runtime; from a workdir, the restore code (orbax,
+# the models); a mode (train, update, export, evaluate), the pipeline (TFDS, the trainer, the report).
+# Each is imported when first needed (the only function-local imports of the package besides
+# convert_weights', checked by tests/test_structure.py).
 
 
 def load(path: str, overrides: dict | None = None, runtime: str = "auto", cache: str | None = None) -> Detector:
@@ -33,6 +36,8 @@ def load(path: str, overrides: dict | None = None, runtime: str = "auto", cache:
     if not os.path.isdir(path):
         raise MissingInputError(f"{path}: no such folder (load takes a trained workdir or an export folder)")
     compilation_cache(cache)
+    from maskad_jax.app import restore  # noqa: PLC0415  (see the module's note)
+
     config = apply_overrides(workdir_config(path), overrides or {})
     trained = restore.restore_for(config, path, "predict")
     run, contract = restore.program(trained)
@@ -42,6 +47,8 @@ def load(path: str, overrides: dict | None = None, runtime: str = "auto", cache:
 
 def _modes(config, workdir: str, mode: str):
     """A pipeline mode on a workdir for Detector's methods ("load": the workdir loaded again)."""
+    from maskad_jax.app.pipeline import train_and_evaluate  # noqa: PLC0415  (see the module's note)
+
     return load(workdir) if mode == "load" else train_and_evaluate(config, workdir, mode)
 
 
@@ -77,9 +84,11 @@ def train(config="demo", workdir: str | None = None, images: str | None = None, 
     "demo:smoke", "folder") or a config file's path ("configs/folder.py:paper"); images: a folder of
     good images (or one in MVTec layout), which selects the folder config when config is the default.
     workdir: default runs/<config name>."""
+    from maskad_jax.app.pipeline import train_and_evaluate  # noqa: PLC0415  (see the module's note)
+
     if images is not None and config == "demo":
         config = "folder"
-    cfg = config_from(config)
+    cfg = load_config(config)
     if images is not None:
         cfg = apply_overrides(cfg, {"data.manual_dir": os.fspath(images)})
     cfg = apply_overrides(cfg, overrides or {})
@@ -88,7 +97,7 @@ def train(config="demo", workdir: str | None = None, images: str | None = None, 
     return load(workdir)
 
 
-def config_from(spec):
+def load_config(spec):
     """A ConfigDict from a ConfigDict, a config name with variants ("demo:smoke") or a file path."""
     if hasattr(spec, "to_dict"):
         return spec
@@ -101,7 +110,10 @@ def config_from(spec):
         mod_spec.loader.exec_module(module)
     else:
         try:
-            module = importlib.import_module(f"configs.{name}")
+            module = importlib.import_module(f"maskad_jax.configs.{name}")
         except ModuleNotFoundError:
             raise ConfigError(f"config {spec!r}: no config of that name (demo, folder, mvtec, visa, realiad)") from None
     return module.get_config(variant) if variant else module.get_config()
+
+
+config = load_config  # maskad_jax.config("demo:smoke"): the public name

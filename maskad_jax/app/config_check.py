@@ -3,7 +3,7 @@
 validate(config, mode) raises errors.ConfigError naming every field whose value the run cannot use
 (its message lists all of them, the first first). The per-field checks come from each field's allowed
 values in common/specs.py; the checks across fields are here. The field meanings are in
-configs/default.py.
+maskad_jax/configs/default.py.
 """
 
 from __future__ import annotations

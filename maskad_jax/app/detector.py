@@ -266,7 +266,7 @@ def apply_overrides(config, overrides: dict):
         node, parts = config, key.split(".")
         for p in parts[:-1]:
             if p not in node:
-                raise ConfigError(f"override {key!r}: {p} is not a config field (configs/default.py)")
+                raise ConfigError(f"override {key!r}: {p} is not a config field (maskad_jax/configs/default.py)")
             node = node[p]
         if parts[-1] not in node:
             raise ConfigError(f"override {key!r}: {parts[-1]} is not a field of {'.'.join(parts[:-1])}")

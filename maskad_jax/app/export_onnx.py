@@ -17,8 +17,8 @@ Four things make that possible (each found by converting the smoke model; docs/d
    its ops becomes a batched scatter jax2onnx cannot convert.
 
 The batch size is fixed at export (export.onnx_batch): with a symbolic batch, jax2onnx 0.17.1 fails on
-the padding of the nearest-pool search. jax2onnx is optional (pip install --no-deps jax2onnx==0.17.1;
-it declares orbax-checkpoint < 0.11.37, which this project's pin excludes, and imports none of it).
+the padding of the nearest-pool search. jax2onnx is optional: pip install 'maskad-jax[onnx]' (it declares
+orbax-checkpoint < 0.11.37, inside this project's range: pip picks 0.11.36 with the extra).
 """
 
 from __future__ import annotations
@@ -32,10 +32,7 @@ import jax.numpy as jnp
 from maskad_jax.common.errors import ConfigError
 from maskad_jax.common.specs import DataSpec, ExportSpec, ScoringSpec
 
-INSTALL = (
-    "pip install --no-deps jax2onnx==0.17.1 && pip install 'maskad-jax[onnx]' "
-    "(jax2onnx without its declared dependencies: it pins orbax-checkpoint < 0.11.37, which it does not use)"
-)
+INSTALL = "pip install 'maskad-jax[onnx]' (in a clone: pip install -c constraints.txt -e '.[onnx]')"
 OPSET = 23
 OUTPUTS = ("anomalous", "class_index", "map", "score", "threshold")  # the scorer's dict keys, sorted
 

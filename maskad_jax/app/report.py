@@ -16,15 +16,22 @@ import html
 import io
 import time
 
-import matplotlib
+import numpy as np
+from scipy import ndimage
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-from scipy import ndimage  # noqa: E402
+from maskad_jax.engine import metrics as metrics_lib
+from maskad_jax.engine.metrics import METRIC_NAMES
 
-from maskad_jax.engine import metrics as metrics_lib  # noqa: E402
-from maskad_jax.engine.metrics import METRIC_NAMES  # noqa: E402
+
+def _pyplot():
+    """matplotlib's pyplot on the Agg backend, imported when a report is written (not with the package)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
 
 _CSS = """body{font-family:sans-serif;margin:2em;color:#222;max-width:1200px}
 table{border-collapse:collapse;margin:.5em 0}
@@ -40,6 +47,7 @@ def _pct(v):
 
 
 def _png(fig) -> str:
+    plt = _pyplot()
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=80, bbox_inches="tight")
     plt.close(fig)
@@ -51,6 +59,7 @@ def _img(uri: str, alt: str, cls: str = "plot") -> str:
 
 
 def score_distribution(c: dict, name: str) -> str:
+    plt = _pyplot()
     fig, ax = plt.subplots(figsize=(4, 2.8))
     s, y = np.asarray(c["scores"]), np.asarray(c["labels"])
     bins = np.linspace(s.min(), s.max() + 1e-12, 30)
@@ -64,6 +73,7 @@ def score_distribution(c: dict, name: str) -> str:
 
 
 def curves(c: dict, name: str, kind: str) -> str:
+    plt = _pyplot()
     pts = c[f"{kind}_curves"]
     fig, (a, b) = plt.subplots(1, 2, figsize=(6, 2.8))
     if pts is None:
@@ -83,6 +93,7 @@ def curves(c: dict, name: str, kind: str) -> str:
 def overlay_figure(ex: dict) -> str:
     """The test image, its anomaly map in colour (scaled to the class's lowest..highest map value,
     stated by the colour bar) and the ground-truth outline in white."""
+    plt = _pyplot()
     fig, ax = plt.subplots(figsize=(3.2, 2.8))
     ax.imshow(np.clip(ex["image"], 0, 1))
     lo, hi = ex["scale"]

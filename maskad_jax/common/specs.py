@@ -3,7 +3,7 @@
 run.py and notebooks hand an ml_collections config to app/pipeline.train_and_evaluate, which checks it
 (app/config_check.py, from the metadata here) and resolves it with `resolve`; below pipeline every
 function takes a spec or plain arguments. What each field means and its default are in
-configs/default.py; here each field carries:
+maskad_jax/configs/default.py; here each field carries:
   - its allowed values (`choices`, or `kind` int | number with `low` / `high`): config_check derives
     its per-field checks from them;
   - its role: "model" (defines a trained reconstructor: in train.model_fingerprint), "flow_model"

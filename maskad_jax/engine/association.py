@@ -29,9 +29,6 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
-from ott.geometry import epsilon_scheduler, geometry
-from ott.problems.linear import linear_problem
-from ott.solvers.linear import acceleration, sinkhorn
 
 
 class OTResult(NamedTuple):
@@ -89,6 +86,11 @@ def paper_ot(
     after another (lax.map) instead of together (vmap): the same solutions (to float rounding), and
     the form the ONNX export converts (vmapped, ott's per-iteration error record becomes a batched
     scatter that jax2onnx 0.17.1 has no rule for)."""
+    # ott-jax (with jaxopt, lineax, equinox: about 1.7 s to import) only when the paper's OT is scored
+    from ott.geometry import epsilon_scheduler, geometry
+    from ott.problems.linear import linear_problem
+    from ott.solvers.linear import acceleration, sinkhorn
+
     batch = e_h.shape[:-1]
     n = e_h.shape[-1]
     eh, er = e_h.reshape(-1, n).astype(jnp.float32), e_r.reshape(-1, n).astype(jnp.float32)

@@ -1,6 +1,6 @@
 """Decision thresholds per class, and a score a person can read.
 
-A class's threshold comes from one of three rules (predict.threshold_rule, configs/default.py):
+A class's threshold comes from one of three rules (predict.threshold_rule, maskad_jax/configs/default.py):
   quantile  the predict.threshold_quantile quantile of the scores of normal training images held out
             of the pools (0.99: about 1% false alarms on normal parts like those; the default).
   f1        the F1-optimal threshold on labelled images the user supplies (data.validation: good and
