@@ -139,7 +139,7 @@ def test_an_export_loads_as_a_detector_and_agrees(trained):
     import maskad_jax
 
     det, _, samples = trained
-    folder = det.export()
+    folder = det.export(onnx="no")  # the StableHLO program; ONNX has its own test (test_run_e2e.py)
     exported = maskad_jax.load(folder)
     assert exported.classes == det.classes and exported.thresholds == pytest.approx(det.thresholds)
     ours, theirs = det.predict(samples), exported.predict(samples)
@@ -163,3 +163,20 @@ def test_a_model_changing_override_is_refused_without_a_config(trained, tmp_path
         tmp_path,
     )
     assert proc.returncode == 2 and "another model config" in proc.stderr, proc.stderr[-2000:]
+
+
+def test_a_workdir_config_written_before_a_field_existed_reads_back_with_its_default(tmp_path, capsys):
+    """A workdir trained by an earlier version has no entry for fields added since (serve.max_pixels came
+    with #33): reading it back gives them their defaults and says which; its own values are kept."""
+    from maskad_jax.app.detector import workdir_config
+    from maskad_jax.configs.default import get_config
+
+    saved = get_config().to_dict()
+    del saved["serve"]["max_pixels"]
+    del saved["serve"]["max_queue"]
+    saved["train"]["epochs"] = 3
+    (tmp_path / "config.json").write_text(json.dumps(saved))
+    config = workdir_config(str(tmp_path))
+    assert config.serve.max_pixels == get_config().serve.max_pixels and config.train.epochs == 3
+    out = capsys.readouterr().out
+    assert "predates 2 config field(s)" in out and "serve.max_pixels" in out and "serve.max_queue" in out

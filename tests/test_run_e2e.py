@@ -1,7 +1,5 @@
 """run.py end to end with the smoke config: train_and_eval, eval and predict from the saved checkpoint."""
 
-import csv
-import io
 import json
 import os
 import shutil
@@ -11,8 +9,17 @@ import sys
 
 import numpy as np
 import pytest
-from helpers import FAST_COMPILE, forced_devices_env, loopback_coordinator
+from helpers import FAST_COMPILE
 from PIL import Image
+from run_helpers import (
+    assert_predict_equals_eval,
+    assert_same_results,
+    export_test_images,
+    latest_predictions,
+    read_csv,
+    run_py,
+    run_two_processes,
+)
 
 from maskad_jax.app.overlay import unique_names
 
@@ -22,53 +29,10 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 pytestmark = pytest.mark.slow  # subprocess runs of run.py: `pytest -m 'not slow'` skips them
 
 
-def _run(args, timeout=600, env=None):
-    env = dict(env or os.environ, XLA_FLAGS=(os.environ.get("XLA_FLAGS", "") + " " + FAST_COMPILE).strip())
-    proc = subprocess.run(
-        [sys.executable, "run.py", *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=env
-    )
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return proc.stdout + proc.stderr
-
-
 @pytest.fixture(scope="module")
 def tfds_dir(tmp_path_factory):
     """One prepared copy of the tiny synthetic dataset for every run in this module (read-only use)."""
     return str(tmp_path_factory.mktemp("tfds"))
-
-
-def _csv(path):
-    with open(path, newline="") as f:
-        return list(csv.DictReader(f))
-
-
-def _export_test_images(tfds, folder, count, class_name="disc") -> dict:
-    """The first `count` test images of a class written as PNG files: {file: the dataset's file name}."""
-    from maskad_jax.data.splits import SplitData
-    from tfds_builders import prepare
-
-    data = SplitData.load(prepare("synthetic", tfds, config="tiny"), "test", [class_name])
-    folder.mkdir(parents=True)
-    expected = {}
-    for pos in range(count):
-        rec = data.source[int(data.indices[pos])]
-        name = f"{class_name}_{pos}.png"
-        Image.fromarray(np.asarray(rec["image"])).save(folder / name)
-        expected[name] = data.file_names[pos]
-    return expected
-
-
-def _latest_predictions(wd):
-    """The newest predict run's folder (each run writes its own, named in predictions/latest.txt)."""
-    return os.path.join(wd, "predictions", open(os.path.join(wd, "predictions", "latest.txt")).read().strip())
-
-
-def _assert_predict_equals_eval(wd, expected):
-    pred = {r["file"]: r for r in _csv(os.path.join(_latest_predictions(wd), "scores.csv"))}
-    evals = {r["file"]: r for r in _csv(os.path.join(wd, "scores.csv"))}
-    for name, file_name in expected.items():
-        assert float(pred[name]["score"]) == float(evals[file_name]["score"])  # same score as eval
-    return pred
 
 
 @pytest.fixture(scope="module")
@@ -76,7 +40,7 @@ def smoke_run(tmp_path_factory, tfds_dir):
     """One train_and_eval run of the smoke config in one process, with learning curves every epoch:
     (workdir, console, metrics, scores.csv)."""
     wd = str(tmp_path_factory.mktemp("smoke") / "wd")
-    out = _run(
+    out = run_py(
         [
             "--config=configs/demo.py:smoke",
             f"--workdir={wd}",
@@ -85,7 +49,7 @@ def smoke_run(tmp_path_factory, tfds_dir):
             "--config.train.eval_rows=('default','mpo_only')",
         ]
     )
-    return wd, out, json.load(open(os.path.join(wd, "metrics.json"))), _csv(os.path.join(wd, "scores.csv"))
+    return wd, out, json.load(open(os.path.join(wd, "metrics.json"))), read_csv(os.path.join(wd, "scores.csv"))
 
 
 def test_run_py_train_eval_predict(tmp_path, tfds_dir, smoke_run):
@@ -111,13 +75,13 @@ def test_run_py_train_eval_predict(tmp_path, tfds_dir, smoke_run):
     # needs the filelock package), on a fresh cache folder: eval fills it, the next command loads from it
     cache_env = {k: v for k, v in os.environ.items() if k != "JAX_COMPILATION_CACHE_DIR"}
     cache_env.update(XDG_CACHE_HOME=str(tmp_path / "cache"), JAX_LOG_COMPILES="1")
-    out = _run(common + ["--mode=eval"], env=cache_env)
+    out = run_py(common + ["--mode=eval"], env=cache_env)
     assert "restored the reconstructor at step 6" in out and "step 1/" not in out  # no retraining
     assert open(os.path.join(wd, "scores.csv")).read() == scores_first  # the same maps from the checkpoint
     assert os.listdir(tmp_path / "cache" / "maskad_jax" / "xla")
     assert "Persistent compilation cache hit" not in out
 
-    out2 = _run(common, env=cache_env)  # rerunning the training command resumes (here: already finished)
+    out2 = run_py(common, env=cache_env)  # rerunning the training command resumes (here: already finished)
     assert "resumed from step 6" in out2
     assert "Persistent compilation cache hit" in out2
     for o in (out, out2):
@@ -125,7 +89,7 @@ def test_run_py_train_eval_predict(tmp_path, tfds_dir, smoke_run):
 
     # predict: some of the test images exported as files, plus mixed sizes/modes and a hostile name
     src = tmp_path / "inputs"
-    expected = _export_test_images(tfds, src, 3)
+    expected = export_test_images(tfds, src, 3)
     (src / "sub").mkdir()
     rng = np.random.default_rng(0)
     Image.fromarray(rng.integers(0, 255, (80, 100), dtype=np.uint8), "L").save(src / "sub" / "grey.png")
@@ -133,10 +97,10 @@ def test_run_py_train_eval_predict(tmp_path, tfds_dir, smoke_run):
     Image.fromarray(rng.integers(0, 65535, (90, 90), dtype=np.uint16)).save(src / "sub" / "deep16.png")
     hostile = "x <b>&\"..' name.png"
     Image.fromarray(rng.integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(src / "sub" / hostile)
-    out = _run(common + ["--mode=predict", f"--config.predict.input={src}", "--config.predict.class_name=disc"])
-    pred = _assert_predict_equals_eval(wd, expected)
+    out = run_py(common + ["--mode=predict", f"--config.predict.input={src}", "--config.predict.class_name=disc"])
+    pred = assert_predict_equals_eval(wd, expected)
     assert len(pred) == 7 and all(not r["error"] for r in pred.values())
-    first = _latest_predictions(wd)
+    first = latest_predictions(wd)
     for r in pred.values():
         assert all(ch.isalnum() or ch in "-_" for ch in r["output_name"])
         for sub, ext in (("maps", ".npy"), ("maps", ".png"), ("overlays", ".png")):
@@ -148,12 +112,12 @@ def test_run_py_train_eval_predict(tmp_path, tfds_dir, smoke_run):
     before = sorted(os.listdir(os.path.join(first, "maps")))
     samples = sorted(os.listdir(os.path.join(wd, "samples")))
     assert len(samples) == 6  # a normal and a defective test image of each of the 3 classes
-    _run(common + ["--mode=predict", f"--config.predict.input={os.path.join(wd, 'samples')}"])
-    second = _latest_predictions(wd)
+    run_py(common + ["--mode=predict", f"--config.predict.input={os.path.join(wd, 'samples')}"])
+    second = latest_predictions(wd)
     assert second != first and sorted(os.listdir(os.path.join(first, "maps"))) == before
-    evals = {r["file"]: r for r in _csv(os.path.join(wd, "scores.csv"))}
+    evals = {r["file"]: r for r in read_csv(os.path.join(wd, "scores.csv"))}
     names = dict(zip(unique_names(list(evals), ".png"), evals))
-    for r in _csv(os.path.join(second, "scores.csv")):
+    for r in read_csv(os.path.join(second, "scores.csv")):
         assert float(r["score"]) == float(evals[names[r["file"]]]["score"])  # the class found by itself, same score
         assert r["class"] == evals[names[r["file"]]]["class"]
     # the calibrated thresholds are refused under another scoring (their scores have another scale):
@@ -173,7 +137,7 @@ def test_run_py_train_eval_predict(tmp_path, tfds_dir, smoke_run):
         timeout=300,
     )
     assert proc.returncode == 2 and "1.5 now" in proc.stderr and "scoring.sigma" in proc.stderr, proc.stderr[-2000:]
-    assert _latest_predictions(wd) == second
+    assert latest_predictions(wd) == second
 
 
 def test_predict_that_scores_nothing_or_is_interrupted_leaves_no_folder(tmp_path, tfds_dir, smoke_run):
@@ -205,7 +169,7 @@ def test_predict_that_scores_nothing_or_is_interrupted_leaves_no_folder(tmp_path
     assert after == before and (latest is None or open(os.path.join(preds, "latest.txt")).read() == latest)
 
     many = tmp_path / "many"
-    _export_test_images(tfds_dir, many, 8)
+    export_test_images(tfds_dir, many, 8)
     # 8 x 25 = 200 images in batches of 4: the run is still scoring when the interrupt comes, even when
     # the compiled programs come from the cache and this process waits for a busy CPU (32 were too few)
     for k in range(24):
@@ -262,46 +226,12 @@ def test_two_processes_train_and_eval_like_one(tmp_path, tfds_dir, smoke_run):
     metrics and every image's score equal the one-process run's; process 0 alone writes the files."""
     _, _, one_metrics, one_scores = smoke_run
     wd = str(tmp_path / "wd")
-    outs = _run_two_processes(
+    outs = run_two_processes(
         ["--config=configs/demo.py:smoke", f"--workdir={wd}", f"--config.data.tfds_dir={tfds_dir}"],
         one_metrics["num_test_images"],
     )
     assert all("trained to step 6" in out for out in outs)
-    _assert_same_results(wd, one_metrics, one_scores)
-
-
-def _run_two_processes(args, num_test_images):
-    """run.py as two processes on loopback (2 forced host devices each); checks that each scored its
-    share of the test images. Returns both consoles."""
-    coordinator = loopback_coordinator()
-    procs = [
-        subprocess.Popen(
-            [sys.executable, "run.py", *args, f"--coordinator={coordinator}", "--num_processes=2", f"--process_id={i}"],
-            cwd=ROOT,
-            env=forced_devices_env(2),
-            text=True,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-        )
-        for i in range(2)
-    ]
-    outs = [p.communicate(timeout=600)[0] for p in procs]
-    for i, (p, out) in enumerate(zip(procs, outs)):
-        assert p.returncode == 0, out[-4000:]
-        share = len(np.array_split(np.arange(num_test_images), 2)[i])
-        assert f"over 2 processes ({share} on this one)" in out and "mean over classes" in out
-    return outs
-
-
-def _assert_same_results(wd, one_metrics, one_scores):
-    """metrics.json and scores.csv in wd equal a one-process run's (float tolerance)."""
-    metrics = json.load(open(os.path.join(wd, "metrics.json")))
-    assert metrics["num_test_images"] == one_metrics["num_test_images"]
-    for k, v in one_metrics["mean"].items():
-        assert metrics["mean"][k] == pytest.approx(v, abs=1e-3), k
-    scores = _csv(os.path.join(wd, "scores.csv"))
-    assert [r["file"] for r in scores] == [r["file"] for r in one_scores]  # every image once, in order
-    np.testing.assert_allclose([float(r["score"]) for r in scores], [float(r["score"]) for r in one_scores], rtol=1e-3)
+    assert_same_results(wd, one_metrics, one_scores)
 
 
 @pytest.mark.parametrize(
@@ -324,61 +254,6 @@ def test_run_py_refuses_incomplete_distributed_flags(tmp_path, args, message):
     assert not os.listdir(tmp_path)  # refused before any work
 
 
-def test_run_py_code_variant(tmp_path, tfds_dir):
-    """The released code's choices end to end: unnormalised target, 12 masks, the code's OT and
-    combination, transductive M_po normalisation."""
-    wd = str(tmp_path / "wd")
-    out = _run(["--config=configs/demo.py:smoke,code", f"--workdir={wd}", f"--config.data.tfds_dir={tfds_dir}"])
-    assert "transductive" in out and "mean over classes" in out
-    cfg = json.load(open(os.path.join(wd, "config.json")))
-    assert cfg["scoring"]["ot"] == "code" and cfg["train"]["target"] == "unnormalized"
-    assert os.path.isfile(os.path.join(wd, "metrics.json"))
-
-
-@pytest.mark.parametrize("features", ["reconstructor", "backbone"])
-def test_flow_mpo_train_and_eval_then_eval_from_checkpoints(tmp_path, tfds_dir, features):
-    wd, tfds = str(tmp_path / "wd"), tfds_dir
-    common = [
-        "--config=configs/demo.py:smoke",
-        f"--workdir={wd}",
-        f"--config.data.tfds_dir={tfds}",
-        "--config.scoring.mpo=flow",
-        f"--config.flow.features={features}",
-    ]
-    if features == "backbone":  # a second backbone (Lite0 here; the released code's is B6) at strides 8 and 16
-        common += [
-            "--config.flow.backbone.arch=efficientnet-lite0",
-            "--config.flow.backbone.weights=packaged",
-            "--config.flow.backbone.padding=static",
-            "--config.flow.pool_ratio=0.1",
-        ]
-    out = _run(common)
-    assert "flow M_po: trained to step" in out and "mean over classes" in out
-    extra = ("fit/flow_pool/fit.npz",) if features == "backbone" else ()
-    for f in ("flow_log.jsonl", "fit/flow.json", "flow_checkpoints") + extra:
-        assert os.path.exists(os.path.join(wd, f)), f
-    scores_first = open(os.path.join(wd, "scores.csv")).read()
-    out = _run(common + ["--mode=eval"])
-    assert "restored the flow at step" in out and "flow step 1/" not in out
-    assert open(os.path.join(wd, "scores.csv")).read() == scores_first
-    if features == "backbone":  # predict scores single images with the flow (and its own backbone) as eval did
-        expected = _export_test_images(tfds, tmp_path / "inputs", 2)
-        _run(
-            common
-            + ["--mode=predict", f"--config.predict.input={tmp_path / 'inputs'}", "--config.predict.class_name=disc"]
-        )
-        _assert_predict_equals_eval(wd, expected)
-        # the same as two processes: the flow's backbone features, its pool and L_ref, split and gathered
-        wd2 = str(tmp_path / "wd2")
-        one_metrics = json.load(open(os.path.join(wd, "metrics.json")))
-        outs = _run_two_processes([a.replace(wd, wd2) for a in common], one_metrics["num_test_images"])
-        assert all("flow M_po: trained to step" in out for out in outs)
-        _assert_same_results(wd2, one_metrics, list(csv.DictReader(io.StringIO(scores_first))))
-    if features == "reconstructor":  # the released code's transductive L_ref, from the same checkpoints
-        out = _run(common + ["--mode=eval", "--config.scoring.mpo_normalisation=test_max"])
-        assert "max over each class's test set" in out and "mean over classes" in out
-
-
 def _serve(export_dir, args, blocked=("maskad_jax",)):
     """The exported scorer's serve.py in a fresh process where importing the `blocked` modules fails."""
     code = (
@@ -398,7 +273,7 @@ def test_export_scores_like_predict_without_the_package_and_refuses_a_changed_ar
     wd = smoke_run[0]
     common = ["--config=configs/demo.py:smoke", f"--workdir={wd}", f"--config.data.tfds_dir={tfds_dir}"]
     # ONNX required (an error if jax2onnx is missing), in batches of 4: the 6 samples need a padded batch
-    _run(common + ["--mode=export", "--config.export.onnx=yes", "--config.export.onnx_batch=4"])
+    run_py(common + ["--mode=export", "--config.export.onnx=yes", "--config.export.onnx_batch=4"])
     export_dir = os.path.join(wd, "export")
     manifest = json.load(open(os.path.join(export_dir, "manifest.json")))
     assert manifest["input"]["shape"] == ["batch", 64, 64, 3] and sorted(manifest["classes"]) == [
@@ -413,8 +288,8 @@ def test_export_scores_like_predict_without_the_package_and_refuses_a_changed_ar
         "tpu",
     ]
     samples = os.path.join(wd, "samples")
-    _run(common + ["--mode=predict", f"--config.predict.input={samples}"])
-    pred = {r["file"]: r for r in _csv(os.path.join(_latest_predictions(wd), "scores.csv"))}
+    run_py(common + ["--mode=predict", f"--config.predict.input={samples}"])
+    pred = {r["file"]: r for r in read_csv(os.path.join(latest_predictions(wd), "scores.csv"))}
 
     # StableHLO through jax without maskad_jax; ONNX through onnxruntime without jax either (auto picks it)
     for name, blocked in (("StableHLO", ("maskad_jax",)), ("ONNX", ("maskad_jax", "jax", "jaxlib"))):
@@ -429,7 +304,7 @@ def test_export_scores_like_predict_without_the_package_and_refuses_a_changed_ar
             assert float(score) == pytest.approx(float(row["score"]), rel=1e-4)
             assert float(thr) == pytest.approx(float(row["threshold"]), rel=1e-6)
             ours = np.load(tmp_path / name / (os.path.basename(path) + ".npy"))  # named after the input
-            ref = np.load(os.path.join(_latest_predictions(wd), "maps", row["output_name"] + ".npy"))
+            ref = np.load(os.path.join(latest_predictions(wd), "maps", row["output_name"] + ".npy"))
             assert np.array_equal(np.isnan(ours), np.isnan(ref))  # both at the image's size, NaN where unseen
             worst = max(worst, float(np.nanmax(np.abs(ours - ref)) / np.nanmax(np.abs(ref))))
             assert int(regions) == int(row["regions"])  # the same regions over the same map threshold

@@ -12,10 +12,9 @@ import importlib
 import importlib.util
 import os
 
-import jax
-
 from maskad_jax.app.detector import Detector, apply_overrides, workdir_config
 from maskad_jax.common.errors import ConfigError, MissingInputError
+from maskad_jax.common.xla_env import compilation_cache
 from maskad_jax.runtime import serve_export
 
 # A detector loaded from an export needs only the runtime; from a workdir, the restore code (orbax,
@@ -29,7 +28,7 @@ def load(path: str, overrides: dict | None = None, runtime: str = "auto", cache:
     manifest.json and scorer). overrides (workdir only): {"predict.threshold_quantile": 0.995, ...}; fields
     that define the trained model are refused as in run.py. runtime (export only): auto | stablehlo |
     onnx. cache: JAX's persistent compilation cache folder (default as run.py: ~/.cache/maskad_jax/xla;
-    "none" leaves JAX's setting alone)."""
+    "none": no cache; common/xla_env.compilation_cache)."""
     path = os.path.abspath(os.path.expanduser(os.fspath(path)))
     if os.path.isfile(os.path.join(path, "manifest.json")) and not os.path.isfile(os.path.join(path, "config.json")):
         return _load_export(path, runtime)
@@ -60,22 +59,6 @@ def _load_export(folder: str, runtime: str) -> Detector:
         raise MissingInputError(str(e)) from None
     contract = dict(manifest, max_batch=int((manifest.get("onnx") or {}).get("batch") or 32))
     return Detector(run, contract, folder)
-
-
-def compilation_cache(path: str | None = None) -> None:
-    """JAX's persistent compilation cache, as run.py sets it (--xla_cache): `path`, else
-    $JAX_COMPILATION_CACHE_DIR (left to JAX), else ~/.cache/maskad_jax/xla (at most 2 GiB); "none":
-    left as it is. A second process then loads the compiled program instead of compiling it."""
-    if path is None and os.environ.get("JAX_COMPILATION_CACHE_DIR"):
-        return
-    if path is not None and path.lower() in ("", "none", "off"):
-        return
-    if jax.config.jax_compilation_cache_dir:  # the caller (run.py, a notebook) chose one already
-        return
-    if path is None:
-        path = os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "maskad_jax", "xla")
-        jax.config.update("jax_compilation_cache_max_size", 2 * 2**30)
-    jax.config.update("jax_compilation_cache_dir", path)
 
 
 def train(config="demo", workdir: str | None = None, images: str | None = None, overrides: dict | None = None):

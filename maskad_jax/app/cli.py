@@ -32,7 +32,7 @@ import sys
 
 # XLA's CPU flags (maskad_jax/common/xla_env.py), before JAX starts: every core as a device, YNNPACK
 # fusions off on jaxlib 0.10 (faster here, and the same programs as the Python API's)
-from maskad_jax.common.xla_env import set_cpu_flags  # noqa: E402
+from maskad_jax.common.xla_env import compilation_cache, set_cpu_flags  # noqa: E402
 
 set_cpu_flags(force_devices=True)
 
@@ -83,7 +83,7 @@ def main(argv):
     if not FLAGS["verbosity"].present:
         logging.set_verbosity(logging.WARNING)  # keep orbax/TFDS chatter out of the progress lines
     _distributed(FLAGS.coordinator, FLAGS.num_processes, FLAGS.process_id)
-    _compilation_cache(FLAGS.xla_cache)
+    compilation_cache(FLAGS.xla_cache)
     config = FLAGS.config
     workdir = FLAGS.workdir or os.path.join("runs", config.get("name", "run"))
     try:
@@ -228,19 +228,6 @@ def _distributed(coordinator, num_processes, process_id):
     if not 0 <= process_id < num_processes:
         raise app.UsageError(f"--process_id={process_id} must be in 0 .. {num_processes - 1}")
     jax.distributed.initialize(coordinator, num_processes, process_id)
-
-
-def _compilation_cache(path):
-    """Point JAX's persistent compilation cache at `path` (see --xla_cache)."""
-    if path is None and os.environ.get("JAX_COMPILATION_CACHE_DIR"):
-        return  # JAX reads it (and its JAX_PERSISTENT_CACHE_* settings) itself
-    if path is None:
-        path = os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "maskad_jax", "xla")
-        jax.config.update("jax_compilation_cache_max_size", 2 * 2**30)  # least recently used entries go first
-    if path.lower() in ("", "none", "off"):
-        jax.config.update("jax_enable_compilation_cache", False)
-        return
-    jax.config.update("jax_compilation_cache_dir", path)
 
 
 def config_names(argv) -> list:

@@ -30,7 +30,9 @@ import numpy as np
 from PIL import Image
 
 from maskad_jax.app.overlay import overlay
+from maskad_jax.common import progress
 from maskad_jax.common.errors import ConfigError, ImageInputError, MissingInputError, NonFiniteError
+from maskad_jax.configs.default import get_config as default_config
 from maskad_jax.runtime import serve_export
 
 
@@ -236,10 +238,12 @@ class Detector:
         self._mode("update", {"new_images.input": os.fspath(images), "new_images.class_name": class_name})
         return self._modes(self.config, self.source, "load")
 
-    def export(self) -> str:
-        """--mode=export: <workdir>/export/ (docs/deploy.md); its path (maskad_jax.load(path) loads it)."""
+    def export(self, onnx: str | None = None) -> str:
+        """--mode=export: <workdir>/export/ (docs/deploy.md); its path (maskad_jax.load(path) loads it).
+        onnx: "auto", "yes" or "no" for this export (export.onnx, maskad_jax/configs/default.py); None
+        keeps the config's."""
         self._require_workdir("export")
-        return self._mode("export")["export"]
+        return self._mode("export", None if onnx is None else {"export.onnx": onnx})["export"]
 
     def evaluate(self) -> dict:
         """--mode=eval on the workdir's test split (its dataset must be where training found it):
@@ -283,6 +287,23 @@ def workdir_config(workdir: str):
         )
     try:
         with open(path) as f:
-            return ml_collections.ConfigDict(json.load(f))
+            saved = json.load(f)
     except (OSError, ValueError) as e:
         raise MissingInputError(f"{path} cannot be read ({e}): it is the training config; retrain") from None
+    added = []
+    merged = _over_defaults(saved, default_config().to_dict(), "", added)
+    if added:  # fields this version has and the workdir's version had not: their defaults are what it ran with
+        progress.log(f"{path} predates {len(added)} config field(s); their defaults apply: {', '.join(added)}")
+    return ml_collections.ConfigDict(merged)
+
+
+def _over_defaults(saved: dict, default: dict, prefix: str, added: list) -> dict:
+    """saved laid over default, recursively; the dotted names of the fields only default has, in added."""
+    out = dict(saved)
+    for key, value in default.items():
+        if key not in saved:
+            out[key] = value
+            added.append(prefix + key)
+        elif isinstance(value, dict) and isinstance(saved[key], dict):
+            out[key] = _over_defaults(saved[key], value, f"{prefix}{key}.", added)
+    return out

@@ -9,6 +9,7 @@
 - Every core as an XLA device (`--xla_force_host_platform_device_count`, run.py only): the
   data-parallel feature extraction then uses them all. Harmless on GPU/TPU hosts.
 Either flag is left alone when XLA_FLAGS already names it; nothing changes once JAX's backend runs.
+JAX's persistent compilation cache (compilation_cache) is set here too, for run.py and the API alike.
 """
 
 from __future__ import annotations
@@ -34,3 +35,22 @@ def set_cpu_flags(force_devices: bool = False) -> None:
         flags += " --xla_cpu_experimental_ynn_fusion_type="
     if flags.strip() != os.environ.get("XLA_FLAGS", "").strip():
         os.environ["XLA_FLAGS"] = flags.strip()
+
+
+def compilation_cache(path: str | None = None) -> None:
+    """JAX's persistent compilation cache (run.py's --xla_cache, maskad_jax.load's cache): `path`; else
+    $JAX_COMPILATION_CACHE_DIR (JAX reads it and its JAX_PERSISTENT_CACHE_* settings itself); else the
+    folder a caller (a notebook) already chose; else ~/.cache/maskad_jax/xla (at most 2 GiB, least
+    recently used entries go first). "none", "off" or "": no cache. A second process then loads the
+    compiled program instead of compiling it."""
+    import jax
+
+    if path is not None and path.lower() in ("", "none", "off"):
+        jax.config.update("jax_enable_compilation_cache", False)
+        return
+    if path is None and (os.environ.get("JAX_COMPILATION_CACHE_DIR") or jax.config.jax_compilation_cache_dir):
+        return
+    if path is None:
+        path = os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "maskad_jax", "xla")
+        jax.config.update("jax_compilation_cache_max_size", 2 * 2**30)
+    jax.config.update("jax_compilation_cache_dir", path)

@@ -264,8 +264,8 @@ def get_config():
     c.serve.max_bytes = 20_000_000  # the largest image accepted
     c.serve.max_images = 32  # the most images in one request
     # What a request costs is bounded by pixels (a 90 KB PNG can hold 9400 x 9400 pixels): each image's size
-    # is read from its header first. With the defaults the service's memory stays near 1 GB on the smoke
-    # model (benchmarks/serve_load.py, RESULTS.md); 413 over a per-image or per-request limit, 503 with
+    # is read from its header first. With the defaults the smoke model's service peaked at 1.8 GB under the
+    # load test (benchmarks/serve_load.py, RESULTS.md); 413 over a per-image or per-request limit, 503 with
     # Retry-After when the images being worked on would pass max_inflight_pixels.
     c.serve.max_pixels = 40_000_000  # the largest image, width x height (a 7300 x 5500 photo)
     c.serve.max_request_pixels = 100_000_000  # the most pixels in one request's images together
