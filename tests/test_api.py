@@ -114,6 +114,11 @@ def test_paths_pil_images_and_arrays_score_alike(trained, tmp_path):
     assert [type(r).__name__ for r in batch] == ["Prediction"] * 4
     assert batch[0].score == batch[1].score
     np.testing.assert_allclose(batch[3].score, det.predict(samples[3]).score, rtol=1e-5)
+    # one rule for the decision and the regions (docs/metrics.md): regions exactly when anomalous
+    everything = det.predict(samples)
+    assert any(r.anomalous for r in everything) and any(not r.anomalous for r in everything)
+    for r in everything:
+        assert bool(r.regions) == r.anomalous and (r.region_level is None) == (not r.anomalous), r
 
 
 def test_bad_inputs_are_refused_naming_them(trained, tmp_path):

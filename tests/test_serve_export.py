@@ -204,3 +204,60 @@ def test_a_manifest_edited_and_digested_again_is_refused_in_one_line(export_dir,
     serve_export.write_manifest(str(folder), manifest)  # its digest recomputed: only the contract check is left
     rc, _, err = _serve(folder, _png(tmp_path / "a.png"), capsys=capsys)
     assert rc == 2 and words in err and len(err.strip().splitlines()) == 1, err
+
+
+def _peaked_map():
+    """10 x 12 zeros, a 3 x 3 plateau at 0.5 around (row 5, col 5) with 1.0 at its centre, and a lone
+    0.3 pixel far from it."""
+    amap = np.zeros((10, 12), np.float32)
+    amap[4:7, 4:7] = 0.5
+    amap[5, 5] = 1.0
+    amap[1, 10] = 0.3
+    return amap
+
+
+def test_regions_follow_the_decision_by_the_maps_threshold_or_its_peak():
+    amap = _peaked_map()
+    # a normal image has none, whatever its map shows
+    assert serve_export.decided_regions(amap, 0.2, anomalous=False) == ([], None)
+    # anomalous, the map over its threshold 0.25: the plateau and the lone pixel, highest peak first
+    regions, level = serve_export.decided_regions(amap, 0.25, anomalous=True)
+    assert level == 0.25
+    assert regions == [
+        {"box": [4, 4, 7, 7], "area": 9, "peak": 1.0, "by": "threshold"},
+        {"box": [10, 1, 11, 2], "area": 1, "peak": pytest.approx(0.3), "by": "threshold"},
+    ]
+    # anomalous, the map under its threshold 2.0 (the score's other term decided): the area around the
+    # peak at half its height above the median (0): level 0.5, the plateau alone (the 0.3 pixel is under it)
+    regions, level = serve_export.decided_regions(amap, 2.0, anomalous=True)
+    assert level == 0.5 and regions == [{"box": [4, 4, 7, 7], "area": 9, "peak": 1.0, "by": "peak"}]
+    # NaN where not inspected is never a region; a map with nothing inspected has none to give
+    amap[:, :2] = np.nan
+    assert serve_export.decided_regions(amap, 2.0, anomalous=True)[1] == 0.5
+    assert serve_export.decided_regions(np.full((4, 4), np.nan), 1.0, anomalous=True) == ([], None)
+
+
+def test_scored_rows_carry_regions_exactly_when_anomalous(tmp_path):
+    """score_loaded with a map threshold above the score's: an anomalous image whose map stays under it
+    still gets a region (by its peak); a normal one whose map passes it gets none."""
+    manifest = {
+        "input": {"shape": ["batch", SIZE, SIZE, 3]},
+        "classes": ["even", "odd"],
+        "thresholds": {"even": 0.5, "odd": 0.5},
+        "map_thresholds": {"even": 0.9, "odd": 0.1},
+    }
+    bright = np.zeros((SIZE, SIZE, 3), np.uint8)
+    bright[10:14, 10:14] = 200  # map max 0.78: over the score threshold 0.5, under even's map threshold 0.9
+    dim = np.zeros((SIZE, SIZE, 3), np.uint8)
+    dim[20:22, 3:5] = 60  # map max 0.24: normal, yet over odd's map threshold 0.1
+    loaded = [serve_export.inputs_of(Image.fromarray(a), SIZE, "resize", None) for a in (bright, dim)]
+
+    def run(images, keys):
+        out = {k: np.asarray(v) for k, v in _scorer(jnp.asarray(images), jnp.asarray(keys)).items()}
+        out["class_index"] = np.asarray([0, 1], np.int32)  # bright is "even", dim is "odd"
+        return out
+
+    (row_b, _), (row_d, _) = serve_export.score_loaded(run, manifest, loaded)
+    assert row_b["anomalous"] and [r["by"] for r in row_b["regions"]] == ["peak"]
+    assert row_b["regions"][0]["box"] == [10, 10, 14, 14]
+    assert not row_d["anomalous"] and row_d["regions"] == [] and row_d["region_level"] is None

@@ -58,3 +58,30 @@ def test_fits_written_before_the_signature_existed_are_not_refused():
     c.scoring.sigma = 2.5
     c.predict.threshold_quantile = 1.0
     assert class_thresholds(resolve(c).predict, resolve(c).scoring, pools) == [5.0, 30.0]
+
+
+def test_false_alarms_count_the_good_test_images_over_each_threshold_and_say_what_it_targets():
+    """Hand-worked: quantile 0.5 gives thresholds 3 (class a) and 20 (class b); a's good test images
+    score 1, 3 and 4 (two at or over 3: 2/3), its defective one is not counted; b's threshold is fixed
+    at 25 (no target), its good images 24 and 26 (1/2)."""
+    from maskad_jax.engine.thresholds import false_alarms
+
+    c = demo.get_config("smoke")
+    c.predict.threshold_quantile = 0.5
+    c.predict.threshold = "b=25"
+    s = resolve(c)
+    pools = _pools(c)
+    scores = [1.0, 3.0, 4.0, 9.0, 24.0, 26.0]
+    labels = [0, 0, 0, 1, 0, 0]
+    classes = ["a", "a", "a", "a", "b", "b"]
+    rows = false_alarms(s.predict, s.scoring, pools, scores, labels, classes)
+    assert rows["a"] == {
+        "threshold": 3.0,
+        "good_images": 3,
+        "false_alarms": 2,
+        "rate": pytest.approx(2 / 3),
+        "target": 0.5,
+        "threshold_images": 5,
+    }
+    assert rows["b"]["threshold"] == 25.0 and rows["b"]["false_alarms"] == 1 and rows["b"]["rate"] == 0.5
+    assert rows["b"]["target"] is None and rows["b"]["threshold_images"] == 0

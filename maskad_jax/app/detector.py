@@ -39,9 +39,12 @@ from maskad_jax.runtime import serve_export
 @dataclasses.dataclass
 class Prediction:
     """One image's result. map: (height, width) float32 at the image's own size (NaN where the geometry
-    did not look: crop's sides); regions: the connected areas of the map at or above map_threshold
-    (box (x0, y0, x1, y1) and area in the image's pixels, peak), largest peak first; normalised: 0 is a
-    typical good part, 1.0 the threshold (None when the class has no calibration scores)."""
+    did not look: crop's sides); regions: where the defect is, reported exactly when the image is
+    anomalous: the connected areas of the map at or above map_threshold, or, when its map stays under
+    it, the area around the map's peak (box (x0, y0, x1, y1) and area in the image's pixels, peak, by:
+    "threshold" or "peak"; serve_export.decided_regions), largest peak first; region_level: the map
+    level that outlines them (None for a normal image); normalised: 0 is a typical good part, 1.0 the
+    threshold (None when the class has no calibration scores)."""
 
     score: float
     normalised: float | None
@@ -53,6 +56,7 @@ class Prediction:
     regions: list
     inspected_fraction: float
     threshold_images: int | None = None  # how many images the threshold rests on (0: a number given)
+    region_level: float | None = None  # the map level outlining the regions (None: a normal image, none)
     source: str = "<array>"
     note: str = ""
     image: Image.Image | None = dataclasses.field(default=None, repr=False)  # the RGB image as scored
@@ -67,13 +71,14 @@ class Prediction:
             "threshold": self.threshold,
             "anomalous": self.anomalous,
             "regions": self.regions,
+            "region_level": self.region_level,
             "inspected_fraction": round(float(self.inspected_fraction), 4),
             "threshold_images": self.threshold_images,
         }
 
     def save(self, folder: str, name: str = "image") -> dict:
         """Write maps/<name>.npy (the map), maps/<name>.png (255 = twice the map's threshold) and
-        overlays/<name>.png (the heatmap over the image, regions outlined) under folder; their paths."""
+        overlays/<name>.png (the heatmap over the image, its regions outlined) under folder; their paths."""
         if os.path.basename(name) != name or name in ("", ".", ".."):
             raise ValueError(f"save: name {name!r} must be a plain file name (no folders)")
         paths = {
@@ -89,7 +94,7 @@ class Prediction:
         Image.fromarray(scaled, "L").save(paths["map_png"])
         if self.image is not None:
             image01 = np.asarray(self.image, np.float32) / 255.0
-            Image.fromarray(overlay(image01, self.map, 0.0, level, self.map_threshold)).save(paths["overlay"])
+            Image.fromarray(overlay(image01, self.map, 0.0, level, self.region_level)).save(paths["overlay"])
         else:
             del paths["overlay"]
         return paths
@@ -200,6 +205,7 @@ class Detector:
                     regions=row["regions"],
                     inspected_fraction=float(np.isfinite(full).mean()),
                     threshold_images=row.get("threshold_images"),
+                    region_level=row["region_level"],
                     source=name,
                     note="; ".join(n for n in notes if n),
                     image=img,

@@ -34,7 +34,7 @@ from maskad_jax.common.parallel import (
     process_share,
     scoring_sharding,
 )
-from maskad_jax.common.specs import DataSpec, EvalSpec, ScoringSpec
+from maskad_jax.common.specs import DataSpec, EvalSpec, PredictSpec, ScoringSpec
 from maskad_jax.data.geometry import place, to_original
 from maskad_jax.data.splits import SplitData, eval_batches
 from maskad_jax.data.tiling import image_max, stitch_tiles, untiled
@@ -43,13 +43,14 @@ from maskad_jax.engine.scoring import (
     device_pools,
     make_score_fn,
 )
+from maskad_jax.engine.thresholds import false_alarms
 
 
 def evaluate(
     sc: ScoringSpec,
     d: DataSpec,
     ev: EvalSpec,
-    quantile: float,
+    pc: PredictSpec,
     workdir,
     extractor,
     model,
@@ -58,8 +59,8 @@ def evaluate(
     data: SplitData,
     mpo=None,
 ) -> dict:
-    """Score the split, check the results are finite, compute the metrics, write the files (quantile:
-    predict.threshold_quantile, for the report's thresholds)."""
+    """Score the split, check the results are finite, compute the metrics and the false alarms at the
+    decision thresholds (pc: predict's threshold settings), write the files."""
     params, dev_pools = place_for_scoring(sc.devices, (params, device_pools(pools, mpo)))
     if sc.mpo_normalisation == "test_max":
         normalise_on_the_test_set(sc, d, extractor, pools, dev_pools, mpo, data)
@@ -79,11 +80,7 @@ def evaluate(
     progress.log(f"metrics in the {frame} frame (eval.frame; data.geometry = {d.geometry})")
     _refuse_non_finite(data, maps, scores)
     _log_ot_certification(sc, uncertified, len(data))
-    several = (
-        f" over {jax.process_count()} processes ({len(process_share(len(data)))} on this one)"
-        if jax.process_count() > 1
-        else ""
-    )
+    several = _processes_note(len(data))
     progress.log(f"scored {len(data)} test images at {rate:.2f} img/s{several} (first batch includes compilation)")
     per_class = per_class_metrics(ev, data, scores, maps, masks)
     mean = {k: float(np.nanmean([m[k] for m in per_class.values()])) for k in metrics_lib.METRIC_NAMES}
@@ -93,6 +90,7 @@ def evaluate(
         "test_images_per_second": rate,
         "num_test_images": len(data),
         "metrics_unit": "fraction (the console prints %)",
+        "false_alarms": _false_alarms(pc, sc, pools, data, scores),
         "examples": write_heatmaps(
             workdir, data, maps, scores, d.image_size, write=is_writer(), geometry=display_geometry(ev)
         ),
@@ -101,9 +99,31 @@ def evaluate(
     if is_writer():
         write_results(workdir, report, data, scores, rec_mean)
         report["report_data"] = report_data(
-            sc, ev, quantile, d.image_size, data, pools, maps, masks, scores, report["examples"]
+            sc, ev, pc.threshold_quantile, d.image_size, data, pools, maps, masks, scores, report["examples"]
         )
     return report
+
+
+def _processes_note(n: int) -> str:
+    """The log's note under jax.distributed (' over 2 processes (17 on this one)'); '' in one process."""
+    if jax.process_count() == 1:
+        return ""
+    return f" over {jax.process_count()} processes ({len(process_share(n))} on this one)"
+
+
+def _false_alarms(pc: PredictSpec, sc: ScoringSpec, pools, data, scores) -> dict:
+    """thresholds.false_alarms on the split, and one line of them: per class, the good test images
+    flagged at the decision threshold, and the rate the threshold targets."""
+    rows = false_alarms(pc, sc, pools, scores, data.labels, [data.class_names[c] for c in data.class_ids])
+    parts = []
+    for cls, r in rows.items():
+        if r["rate"] is None:
+            parts.append(f"{cls} n/a" + ("" if r["threshold"] is not None else " (no threshold for this scoring)"))
+            continue
+        target = "" if r["target"] is None else f" (targets {100 * r['target']:.1f}%)"
+        parts.append(f"{cls} {r['false_alarms']}/{r['good_images']} = {100 * r['rate']:.1f}%{target}")
+    progress.log("false alarms on the good test images at the decision thresholds: " + "; ".join(parts))
+    return rows
 
 
 def per_class_metrics(ev: EvalSpec, data, scores, maps, masks) -> dict:

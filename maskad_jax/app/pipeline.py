@@ -189,7 +189,7 @@ def _train_and_eval(s: Specs, workdir, mode) -> dict:
                 s.scoring,
                 s.data,
                 s.eval,
-                s.predict.threshold_quantile,
+                s.predict,
                 workdir,
                 extractor,
                 model,

@@ -2,11 +2,13 @@
 
 Writes into a new folder <workdir>/predictions/<date-time>/ per run (named in predictions/latest.txt,
 so one run's files never mix with another's): scores.json and scores.csv (per image: file, class,
-score, normalised score (1.0 = the threshold: thresholds.py), threshold, decision, and the regions of
-the map at or above the map's threshold: box, area in pixels of the original image, peak),
+score, normalised score (1.0 = the threshold: thresholds.py), threshold, decision, and, for an
+anomalous image only, its regions: the map's areas at or above the map's threshold, or the area
+around the map's peak when the map stays under it (serve_export.decided_regions): box, area in
+pixels of the original image, peak, by),
 maps/<name>.npy (the anomaly map at the image's original size and aspect; NaN where the geometry did
 not look: crop's sides), maps/<name>.png (scaled by the map's threshold: 255 = twice it) and
-overlays/<name>.png (the heatmap over the original image, regions outlined in white, the part not
+overlays/<name>.png (the heatmap over the original image, its regions outlined in white, the part not
 inspected darkened). The map's threshold is the score's when the pixel map is the score's own map,
 else the same quantile of the held-out images' map maxima (scoring.pixel_map). Names are flattened
 from the input's relative paths to letters, digits, '-' and '_', so nothing can be written outside

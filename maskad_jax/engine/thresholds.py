@@ -118,6 +118,40 @@ def threshold_images(pc: PredictSpec, pools, cls: str) -> int:
     return len(pools.cal_scores.get(cls) or [])
 
 
+def target_false_alarm(pc: PredictSpec, pools, cls: str) -> float | None:
+    """The share of good parts a class's threshold is meant to flag: 1 - predict.threshold_quantile
+    when the quantile rule sets it; None when a number or an F1 threshold does (they target none)."""
+    if cls in fixed_thresholds(pc.threshold, pools.class_names):
+        return None
+    if pc.threshold_rule in ("f1", "auto") and pools.val_thresholds.get(cls) is not None:
+        return None
+    return float(1.0 - pc.threshold_quantile)
+
+
+def false_alarms(pc: PredictSpec, sc: ScoringSpec, pools, scores, labels, class_of) -> dict:
+    """Per class, on the test set's good images (labels 0): how many the decision threshold flags
+    (score >= threshold, as predict decides), their rate and the rate the threshold targets
+    (docs/metrics.md, "False alarms"). A class without a usable threshold gets threshold None."""
+    scores, labels, class_of = np.asarray(scores), np.asarray(labels), np.asarray(class_of)
+    out = {}
+    for cls in pools.class_names:
+        good = (class_of == cls) & (labels == 0)
+        try:
+            thr = class_threshold(pc, sc, pools, cls)
+        except (ValueError, ConfigError):  # no calibration for this scoring (an ablation row), or no F1 threshold
+            thr = None
+        flagged = int((scores[good] >= thr).sum()) if thr is not None else None
+        out[cls] = {
+            "threshold": thr,
+            "good_images": int(good.sum()),
+            "false_alarms": flagged,
+            "rate": flagged / int(good.sum()) if flagged is not None and good.any() else None,
+            "target": target_false_alarm(pc, pools, cls),
+            "threshold_images": threshold_images(pc, pools, cls),
+        }
+    return out
+
+
 MIN_THRESHOLD_IMAGES = 20  # below this a quantile threshold is warned about (0.99 of 20 is their maximum)
 
 

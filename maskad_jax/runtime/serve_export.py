@@ -369,6 +369,26 @@ def regions_over(amap, threshold):
     return sorted(found.values(), key=lambda r: -r["peak"])
 
 
+def decided_regions(amap, map_threshold, anomalous):
+    """(regions, level): the regions an image is reported with and the map level that outlines them,
+    one rule with its decision (docs/metrics.md, "Decision and regions"). A normal image has none
+    (level None); its map is still returned. An anomalous image has the areas of its map at or above
+    the map's threshold; when its map stays under that threshold (the score's other term decided),
+    the area around the map's peak at half its height above the map's median, each such region
+    marked "by": "peak" (else "by": "threshold")."""
+    if not anomalous:
+        return [], None
+    found = regions_over(amap, map_threshold)
+    if found:
+        return [dict(r, by="threshold") for r in found], float(map_threshold)
+    seen = np.asarray(amap, np.float64)[np.isfinite(amap)]
+    if seen.size == 0:
+        return [], None
+    peak, median = float(seen.max()), float(np.median(seen))
+    level = median + 0.5 * (peak - median) if peak > median else peak
+    return [dict(r, by="peak") for r in regions_over(amap, level)[:1]], float(level)
+
+
 # A perceptually ordered blue -> cyan -> yellow -> red ramp (5 anchor colours, linear between).
 _ANCHORS = np.array([[0, 0, 130], [0, 120, 255], [0, 230, 200], [255, 230, 0], [220, 0, 0]], np.float64)
 
@@ -512,9 +532,10 @@ def score_loaded(run, manifest, loaded):
             "normalised_score": (score - median) / (thr - median) if median is not None and thr > median else None,
             "threshold": thr,
             "anomalous": bool(score >= thr),
-            "regions": regions_over(full, manifest.get("map_thresholds", {}).get(cls, thr)),
             "threshold_images": (manifest.get("threshold_images") or {}).get(cls),
         }
+        map_thr = manifest.get("map_thresholds", {}).get(cls, thr)
+        row["regions"], row["region_level"] = decided_regions(full, map_thr, row["anomalous"])
         results.append((row, full))
     return results
 

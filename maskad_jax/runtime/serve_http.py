@@ -4,9 +4,10 @@ export's serve.py hands it its own functions (`loader`).
 
     POST /v1/score     one or several images: multipart (field "image", repeated) or a raw body
                        (Content-Type image/*). Per image: class, score, normalised score (1.0 = the
-                       threshold), threshold, decision, regions over the map's threshold (box, area,
-                       peak); ?maps=1 adds the map and the overlay as base64 PNG; ?class=NAME says
-                       which class you expect (400 if the model has none such; "class_matches").
+                       threshold), threshold, decision, the regions of an anomalous image (box,
+                       area, peak, by: serve_export.decided_regions); ?maps=1 adds the map and
+                       the overlay as base64 PNG; ?class=NAME says which class you expect (400 if
+                       the model has none such; "class_matches").
     GET  /v1/health    model digest, classes, thresholds, geometry and versions (manifest.json).
     GET  /metrics      Prometheus text: requests by endpoint and status, request latency, images
                        scored, batch sizes.
@@ -129,9 +130,10 @@ def _png_b64(array_u8):
     return base64.b64encode(buf.getvalue()).decode("ascii")
 
 
-def _visuals(loader, data, full, map_threshold, display):
-    """The map (255 = twice the map's threshold) and the overlay on the image, as base64 PNG, at most
-    `display` pixels a side (float32 and uint8 throughout: a huge image costs no more than that)."""
+def _visuals(loader, data, full, map_threshold, region_level, display):
+    """The map (255 = twice the map's threshold) and the overlay on the image (its regions outlined at
+    region_level; None: none), as base64 PNG, at most `display` pixels a side (float32 and uint8
+    throughout: a huge image costs no more than that)."""
     level = max(2 * map_threshold, 1e-12)
     image = loader.decode(data)[0]
     scale = min(1.0, display / max(image.size))
@@ -142,7 +144,7 @@ def _visuals(loader, data, full, map_threshold, display):
     scaled = np.clip(np.nan_to_num(full, nan=0.0) / level * 255, 0, 255).astype(np.uint8)
     image01 = np.asarray(image, np.float32) / np.float32(255.0)
     del image
-    over = loader.overlay(image01, full, 0.0, level, map_threshold)
+    over = loader.overlay(image01, full, 0.0, level, region_level)
     return {"map_png": _png_b64(scaled), "overlay_png": _png_b64(over)}
 
 
@@ -355,7 +357,7 @@ class Service:
                 row["class_matches"] = row["class"] == expected
             if maps:
                 thr = self.manifest.get("map_thresholds", {}).get(row["class"], row["threshold"])
-                args = (self.loader, data, full, thr, self.args.display_size)
+                args = (self.loader, data, full, thr, row["region_level"], self.args.display_size)
                 row.update(await loop.run_in_executor(self.workers, _visuals, *args))
             out.append(row)
         return {"images": out}
