@@ -269,11 +269,13 @@ def _serve(export_dir, args, blocked=("maskad_jax",)):
     )
 
 
-def test_export_scores_like_predict_without_the_package_and_refuses_a_changed_artifact(tmp_path, tfds_dir, smoke_run):
-    wd = smoke_run[0]
+def _export_and_predict(wd, tfds_dir, onnx: bool):
+    """--mode=export (with ONNX in batches of 4, required, or without) and --mode=predict on the
+    samples: (export folder, samples folder, predict's rows by file)."""
     common = ["--config=configs/demo.py:smoke", f"--workdir={wd}", f"--config.data.tfds_dir={tfds_dir}"]
     # ONNX required (an error if jax2onnx is missing), in batches of 4: the 6 samples need a padded batch
-    run_py(common + ["--mode=export", "--config.export.onnx=yes", "--config.export.onnx_batch=4"])
+    extra = ["--config.export.onnx=yes", "--config.export.onnx_batch=4"] if onnx else ["--config.export.onnx=no"]
+    run_py(common + ["--mode=export", *extra])
     export_dir = os.path.join(wd, "export")
     manifest = json.load(open(os.path.join(export_dir, "manifest.json")))
     assert manifest["input"]["shape"] == ["batch", 64, 64, 3] and sorted(manifest["classes"]) == [
@@ -281,38 +283,42 @@ def test_export_scores_like_predict_without_the_package_and_refuses_a_changed_ar
         "speckle",
         "weave",
     ]
-    files = {"scorer.stablehlo", "scorer.onnx", "serve.py", "serve_http.py", "serve_page.html"}
-    assert set(manifest["files"]) == files and manifest["platforms"] == [
-        "cpu",
-        "cuda",
-        "tpu",
-    ]
+    files = {"scorer.stablehlo", "serve.py", "serve_http.py", "serve_page.html"} | ({"scorer.onnx"} if onnx else set())
+    assert set(manifest["files"]) == files and manifest["platforms"] == ["cpu", "cuda", "tpu"]
     samples = os.path.join(wd, "samples")
     run_py(common + ["--mode=predict", f"--config.predict.input={samples}"])
-    pred = {r["file"]: r for r in read_csv(os.path.join(latest_predictions(wd), "scores.csv"))}
+    return export_dir, samples, {r["file"]: r for r in read_csv(os.path.join(latest_predictions(wd), "scores.csv"))}
 
-    # StableHLO through jax without maskad_jax; ONNX through onnxruntime without jax either (auto picks it)
-    for name, blocked in (("StableHLO", ("maskad_jax",)), ("ONNX", ("maskad_jax", "jax", "jaxlib"))):
-        proc = _serve(export_dir, [samples, "--out", str(tmp_path / name)], blocked)
-        assert proc.returncode == 0, proc.stderr[-3000:]
-        lines = [ln.split("\t") for ln in proc.stdout.strip().splitlines()]
-        assert len(lines) == len(pred) == 6
-        worst = 0.0
-        for i, (path, cls, score, thr, decision, normalised, regions) in enumerate(lines):
-            row = pred[os.path.basename(path)]
-            assert cls == row["class"] and decision == ("anomalous" if row["anomalous"] == "True" else "normal")
-            assert float(score) == pytest.approx(float(row["score"]), rel=1e-4)
-            assert float(thr) == pytest.approx(float(row["threshold"]), rel=1e-6)
-            ours = np.load(tmp_path / name / (os.path.basename(path) + ".npy"))  # named after the input
-            ref = np.load(os.path.join(latest_predictions(wd), "maps", row["output_name"] + ".npy"))
-            assert np.array_equal(np.isnan(ours), np.isnan(ref))  # both at the image's size, NaN where unseen
-            worst = max(worst, float(np.nanmax(np.abs(ours - ref)) / np.nanmax(np.abs(ref))))
-            assert int(regions) == int(row["regions"])  # the same regions over the same map threshold
-            if row["normalised_score"]:
-                assert float(normalised) == pytest.approx(float(row["normalised_score"]), rel=1e-3, abs=1e-3)
-        print(f"exported {name} vs predict: max |map difference| / max |map| = {worst:.2e}")
-        assert worst <= 1e-4
 
+def _assert_serve_equals_predict(export_dir, samples, wd, pred, out, name, blocked):
+    """serve.py (the modules in `blocked` unimportable) on the samples: predict's classes, scores,
+    thresholds, decisions, normalised scores, regions, and maps within 1e-4 of the largest value."""
+    proc = _serve(export_dir, [samples, "--out", str(out)], blocked)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = [ln.split("\t") for ln in proc.stdout.strip().splitlines()]
+    assert len(lines) == len(pred) == 6
+    worst = 0.0
+    for path, cls, score, thr, decision, normalised, regions in lines:
+        row = pred[os.path.basename(path)]
+        assert cls == row["class"] and decision == ("anomalous" if row["anomalous"] == "True" else "normal")
+        assert float(score) == pytest.approx(float(row["score"]), rel=1e-4)
+        assert float(thr) == pytest.approx(float(row["threshold"]), rel=1e-6)
+        ours = np.load(out / (os.path.basename(path) + ".npy"))  # named after the input
+        ref = np.load(os.path.join(latest_predictions(wd), "maps", row["output_name"] + ".npy"))
+        assert np.array_equal(np.isnan(ours), np.isnan(ref))  # both at the image's size, NaN where unseen
+        worst = max(worst, float(np.nanmax(np.abs(ours - ref)) / np.nanmax(np.abs(ref))))
+        assert int(regions) == int(row["regions"])  # the same regions by the same rule
+        if row["normalised_score"]:
+            assert float(normalised) == pytest.approx(float(row["normalised_score"]), rel=1e-3, abs=1e-3)
+    print(f"exported {name} vs predict: max |map difference| / max |map| = {worst:.2e}")
+    assert worst <= 1e-4
+
+
+def test_export_scores_like_predict_without_the_package_and_refuses_a_changed_artifact(tmp_path, tfds_dir, smoke_run):
+    """StableHLO through jax without maskad_jax: predict's numbers; a changed or truncated scorer refused."""
+    wd = smoke_run[0]
+    export_dir, samples, pred = _export_and_predict(wd, tfds_dir, onnx=False)
+    _assert_serve_equals_predict(export_dir, samples, wd, pred, tmp_path / "out", "StableHLO", ("maskad_jax",))
     changed = tmp_path / "changed"
     shutil.copytree(export_dir, changed)
     blob = bytearray((changed / "scorer.stablehlo").read_bytes())
@@ -323,7 +329,19 @@ def test_export_scores_like_predict_without_the_package_and_refuses_a_changed_ar
     (changed / "scorer.stablehlo").write_bytes(bytes(blob[:1000]))
     proc = _serve(changed, [samples])
     assert proc.returncode == 2 and "changed or truncated" in proc.stderr
-    shutil.copyfile(os.path.join(export_dir, "scorer.stablehlo"), changed / "scorer.stablehlo")
+
+
+@pytest.mark.onnx
+def test_onnx_export_scores_like_predict_without_jax_and_refuses_a_changed_model(tmp_path, tfds_dir, smoke_run):
+    """The whole scoring program through jax2onnx (about 100 s on 2 cores: the `onnx` marker, its own CI
+    step): onnxruntime without jax or maskad_jax gives predict's numbers; a changed scorer.onnx is refused."""
+    wd = str(tmp_path / "wd")
+    shutil.copytree(smoke_run[0], wd)  # its own copy: the other export test writes the same workdir's export
+    export_dir, samples, pred = _export_and_predict(wd, tfds_dir, onnx=True)
+    blocked = ("maskad_jax", "jax", "jaxlib")  # auto picks ONNX when jax is missing
+    _assert_serve_equals_predict(export_dir, samples, wd, pred, tmp_path / "out", "ONNX", blocked)
+    changed = tmp_path / "changed"
+    shutil.copytree(export_dir, changed)
     blob = bytearray((changed / "scorer.onnx").read_bytes())
     blob[-5] ^= 0x01
     (changed / "scorer.onnx").write_bytes(bytes(blob))
