@@ -164,18 +164,21 @@ def test_training_residuals_leave_the_image_out():
 
 def test_flow_training_loss_falls_and_resumes_to_the_same_parameters(tmp_path):
     from maskad_jax.training.flow_fit import restore_flow, train_flow
+    from maskad_jax.training.loop import LoopOptions
 
     c, h = _flow_config(), _structured()
     pools = _fitted(c, h)
     pidx = np.zeros(len(h), np.int32)
-    full = train_flow(resolve(c).flow, h, pools, pidx, str(tmp_path / "full"), log=lambda *_: None)
+    full = train_flow(resolve(c).flow, h, pools, pidx, str(tmp_path / "full"), LoopOptions(log=lambda *_: None))
     assert full.steps == 36
     losses = [loss for _, loss in full.losses]
     assert np.mean(losses[-6:]) < np.mean(losses[:6]) - 0.02
-    part = train_flow(resolve(c).flow, h, pools, pidx, str(tmp_path / "resumed"), log=lambda *_: None, max_steps=5)
+    part = train_flow(
+        resolve(c).flow, h, pools, pidx, str(tmp_path / "resumed"), LoopOptions(log=lambda *_: None, max_steps=5)
+    )
     assert part.steps == 5
     said = []
-    rest = train_flow(resolve(c).flow, h, pools, pidx, str(tmp_path / "resumed"), log=said.append)
+    rest = train_flow(resolve(c).flow, h, pools, pidx, str(tmp_path / "resumed"), LoopOptions(log=said.append))
     assert any("resumed flow from step 5" in m for m in said)
     for a, b in zip(jax.tree_util.tree_leaves(full.params), jax.tree_util.tree_leaves(rest.params)):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
@@ -194,11 +197,12 @@ def test_flow_mpo_ranks_an_injected_defect_first():
     from maskad_jax.models.flow import build_flow
     from maskad_jax.models.reconstructor import build_reconstructor
     from maskad_jax.training.flow_fit import calibrate_flow, train_flow
+    from maskad_jax.training.loop import LoopOptions
 
     c, h = _flow_config(epochs=15), _structured()
     c.scoring.mpo = "flow"
     pools = _fitted(c, h)
-    res = train_flow(resolve(c).flow, h, pools, np.zeros(len(h), np.int32), None, log=lambda *_: None)
+    res = train_flow(resolve(c).flow, h, pools, np.zeros(len(h), np.int32), None, LoopOptions(log=lambda *_: None))
     ref = calibrate_flow(resolve(c).flow, res.params, h, pools)
     assert np.isfinite(ref).all()
     flow = FlowMpo(build_flow(resolve(c).flow, 6), res.params, ref, c.flow.cond_dim)

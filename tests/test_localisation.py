@@ -16,8 +16,10 @@ from maskad_jax.common.specs import resolve
 from maskad_jax.engine import mpo as mpo_lib
 from maskad_jax.engine import scoring
 from maskad_jax.engine.fit_state import Calibration, Fit
+from maskad_jax.engine.trained_model import TrainedModel
 from maskad_jax.models.features import FeatureExtractor, avg_pool3, pooled_embedding
 from maskad_jax.training.calibration import calibrate, term_stats
+from maskad_jax.training.feature_cache import Features
 from maskad_jax.training.fit import fit_pools
 
 
@@ -152,7 +154,12 @@ def engine():
     h, fine = (np.asarray(a) for a in ex.apply_with_fine(ex.variables, train, tuple(c.fit.fine_strides)))
     pools = fit_pools(h, None, ["a"] * 5 + ["b"] * 5, c.fit, seed=0, fine=fine)
     keys = np.arange(10, dtype=np.int32)
-    cal = calibrate(resolve(c).scoring, resolve(c).data, model, params, pools, h, None, keys, fine=fine)
+    cal = calibrate(
+        resolve(c).scoring,
+        resolve(c).data,
+        TrainedModel(ex, model, params, pools, None),
+        Features(h, None, keys, fine, None),
+    )
     pools = dataclasses.replace(
         pools, calibration=Calibration(cal["cal_scores"], cal["cal_map_max"], cal["term_stats"])
     )
@@ -194,13 +201,8 @@ def test_calibration_uses_only_the_held_out_images(engine):
     again = calibrate(
         resolve(e["c"]).scoring,
         resolve(e["c"]).data,
-        e["model"],
-        e["params"],
-        e["pools"],
-        h,
-        None,
-        e["keys"],
-        fine=fine,
+        TrainedModel(e["ex"], e["model"], e["params"], e["pools"], None),
+        Features(h, None, e["keys"], fine, None),
     )
     np.testing.assert_allclose(again["term_stats"], e["cal"]["term_stats"], rtol=1e-5)
     for c in e["pools"].class_names:

@@ -9,7 +9,7 @@ from maskad_jax.common.specs import resolve
 from maskad_jax.engine.mpo import FlowMpo, NearestNeighbourMpo
 from maskad_jax.engine.scoring import make_score_features_fn
 from maskad_jax.models.reconstructor import build_reconstructor
-from maskad_jax.training.mpo import restore_mpo, train_mpo
+from maskad_jax.training.mpo import FlowJob, MpoSpecs, restore_mpo, train_mpo
 
 
 def test_the_nearest_neighbour_mpo_is_the_distance_on_the_token_grid():
@@ -35,6 +35,7 @@ def test_the_flow_mpo_brings_its_state_and_the_scoring_refuses_the_wrong_one():
 def test_the_mpo_is_chosen_once_from_scoring_mpo():
     c = demo.get_config("smoke")
     s = resolve(c)
-    mpo, own = train_mpo(s.scoring, s.flow, s.model, s.data, s.fit, "one", ("unused",) * 5)
+    sections = MpoSpecs(s.scoring, s.flow, s.model, s.data, s.fit, "one")
+    mpo, own = train_mpo(sections, FlowJob(*("unused",) * 5))
     assert mpo == NearestNeighbourMpo(fine=True) and own is None  # the CPU-sized scoring: two grids
-    assert restore_mpo(s.scoring, s.flow, s.model, s.data, "unused", 8, (4, 4), None) == mpo
+    assert restore_mpo(sections, "unused", 8, (4, 4), None) == mpo

@@ -40,8 +40,7 @@ def load(path: str, overrides: dict | None = None, runtime: str = "auto", cache:
     config = apply_overrides(workdir_config(path), overrides or {})
     trained = restore.restore_for(config, path, "predict")
     run, contract = restore.program(trained)
-    notes = restore.shape_notes(trained)
-    return Detector(run, contract, path, trained=trained, config=config, notes=notes, modes=_modes)
+    return Detector(run, contract, path, trained=trained, config=config, modes=_modes)
 
 
 def _modes(config, workdir: str, mode: str):

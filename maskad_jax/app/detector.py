@@ -136,10 +136,12 @@ def _array_image(a: np.ndarray) -> Image.Image:
 class Detector:
     """A trained MaskAD model, loaded from a workdir or an export folder (`load`)."""
 
-    def __init__(self, run, contract: dict, source: str, trained=None, config=None, notes=None, modes=None):
+    def __init__(self, run, contract: dict, source: str, trained=None, config=None, modes=None):
         self._run, self.contract, self.source = run, contract, source
-        self.trained, self.config = trained, config  # from a workdir: restore.Trained and its ConfigDict
-        self._notes = notes  # f(class name, width, height) -> a note, or None
+        self.trained, self.config = trained, config  # from a workdir: app/trained.Trained and its ConfigDict
+        # f(class name, width, height) -> a note when the image's shape is outside the class's training
+        # images' (Trained.shape_note); None from an export
+        self._notes = None if trained is None else trained.shape_note
         self._modes = modes  # f(config, workdir, mode) -> result: the pipeline (api.py hands it in)
         pre = contract.get("preprocess") or {}
         self.image_size = int(contract["input"]["shape"][1])

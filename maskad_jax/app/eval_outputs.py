@@ -4,6 +4,7 @@ metrics were computed in (eval.frame)."""
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import os
 
@@ -11,11 +12,29 @@ import numpy as np
 from PIL import Image
 
 from maskad_jax.app.overlay import overlay, unique_names
-from maskad_jax.common.specs import EvalSpec, ScoringSpec
+from maskad_jax.app.trained import Trained
+from maskad_jax.common.specs import EvalSpec
 from maskad_jax.data.geometry import place, to_original
 from maskad_jax.data.splits import Preprocess
 from maskad_jax.engine import metrics as metrics_lib
 from maskad_jax.engine.fit_state import scoring_signature
+
+
+@dataclasses.dataclass(frozen=True)
+class ScoredSplit:
+    """A test split scored, one row per image (or tile) in order: maps (N, S, S), masks (N, S, S) the
+    ground truth in the same frame, scores (N,), rec_mean (N,) the mean per-patch Rec, uncertified
+    (N,) the patches whose AssDis used the exact optimum, boxes (N, 4) the content boxes, originals
+    (N, 2) the images' (width, height), masks_image (N, S, S) the ground truth on the whole image."""
+
+    maps: np.ndarray
+    masks: np.ndarray
+    scores: np.ndarray
+    rec_mean: np.ndarray
+    uncertified: np.ndarray
+    boxes: np.ndarray
+    originals: np.ndarray
+    masks_image: np.ndarray
 
 
 def eval_frame(ev: EvalSpec) -> str:
@@ -39,12 +58,13 @@ def to_image_frame(maps, boxes, originals, size: int, geometry: str) -> np.ndarr
     return out
 
 
-def report_data(
-    sc: ScoringSpec, ev: EvalSpec, quantile: float, size: int, data, pools, maps, masks, scores, examples
-) -> dict:
+def report_data(t: Trained, data, split: ScoredSplit, examples: list) -> dict:
     """What report.html plots, per class: the image scores by label and defect type, the predict
     threshold (the calibrated quantile of held-out normal scores), image and pixel ROC/PR points;
-    and the examples' images, maps and ground truth."""
+    and the examples' images, maps and ground truth. t: the trained model and its specs."""
+    sc, ev, pools = t.specs.scoring, t.specs.eval, t.pools
+    quantile, size = t.specs.predict.threshold_quantile, t.specs.data.image_size
+    maps, masks, scores = split.maps, split.masks, split.scores
     out = {"classes": {}, "examples": [], "threshold_quantile": float(quantile)}
     for cid in sorted(set(data.class_ids.tolist())):
         sel = data.class_ids == cid
@@ -91,14 +111,15 @@ def write_results(workdir, report, data, scores, rec_mean):
 
 
 # ------------------------------------------------------------------------------------------ heatmaps
-def write_heatmaps(workdir, data, maps, scores, size, per_class: int = 3, write: bool = True, geometry="crop") -> list:
+def write_heatmaps(workdir, data, split: ScoredSplit, pre: Preprocess, write: bool = True, per_class: int = 3) -> list:
     """Overlays of the highest- and lowest-scored test images of each class (colours scaled from the
-    class's lowest to its highest map value). write=False lists them without writing (processes
-    other than the writer)."""
+    class's lowest to its highest map value), shown through `pre` (data.splits.Preprocess: the split
+    at the size and geometry of the metrics' frame). write=False lists them without writing
+    (processes other than the writer)."""
+    maps, scores = split.maps, split.scores
     out_dir = os.path.join(workdir, "heatmaps")
     if write:
         os.makedirs(out_dir, exist_ok=True)
-    pre = Preprocess(data, size, geometry)
     picks = []
     for cid in sorted(set(data.class_ids.tolist())):
         idx = np.nonzero(data.class_ids == cid)[0]

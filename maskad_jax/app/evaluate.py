@@ -9,6 +9,7 @@ the test set itself (test_max.py). The held-out images' calibration is training/
 
 from __future__ import annotations
 
+import dataclasses
 import time
 
 import jax
@@ -16,6 +17,7 @@ import numpy as np
 from PIL import Image
 
 from maskad_jax.app.eval_outputs import (
+    ScoredSplit,
     display_geometry,
     eval_frame,
     report_data,
@@ -24,6 +26,7 @@ from maskad_jax.app.eval_outputs import (
     write_results,
 )
 from maskad_jax.app.test_max import normalise_on_the_test_set
+from maskad_jax.app.trained import Trained
 from maskad_jax.common import progress
 from maskad_jax.common.batching import run_batched, split_batches
 from maskad_jax.common.errors import NonFiniteError
@@ -36,7 +39,7 @@ from maskad_jax.common.parallel import (
 )
 from maskad_jax.common.specs import DataSpec, EvalSpec, PredictSpec, ScoringSpec
 from maskad_jax.data.geometry import place, to_original
-from maskad_jax.data.splits import SplitData, eval_batches
+from maskad_jax.data.splits import Preprocess, SplitData, eval_batches
 from maskad_jax.data.tiling import image_max, stitch_tiles, untiled
 from maskad_jax.engine import metrics as metrics_lib
 from maskad_jax.engine.scoring import (
@@ -44,63 +47,48 @@ from maskad_jax.engine.scoring import (
     make_score_fn,
 )
 from maskad_jax.engine.thresholds import false_alarms
+from maskad_jax.engine.trained_model import TrainedModel
 
 
-def evaluate(
-    sc: ScoringSpec,
-    d: DataSpec,
-    ev: EvalSpec,
-    pc: PredictSpec,
-    workdir,
-    extractor,
-    model,
-    params,
-    pools,
-    data: SplitData,
-    mpo=None,
-) -> dict:
-    """Score the split, check the results are finite, compute the metrics and the false alarms at the
-    decision thresholds (pc: predict's threshold settings), write the files."""
-    params, dev_pools = place_for_scoring(sc.devices, (params, device_pools(pools, mpo)))
+def evaluate(t: Trained, data: SplitData) -> dict:
+    """Score the split with the trained model t, check the results are finite, compute the metrics
+    and the false alarms at the decision thresholds (t.specs.predict's threshold settings), write the
+    files into t.workdir."""
+    sc, d, ev = t.specs.scoring, t.specs.data, t.specs.eval
+    placed = place_for_scoring(sc.devices, (t.params, device_pools(t.pools, t.mpo)))
     if sc.mpo_normalisation == "test_max":
-        normalise_on_the_test_set(sc, d, extractor, pools, dev_pools, mpo, data)
+        normalise_on_the_test_set(sc, d, t, placed[1], data)
     t0 = time.time()
-    maps, masks, scores, rec_mean, uncertified, boxes, originals, masks_image = _score_split(
-        sc, d, extractor, model, params, dev_pools, pools, data, mpo
-    )
+    split = _score_split(sc, d, t, placed, data)
     rate = len(data) / max(time.time() - t0, 1e-9)
     frame = eval_frame(ev)
     if data.image_of is not None:  # tiles: stitched onto their images, which the metrics are computed on
-        maps, masks, scores, rec_mean, uncertified, data = stitch_split(
-            d, data, maps, scores, rec_mean, uncertified, boxes, originals
-        )
+        split, data = stitch_split(d, data, split)
         frame = "image"
     elif frame == "image":  # every map on the whole image at S x S, so geometries compare on the same pixels
-        maps, masks = to_image_frame(maps, boxes, originals, d.image_size, d.geometry), masks_image
+        maps = to_image_frame(split.maps, split.boxes, split.originals, d.image_size, d.geometry)
+        split = dataclasses.replace(split, maps=maps, masks=split.masks_image)
     progress.log(f"metrics in the {frame} frame (eval.frame; data.geometry = {d.geometry})")
-    _refuse_non_finite(data, maps, scores)
-    _log_ot_certification(sc, uncertified, len(data))
+    _refuse_non_finite(data, split.maps, split.scores)
+    _log_ot_certification(sc, split.uncertified, len(data))
     several = _processes_note(len(data))
     progress.log(f"scored {len(data)} test images at {rate:.2f} img/s{several} (first batch includes compilation)")
-    per_class = per_class_metrics(ev, data, scores, maps, masks)
+    per_class = per_class_metrics(ev, data, split.scores, split.maps, split.masks)
     mean = {k: float(np.nanmean([m[k] for m in per_class.values()])) for k in metrics_lib.METRIC_NAMES}
+    shown = Preprocess(data, d.image_size, display_geometry(ev))
     report = {
         "per_class": per_class,
         "mean": mean,
         "test_images_per_second": rate,
         "num_test_images": len(data),
         "metrics_unit": "fraction (the console prints %)",
-        "false_alarms": _false_alarms(pc, sc, pools, data, scores),
-        "examples": write_heatmaps(
-            workdir, data, maps, scores, d.image_size, write=is_writer(), geometry=display_geometry(ev)
-        ),
+        "false_alarms": _false_alarms(t.specs.predict, sc, t.pools, data, split.scores),
+        "examples": write_heatmaps(t.workdir, data, split, shown, write=is_writer()),
     }
     progress.log("mean over classes (%): " + ", ".join(f"{k} {100 * v:.1f}" for k, v in mean.items()))
     if is_writer():
-        write_results(workdir, report, data, scores, rec_mean)
-        report["report_data"] = report_data(
-            sc, ev, pc.threshold_quantile, d.image_size, data, pools, maps, masks, scores, report["examples"]
-        )
+        write_results(t.workdir, report, data, split.scores, split.rec_mean)
+        report["report_data"] = report_data(t, data, split, report["examples"])
     return report
 
 
@@ -150,10 +138,11 @@ def per_class_metrics(ev: EvalSpec, data, scores, maps, masks) -> dict:
     return per_class
 
 
-def stitch_split(d: DataSpec, data, maps, scores, rec_mean, uncertified, boxes, originals):
+def stitch_split(d: DataSpec, data, split: ScoredSplit) -> tuple:
     """A tiled split's results per image (tiling.py): the tiles' maps stitched onto the whole image at
     S x S (what a crop never saw takes the map's minimum), the image's score the maximum of its
-    tiles', its mask read whole; (maps, masks, scores, rec_mean, uncertified, the image-level split)."""
+    tiles', its mask read whole; (the ScoredSplit per image, the image-level split)."""
+    maps, scores, originals = split.maps, split.scores, split.originals
     size, geometry = d.image_size, d.geometry
     images = untiled(data)
     out = np.zeros((len(images), size, size), np.float32)
@@ -167,14 +156,17 @@ def stitch_split(d: DataSpec, data, maps, scores, rec_mean, uncertified, boxes, 
     _, kept = run_batched(None, split_batches(batches, lambda b: (), ("mask",)), total=len(images))
     masks = kept.get("mask", np.zeros((0, size, size), np.uint8))
     _, score = image_max(scores, data.image_of)
-    rec = np.bincount(data.image_of, rec_mean) / np.bincount(data.image_of)
-    return out, masks, score.astype(np.float32), rec.astype(np.float32), np.bincount(data.image_of, uncertified), images
+    rec = np.bincount(data.image_of, split.rec_mean) / np.bincount(data.image_of)
+    uncertified = np.bincount(data.image_of, split.uncertified)
+    whole = dataclasses.replace(split, maps=out, masks=masks, scores=score.astype(np.float32))
+    return dataclasses.replace(whole, rec_mean=rec.astype(np.float32), uncertified=uncertified), images
 
 
-def _score_split(sc: ScoringSpec, d: DataSpec, extractor, model, params, dev_pools, pools, data, mpo):
-    """This process's share of the split scored and every process's rows gathered: (maps, masks,
-    scores, rec_mean, uncertified, content boxes, original sizes, whole-image masks) over the split."""
-    score = make_score_fn(sc, extractor, model, mpo)
+def _score_split(sc: ScoringSpec, d: DataSpec, tm: TrainedModel, placed: tuple, data) -> ScoredSplit:
+    """This process's share of the split scored and every process's rows gathered. placed: the
+    trained model's (params, pools) placed for scoring (parallel.place_for_scoring)."""
+    (params, dev_pools), extractor, pools = placed, tm.extractor, tm.pools
+    score = make_score_fn(sc, extractor, tm.model, tm.mpo)
     size, n = d.image_size, len(data)
     share = process_share(n)  # this process's images (all of them with one process)
     pad = d.geometry == "pad"
@@ -209,7 +201,7 @@ def _score_split(sc: ScoringSpec, d: DataSpec, extractor, model, params, dev_poo
         kept.update(original=np.zeros((0, 2), np.int32), mask_image=np.zeros((0, size, size), np.uint8))
     rec = res["rec"].mean(axis=(1, 2))
     parts = (res["map"], kept["mask"], res["score"], rec, res["ot_uncertified"], kept["box"], kept["original"])
-    return gather_rows(n, share, *parts, kept["mask_image"])
+    return ScoredSplit(*gather_rows(n, share, *parts, kept["mask_image"]))
 
 
 def _refuse_non_finite(data, maps, scores):

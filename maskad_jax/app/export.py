@@ -30,6 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from maskad_jax.app import export_onnx
+from maskad_jax.app.trained import Trained
 from maskad_jax.common import progress
 from maskad_jax.common.digests import sha256_file
 from maskad_jax.common.errors import ConfigError
@@ -45,6 +46,7 @@ from maskad_jax.engine.thresholds import (
     threshold_images,
     threshold_rule,
 )
+from maskad_jax.engine.trained_model import TrainedModel
 from maskad_jax.runtime import serve_export
 from maskad_jax.runtime.serve_export import MANIFEST_DIGEST, load_manifest, write_manifest
 
@@ -63,19 +65,20 @@ GEOMETRY_RULES = {
 }
 
 
-def scoring_program(sc: ScoringSpec, pc: PredictSpec, extractor, model, params, pools, mpo=None):
+def scoring_program(sc: ScoringSpec, pc: PredictSpec, tm: TrainedModel):
     """(state, f(state, images uint8 (B, S, S, 3), keys int32 (B,)[, boxes int32 (B, 4) with
     data.geometry = pad]) -> dict): the whole test-time program (nearest pool, scoring, thresholds), its
     trained state (parameters, backbone variables, pools, the fit's ignore regions, thresholds) a
     pytree of host arrays apart from the function. The export bakes the state in (scorer_function);
     the Python API (detector.py) and --mode=predict pass it as an argument of one jitted call."""
+    extractor, pools, mpo = tm.extractor, tm.pools, tm.mpo
     state = {
-        "params": to_local(params),
+        "params": to_local(tm.params),
         "variables": extractor.variables,
         "pools": to_local(device_pools(pools, mpo)),
         "thresholds": np.asarray(class_thresholds(pc, sc, pools), np.float32),
     }
-    score = make_score_fn(sc, extractor, model, mpo)
+    score = make_score_fn(sc, extractor, tm.model, mpo)
     fixed = pools.pool_index([pc.class_name])[0] if pc.class_name else None
 
     def program(st, images, keys, *boxes):  # boxes (B, 4) int32 with data.geometry = pad only
@@ -97,10 +100,10 @@ def scoring_program(sc: ScoringSpec, pc: PredictSpec, extractor, model, params, 
     return state, program
 
 
-def scorer_function(sc: ScoringSpec, pc: PredictSpec, extractor, model, params, pools, mpo=None):
+def scorer_function(sc: ScoringSpec, pc: PredictSpec, tm: TrainedModel):
     """f(images uint8 (B, S, S, 3), keys int32 (B,)[, boxes int32 (B, 4) with data.geometry = pad]) ->
     dict: the eval program with everything baked in (the fit's ignore regions included)."""
-    state, program = scoring_program(sc, pc, extractor, model, params, pools, mpo)
+    state, program = scoring_program(sc, pc, tm)
     state = jax.tree_util.tree_map(jnp.asarray, state)
     return lambda images, keys, *boxes: program(state, images, keys, *boxes)
 
@@ -115,19 +118,10 @@ def export_stablehlo(d: DataSpec, xs: ExportSpec, scorer) -> bytes:
     return bytes(exported.serialize())
 
 
-def export(
-    sc: ScoringSpec,
-    d: DataSpec,
-    pc: PredictSpec,
-    xs: ExportSpec,
-    workdir: str,
-    extractor,
-    model,
-    params,
-    pools,
-    mpo=None,
-) -> str:
-    """Write <workdir>/export/ (replacing an earlier export, which is this program's own output)."""
+def export(t: Trained) -> str:
+    """Write <workdir>/export/ of the trained workdir t (replacing an earlier export, which is this
+    program's own output), with t's specs (scoring, data, predict, export)."""
+    sc, xs = t.specs.scoring, t.specs.export
     if sc.mpo_normalisation != "calibration":
         raise ConfigError(
             "export scores images one by one: scoring.mpo_normalisation must be 'calibration' "
@@ -135,13 +129,13 @@ def export(
         )
     onnx_skip = export_onnx.skip_reason(xs)  # before any work: export.onnx = 'yes' may refuse
     t0 = time.time()
-    out = os.path.join(workdir, "export")
+    out = os.path.join(t.workdir, "export")
     tmp = out + ".partial"
     if os.path.lexists(tmp):  # an interrupted export's leftovers (never a usable artifact: no manifest digest)
         shutil.rmtree(tmp)
     os.makedirs(tmp)
     try:
-        _write_artifact(sc, d, pc, xs, tmp, extractor, model, params, pools, mpo, onnx_skip, t0)
+        _write_artifact(t, tmp, onnx_skip, t0)
         swap_in(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -153,33 +147,19 @@ def export(
     return out
 
 
-def _write_artifact(
-    sc: ScoringSpec,
-    d: DataSpec,
-    pc: PredictSpec,
-    xs: ExportSpec,
-    tmp,
-    extractor,
-    model,
-    params,
-    pools,
-    mpo,
-    onnx_skip,
-    t0,
-):
+def _write_artifact(t: Trained, tmp: str, onnx_skip, t0: float):
     """The export's files in the folder tmp: scorer(s), serve.py, manifest.json and its digest."""
-    scorer = scorer_function(sc, pc, extractor, model, params, pools, mpo)
+    sc, d, pc, xs = t.specs.scoring, t.specs.data, t.specs.predict, t.specs.export
+    scorer = scorer_function(sc, pc, t)
     with open(os.path.join(tmp, "scorer.stablehlo"), "wb") as f:
         f.write(export_stablehlo(d, xs, scorer))
     progress.log(f"exported the scoring program as StableHLO for {', '.join(xs.platforms)} in {time.time() - t0:.0f}s")
-    onnx_note = _write_onnx(
-        sc, d, xs, lambda s: scorer_function(s, pc, extractor, model, params, pools, mpo), tmp, onnx_skip
-    )
+    onnx_note = _write_onnx(sc, d, xs, lambda s: scorer_function(s, pc, t), tmp, onnx_skip)
     here = os.path.dirname(serve_export.__file__)  # runtime/: the files that run without this package
     shutil.copyfile(os.path.join(here, "serve_export.py"), os.path.join(tmp, "serve.py"))
     for name in ("serve_http.py", "serve_page.html"):  # serve.py --http (docs/deploy.md)
         shutil.copyfile(os.path.join(here, name), os.path.join(tmp, name))
-    write_manifest(tmp, build_manifest(sc, d, pc, xs, pools, tmp, onnx_note))
+    write_manifest(tmp, build_manifest(t, tmp, onnx_note))
 
 
 def swap_in(new: str, out: str) -> None:
@@ -248,9 +228,9 @@ def threshold_entries(sc: ScoringSpec, pc: PredictSpec, pools) -> dict:
     }
 
 
-def build_manifest(
-    sc: ScoringSpec, d: DataSpec, pc: PredictSpec, xs: ExportSpec, pools, folder: str, onnx_note=None
-) -> dict:
+def build_manifest(t: Trained, folder: str, onnx_note=None) -> dict:
+    """manifest.json's content for the files in `folder`, of the trained workdir t (its specs)."""
+    sc, d, pc, xs, pools = t.specs.scoring, t.specs.data, t.specs.predict, t.specs.export, t.pools
     s, geometry = d.image_size, d.geometry
     versions = {"python": sys.version.split()[0]}
     for pkg in ("jax", "jaxlib", "flax", "numpy", "ott-jax", "maskad-jax", "jax2onnx", "onnx", "onnxruntime"):

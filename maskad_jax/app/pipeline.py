@@ -30,6 +30,7 @@ from maskad_jax.app.export import export
 from maskad_jax.app.predict import crop_note, predict
 from maskad_jax.app.report import write_report
 from maskad_jax.app.samples import export_samples
+from maskad_jax.app.trained import Trained
 from maskad_jax.app.update import add_images, aspect_ranges
 from maskad_jax.app.validation import validation_images, validation_thresholds
 from maskad_jax.common import progress, specs
@@ -51,13 +52,15 @@ from maskad_jax.engine.thresholds import (
     threshold_images,
     threshold_rule,
 )
+from maskad_jax.engine.trained_model import TrainedModel
 from maskad_jax.models.reconstructor import count_params
 from maskad_jax.runtime import serve_export
 from maskad_jax.training import feature_cache
 from maskad_jax.training.calibration import calibrate
+from maskad_jax.training.feature_cache import FeatureRequest
 from maskad_jax.training.fit import fit_pools, rescaled
-from maskad_jax.training.learning_curves import build_eval_set, make_learning_curves
-from maskad_jax.training.mpo import restore_mpo, train_mpo
+from maskad_jax.training.learning_curves import CurveInputs, build_eval_set, make_learning_curves
+from maskad_jax.training.mpo import FlowJob, restore_mpo, train_mpo
 from maskad_jax.training.train import restore_params, train
 from tfds_builders import prepare
 
@@ -137,14 +140,10 @@ def _predict_or_export(s: Specs, workdir, mode) -> dict:
     t = restore.restore(s, workdir, mode)
     _write_config(s, workdir, mode)
     if mode == "export":
-        return {"export": export(s.scoring, s.data, s.predict, s.export, workdir, *_pieces(t))}
+        return {"export": export(t)}
     run, contract = restore.program(t)
-    det = Detector(run, contract, workdir, trained=t, notes=restore.shape_notes(t))
+    det = Detector(run, contract, workdir, trained=t)
     return {"predictions": predict(det, s.predict.input, workdir, threshold_rule(s.predict, t.pools), log=progress.log)}
-
-
-def _pieces(t: restore.Trained) -> tuple:
-    return t.extractor, t.model, t.params, t.pools, t.mpo
 
 
 def _train_and_eval(s: Specs, workdir, mode) -> dict:
@@ -167,7 +166,9 @@ def _train_and_eval(s: Specs, workdir, mode) -> dict:
     _write_config(s, workdir, mode)
     result = {}
     if mode in ("train", "train_and_eval"):
-        params, result["train_seconds"] = _train_stage(s, workdir, (extractor, model), train_data, test_data, contract)
+        params, step, result["train_seconds"] = _train_stage(
+            s, workdir, (extractor, model), train_data, test_data, contract
+        )
     if test_data is None and mode == "train_and_eval":
         progress.log(
             "no test images: trained, fitted and calibrated (--mode=predict is ready, with thresholds from held-out "
@@ -179,26 +180,13 @@ def _train_and_eval(s: Specs, workdir, mode) -> dict:
             params, step = restore_params(workdir, s.train, s.model, s.data.image_size, channels, grid)
             progress.log(f"restored the reconstructor at step {step} from {workdir}")
         pools = Fit.load(os.path.join(workdir, "fit"))
-        mpo = restore_mpo(s.scoring, s.flow, s.model, s.data, workdir, channels, grid, pools)
+        mpo = restore_mpo(restore.mpo_specs(s), workdir, channels, grid, pools)
         restore.require_fine_pools(s, pools)
         pools.require_geometry(s.data)
+        t = Trained(extractor, model, params, pools, mpo, specs=s, workdir=workdir, step=step)
         if needs_term_stats(s.scoring) and not pools.calibrated_for(s.scoring):
-            pools = _recalibrate(s, extractor, model, params, pools, mpo, train_data)
-        result.update(
-            evaluate(
-                s.scoring,
-                s.data,
-                s.eval,
-                s.predict,
-                workdir,
-                extractor,
-                model,
-                params,
-                pools,
-                test_data,
-                mpo,
-            )
-        )
+            t = t.with_pools(_recalibrate(s, t, train_data))
+        result.update(evaluate(t, test_data))
         if s.data.name == "synthetic" and is_writer():  # images to try --mode=predict on
             out = os.path.join(workdir, "samples")
             progress.log(
@@ -243,18 +231,15 @@ def _check_training_data(s: Specs, train_data) -> InputContract:
 
 
 def _train_stage(s: Specs, workdir, models, train_data, test_data, contract: InputContract):
-    """Features, pools, the reconstructor (and the flow M_po), calibration; the fit saved. (params, seconds)."""
+    """Features, pools, the reconstructor (and the flow M_po), calibration; the fit saved.
+    (params, step, seconds)."""
     extractor, model = models
-    h_in, h_tgt, keys, fine, boxes = feature_cache.extract_features(
-        extractor,
-        train_data,
-        s.data,
-        with_target=s.train.regress_raw,
-        fine=feature_cache.fine_strides(s.scoring),
-    )
+    want = FeatureRequest(s.train.regress_raw, feature_cache.fine_strides(s.scoring))
+    feats = feature_cache.extract_features(extractor, train_data, s.data, want)
+    fine = feats.fine
     class_names = [train_data.class_names[i] for i in train_data.class_ids]
     t0 = time.time()  # the pools depend on the features only: fitted first, so the learning curves can use them
-    pools = fit_pools(h_in, h_tgt, class_names, s.fit, s.fit.seed, fine=fine, image_of=train_data.image_of)
+    pools = fit_pools(feats.h_in, feats.h_tgt, class_names, s.fit, s.fit.seed, fine=fine, image_of=train_data.image_of)
     pools = dataclasses.replace(pools, contract=contract)
     progress.log(
         f"fitted {len(pools.class_names)} pool(s) of up to {pools.pool_in.shape[1]} tokens"
@@ -265,34 +250,31 @@ def _train_stage(s: Specs, workdir, models, train_data, test_data, contract: Inp
     if s.train.eval_every > 0 and test_data is None:
         progress.log("train.eval_every: no test images, so no learning curves")
     elif s.train.eval_every > 0:
-        periodic = make_learning_curves(
-            s.train,
-            s.scoring,
-            s.data,
-            model,
-            pools,
+        inputs = CurveInputs(
             build_eval_set(s.scoring, s.data, extractor, test_data, s.train.eval_images),
             lambda tree: place_for_scoring(s.scoring.devices, tree),
-            heldout=(h_in, h_tgt, keys, fine, boxes),
+            feats,
         )
+        periodic = make_learning_curves(s.train, s.scoring, s.data, model, pools, inputs)
     t0 = time.time()
-    res = train(s.train, s.model, s.data.image_size, h_in, h_tgt, workdir, log=progress.log, periodic=periodic)
+    res = train(
+        s.train, s.model, s.data.image_size, feats.h_in, feats.h_tgt, workdir, log=progress.log, periodic=periodic
+    )
     seconds = time.time() - t0
     progress.log(
         f"reconstructor: {count_params(res.params):,} parameters; trained to step {res.steps} in {seconds:.0f}s"
     )
-    mpo, f_train = train_mpo(
-        s.scoring, s.flow, s.model, s.data, s.fit, s.train.devices, (workdir, h_in, pools, class_names, train_data)
-    )
-    cal = calibrate(s.scoring, s.data, model, res.params, pools, h_in, h_tgt, keys, mpo, f_train, fine, boxes)
+    mpo, f_train = train_mpo(restore.mpo_specs(s), FlowJob(workdir, feats.h_in, pools, class_names, train_data))
+    tm = TrainedModel(extractor, model, res.params, pools, mpo)
+    cal = calibrate(s.scoring, s.data, tm, feats, f_train)
     pools = _with_calibration(pools, s, image_level(cal, pools.held_out, train_data.image_of))
-    val = validation_thresholds(s.scoring, s.data, extractor, model, res.params, pools, mpo)
+    val = validation_thresholds(s.scoring, s.data, tm.with_pools(pools))
     pools = dataclasses.replace(pools, val_thresholds=val)
     _log_thresholds(s, pools)
     if is_writer():
         _replace_fit(pools, os.path.join(workdir, "fit"))
     barrier("fit saved")
-    return res.params, seconds
+    return res.params, res.steps, seconds
 
 
 def _log_thresholds(s: Specs, fit: Fit) -> None:
@@ -333,12 +315,14 @@ def _replace_fit(fit: Fit, fit_dir: str) -> None:
     fit.save(fit_dir)
 
 
-def _recalibrate(s: Specs, extractor, model, params, pools, mpo, train_data, rescale: int | None = None):
-    """The fit's calibration for this run's scoring, when it differs from the training run's (an
-    ablation row): the held-out training images scored again. In memory only: the saved fit and its
-    thresholds stay those of the training scoring. rescale: a pool that changed (--mode=update), whose
-    calibration scales (the held-out tokens' mean distance to it) are measured again first."""
-    if mpo.own_features:
+def _recalibrate(s: Specs, tm: TrainedModel, train_data, rescale: int | None = None) -> Fit:
+    """The fit of the trained model tm with its calibration for this run's scoring, when it differs
+    from the training run's (an ablation row): the held-out training images scored again. In memory
+    only: the saved fit and its thresholds stay those of the training scoring. rescale: a pool that
+    changed (--mode=update), whose calibration scales (the held-out tokens' mean distance to it) are
+    measured again first."""
+    pools = tm.pools
+    if tm.mpo.own_features:
         raise ConfigError(
             "scoring.mpo_fusion = sum under a scoring other than the training run's needs its term "
             "statistics, which cannot be recomputed with the flow's own backbone: use the training scoring"
@@ -346,22 +330,16 @@ def _recalibrate(s: Specs, extractor, model, params, pools, mpo, train_data, res
     if rescale is None:
         progress.log("the fit's term statistics are for another scoring: recomputing them on the held-out images")
     positions = np.concatenate([np.asarray(pools.held_out.get(c, []), np.int64) for c in pools.class_names])
-    h_in, h_tgt, keys, fine, boxes = feature_cache.extract_at(
-        extractor,
-        train_data,
-        s.data,
-        s.train.regress_raw,
-        positions,
-        "held-out features",
-        fine=feature_cache.fine_strides(s.scoring),
-    )
+    want = FeatureRequest(s.train.regress_raw, feature_cache.fine_strides(s.scoring), "held-out features")
+    feats = feature_cache.extract_at(tm.extractor, train_data, s.data, want, positions)
     bounds = np.cumsum([0] + [len(pools.held_out.get(c, [])) for c in pools.class_names])
     rows = {c: np.arange(bounds[k], bounds[k + 1]) for k, c in enumerate(pools.class_names)}
     if rescale is not None:
         mine = rows[pools.class_names[rescale]]
-        pools = rescaled(pools, rescale, h_in[mine], None if fine is None else fine[mine])
+        pools = rescaled(pools, rescale, feats.h_in[mine], None if feats.fine is None else feats.fine[mine])
     local = pools.with_nominal(held_out=rows)  # positions into the extracted rows
-    cal = calibrate(s.scoring, s.data, model, to_local(params), local, h_in, h_tgt, keys, mpo, None, fine, boxes)
+    local_model = TrainedModel(tm.extractor, tm.model, to_local(tm.params), local, tm.mpo)
+    cal = calibrate(s.scoring, s.data, local_model, feats)
     return _with_calibration(pools, s, image_level(cal, pools.held_out, train_data.image_of))
 
 
@@ -374,27 +352,19 @@ def _update(s: Specs, workdir) -> dict:
     fit_dir = os.path.join(workdir, "fit")
     pools = Fit.load(fit_dir)
     restore.require_fine_pools(s, pools)
-    pools, record = add_images(s.scoring, s.data, s.fit, s.new_images, extractor, pools)
+    tm = TrainedModel(extractor, model, params, pools, NearestNeighbourMpo(fine_on(s.scoring)))
+    pools, record = add_images(s.scoring, s.data, s.fit, s.new_images, tm)
     if s.data.ignore_masks:
         ignore = load_ignore_masks(
             s.data.ignore_masks, pools.class_names, s.data.image_size, s.data.geometry, pools.contract.aspect
         )
         pools = dataclasses.replace(pools, contract=dataclasses.replace(pools.contract, ignore=ignore))
-    pools = _recalibrate(
-        s,
-        extractor,
-        model,
-        params,
-        pools,
-        NearestNeighbourMpo(fine_on(s.scoring)),
-        train_data,
-        rescale=record["pool_index"],
-    )
+    pools = _recalibrate(s, tm.with_pools(pools), train_data, rescale=record["pool_index"])
     if pools.val_thresholds and not s.data.validation:
         progress.log(
             "update: the F1 thresholds were for the old pools and are dropped: give data.validation to redo them"
         )
-    val = validation_thresholds(s.scoring, s.data, extractor, model, params, pools)
+    val = validation_thresholds(s.scoring, s.data, tm.with_pools(pools))
     entry = {k: v for k, v in record.items() if k != "pool_index"}
     pools = dataclasses.replace(pools, val_thresholds=val, updates=pools.updates + (entry,))
     _write_config(s, workdir, "update")

@@ -10,7 +10,6 @@ the contract (classes, thresholds, preprocessing) the export's manifest would ho
 
 from __future__ import annotations
 
-import dataclasses
 import os
 
 import jax
@@ -18,6 +17,7 @@ import numpy as np
 
 from maskad_jax.app import config_check
 from maskad_jax.app.export import threshold_entries, tiles_entry
+from maskad_jax.app.trained import Trained
 from maskad_jax.common import progress, specs
 from maskad_jax.common.errors import ConfigError, MissingInputError
 from maskad_jax.common.parallel import place_for_scoring
@@ -28,23 +28,8 @@ from maskad_jax.engine.scoring import device_pools, fine_on, make_score_fn, need
 from maskad_jax.engine.thresholds import class_thresholds
 from maskad_jax.models.reconstructor import build_reconstructor
 from maskad_jax.training import feature_cache
-from maskad_jax.training.mpo import restore_mpo
+from maskad_jax.training.mpo import MpoSpecs, restore_mpo
 from maskad_jax.training.train import restore_params
-
-
-@dataclasses.dataclass(frozen=True)
-class Trained:
-    """Everything a trained workdir scores with: the specs it was resolved from, the backbone
-    (extractor), the reconstructor (model) and its parameters at `step`, the fit (pools) and the M_po."""
-
-    specs: Specs
-    workdir: str
-    extractor: object
-    model: object
-    params: object
-    step: int
-    pools: Fit
-    mpo: object
 
 
 def models(s: Specs):
@@ -60,7 +45,7 @@ def restore(s: Specs, workdir: str, mode: str) -> Trained:
     params, step = restore_params(workdir, s.train, s.model, s.data.image_size, channels, grid)
     progress.log(f"restored the reconstructor at step {step} from {workdir}")
     pools = Fit.load(os.path.join(workdir, "fit"))
-    mpo = restore_mpo(s.scoring, s.flow, s.model, s.data, workdir, channels, grid, pools)
+    mpo = restore_mpo(mpo_specs(s), workdir, channels, grid, pools)
     require_fine_pools(s, pools)
     pools.require_geometry(s.data)
     if needs_term_stats(s.scoring) and not pools.calibrated_for(s.scoring, terms_only=True):
@@ -70,7 +55,12 @@ def restore(s: Specs, workdir: str, mode: str) -> Trained:
             f"model was trained with (scoring.mpo_fusion = sum), and this run's differs ({what}): score with the "
             f"training config's scoring"
         )
-    return Trained(s, workdir, extractor, model, params, step, pools, mpo)
+    return Trained(extractor, model, params, pools, mpo, specs=s, workdir=workdir, step=step)
+
+
+def mpo_specs(s: Specs) -> MpoSpecs:
+    """The sections the M_po is built, trained and restored from (training/mpo.py)."""
+    return MpoSpecs(s.scoring, s.flow, s.model, s.data, s.fit, s.train.devices)
 
 
 def restore_for(config, workdir: str, mode: str = "predict") -> Trained:
@@ -128,19 +118,3 @@ def program(t: Trained):
         **threshold_entries(s.scoring, s.predict, t.pools),
     }
     return run, contract
-
-
-def shape_notes(t: Trained):
-    """f(class, width, height) -> a note when the image's aspect ratio lies outside the class's training
-    images' (the fit's record): under crop or resize it reaches the model shaped otherwise."""
-
-    def note(cls, width, height):
-        if t.pools.shape_fits(cls, width, height):
-            return ""
-        lo, hi = t.pools.aspect_range(cls)
-        return (
-            f"its shape (width/height {width / height:.3g}) is outside class {cls}'s training images' "
-            f"({lo:.3g} to {hi:.3g}): the map and score are less reliable; train on images of this shape"
-        )
-
-    return note

@@ -5,6 +5,7 @@ held-out F1 thresholds of data.validation (validation.py). Images go through the
 
 from __future__ import annotations
 
+import dataclasses
 import os
 
 import jax
@@ -22,31 +23,29 @@ from maskad_jax.data.splits import image_key
 from maskad_jax.data.tiling import tiles_on
 from maskad_jax.engine.coreset import assign_pools
 from maskad_jax.engine.scoring import device_pools, make_score_fn
+from maskad_jax.engine.trained_model import TrainedModel
 from maskad_jax.runtime import serve_export
 
 
-def scored_batches(
-    sc: ScoringSpec,
-    d: DataSpec,
-    root,
-    rels,
-    extractor,
-    model,
-    params,
-    pools,
-    mpo,
-    rows,
-    log,
-    pool_of=None,
-    desc="predict",
-):
-    """Score the images at root/rels in batches (with data.tiles, each image's tiles, in order): yields
+@dataclasses.dataclass(frozen=True)
+class Files:
+    """Image files to score: root/rels; pool_of: one pool index for all, an array of one per path,
+    or None (the nearest pool, tile by tile); desc: the progress bar's name."""
+
+    root: str
+    rels: list
+    pool_of: object = None
+    desc: str = "predict"
+
+
+def scored_batches(sc: ScoringSpec, d: DataSpec, tm: TrainedModel, files: Files, rows: list, log):
+    """Score the files in batches (with data.tiles, each image's tiles, in order): yields
     (_load_chunk's {"entries": (path, tile or -1), "placed", "crops", "originals", "notes"} of what
     was read, and "tiles_per_image"; their pool indices; the score program's outputs). An image that
-    cannot be read gets a row in `rows` with its error. pool_of: one pool index for all, an array of
-    one per path, or None (the nearest pool, tile by tile)."""
-    params, dev_pools = place_for_scoring(sc.devices, (params, device_pools(pools, mpo)))
-    score = make_score_fn(sc, extractor, model, mpo)
+    cannot be read gets a row in `rows` with its error."""
+    root, rels, pool_of, extractor = files.root, files.rels, files.pool_of, tm.extractor
+    params, dev_pools = place_for_scoring(sc.devices, (tm.params, device_pools(tm.pools, tm.mpo)))
+    score = make_score_fn(sc, extractor, tm.model, tm.mpo)
     assign = jax.jit(lambda v, x: assign_pools(extractor.apply(v, x), dev_pools))
     wanted = None if pool_of is None else dict(zip(rels, np.broadcast_to(np.asarray(pool_of, np.int32), len(rels))))
     # one compiled shape: the configured batch, but never padded far beyond the images there are (one
@@ -81,7 +80,7 @@ def scored_batches(
         out = score(params, extractor.variables, dev_pools, x, pidx, keys, *boxes)
         return {"map": out["map"], "score": out["score"], "pool": pidx}
 
-    with progress.bar(len(entries), desc) as pbar:
+    with progress.bar(len(entries), files.desc) as pbar:
         for out, host, _ in iter_batched(run, source(pbar), place=lambda a: jax.device_put(a, shard)):
             yield host["loaded"], out["pool"], out
 

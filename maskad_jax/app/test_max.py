@@ -17,17 +17,19 @@ from maskad_jax.common.parallel import (
 from maskad_jax.common.specs import DataSpec, ScoringSpec
 from maskad_jax.data.splits import eval_batches
 from maskad_jax.engine.coreset import nearest_in_pools
-from maskad_jax.engine.mpo import FlowMpo, flow_logp_fn
+from maskad_jax.engine.mpo import flow_logp_fn
+from maskad_jax.engine.trained_model import TrainedModel
 
 
 # ------------------------------------------------------------- the released code's test-set normalisation
-def normalise_on_the_test_set(sc: ScoringSpec, d: DataSpec, extractor, pools, dev_pools, mpo, data):
-    """scoring.mpo_normalisation = test_max: M_po's scale from the class's whole test set (in place):
-    the flow's L_ref, or the nearest-neighbour distances' scale."""
-    if mpo.kind == "flow":
-        dev_pools["flow"]["logp_ref"] = jnp.asarray(_test_max_flow_ref(sc, d, extractor, pools, dev_pools, mpo, data))
+def normalise_on_the_test_set(sc: ScoringSpec, d: DataSpec, tm: TrainedModel, dev_pools: dict, data):
+    """scoring.mpo_normalisation = test_max: M_po's scale from the class's whole test set (in place in
+    dev_pools, the trained model's pools placed for scoring): the flow's L_ref, or the
+    nearest-neighbour distances' scale."""
+    if tm.mpo.kind == "flow":
+        dev_pools["flow"]["logp_ref"] = jnp.asarray(_test_max_flow_ref(sc, d, tm, dev_pools, data))
     else:
-        dev_pools["cal_scale"] = jnp.asarray(_test_max_scale(sc, d, extractor, pools, dev_pools, data))
+        dev_pools["cal_scale"] = jnp.asarray(_test_max_scale(sc, d, tm.extractor, tm.pools, dev_pools, data))
     progress.log("M_po normalised by the max over each class's test set (transductive, as the released code)")
 
 
@@ -68,8 +70,9 @@ def _test_max_scale(sc: ScoringSpec, d: DataSpec, extractor, pools, dev_pools, d
     return np.where(scale > 0, scale, np.asarray(pools.cal_scale))
 
 
-def _test_max_flow_ref(sc: ScoringSpec, d: DataSpec, extractor, pools, dev_pools, flow: FlowMpo, data) -> np.ndarray:
+def _test_max_flow_ref(sc: ScoringSpec, d: DataSpec, tm: TrainedModel, dev_pools, data) -> np.ndarray:
     """Per pool: the largest flow log-likelihood over all test positions of its images (code variant)."""
+    extractor, pools, flow = tm.extractor, tm.pools, tm.mpo
     fs = dev_pools["flow"]
     own = flow.embedder is not None  # the flow backbone's features and pool, else h and the fit's pools
 

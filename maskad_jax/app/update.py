@@ -34,6 +34,7 @@ from maskad_jax.common.parallel import local_batch_sharding
 from maskad_jax.common.specs import DataSpec, FitSpec, NewImagesSpec, ScoringSpec
 from maskad_jax.data.preprocess import ImageDecodeError, open_image, preprocess_image, to_rgb
 from maskad_jax.data.tiling import tiles_on
+from maskad_jax.engine.trained_model import TrainedModel
 from maskad_jax.runtime.serve_export import tile_boxes
 from maskad_jax.training import feature_cache
 from maskad_jax.training.fit import grow_class
@@ -108,11 +109,10 @@ def new_features(sc: ScoringSpec, d: DataSpec, extractor, images):
     return tuple(res) if res is not None else (None, None, None)
 
 
-def add_images(
-    sc: ScoringSpec, d: DataSpec, fs: FitSpec, ni: NewImagesSpec, extractor, pools, log=progress.log
-) -> tuple:
+def add_images(sc: ScoringSpec, d: DataSpec, fs: FitSpec, ni: NewImagesSpec, tm: TrainedModel, log=progress.log):
     """(the fit with class k's pools grown by the images of new_images.input (training/fit.grow_class), the
-    record of what was added); the fit given is not changed."""
+    record of what was added); the trained model's fit is not changed."""
+    pools = tm.pools
     if sc.mpo == "flow":
         raise ConfigError(
             "--mode=update works with the nearest-neighbour M_po; the flow M_po is trained on the pool: retrain"
@@ -125,7 +125,7 @@ def add_images(
     if unreadable:
         raise DataError(f"new_images.input: {len(unreadable)} folder(s) under {root} cannot be read; nothing was added")
     images, digests = check_images([os.path.join(root, r) for r in rels], rels, pools, k)
-    h_in, h_tgt, fine = new_features(sc, d, extractor, images)
+    h_in, h_tgt, fine = new_features(sc, d, tm.extractor, images)
     grown, added, fine_added = grow_class(pools, k, h_in, h_tgt, fine, fs)
     record = {
         "pool_index": k,

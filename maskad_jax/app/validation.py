@@ -14,11 +14,12 @@ import os
 import numpy as np
 
 from maskad_jax.app.predict import EXTENSIONS
-from maskad_jax.app.scored_files import scored_batches
+from maskad_jax.app.scored_files import Files, scored_batches
 from maskad_jax.common import progress
 from maskad_jax.common.errors import DataError
 from maskad_jax.common.specs import DataSpec, ScoringSpec
 from maskad_jax.engine.thresholds import f1_threshold
+from maskad_jax.engine.trained_model import TrainedModel
 
 
 def validation_images(folder: str, class_names, manual_dir: str = "") -> tuple[str, list, list, list]:
@@ -70,18 +71,16 @@ def validation_images(folder: str, class_names, manual_dir: str = "") -> tuple[s
     return root, rels, pools, labels
 
 
-def validation_thresholds(
-    sc: ScoringSpec, d: DataSpec, extractor, model, params, pools, mpo=None, log=progress.log
-) -> dict:
+def validation_thresholds(sc: ScoringSpec, d: DataSpec, tm: TrainedModel, log=progress.log) -> dict:
     """{class: {"threshold", "f1", "good", "defective"}} for each class with defective validation
     images (log lines for the others); {} when data.validation is ""."""
     if not d.validation:
         return {}
+    pools = tm.pools
     root, rels, pidx, labels = validation_images(d.validation, pools.class_names, d.manual_dir)
     pool_of, label_of, rows, scores = dict(zip(rels, pidx)), dict(zip(rels, labels)), [], {}
-    for chunk, _, out in scored_batches(
-        sc, d, root, rels, extractor, model, params, pools, mpo, rows, log, np.asarray(pidx), "validation"
-    ):
+    files = Files(root, rels, np.asarray(pidx), "validation")
+    for chunk, _, out in scored_batches(sc, d, tm, files, rows, log):
         for (rel, _), v in zip(chunk["entries"], np.asarray(out["score"]).tolist()):
             scores[rel] = max(scores.get(rel, -np.inf), v)  # with tiles, the maximum over them
     if rows:

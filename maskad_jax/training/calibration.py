@@ -25,38 +25,40 @@ from maskad_jax.engine.scoring import (
     make_score_features_fn,
     needs_term_stats,
 )
+from maskad_jax.engine.trained_model import TrainedModel
+from maskad_jax.training.feature_cache import Features
 
 
-def calibrate(
-    sc: ScoringSpec, d: DataSpec, model, params, pools, h_in, h_tgt, keys, mpo=None, f_own=None, fine=None, boxes=None
-) -> dict:
+def calibrate(sc: ScoringSpec, d: DataSpec, tm: TrainedModel, feats: Features, f_own=None) -> dict:
     """Score the held-out normal training images of every pool (for predict's thresholds and, with
     scoring.mpo_fusion = sum, the terms' statistics): {"cal_scores": {class: image scores},
     "cal_map_max": {class: pixel-map maxima}, "term_stats": (K, 4) held-out mean and std of P and of
     M_po per pool, or None when the scoring does not standardise them}.
 
-    h_in, h_tgt, keys, f_own, fine, boxes: the training images' features and content boxes (rows at
-    the pools' calibration positions are used; boxes count with data.geometry = pad). Several
+    tm: the trained model (its extractor is not used: the features are given); feats: the training
+    images' features and content boxes (training/feature_cache.Features; rows at the pools'
+    calibration positions are used; boxes count with data.geometry = pad); f_own: the flow's own
+    backbone's features of the same images, or None. Several
     processes each score a share and gather the terms; the statistics and the scores are then
     finished from the gathered terms with the scoring's own fuse and keep stages."""
-    fn = jax.jit(make_score_features_fn(sc, model, mpo), static_argnums=(6,))
-    params, dev_pools = place_for_scoring(sc.devices, (params, device_pools(pools, mpo)))
-    boxes = boxes if d.geometry == "pad" else None
+    pools = tm.pools
+    fn = jax.jit(make_score_features_fn(sc, tm.model, tm.mpo), static_argnums=(6,))
+    params, dev_pools = place_for_scoring(sc.devices, (tm.params, device_pools(pools, tm.mpo)))
+    boxes = feats.boxes if d.geometry == "pad" else None
     held = [np.asarray(pools.held_out.get(cls, np.zeros(0, int)), np.int64) for cls in pools.class_names]
     pos = np.concatenate(held)  # training-image positions, class by class
     pool = np.concatenate([np.full(len(p), k, np.int32) for k, p in enumerate(held)])
     rows = process_share(len(pos))
     bs, size = d.eval_batch_size, d.image_size
-    tgt = h_in if h_tgt is None else h_tgt
 
-    def run(x, t, pidx, k, f_o, f_f, bx):
-        out = fn(params, dev_pools, x, t, pidx, k, size, f_o, f_f, bx)
+    def run(x, t, pidx, k, *extra):  # extra: the flow's own features, the fine embedding, the boxes
+        out = fn(params, dev_pools, x, t, pidx, k, size, *extra)
         terms = {k: out[k] for k in ("patch", "mpo_map", "score")}
         return dict(terms, map_max=out["map"].max(axis=(1, 2)))
 
     at = pos[rows]  # this process's held-out images, by their training-set position
     of = lambda a: None if a is None else a[at]  # noqa: E731
-    arrays = (of(h_in), of(tgt), pool[rows], of(keys), of(f_own), of(fine), of(boxes))
+    arrays = (of(feats.h_in), of(feats.target), pool[rows], of(feats.keys), of(f_own), of(feats.fine), of(boxes))
     with progress.bar(len(rows), "calibration") as pbar:
         res, _ = run_batched(run, row_batches(arrays, bs), bar=pbar)
     terms = (None,) * 4 if res is None else (res["patch"], res["mpo_map"], res["score"], res["map_max"])
@@ -65,7 +67,7 @@ def calibrate(
     if needs_term_stats(sc):
         stats = term_stats(patch, mpo_map, pool, len(held))
         keep = (None if boxes is None else boxes[pos], dev_pools.get("ignore"), pool)
-        scores, map_max = _finish(sc, patch, mpo_map, stats[pool], keep, size, bs)
+        scores, map_max = _finish(sc, (patch, mpo_map, stats[pool]), keep, d)
     bad = ~np.isfinite(scores) | ~np.isfinite(map_max)
     if bad.any() or (stats is not None and not np.all(np.isfinite(stats))):
         raise NonFiniteError(
@@ -89,10 +91,12 @@ def term_stats(patch, mpo_map, pool, k: int) -> np.ndarray:
     return out.astype(np.float32)
 
 
-def _finish(sc, patch, mpo_map, stats, keep, size, bs):
+def _finish(sc: ScoringSpec, terms: tuple, keep: tuple, d: DataSpec):
     """Image scores and pixel-map maxima from stored terms: the scoring's fuse and keep stages, batched.
-    keep: (boxes (N, 4) or None, ignore masks (K, S, S) or None, pool index (N,))."""
-    boxes, ignore, pool = keep
+    terms: (P, M_po, each row's term statistics); keep: (boxes (N, 4) or None, ignore masks (K, S, S)
+    or None, pool index (N,))."""
+    (patch, mpo_map, stats), (boxes, ignore, pool) = terms, keep
+    size, bs = d.image_size, d.eval_batch_size
 
     def finish(p, m, st, bx, pidx):
         score, pixel_map = apply_keep(*fuse(p, m, st, sc, size), keep_mask(bx, ignore, pidx, size))

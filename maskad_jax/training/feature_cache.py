@@ -8,6 +8,7 @@ so every process holds the whole cache after 1/P of the work.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 
 import jax
@@ -59,29 +60,61 @@ def feature_fn(extractor, with_target: bool, fine=None):
     return features
 
 
-def extract_features(extractor, data: SplitData, d: DataSpec, with_target: bool, desc: str = "features", fine=None):
-    """Backbone features of a whole split, in order: (h_in, h_tgt or None, image keys, the fine
-    embeddings at the strides `fine` or None, the images' content boxes (N, 4) in the input frame)."""
-    return extract_at(extractor, data, d, with_target, np.arange(len(data)), desc, fine)
+@dataclasses.dataclass(frozen=True)
+class FeatureRequest:
+    """Which features a backbone pass computes: with_target (the unnormalised view's features too,
+    train.regress_raw), fine (the fine embedding's strides, or None: fine_strides), desc (the
+    progress bar's and log line's name)."""
+
+    with_target: bool
+    fine: tuple | None = None
+    desc: str = "features"
 
 
-def extract_at(extractor, data: SplitData, d: DataSpec, with_target: bool, positions, desc: str, fine=None):
+@dataclasses.dataclass(frozen=True)
+class Features:
+    """A split's backbone features, one row per image (or tile) in order: h_in (N, gh, gw, C); h_tgt
+    (the unnormalised view's, or None); keys (N,) the image keys; fine (the fine embedding, or None);
+    boxes (N, 4) each image's content box in the input frame."""
+
+    h_in: np.ndarray
+    h_tgt: np.ndarray | None
+    keys: np.ndarray
+    fine: np.ndarray | None
+    boxes: np.ndarray
+
+    @property
+    def target(self) -> np.ndarray:
+        """The reconstruction's target: h_tgt, or h_in where training regresses h_in itself."""
+        return self.h_in if self.h_tgt is None else self.h_tgt
+
+    def rows(self, at) -> "Features":
+        """The rows at `at` (an index array), every field alike."""
+        values = (getattr(self, f.name) for f in dataclasses.fields(self))  # astuple would deep-copy
+        return Features(*(None if a is None else a[at] for a in values))
+
+
+def extract_features(extractor, data: SplitData, d: DataSpec, want: FeatureRequest) -> Features:
+    """Backbone features of a whole split, in order."""
+    return extract_at(extractor, data, d, want, np.arange(len(data)))
+
+
+def extract_at(extractor, data: SplitData, d: DataSpec, want: FeatureRequest, positions) -> Features:
     """extract_features for the images at `positions` only (rows in that order); with several
     processes each extracts a share and every process gets all rows."""
     positions = np.asarray(positions, np.int64)
     share = process_share(len(positions))
-    fields = ("box", "fine") if fine else ("box",)
-    h_in, h_tgt, keys, extra = extract_positions(extractor, data, d, with_target, positions[share], desc, fields, fine)
-    return gather_rows(len(positions), share, h_in, h_tgt, keys, extra.get("fine"), extra["box"])
+    fields = ("box", "fine") if want.fine else ("box",)
+    h_in, h_tgt, keys, extra = extract_positions(extractor, data, d, want, positions[share], fields)
+    return Features(*gather_rows(len(positions), share, h_in, h_tgt, keys, extra.get("fine"), extra["box"]))
 
 
-def extract_positions(
-    extractor, data: SplitData, d: DataSpec, with_target: bool, positions, desc: str, fields=(), fine=None
-):
+def extract_positions(extractor, data: SplitData, d: DataSpec, want: FeatureRequest, positions, fields=()):
     """Features of the split's images at `positions` (this process's devices): (h_in, h_tgt or None,
     image keys, {field: the batches' values of each of `fields`, e.g. "mask", "label"}). The field
-    "fine" is the fine embedding at the strides `fine` (FeatureExtractor.apply_with_fine), from the
+    "fine" is the fine embedding at the strides want.fine (FeatureExtractor.apply_with_fine), from the
     same backbone pass as h_in."""
+    with_target, desc, fine = want.with_target, want.desc, want.fine
     shard = local_batch_sharding(d.eval_batch_size)
     features = feature_fn(extractor, with_target, fine)
     fn = jax.jit(features)

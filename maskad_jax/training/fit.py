@@ -45,10 +45,10 @@ def fit_pools(
     for gi, (cls, pos) in enumerate(groups.items()):
         rng = np.random.default_rng([seed, gi])
         cal, fit = _held_out(pos, rng, fit_cfg.calibration_fraction, image_of)
-        pools.append(_kcenter_pool(h_in, h_tgt, fit, cal, fit_cfg.pool_ratio, fit_cfg, seed, rng))
+        pools.append(_kcenter_pool(h_in, h_tgt, (cal, fit), fit_cfg.pool_ratio, fit_cfg, (seed, rng)))
         if fine is not None:  # its own generator: the token pool's draws stay as they were
             frng = np.random.default_rng([seed, gi, 1])
-            fine_pools.append(_kcenter_pool(fine, None, fit, cal, fit_cfg.fine_pool_ratio, fit_cfg, seed, frng))
+            fine_pools.append(_kcenter_pool(fine, None, (cal, fit), fit_cfg.fine_pool_ratio, fit_cfg, (seed, frng)))
         cal_pos[cls] = cal
     pool_in, pool_tgt, valid, src, cal_scale = _stack(pools)
     fine_parts = {}
@@ -72,10 +72,12 @@ def _held_out(pos, rng, fraction, image_of=None):
     return pos[held], pos[~held]
 
 
-def _kcenter_pool(feats, feats_tgt, fit, cal, ratio, fit_cfg, seed, rng):
+def _kcenter_pool(feats, feats_tgt, split: tuple, ratio: float, fit_cfg, draw: tuple):
     """One class's pool: greedy k-center over the tokens of the images at `fit` (at most
     fit.max_pool_tokens of them, a random subset above it), and the calibration scale: the mean
-    distance of the held-out images' (`cal`) tokens to it. (tokens in, tokens tgt, src, scale)."""
+    distance of the held-out images' (`cal`) tokens to it. split: (cal, fit) (_held_out's); draw:
+    (the k-center's seed, the subset's generator). (tokens in, tokens tgt, src, scale)."""
+    (cal, fit), (seed, rng) = split, draw
     c_dim = feats.shape[-1]
     tok_in = feats[fit].reshape(-1, c_dim)
     tok_tgt = (feats_tgt if feats_tgt is not None else feats)[fit].reshape(-1, c_dim)
@@ -118,7 +120,7 @@ def grow_class(fit: Fit, k: int, h_in, h_tgt, fine, fs) -> tuple:
     c = h_in.shape[-1]
     tokens = h_in.reshape(-1, c)
     tgt = tokens if h_tgt is None else h_tgt.reshape(-1, c)
-    pool_in, pool_tgt, valid, added = grow(fit.pool_in, fit.valid, tokens, fs.pool_ratio, fs, k, fit.pool_tgt, tgt)
+    pool_in, pool_tgt, valid, added = grow((fit.pool_in, fit.valid, fit.pool_tgt), k, (tokens, tgt), fs.pool_ratio, fs)
     changes = dict(pool_in=pool_in, pool_tgt=pool_tgt, valid=valid)
     if fit.src is not None:
         changes["src"] = _widen(fit.src + 1, pool_in.shape[1]) - 1  # new tokens come from no training image
@@ -126,14 +128,16 @@ def grow_class(fit: Fit, k: int, h_in, h_tgt, fine, fs) -> tuple:
     if fine is not None and fit.fine_in is not None:
         f = fine.reshape(-1, fine.shape[-1])
         changes["fine_in"], _, changes["fine_valid"], fine_added = grow(
-            fit.fine_in, fit.fine_valid, f, fs.fine_pool_ratio, fs, k
+            (fit.fine_in, fit.fine_valid, None), k, (f, None), fs.fine_pool_ratio, fs
         )
     return fit.with_nominal(**changes), added, fine_added
 
 
-def grow(pool, valid, new_tokens, ratio, fit_cfg, k, pool_tgt=None, new_tgt=None):
+def grow(pools: tuple, k: int, new: tuple, ratio: float, fit_cfg):
     """The (K, P', C) pools with class k's grown by k-center over its pool + new_tokens (M, C): the
-    fit's ratio of the new tokens, the ones farthest from what the pool holds. (pool, tgt, valid, added)."""
+    fit's ratio of the new tokens, the ones farthest from what the pool holds. pools: (pool, valid,
+    pool_tgt or None); new: (new_tokens, new_tgt or None). (pool, tgt, valid, added)."""
+    (pool, valid, pool_tgt), (new_tokens, new_tgt) = pools, new
     old = pool[k][valid[k]]
     m = int(np.ceil(ratio * len(new_tokens)))
     sel = extend_kcenter(old, new_tokens, m, projection_dim=fit_cfg.projection_dim, seed=fit_cfg.seed)

@@ -15,6 +15,7 @@ whole test set (scoring.mpo_normalisation = test_max).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 
@@ -30,7 +31,7 @@ from maskad_jax.engine.coreset import nearest
 from maskad_jax.engine.mpo import flow_logp_fn
 from maskad_jax.models.flow import build_flow, flow_loss, positional_encoding_2d
 from maskad_jax.training.checkpoints import restore_trained
-from maskad_jax.training.loop import training_loop
+from maskad_jax.training.loop import LoopOptions, Objective, training_loop
 
 
 def flow_fingerprint(f: FlowSpec, channels: int) -> dict:
@@ -82,20 +83,12 @@ def _parts(f: FlowSpec, channels: int, grid):
     return flow, pe, init_params, make_tx
 
 
-def train_flow(
-    f: FlowSpec,
-    feats: np.ndarray,
-    pools,
-    pool_idx: np.ndarray,
-    workdir: str | None,
-    *,
-    log=print,
-    max_steps: int | None = None,
-    devices: str = "auto",
-):
+def train_flow(f: FlowSpec, feats: np.ndarray, pools, pool_idx: np.ndarray, workdir: str | None, opts: LoopOptions):
     """Train (or resume) the flow on the training images' residuals. Returns loop.TrainResult.
 
-    devices: train.devices (auto | all | one), shared with the reconstructor's training."""
+    opts: the loop's options (loop.LoopOptions; name "flow"; devices: train.devices, shared with the
+    reconstructor's training)."""
+    log = opts.log
     n, gh, gw, c = feats.shape
     if pools.src is None:
         log(
@@ -111,20 +104,8 @@ def train_flow(
         z, logdet = flow.apply({"params": params}, r.reshape(b * gh * gw, c), jnp.tile(pe, (b, 1)))
         return flow_loss(z, logdet)
 
-    return training_loop(
-        f,
-        f.seed,
-        (res,),
-        init_params,
-        loss_fn,
-        make_tx,
-        flow_fingerprint(f, c),
-        workdir,
-        name="flow",
-        log=log,
-        max_steps=max_steps,
-        devices=devices,
-    )
+    objective = Objective(init_params, loss_fn, make_tx, flow_fingerprint(f, c))
+    return training_loop(f, f.seed, (res,), objective, workdir, dataclasses.replace(opts, name="flow"))
 
 
 def calibrate_flow(f: FlowSpec, params, feats: np.ndarray, pools, batch: int = 64) -> np.ndarray:

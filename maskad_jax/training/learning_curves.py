@@ -19,6 +19,7 @@ The training loop writes the values to the console, train_log.jsonl ("eval") and
 from __future__ import annotations
 
 import dataclasses
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
@@ -29,8 +30,9 @@ from maskad_jax.common.specs import DataSpec, ScoringSpec, TrainSpec
 from maskad_jax.engine import metrics as metrics_lib
 from maskad_jax.engine.ablations import with_row
 from maskad_jax.engine.scoring import device_pools, make_score_features_fn, needs_term_stats
+from maskad_jax.engine.trained_model import TrainedModel
 from maskad_jax.training.calibration import calibrate
-from maskad_jax.training.feature_cache import extract_positions, fine_strides
+from maskad_jax.training.feature_cache import FeatureRequest, Features, extract_positions, fine_strides
 from maskad_jax.training.step import sample_train_mask
 
 
@@ -65,12 +67,9 @@ def subset_positions(labels: np.ndarray, class_ids: np.ndarray, max_images: int)
 def build_eval_set(sc: ScoringSpec, d: DataSpec, extractor, data, max_images: int) -> EvalSet:
     """The curves' images: subset_positions of a split, their features, masks and keys."""
     positions = subset_positions(data.labels, data.class_ids, max_images)
-    regress_raw = sc.regress_raw
-    fine = fine_strides(sc)
-    fields = ("mask", "label", "class_id") + (("fine",) if fine else ())
-    h_in, h_tgt, keys, extra = extract_positions(
-        extractor, data, d, regress_raw, positions, "curves' features", fields=fields, fine=fine
-    )
+    want = FeatureRequest(sc.regress_raw, fine_strides(sc), "curves' features")
+    fields = ("mask", "label", "class_id") + (("fine",) if want.fine else ())
+    h_in, h_tgt, keys, extra = extract_positions(extractor, data, d, want, positions, fields)
     classes = tuple(data.class_names[c] for c in extra["class_id"])
     return EvalSet(
         h_in, h_in if h_tgt is None else h_tgt, extra["mask"], extra["label"], classes, keys, extra.get("fine")
@@ -86,8 +85,9 @@ def _row_specs(sc: ScoringSpec, rows) -> dict:
     return out
 
 
-def _row_metrics(fn, params, dev_pools, evalset: EvalSet, pool_idx, bs: int, size: int) -> dict:
+def _row_metrics(fn, params, dev_pools, evalset: EvalSet, pool_idx, d: DataSpec) -> dict:
     """The seven metrics (fractions, mean over classes) of one row's maps and scores of the evaluation set."""
+    bs, size = int(d.eval_batch_size), int(d.image_size)
 
     def run(h_in, h_tgt, pidx, keys, fine):
         res = fn(params, dev_pools, h_in, h_tgt, pidx, keys, size, None, fine)
@@ -102,15 +102,22 @@ def _row_metrics(fn, params, dev_pools, evalset: EvalSet, pool_idx, bs: int, siz
     return {m: float(np.nanmean([p[m] for p in per_class])) for m in metrics_lib.METRIC_NAMES}
 
 
-def make_learning_curves(
-    tc: TrainSpec, sc: ScoringSpec, d: DataSpec, model, pools, evalset: EvalSet, place, heldout=None
-):
-    """f(params) -> ({name: value}, console line): the rows' seven metrics (fractions) and the
-    held-out normal loss.
+@dataclasses.dataclass(frozen=True)
+class CurveInputs:
+    """What the curves score: evalset (build_eval_set's images); place(tree), which puts parameters
+    and pools where scoring runs (parallel.place_for_scoring); heldout, the training images' features
+    (feature_cache.Features), whose rows at the pools' calibration positions give the term statistics
+    of rows with scoring.mpo_fusion = sum (None: no such row)."""
 
-    place(tree): puts parameters and pools where scoring runs (parallel.place_for_scoring).
-    heldout: (h_in, h_tgt, keys, fine, boxes) of the training images, whose rows at the pools' calibration
-    positions give the term statistics of rows with scoring.mpo_fusion = sum."""
+    evalset: EvalSet
+    place: Callable
+    heldout: Features | None = None
+
+
+def make_learning_curves(tc: TrainSpec, sc: ScoringSpec, d: DataSpec, model, pools, inputs: CurveInputs):
+    """f(params) -> ({name: value}, console line): the rows' seven metrics (fractions) and the
+    held-out normal loss."""
+    evalset, place, heldout = inputs.evalset, inputs.place, inputs.heldout
     rows = _row_specs(sc, tc.eval_rows)
     fns = {row: jax.jit(make_score_features_fn(spec, model), static_argnums=(6,)) for row, spec in rows.items()}
     dev_pools = place(device_pools(pools))
@@ -118,7 +125,7 @@ def make_learning_curves(
     pool_idx = pools.pool_index(list(evalset.classes))
     normal = np.nonzero(evalset.labels == 0)[0]
     key = jax.random.fold_in(jax.random.key(tc.seed), 0xE7A1)
-    bs, size = int(d.eval_batch_size), int(d.image_size)
+    bs = int(d.eval_batch_size)
 
     @jax.jit
     def normal_loss(params, h, t, idx):
@@ -143,10 +150,9 @@ def make_learning_curves(
             if needs_term_stats(rows[row]):
                 if heldout is None:
                     raise ValueError(f"learning-curve row {row!r} needs held-out features for its term statistics")
-                h, t, k, f, bx = heldout
-                cal = calibrate(rows[row], d, model, params, few, h, t, k, None, None, f, bx)
+                cal = calibrate(rows[row], d, TrainedModel(None, model, params, few, None), heldout)
                 row_pools = dict(dev_pools, term_stats=place(jnp.asarray(cal["term_stats"])))
-            metrics = _row_metrics(fn, params, row_pools, evalset, pool_idx, bs, size)
+            metrics = _row_metrics(fn, params, row_pools, evalset, pool_idx, d)
             out.update({f"{row}/{m}": v for m, v in metrics.items()})
         return out, format_curves(out)
 

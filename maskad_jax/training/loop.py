@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Any
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -76,43 +76,55 @@ class _LossGuard:
         return [(s, float(v)) for (s, _), v in zip(self.losses, jax.device_get([x for _, x in self.losses]))]
 
 
-def training_loop(
-    tc,
-    seed: int,
-    arrays: tuple,
-    init_params,
-    loss_fn,
-    make_tx,
-    fingerprint: dict,
-    workdir: str | None,
-    *,
-    name: str = "train",
-    log=print,
-    max_steps: int | None = None,
-    periodic=None,
-    periodic_every: int = 0,
-    devices: str = "all",
-) -> TrainResult:
+@dataclasses.dataclass(frozen=True)
+class Objective:
+    """What a training loop trains: init_params(key) -> params; loss_fn(params, batch_arrays, indices,
+    step) -> scalar; make_tx(total_steps, steps_per_epoch) -> (optax transform, schedule); and the
+    fingerprint a checkpoint must agree with to be resumed (checkpoints.py)."""
+
+    init_params: Callable
+    loss_fn: Callable
+    make_tx: Callable
+    fingerprint: dict
+
+
+@dataclasses.dataclass(frozen=True)
+class LoopOptions:
+    """How a training loop runs. name: "train" (checkpoints in <workdir>/checkpoints) or another
+    (<workdir>/<name>_checkpoints, its config section in messages); log: the console; max_steps:
+    stop early (tests simulate an interruption; the schedule still spans every epoch); periodic(params)
+    -> ({name: value}, summary line) every `periodic_every` epochs and after the last step
+    (learning_curves.py); devices: the mesh (parallel.training_mesh: all | one | auto = one on a CPU)."""
+
+    name: str = "train"
+    log: Callable = print
+    max_steps: int | None = None
+    periodic: Callable | None = None
+    periodic_every: int = 0
+    devices: str = "auto"
+
+
+def training_loop(tc, seed: int, arrays: tuple, objective: Objective, workdir: str | None, opts: LoopOptions):
     """The data-parallel loop shared by the reconstructor and the flow.
 
     tc: a config section with batch_size, epochs, log_every, checkpoint_every, max_to_keep and
-    device_cache_gb. arrays: per-example arrays (N, ...) or None, gathered by batch indices;
-    loss_fn(params, batch_arrays, indices, step) -> scalar. make_tx(total_steps, steps_per_epoch)
-    -> (optax transform, schedule). Checkpoints go to <workdir>/checkpoints (name "train") or
+    device_cache_gb. arrays: per-example arrays (N, ...) or None, gathered by batch indices for
+    objective.loss_fn. Checkpoints go to <workdir>/checkpoints (name "train") or
     <workdir>/<name>_checkpoints; the record (progress.TrainingRecord) to the console,
-    <workdir>/<name>_log.jsonl and TensorBoard. periodic(params) -> ({name: value}, summary line)
-    runs after every `periodic_every` epochs and after the last step (learning_curves.py). A loss
-    that is not finite stops the run with TrainingDivergedError before any later checkpoint.
-    devices: the mesh (parallel.training_mesh: all | one | auto = one on a CPU; train.devices).
+    <workdir>/<name>_log.jsonl and TensorBoard. A loss that is not finite stops the run with
+    TrainingDivergedError before any later checkpoint.
     """
-    section, mesh = "train" if name == "train" else name, training_mesh(devices)
+    name, log, periodic, periodic_every = opts.name, opts.log, opts.periodic, opts.periodic_every
+    section, mesh = "train" if name == "train" else name, training_mesh(opts.devices)
     batch, spe, total = _steps(tc, len(arrays[0]), section, mesh)
-    tx, sched = make_tx(total, spe)
+    tx, sched = objective.make_tx(total, spe)
     ckpt = checkpoint_manager(workdir, tc, checkpoint_dir(name)) if workdir else None
-    state = _initial_state(init_params, tx, seed, mesh, ckpt, fingerprint, log, name, workdir)
-    run_step = _step_runner(loss_fn, tx, arrays, tc, mesh, seed)
+    state = _initial_state(objective, tx, seed, mesh, ckpt, log)
     start = int(state["step"])
-    end = total if max_steps is None else min(total, max_steps)
+    if start:
+        log(f"resumed {'' if name == 'train' else name + ' '}from step {start} in {workdir}")
+    run_step = _step_runner(objective.loss_fn, tx, arrays, tc, mesh, seed)
+    end = total if opts.max_steps is None else min(total, opts.max_steps)
     record = TrainingRecord(name, workdir, start, total, batch, log)
     guard = _LossGuard(name, section, ckpt, workdir)
     try:
@@ -128,7 +140,7 @@ def training_loop(
                 record.evaluation(*periodic(state["params"]), done, spe)
             if ckpt is not None and (done % tc.checkpoint_every == 0 or done == end):
                 guard.check()
-                save_checkpoint(ckpt, done, state, fingerprint)
+                save_checkpoint(ckpt, done, state, objective.fingerprint)
         losses = guard.values()
     finally:
         if ckpt is not None:
@@ -148,18 +160,17 @@ def _steps(tc, n: int, section: str, mesh) -> tuple[int, int, int]:
     return batch, spe, int(tc.epochs) * spe
 
 
-def _initial_state(init_params, tx, seed, mesh, ckpt, fingerprint, log, name, workdir):
+def _initial_state(objective: Objective, tx, seed, mesh, ckpt, log):
     """Fresh parameters and optimiser state (replicated over the mesh), or the latest checkpoint's."""
     repl = NamedSharding(mesh, P())
 
     def init_fn(key):
-        params = init_params(key)
+        params = objective.init_params(key)
         return {"params": params, "opt_state": tx.init(params), "step": jnp.int32(0)}
 
     state = jax.jit(init_fn, out_shardings=repl)(jax.random.fold_in(jax.random.key(seed), 0))
     if ckpt is not None and ckpt.latest_step() is not None:
-        state = restore_checkpoint(ckpt, state, fingerprint, repl, fall_back=True, log=log)
-        log(f"resumed {'' if name == 'train' else name + ' '}from step {int(state['step'])} in {workdir}")
+        state = restore_checkpoint(ckpt, state, objective.fingerprint, repl, fall_back=True, log=log)
     return state
 
 

@@ -22,6 +22,7 @@ from maskad_jax.engine.mpo import FlowMpo, NearestNeighbourMpo
 from maskad_jax.engine.scoring import fine_on
 from maskad_jax.models.flow import build_flow
 from maskad_jax.training import feature_cache
+from maskad_jax.training.feature_cache import FeatureRequest
 from maskad_jax.training.fit import fit_pools
 from maskad_jax.training.flow_fit import (
     calibrate_flow,
@@ -30,48 +31,76 @@ from maskad_jax.training.flow_fit import (
     save_flow_reference,
     train_flow,
 )
+from maskad_jax.training.loop import LoopOptions
 
 
-def train_mpo(sc: ScoringSpec, fs: FlowSpec, ms: ModelSpec, d: DataSpec, fit: FitSpec, devices: str, job):
-    """The M_po of scoring.mpo after the reconstructor's training. job: (workdir, h_in, pools,
-    class_names, train_data). Returns (M_po, its own features of the training images or None)."""
-    if sc.mpo != "flow":
-        return NearestNeighbourMpo(fine_on(sc)), None
-    return _train_flow(fs, ms, d, fit, devices, *job)
+@dataclasses.dataclass(frozen=True)
+class MpoSpecs:
+    """The config sections the M_po is built, trained and restored from (app/restore.mpo_specs), and
+    the training mesh (train.devices) the flow shares with the reconstructor."""
+
+    scoring: ScoringSpec
+    flow: FlowSpec
+    model: ModelSpec
+    data: DataSpec
+    fit: FitSpec
+    devices: str = "auto"
 
 
-def restore_mpo(sc: ScoringSpec, fs: FlowSpec, ms: ModelSpec, d: DataSpec, workdir, channels, grid, pools):
+@dataclasses.dataclass(frozen=True)
+class FlowJob:
+    """What the flow trains on: the workdir, the training images' features h_in, the fit (pools),
+    each training image's class name and the training split (for the flow's own backbone)."""
+
+    workdir: str
+    h_in: object
+    pools: Fit
+    class_names: list
+    data: object
+
+
+def train_mpo(m: MpoSpecs, job: FlowJob):
+    """The M_po of scoring.mpo after the reconstructor's training. Returns (M_po, its own features of
+    the training images or None)."""
+    if m.scoring.mpo != "flow":
+        return NearestNeighbourMpo(fine_on(m.scoring)), None
+    return _train_flow(m, job)
+
+
+def restore_mpo(m: MpoSpecs, workdir, channels, grid, pools):
     """The M_po of scoring.mpo for a trained workdir (eval, predict, export)."""
-    if sc.mpo != "flow":
-        return NearestNeighbourMpo(fine_on(sc))
+    fs = m.flow
+    if m.scoring.mpo != "flow":
+        return NearestNeighbourMpo(fine_on(m.scoring))
     embedder, fpools = None, None
     if fs.features == "backbone":
-        embedder = feature_cache.make_flow_embedder(fs, ms)
+        embedder = feature_cache.make_flow_embedder(fs, m.model)
         fpools = Fit.load(os.path.join(workdir, "fit", "flow_pool"))
-        channels, grid = embedder.channels, embedder.feature_shape(d.image_size)[:2]
+        channels, grid = embedder.channels, embedder.feature_shape(m.data.image_size)[:2]
     flow, params, step = restore_flow(workdir, fs, channels, grid)
     progress.log(f"restored the flow at step {step} from {workdir}")
     ref = load_flow_reference(os.path.join(workdir, "fit"), pools.class_names)
     return FlowMpo(flow, to_local(params), ref, fs.cond_dim, embedder, fpools)
 
 
-def _train_flow(
-    fs: FlowSpec, ms: ModelSpec, d: DataSpec, fit: FitSpec, devices, workdir, h_in, pools, class_names, data
-):
+def _train_flow(m: MpoSpecs, job: FlowJob):
     """Train (or resume) the flow M_po, calibrate L_ref on held-out images, save it."""
+    fs, fit, workdir = m.flow, m.fit, job.workdir
     t0 = time.time()
-    embedder, feats, fpools = None, h_in, pools
+    embedder, feats, fpools = None, job.h_in, job.pools
     if fs.features == "backbone":
-        embedder = feature_cache.make_flow_embedder(fs, ms)
-        feats, _, _, _, _ = feature_cache.extract_features(embedder, data, d, with_target=False, desc="flow features")
-        fpools = fit_pools(feats, None, class_names, dataclasses.replace(fit, pool_ratio=fs.pool_ratio), fit.seed)
+        embedder = feature_cache.make_flow_embedder(fs, m.model)
+        feats = feature_cache.extract_features(embedder, job.data, m.data, FeatureRequest(False, desc="flow features"))
+        feats = feats.h_in
+        fpools = fit_pools(feats, None, job.class_names, dataclasses.replace(fit, pool_ratio=fs.pool_ratio), fit.seed)
         if is_writer():
             fpools.save(os.path.join(workdir, "fit", "flow_pool"))
         progress.log(
             f"flow backbone {fs.backbone.arch}: features {feats.shape[1:]}, pool of up to "
             f"{fpools.pool_in.shape[1]} tokens"
         )
-    res = train_flow(fs, feats, fpools, fpools.pool_index(class_names), workdir, log=progress.log, devices=devices)
+    opts = LoopOptions(log=progress.log, devices=m.devices)
+    res = train_flow(fs, feats, fpools, fpools.pool_index(job.class_names), workdir, opts)
     flow_params = to_local(res.params)
     ref = calibrate_flow(fs, flow_params, feats, fpools)
     if is_writer():

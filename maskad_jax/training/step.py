@@ -1,6 +1,6 @@
 """One training step of the reconstructor: the training masks, the loss beside it and the update.
 
-reconstruction_loss(params, arrays, idx, step, ...) is the masked feature regression of one batch;
+reconstruction_loss(model, tc, key) is the masked feature regression of one batch (a loss(params, arrays, idx, step));
 train_step(state, batch_arrays, idx, loss_fn, tx) applies any such loss's gradient with optax (the
 flow's training uses it too); the loop (loop.py) jits it over the data-parallel mesh."""
 
@@ -49,21 +49,26 @@ def foreground_weights_of_cache(h: np.ndarray, chunk: int = 256) -> np.ndarray:
     ).astype(np.float32)
 
 
-def reconstruction_loss(params, arrays, idx, step, *, model, tc: TrainSpec, base_key):
-    """The reconstructor's loss on one batch: arrays = (h (B, gh, gw, C), the target or None for h
-    itself, the foreground weights or None); idx: the examples' indices, step: the step number. Each
-    example's mask (random, block or foreground, tc.mask_probs) and the dropout key derive from
-    (base_key, step, index), so a resumed run draws the same masks. The mean squared error of the
-    reconstruction over every position and channel (the paper's L2 objective)."""
-    x, y, w = arrays
-    y = x if y is None else y
-    keys = jax.vmap(lambda i: jax.random.fold_in(jax.random.fold_in(base_key, step + 1), i))(idx)
-    mask_keys, drop_keys = jax.vmap(lambda k: jax.random.split(k))(keys).transpose(1, 0)
-    mask = jax.vmap(lambda k, h, w: sample_train_mask(k, h, tc, w))(mask_keys, x, w)  # w may be None
-    pred = model.apply(
-        {"params": params}, x, mask, deterministic=False, rngs={"dropout": jax.random.fold_in(drop_keys[0], 7)}
-    )
-    return jnp.mean(jnp.square(pred - y))
+def reconstruction_loss(model, tc: TrainSpec, base_key):
+    """loss(params, arrays, idx, step) -> the reconstructor's loss on one batch: arrays = (h (B, gh,
+    gw, C), the target or None for h itself, the foreground weights or None); idx: the examples'
+    indices, step: the step number. Each example's mask (random, block or foreground, tc.mask_probs)
+    and the dropout key derive from (base_key, step, index), so a resumed run draws the same masks.
+    The mean squared error of the reconstruction over every position and channel (the paper's L2
+    objective)."""
+
+    def loss(params, arrays, idx, step):
+        x, y, w = arrays
+        y = x if y is None else y
+        keys = jax.vmap(lambda i: jax.random.fold_in(jax.random.fold_in(base_key, step + 1), i))(idx)
+        mask_keys, drop_keys = jax.vmap(lambda k: jax.random.split(k))(keys).transpose(1, 0)
+        mask = jax.vmap(lambda k, h, w: sample_train_mask(k, h, tc, w))(mask_keys, x, w)  # w may be None
+        pred = model.apply(
+            {"params": params}, x, mask, deterministic=False, rngs={"dropout": jax.random.fold_in(drop_keys[0], 7)}
+        )
+        return jnp.mean(jnp.square(pred - y))
+
+    return loss
 
 
 def train_step(state, batch_arrays, idx, *, loss_fn, tx):

@@ -14,8 +14,6 @@ exactly the batches and masks an uninterrupted run would have used.
 
 from __future__ import annotations
 
-import functools
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -23,7 +21,7 @@ import numpy as np
 from maskad_jax.common.specs import ModelSpec, TrainSpec, with_role
 from maskad_jax.models.reconstructor import build_reconstructor
 from maskad_jax.training.checkpoints import restore_trained
-from maskad_jax.training.loop import TrainResult, training_loop
+from maskad_jax.training.loop import LoopOptions, Objective, TrainResult, training_loop
 from maskad_jax.training.optim import make_optimizer
 from maskad_jax.training.step import foreground_weights_of_cache, reconstruction_loss
 
@@ -72,21 +70,14 @@ def train(
     # The foreground mask's weights depend only on the (fixed) cached features: computed once here.
     fg = foreground_weights_of_cache(h_in) if tc.mask_probs[2] > 0 else None
 
-    return training_loop(
-        tc,
-        tc.seed,
-        (h_in, h_tgt, fg),
+    objective = Objective(
         init_params,
-        functools.partial(reconstruction_loss, model=model, tc=tc, base_key=base_key),
+        reconstruction_loss(model, tc, base_key),
         lambda total, spe: make_optimizer(tc, total, spe),
         model_fingerprint(ms, image_size, tc.target, c),
-        workdir,
-        log=log,
-        max_steps=max_steps,
-        periodic=periodic,
-        periodic_every=int(tc.eval_every),
-        devices=tc.devices,
     )
+    opts = LoopOptions("train", log, max_steps, periodic, int(tc.eval_every), tc.devices)
+    return training_loop(tc, tc.seed, (h_in, h_tgt, fg), objective, workdir, opts)
 
 
 def restore_params(workdir: str, tc: TrainSpec, ms: ModelSpec, image_size: int, in_channels: int, grid):

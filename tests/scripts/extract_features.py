@@ -30,7 +30,8 @@ c.data.tfds_dir = args.tfds_dir
 c.data.eval_batch_size = 4
 s = resolve(c)
 _, train_data, _ = pipeline.load_data(s.data)
-h_in, h_tgt, keys, _, _ = feature_cache.extract_features(
-    feature_cache.make_extractor(s.model, s.train.seed), train_data, s.data, with_target=True
+feats = feature_cache.extract_features(
+    feature_cache.make_extractor(s.model, s.train.seed), train_data, s.data, feature_cache.FeatureRequest(True)
 )
+h_in, h_tgt, keys = feats.h_in, feats.h_tgt, feats.keys
 np.savez(args.out, h_in=h_in, h_tgt=h_tgt, keys=keys, processes=jax.process_count(), devices=jax.device_count())
