@@ -238,3 +238,45 @@ def test_the_papers_scoring_is_unchanged_by_the_fine_pools(engine):
     out = _score(e, e["imgs"], [0, 1, 0], [5, 6, 7], c)
     assert out["mpo_map"].shape == (3, 4, 4)
     np.testing.assert_allclose(np.asarray(out["score"]), np.asarray(out["map"]).max(axis=(1, 2)), rtol=1e-6)
+
+
+def test_calibration_folds_hold_out_every_image_once_and_fold_0_is_the_fit_that_scores():
+    from maskad_jax.training.fit import _held_out, folds
+
+    pos = np.arange(100, 124)  # one class's 24 training positions
+    n_folds = folds(24, 0.2)
+    assert n_folds == 5  # round(0.2 x 24) = 5 per fold: 5 + 5 + 5 + 5 + 4
+    splits = [_held_out(pos, np.random.default_rng([0, 0]), 0.2, fold=j) for j in range(n_folds)]
+    held = np.concatenate([h for h, _ in splits])
+    assert sorted(held.tolist()) == pos.tolist()  # every image held out exactly once
+    for h, rest in splits:
+        assert sorted(np.r_[h, rest].tolist()) == pos.tolist() and not set(h) & set(rest)
+    perm = pos[np.random.default_rng([0, 0]).permutation(24)]  # fold 0: the permutation's first 5, as before
+    assert splits[0][0].tolist() == perm[:5].tolist() and splits[0][1].tolist() == perm[5:].tolist()
+    # with tiles: whole images (both tiles of each) at a time
+    image_of = np.repeat(np.arange(6), 2)
+    tiles = [_held_out(np.arange(12), np.random.default_rng(1), 0.2, image_of, fold=j) for j in range(folds(6, 0.2))]
+    assert sorted(np.concatenate([h for h, _ in tiles]).tolist()) == list(range(12))
+    assert all(len(set(image_of[h]) & set(image_of[r])) == 0 for h, r in tiles)
+
+
+def test_cross_fitted_calibration_scores_every_image_against_pools_fitted_without_it(engine):
+    from maskad_jax.training.calibration import cross_fitted
+    from maskad_jax.training.fit import cross_fits
+
+    e = engine
+    c = e["c"]
+    names = ["a"] * 5 + ["b"] * 5
+    fits = cross_fits(e["h"], None, names, resolve(c).fit, e["fine"])
+    assert len(fits) == 2  # 5 images a class, 2 held out per fold: folds of 2, 2 and 1
+    for fit in fits:  # no fold's pool holds a token of the images it scores
+        for k, cls in enumerate(fit.class_names):
+            assert not set(fit.held_out[cls].tolist()) & set(fit.src[k][fit.valid[k]].tolist())
+    tm = TrainedModel(e["ex"], e["model"], e["params"], e["pools"], None)
+    feats = Features(e["h"], None, e["keys"], e["fine"], None)
+    cal = cross_fitted(resolve(c).scoring, resolve(c).data, tm, feats, (fits, None))
+    assert {k: len(v) for k, v in cal["cal_scores"].items()} == {"a": 5, "b": 5}  # every image
+    # fold 0 first: the deployed fit's held-out scores and term statistics, as calibrate gives them
+    for cls in ("a", "b"):
+        np.testing.assert_allclose(cal["cal_scores"][cls][:2], e["cal"]["cal_scores"][cls], rtol=1e-5)
+    np.testing.assert_allclose(cal["term_stats"], e["cal"]["term_stats"], rtol=1e-6)

@@ -128,6 +128,10 @@ def test_good_photos_only_train_fit_and_calibrate(trained):
     assert fit["nominal"]["class_names"] == ["bracket"] and fit["contract"]["geometry"] == "resize"
     val = fit["val_thresholds"]["bracket"]
     assert (val["good"], val["defective"]) == (3, 3) and 0 < val["f1"] <= 1
+    # cross-fitted calibration: all 16 good photos scored (3 held out of the scoring pools, the others by
+    # the pools of the other folds), so the quantile threshold rests on 16 scores
+    assert len(fit["nominal"]["held_out"]["bracket"]) == 3 and len(fit["calibration"]["scores"]["bracket"]) == 16
+    assert "calibration cross-fitted over 6 fold(s)" in log and "images scored bracket 16" in log
 
 
 @pytest.fixture(scope="module")
@@ -209,6 +213,8 @@ def test_update_grows_the_pool_and_keeps_the_reconstructor(parts, trained):
     assert (
         after["nominal"]["held_out"] == before["nominal"]["held_out"]
     )  # the same held-out images, scored against the new pool
+    # the updated class rests on fold 0's held-out images only (the other folds' pools lack the new ones)
+    assert len(after["calibration"]["scores"]["bracket"]) == 3
     (record,) = after["updates"]
     assert sorted(record["files"]) == ["n0.png", "n1.png"] and record["class"] == "bracket"
     again = _run(*_common(parts, work), "--mode=update", f"--config.new_images.input={parts / 'new_good'}", ok=False)

@@ -74,11 +74,14 @@ def test_two_images_train_with_a_warning_and_say_what_the_threshold_rests_on(tmp
     proc = _run(*_args(data, work, tfds, "--config.train.batch_size=2"))
     assert proc.returncode == 0, proc.stderr[-2000:]
     out = proc.stdout + proc.stderr
-    assert "threshold will rest on 1 held-out good image(s) of its 2" in out
-    assert "from 1 image(s)" in out  # the thresholds' line after calibration
+    # cross-fitted calibration (fit.calibration_folds = 0): each image held out once, scored by the
+    # pool of the other one
+    assert "threshold will rest on 2 good image(s) of its 2" in out
+    assert "calibration cross-fitted over 2 fold(s)" in out and "images scored part 2" in out
+    assert "from 2 image(s)" in out  # the thresholds' line after calibration
     proc = _run(*_args(data, work, tfds, "--mode=predict", f"--config.predict.input={data}"))
     assert proc.returncode == 0, proc.stderr[-2000:]
     run = (work / "predictions" / (work / "predictions" / "latest.txt").read_text().strip()) / "scores.json"
-    assert {r["threshold_images"] for r in json.loads(run.read_text())} == {1}
+    assert {r["threshold_images"] for r in json.loads(run.read_text())} == {2}
     proc = _run(*_args(data, work, tfds, "--mode=update", f"--config.new_images.input={tmp_path / 'absent'}"))
     assert proc.returncode == 2 and "new_images.input" in proc.stderr and "predict.input" not in proc.stderr

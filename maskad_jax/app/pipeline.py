@@ -56,9 +56,9 @@ from maskad_jax.engine.trained_model import TrainedModel
 from maskad_jax.models.reconstructor import count_params
 from maskad_jax.runtime import serve_export
 from maskad_jax.training import feature_cache
-from maskad_jax.training.calibration import calibrate
+from maskad_jax.training.calibration import calibrate, cross_fitted
 from maskad_jax.training.feature_cache import FeatureRequest
-from maskad_jax.training.fit import fit_pools, rescaled
+from maskad_jax.training.fit import cross_fits, fit_pools, held_count, rescaled
 from maskad_jax.training.learning_curves import CurveInputs, build_eval_set, make_learning_curves
 from maskad_jax.training.mpo import FlowJob, restore_mpo, train_mpo
 from maskad_jax.training.train import restore_params, train
@@ -211,10 +211,10 @@ def _check_training_data(s: Specs, train_data) -> InputContract:
                 f"class {cls!r} has {n} good training image: at least 2 are needed (one for its pool, one held out to "
                 f"calibrate its threshold); add good images of it"
             )
-        held = min(max(int(round(s.fit.calibration_fraction * n)), 1), n - 1)
+        held = _threshold_image_count(s, n)
         if held < MIN_THRESHOLD_IMAGES and quantile_rule:
             progress.log(
-                f"warning: class {cls!r}'s threshold will rest on {held} held-out good image(s) of its {n} (fewer than "
+                f"warning: class {cls!r}'s threshold will rest on {held} good image(s) of its {n} (fewer than "
                 f"{MIN_THRESHOLD_IMAGES}): its {s.predict.threshold_quantile:g} quantile is about their maximum; add "
                 f"good images, or give labelled data.validation images or predict.threshold"
             )
@@ -228,6 +228,15 @@ def _check_training_data(s: Specs, train_data) -> InputContract:
     if s.data.validation:
         validation_images(s.data.validation, classes, s.data.manual_dir)
     return InputContract(s.data.geometry, int(s.data.image_size), aspect, ignore)
+
+
+def _threshold_image_count(s: Specs, n: int) -> int:
+    """How many of a class's n good training images its quantile threshold will rest on: every one
+    cross-fitted (fit.calibration_folds 0, the kNN M_po), else the held-out images of the folds."""
+    one = held_count(n, s.fit.calibration_fraction)
+    if s.scoring.mpo == "flow":
+        return one
+    return n if s.fit.calibration_folds == 0 else min(n, one * s.fit.calibration_folds)
 
 
 def _train_stage(s: Specs, workdir, models, train_data, test_data, contract: InputContract):
@@ -266,8 +275,7 @@ def _train_stage(s: Specs, workdir, models, train_data, test_data, contract: Inp
     )
     mpo, f_train = train_mpo(restore.mpo_specs(s), FlowJob(workdir, feats.h_in, pools, class_names, train_data))
     tm = TrainedModel(extractor, model, res.params, pools, mpo)
-    cal = calibrate(s.scoring, s.data, tm, feats, f_train)
-    pools = _with_calibration(pools, s, image_level(cal, pools.held_out, train_data.image_of))
+    pools = _with_calibration(pools, s, _calibration(s, tm, feats, f_train, train_data))
     val = validation_thresholds(s.scoring, s.data, tm.with_pools(pools))
     pools = dataclasses.replace(pools, val_thresholds=val)
     _log_thresholds(s, pools)
@@ -275,6 +283,30 @@ def _train_stage(s: Specs, workdir, models, train_data, test_data, contract: Inp
         _replace_fit(pools, os.path.join(workdir, "fit"))
     barrier("fit saved")
     return res.params, res.steps, seconds
+
+
+def _calibration(s: Specs, tm: TrainedModel, feats, f_train, train_data) -> dict:
+    """The held-out images' scores (calibration.calibrate, per image), over every fold with
+    fit.calibration_folds (cross-fitted: each image scored by pools fitted without it), the fold
+    count logged; the flow M_po calibrates on the fit's own held-out images only (its pools are the
+    flow's)."""
+    image_of = train_data.image_of
+    if s.scoring.mpo == "flow" or s.fit.calibration_folds == 1:
+        if s.scoring.mpo == "flow" and s.fit.calibration_folds != 1:
+            progress.log("calibration: the flow M_po is calibrated on the held-out images only (no cross-fitting)")
+        return image_level(calibrate(s.scoring, s.data, tm, feats, f_train), tm.pools.held_out, image_of)
+    t0 = time.time()
+    names = [train_data.class_names[i] for i in train_data.class_ids]
+    fits = [
+        dataclasses.replace(f, contract=tm.pools.contract)
+        for f in cross_fits(feats.h_in, feats.h_tgt, names, s.fit, feats.fine, image_of)
+    ]
+    cal = cross_fitted(s.scoring, s.data, tm, feats, (fits, image_of))
+    counts = ", ".join(f"{c} {len(v)}" for c, v in cal["cal_scores"].items())
+    progress.log(
+        f"calibration cross-fitted over {len(fits) + 1} fold(s) in {time.time() - t0:.0f}s: images scored {counts}"
+    )
+    return cal
 
 
 def _log_thresholds(s: Specs, fit: Fit) -> None:
@@ -343,6 +375,18 @@ def _recalibrate(s: Specs, tm: TrainedModel, train_data, rescale: int | None = N
     return _with_calibration(pools, s, image_level(cal, pools.held_out, train_data.image_of))
 
 
+def _keep_cross_fitted(pools: Fit, before, changed: str) -> Fit:
+    """After --mode=update recalibrated on fold 0's held-out images: the classes whose pools did not
+    change keep their earlier scores over every fold (the same pools score them the same); the
+    updated class rests on fold 0's held-out images (the other folds' pools lack the new images)."""
+    cal = pools.calibration
+    if before is None or not before.scores or before.scoring != cal.scoring:
+        return pools
+    scores = {c: (v if c == changed else before.scores.get(c, v)) for c, v in cal.scores.items()}
+    maxima = {c: (v if c == changed else before.map_max.get(c, v)) for c, v in cal.map_max.items()}
+    return dataclasses.replace(pools, calibration=dataclasses.replace(cal, scores=scores, map_max=maxima))
+
+
 def _update(s: Specs, workdir) -> dict:
     """--mode=update (update.py): new good images join a class's pools; calibration and thresholds
     are recomputed on the held-out training images; the reconstructor is not touched."""
@@ -359,7 +403,9 @@ def _update(s: Specs, workdir) -> dict:
             s.data.ignore_masks, pools.class_names, s.data.image_size, s.data.geometry, pools.contract.aspect
         )
         pools = dataclasses.replace(pools, contract=dataclasses.replace(pools.contract, ignore=ignore))
+    before = pools.calibration
     pools = _recalibrate(s, tm.with_pools(pools), train_data, rescale=record["pool_index"])
+    pools = _keep_cross_fitted(pools, before, record["class"])
     if pools.val_thresholds and not s.data.validation:
         progress.log(
             "update: the F1 thresholds were for the old pools and are dropped: give data.validation to redo them"
@@ -372,7 +418,8 @@ def _update(s: Specs, workdir) -> dict:
         pools.save(fit_dir)
     cls = record["class"]
     progress.log(
-        f"update: class {cls} recalibrated (threshold {class_threshold(s.predict, s.scoring, pools, cls):.4g}, "
+        f"update: class {cls} recalibrated (threshold {class_threshold(s.predict, s.scoring, pools, cls):.4g} from "
+        f"{threshold_images(s.predict, pools, cls)} image(s), "
         f"{threshold_rule(s.predict, pools)}); the reconstructor (step {step}) is unchanged; "
         f"recorded in {fit_dir}/{fit_state.FILE}"
     )

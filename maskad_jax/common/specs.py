@@ -160,6 +160,7 @@ class FitSpec:
     projection_dim: int = _int(0)
     per_class: bool = _any()
     calibration_fraction: float = _num(0, 0.9)
+    calibration_folds: int = _int(0)
     max_pool_tokens: int = _int(1)
     fine_strides: tuple = _any()  # some of model.backbone.strides: checked in config_check
     fine_pool_ratio: float = _num(0, 1, low_open=True)

@@ -147,6 +147,14 @@ def get_config():
     c.fit.projection_dim = 128  # random projection for k-center distances (0 = exact features)
     c.fit.per_class = True  # one pool per class (class identity at test, as the released code); False = shared
     c.fit.calibration_fraction = 0.2  # normal training images held out of the pool for M_po statistics
+    # Thresholds rest on held-out scores. 0: cross-fitted over as many folds as it takes for every
+    # good training image to be held out once (each fold holds out calibration_fraction of a class's
+    # images, fits pools on the rest and scores the held-out ones; the pools that score at test time
+    # are fold 0's, so every calibration score comes from a pool of the size that scores). A class of
+    # 24 images then gets a threshold from 24 scores, not 5. k >= 1: the first k folds only (1: one
+    # held-out set, as before; each further fold costs a k-center fit and scoring its images). The
+    # term statistics of scoring.mpo_fusion = sum stay fold 0's, so the scores do not change.
+    c.fit.calibration_folds = 0
     # Cap on the tokens entering k-center per pool (a random subset above it): k-center costs about
     # pool_ratio x tokens^2 distance evaluations (120k tokens: 50 s on 2 CPU cores). The earlier cap
     # of 50k cut magnetic tiles' 120k tokens to a 5k pool and cost M_po 5.6 points of image AUROC

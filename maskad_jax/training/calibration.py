@@ -17,6 +17,7 @@ from maskad_jax.common.parallel import (
     process_share,
 )
 from maskad_jax.common.specs import DataSpec, ScoringSpec
+from maskad_jax.data.tiling import image_level
 from maskad_jax.engine.scoring import (
     apply_keep,
     device_pools,
@@ -29,7 +30,7 @@ from maskad_jax.engine.trained_model import TrainedModel
 from maskad_jax.training.feature_cache import Features
 
 
-def calibrate(sc: ScoringSpec, d: DataSpec, tm: TrainedModel, feats: Features, f_own=None) -> dict:
+def calibrate(sc: ScoringSpec, d: DataSpec, tm: TrainedModel, feats: Features, f_own=None, stats=None) -> dict:
     """Score the held-out normal training images of every pool (for predict's thresholds and, with
     scoring.mpo_fusion = sum, the terms' statistics): {"cal_scores": {class: image scores},
     "cal_map_max": {class: pixel-map maxima}, "term_stats": (K, 4) held-out mean and std of P and of
@@ -38,7 +39,8 @@ def calibrate(sc: ScoringSpec, d: DataSpec, tm: TrainedModel, feats: Features, f
     tm: the trained model (its extractor is not used: the features are given); feats: the training
     images' features and content boxes (training/feature_cache.Features; rows at the pools'
     calibration positions are used; boxes count with data.geometry = pad); f_own: the flow's own
-    backbone's features of the same images, or None. Several
+    backbone's features of the same images, or None; stats: given term statistics (K, 4) to score
+    with instead of computing them from these images (cross_fitted's other folds). Several
     processes each score a share and gather the terms; the statistics and the scores are then
     finished from the gathered terms with the scoring's own fuse and keep stages."""
     pools = tm.pools
@@ -63,9 +65,8 @@ def calibrate(sc: ScoringSpec, d: DataSpec, tm: TrainedModel, feats: Features, f
         res, _ = run_batched(run, row_batches(arrays, bs), bar=pbar)
     terms = (None,) * 4 if res is None else (res["patch"], res["mpo_map"], res["score"], res["map_max"])
     patch, mpo_map, scores, map_max = gather_rows(len(pos), rows, *terms)
-    stats = None
     if needs_term_stats(sc):
-        stats = term_stats(patch, mpo_map, pool, len(held))
+        stats = term_stats(patch, mpo_map, pool, len(held)) if stats is None else np.asarray(stats, np.float32)
         keep = (None if boxes is None else boxes[pos], dev_pools.get("ignore"), pool)
         scores, map_max = _finish(sc, (patch, mpo_map, stats[pool]), keep, d)
     bad = ~np.isfinite(scores) | ~np.isfinite(map_max)
@@ -77,6 +78,23 @@ def calibrate(sc: ScoringSpec, d: DataSpec, tm: TrainedModel, feats: Features, f
     bounds = np.cumsum([0] + [len(p) for p in held])
     per = lambda v: {cls: v[bounds[k] : bounds[k + 1]].tolist() for k, cls in enumerate(pools.class_names)}  # noqa: E731
     return {"cal_scores": per(scores), "cal_map_max": per(map_max), "term_stats": stats}
+
+
+def cross_fitted(sc: ScoringSpec, d: DataSpec, tm: TrainedModel, feats: Features, folds: tuple) -> dict:
+    """calibrate() over every fold: tm.pools' held-out images first (their term statistics, as
+    calibrate computes them), then each fit of `folds` (fit.cross_fits: the same classes' pools
+    fitted without another block of the images) on its own held-out images, scored with those
+    statistics and that fold's pools and scales. folds: (the fits, image_of of tiled data or None).
+    The result is calibrate's, per image, with every fold's scores and map maxima joined class by class,
+    so a threshold rests on every image held out by some fold. The reconstructor is the one trained on
+    all images: only the pools' term is out of sample."""
+    fits, image_of = folds
+    cal = image_level(calibrate(sc, d, tm, feats), tm.pools.held_out, image_of)
+    for fit in fits:
+        more = image_level(calibrate(sc, d, tm.with_pools(fit), feats, stats=cal["term_stats"]), fit.held_out, image_of)
+        for key in ("cal_scores", "cal_map_max"):
+            cal[key] = {c: list(cal[key][c]) + list(more[key].get(c, [])) for c in cal[key]}
+    return cal
 
 
 def term_stats(patch, mpo_map, pool, k: int) -> np.ndarray:

@@ -31,10 +31,12 @@ def fit_pools(
     seed: int,
     fine: np.ndarray | None = None,
     image_of: np.ndarray | None = None,
+    fold: int = 0,
 ) -> Fit:
     """h_in (N, gh, gw, C) features of the normal training images; their class names. fine (N, fh, fw,
     Cf): their fine embeddings, for the fine pools (scoring.knn_fine). image_of (N,): with tiles
-    (tiling.py), each row's image: images, not tiles, are held out."""
+    (tiling.py), each row's image: images, not tiles, are held out. fold: which block of each class's
+    permutation is held out (0: the fit that scores; the others only calibrate, cross_fits)."""
     names = np.asarray(class_names_of_images)
     groups = (
         {"*": np.arange(len(names))}
@@ -44,7 +46,7 @@ def fit_pools(
     pools, fine_pools, cal_pos = [], [], {}
     for gi, (cls, pos) in enumerate(groups.items()):
         rng = np.random.default_rng([seed, gi])
-        cal, fit = _held_out(pos, rng, fit_cfg.calibration_fraction, image_of)
+        cal, fit = _held_out(pos, rng, fit_cfg.calibration_fraction, image_of, fold)
         pools.append(_kcenter_pool(h_in, h_tgt, (cal, fit), fit_cfg.pool_ratio, fit_cfg, (seed, rng)))
         if fine is not None:  # its own generator: the token pool's draws stay as they were
             frng = np.random.default_rng([seed, gi, 1])
@@ -58,18 +60,47 @@ def fit_pools(
     return Fit(NominalPools(pool_in, pool_tgt, valid, cal_scale, tuple(groups), cal_pos, src=src, **fine_parts))
 
 
-def _held_out(pos, rng, fraction, image_of=None):
+def cross_fits(h_in, h_tgt, class_names_of_images, fit_cfg, fine=None, image_of=None) -> list:
+    """The fits of folds 1, 2, ... (fit_pools with another block of each class's images held out),
+    as many as fit.calibration_folds asks (0: until every image of every class has been held out
+    once): calibration scores each fold's held-out images against its pools, so a threshold rests on
+    all of a class's good images, each scored by pools fitted without it (calibration.py)."""
+    names = np.asarray(class_names_of_images)
+    groups = [np.nonzero(names == c)[0] for c in sorted(set(names.tolist()))]
+    groups = groups if fit_cfg.per_class else [np.arange(len(names))]
+    counts = [len(np.unique(image_of[g])) if image_of is not None else len(g) for g in groups]
+    needed = max(folds(n, fit_cfg.calibration_fraction) for n in counts)
+    count = needed if fit_cfg.calibration_folds == 0 else min(needed, fit_cfg.calibration_folds)
+    seed = fit_cfg.seed
+    return [fit_pools(h_in, h_tgt, names, fit_cfg, seed, fine, image_of, fold=j) for j in range(1, count)]
+
+
+def _held_out(pos, rng, fraction, image_of=None, fold: int = 0):
     """(held-out positions, pool positions) of one class: `fraction` of its images (at least one,
-    never all), drawn by rng; with image_of, whole images (all their tiles) at a time."""
+    never all), drawn by rng; with image_of, whole images (all their tiles) at a time. fold j holds
+    out the j-th block of that size of the same permutation (fold 0: the first; folds(...) says how
+    many blocks cover every image); a fold past the last holds out nothing."""
     if image_of is None:
         pos = pos[rng.permutation(len(pos))]
-        n_cal = int(round(fraction * len(pos)))
-        n_cal = min(max(n_cal, 1), len(pos) - 1) if len(pos) > 1 else 0
-        return pos[:n_cal], pos[n_cal:]
+        n_cal = held_count(len(pos), fraction)
+        lo, hi = min(fold * n_cal, len(pos)), min((fold + 1) * n_cal, len(pos))
+        return pos[lo:hi], np.concatenate([pos[:lo], pos[hi:]])
     images = np.unique(image_of[pos])
-    cal_images, _ = _held_out(images, rng, fraction)
+    cal_images, _ = _held_out(images, rng, fraction, fold=fold)
     held = np.isin(image_of[pos], cal_images)
     return pos[held], pos[~held]
+
+
+def held_count(n: int, fraction: float) -> int:
+    """How many of a class's n images one calibration fold holds out: round(fraction x n), at least
+    one and never all (none of a single image)."""
+    n_cal = int(round(fraction * n))
+    return min(max(n_cal, 1), n - 1) if n > 1 else 0
+
+
+def folds(n: int, fraction: float) -> int:
+    """How many disjoint held-out blocks cover all n images of a class (1 for a single image)."""
+    return max(1, -(-n // max(held_count(n, fraction), 1)))
 
 
 def _kcenter_pool(feats, feats_tgt, split: tuple, ratio: float, fit_cfg, draw: tuple):
