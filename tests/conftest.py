@@ -4,7 +4,7 @@ import shutil
 import tempfile
 
 import pytest
-from helpers import SHARED_MTD
+from helpers import FAST_COMPILE, SHARED_MTD
 
 # One persistent XLA compilation cache for this test session, inherited by the run.py and worker
 # subprocesses: the end-to-end tests rerun the same programs (eval after train, predict, resume),
@@ -14,6 +14,13 @@ if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
     atexit.register(shutil.rmtree, _cache, ignore_errors=True)
     os.environ["JAX_COMPILATION_CACHE_DIR"] = _cache
     os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
+
+
+# The tests' own process compiles at LLVM's cheaper optimisation level too, as the run.py and worker
+# subprocesses do (helpers.FAST_COMPILE: compiling dominates the tiny models' tests; same semantics).
+# Set before any test initialises JAX's backend, which reads XLA_FLAGS once.
+if "xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + FAST_COMPILE).strip()
 
 
 @pytest.fixture(scope="session")

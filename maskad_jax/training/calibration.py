@@ -44,7 +44,7 @@ def calibrate(sc: ScoringSpec, d: DataSpec, tm: TrainedModel, feats: Features, f
     processes each score a share and gather the terms; the statistics and the scores are then
     finished from the gathered terms with the scoring's own fuse and keep stages."""
     pools = tm.pools
-    fn = jax.jit(make_score_features_fn(sc, tm.model, tm.mpo), static_argnums=(6,))
+    fn = _score_features_jit(sc, tm.model, tm.mpo)
     params, dev_pools = place_for_scoring(sc.devices, (tm.params, device_pools(pools, tm.mpo)))
     boxes = feats.boxes if d.geometry == "pad" else None
     held = [np.asarray(pools.held_out.get(cls, np.zeros(0, int)), np.int64) for cls in pools.class_names]
@@ -78,6 +78,25 @@ def calibrate(sc: ScoringSpec, d: DataSpec, tm: TrainedModel, feats: Features, f
     bounds = np.cumsum([0] + [len(p) for p in held])
     per = lambda v: {cls: v[bounds[k] : bounds[k + 1]].tolist() for k, cls in enumerate(pools.class_names)}  # noqa: E731
     return {"cal_scores": per(scores), "cal_map_max": per(map_max), "term_stats": stats}
+
+
+_JITTED: dict = {}  # (scoring, reconstructor, M_po) -> the jitted score_features, for the folds of one fit
+
+
+def _score_features_jit(sc: ScoringSpec, model, mpo):
+    """jax.jit(make_score_features_fn(sc, model, mpo)), built once per (sc, model, mpo) so the folds of
+    cross_fitted trace and compile it once (a few recent ones kept; an unhashable M_po, the flow's
+    arrays, is built afresh)."""
+    try:
+        key = (sc, model, mpo)
+        hash(key)
+    except TypeError:
+        return jax.jit(make_score_features_fn(sc, model, mpo), static_argnums=(6,))
+    if key not in _JITTED:
+        while len(_JITTED) >= 4:
+            _JITTED.pop(next(iter(_JITTED)))
+        _JITTED[key] = jax.jit(make_score_features_fn(sc, model, mpo), static_argnums=(6,))
+    return _JITTED[key]
 
 
 def cross_fitted(sc: ScoringSpec, d: DataSpec, tm: TrainedModel, feats: Features, folds: tuple) -> dict:
