@@ -167,7 +167,7 @@ def _patchcore(args) -> dict:
     full = np.asarray(gaussian_smooth(up, 4.0))
     score_seconds = time.time() - t0
     bank_sizes = {train.class_names[k]: int(len(v)) for k, v in banks.items()}
-    return _rows(args, "PatchCore (reimplementation, Lite0)", te, names, scores, full) | {
+    return _rows("PatchCore (reimplementation, Lite0)", te, names, scores, full) | {
         "fit_seconds": fit_seconds,
         "images_per_second": n / score_seconds,
         "memory_bank": bank_sizes,
@@ -213,7 +213,7 @@ def _read_scores(path):
 
 
 # ----------------------------------------------------------------------------------------------- shared
-def _rows(args, name, te, names, scores, maps) -> dict:
+def _rows(name, te, names, scores, maps) -> dict:
     """Per class and mean: the seven metrics by this package's code (eval.protocol exact)."""
     import numpy as np
 

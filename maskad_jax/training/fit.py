@@ -38,11 +38,7 @@ def fit_pools(
     (tiling.py), each row's image: images, not tiles, are held out. fold: which block of each class's
     permutation is held out (0: the fit that scores; the others only calibrate, cross_fits)."""
     names = np.asarray(class_names_of_images)
-    groups = (
-        {"*": np.arange(len(names))}
-        if not fit_cfg.per_class
-        else {c: np.nonzero(names == c)[0] for c in sorted(set(names.tolist()))}
-    )
+    groups = _class_groups(names, fit_cfg.per_class)
     pools, fine_pools, cal_pos = [], [], {}
     for gi, (cls, pos) in enumerate(groups.items()):
         rng = np.random.default_rng([seed, gi])
@@ -66,13 +62,19 @@ def cross_fits(h_in, h_tgt, class_names_of_images, fit_cfg, fine=None, image_of=
     once): calibration scores each fold's held-out images against its pools, so a threshold rests on
     all of a class's good images, each scored by pools fitted without it (calibration.py)."""
     names = np.asarray(class_names_of_images)
-    groups = [np.nonzero(names == c)[0] for c in sorted(set(names.tolist()))]
-    groups = groups if fit_cfg.per_class else [np.arange(len(names))]
+    groups = _class_groups(names, fit_cfg.per_class).values()
     counts = [len(np.unique(image_of[g])) if image_of is not None else len(g) for g in groups]
     needed = max(folds(n, fit_cfg.calibration_fraction) for n in counts)
     count = needed if fit_cfg.calibration_folds == 0 else min(needed, fit_cfg.calibration_folds)
     seed = fit_cfg.seed
     return [fit_pools(h_in, h_tgt, names, fit_cfg, seed, fine, image_of, fold=j) for j in range(1, count)]
+
+
+def _class_groups(names: np.ndarray, per_class: bool) -> dict:
+    """{pool name: the rows of its images}: one per class in sorted order, or "*" for all (fit.per_class)."""
+    if not per_class:
+        return {"*": np.arange(len(names))}
+    return {c: np.nonzero(names == c)[0] for c in sorted(set(names.tolist()))}
 
 
 def _held_out(pos, rng, fraction, image_of=None, fold: int = 0):
