@@ -1,7 +1,8 @@
 """The PatchCore reimplementation of benchmarks/peers/patchcore.py (issue #36), piece by piece against
 independent references: its embedding against PyTorch's AvgPool2d and bilinear interpolate, its image
 score against the paper's eq. 7 worked by hand, its metric cross-check against scikit-learn, and the
-anomalib probe's message; then the whole command on a tiny generated folder."""
+anomalib probe's message; the anomalib side's renaming of the packaged Lite0 weights to timm's names
+(through this package's own timm-name converter); then the whole command on a tiny generated folder."""
 
 import importlib.util
 import json
@@ -13,9 +14,16 @@ import pytest
 from helpers import ROOT
 from PIL import Image
 
-_spec = importlib.util.spec_from_file_location("peers_patchcore", ROOT / "benchmarks" / "peers" / "patchcore.py")
-patchcore = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(patchcore)
+
+def _module(name, file):
+    spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / "peers" / file)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+patchcore = _module("peers_patchcore", "patchcore.py")
+anomalib_side = _module("peers_anomalib_side", "anomalib_side.py")  # numpy only at import
 
 
 def test_embedding_equals_torch_avgpool_and_bilinear_interpolate():
@@ -123,3 +131,44 @@ def test_the_command_prints_both_rows_on_a_tiny_folder(tmp_path):
     for r in rows:  # our metric code and scikit-learn agree on each side's scores
         assert r["sklearn"]["plate"]["image_auroc"] == pytest.approx(r["per_class"]["plate"]["image_auroc"], abs=1e-9)
         assert r["peak_mb"] > 0 and r["fit_seconds"] > 0 and r["images_per_second"] > 0
+
+
+def test_lite0_weights_renamed_for_timm_convert_to_the_same_network():
+    """anomalib builds timm's tf_efficientnet_lite0; anomalib_side renames the packaged (lukemelas)
+    weights to timm's names. This package's converter reads both namings independently
+    (models/weights: _lukemelas_target, _timm_target), so the renamed dict must give the very same
+    Flax variables as the original (the head aside: a features_only model has none)."""
+    from flax import traverse_util
+
+    from maskad_jax.models import weights as w
+
+    packaged = w.read_state_dict(w.packaged_lite0_path())
+    renamed = anomalib_side.lite0_state_dict(packaged, None)
+    assert w.detect_naming(renamed) == "timm"
+    a, _ = w.convert_state_dict(packaged, "efficientnet-lite0", require_head=False)
+    b, report = w.convert_state_dict(renamed, "efficientnet-lite0", require_head=False)
+    assert all("head" in m or "/fc/" in m for m in report["missing"])
+    fa, fb = traverse_util.flatten_dict(a), traverse_util.flatten_dict(b)
+    body = {k for k in fa if not any("head" in p or p == "fc" for p in k)}
+    assert body and body == set(fb)
+    for k in body:
+        np.testing.assert_array_equal(np.asarray(fa[k]), np.asarray(fb[k]))
+    # the stride-8 and stride-16 feature modules anomalib taps end with 40 and 112 channels
+    assert renamed["blocks.2.1.conv_pwl.weight"].shape[0] == 40
+    assert renamed["blocks.4.2.conv_pwl.weight"].shape[0] == 112
+
+
+def test_lite0_renaming_names_what_it_cannot_fill():
+    packaged = {"_conv_stem.weight": np.zeros((32, 3, 3, 3))}
+    with pytest.raises(KeyError, match=r"blocks\.0\.0\.conv_dw\.weight"):
+        anomalib_side.lite0_state_dict(packaged, ["conv_stem.weight", "blocks.0.0.conv_dw.weight"])
+
+
+def test_metric_agreement_is_the_worst_class_difference_in_points():
+    ours = {"a": {"image_auroc": 0.90, "image_f1_max": 0.8, "aupro": 0.7}, "b": {"image_auroc": 0.50, "aupro": 0.6}}
+    theirs = {"a": {"image_auroc": 0.9004, "image_f1_max": 0.8, "aupro": 0.69}, "b": {"image_auroc": 0.5010}}
+    got = patchcore.metric_agreement(ours, theirs)
+    assert set(got) == {"image_auroc", "image_f1_max", "aupro"}  # pixel metrics: neither side has them
+    assert got["image_auroc"] == pytest.approx(0.10)
+    assert got["image_f1_max"] == pytest.approx(0.0)
+    assert got["aupro"] == pytest.approx(1.0)  # class a only: anomalib gave b no AUPRO

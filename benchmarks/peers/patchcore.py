@@ -9,10 +9,14 @@ scored by this package's metric code (engine/metrics, docs/metrics.md), and run 
 in their own process, so fit time, scoring speed and peak memory (the process's VmHWM) are measured
 in the same run on the same machine.
 
-The PatchCore side. anomalib's own PatchCore is used when `--anomalib-python` names an interpreter
-where `from anomalib.models import Patchcore` works; otherwise the probe's exact error is printed and
-the row is this file's **PatchCore reimplementation** (Roth et al., "Towards Total Recall in
-Industrial Anomaly Detection", CVPR 2022), with anomalib 2.x's defaults:
+The PatchCore side. When `--anomalib-python` names an interpreter where `from anomalib.models import
+Patchcore` works (benchmarks/peers/requirements.txt), anomalib's own PatchCore runs there
+(anomalib_side.py: anomalib's PatchcoreModel with its defaults, timm's tf_efficientnet_lite0 carrying
+the packaged Lite0 weights, on the images this script prepares through maskad-jax's data path), its
+scores go through this package's metric code and its own metric classes, and the table gets its row
+above the other two. Otherwise the probe's exact error is printed. Either way the table has a row of
+this file's **PatchCore reimplementation** (Roth et al., "Towards Total Recall in Industrial Anomaly
+Detection", CVPR 2022), with anomalib 2.x's defaults:
 - features: the backbone's stride-8 and stride-16 stages (anomalib's layer2 and layer3 of a
   WideResNet-50), here EfficientNet-Lite0 with the packaged ImageNet weights (the same backbone and
   weights as maskad-jax's CPU configs); each stage 3 x 3 average pooled (stride 1, zero padding
@@ -174,6 +178,95 @@ def _patchcore(args) -> dict:
     }
 
 
+# --------------------------------------------------------------------------------------------- anomalib
+def _export(args) -> None:
+    """inputs.npz for anomalib_side.py: each split's images through this package's data path (the
+    config's geometry and size), normalised as the backbone expects, NCHW float32; class indices,
+    labels and masks; and this package's stride-8 and stride-16 taps of two test images (the check
+    that anomalib's backbone got the same weights)."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from maskad_jax.app.pipeline import load_data
+    from maskad_jax.common.specs import resolve
+    from maskad_jax.data.splits import eval_batches
+    from maskad_jax.models.features import FeatureExtractor
+
+    d = resolve(_config(args)).data
+    _, train, test = load_data(d)
+    ex = FeatureExtractor.create(args.backbone, weights="packaged", strides=(8, 16))
+    nchw = lambda a: np.ascontiguousarray(np.moveaxis(np.asarray(a, np.float32), -1, 1))  # noqa: E731
+
+    def split(data):
+        out = {"x": [], "cls": [], "label": [], "mask": []}
+        for b in eval_batches(data, d.eval_batch_size, image_size=d.image_size, geometry=d.geometry):
+            keep = np.asarray(b["valid"], bool) if "valid" in b else np.ones(len(b["image"]), bool)
+            out["x"].append(nchw(ex.normalize(jnp.asarray(b["image"])))[keep])
+            out["cls"].append(np.asarray([data.class_names[c] for c in b["class_id"]])[keep])
+            for k in ("label", "mask"):
+                if k in b:
+                    out[k].append(np.asarray(b[k])[keep])
+        return {k: np.concatenate(v) for k, v in out.items() if v}
+
+    tr, te = split(train), split(test)
+    classes = sorted(set(tr["cls"].tolist()))
+    taps = jax.jit(ex.module.apply)(ex.variables, jnp.moveaxis(jnp.asarray(te["x"][:2]), 1, -1))
+    np.savez(
+        os.path.join(args.out, "inputs.npz"),
+        class_names=np.asarray(classes),
+        train_x=tr["x"],
+        train_cls=np.asarray([classes.index(c) for c in tr["cls"]]),
+        test_x=te["x"],
+        test_cls=np.asarray([classes.index(c) for c in te["cls"]]),
+        test_label=te["label"],
+        test_mask=(te["mask"] > 0).astype(np.uint8),
+        check_x=te["x"][:2],
+        check_tap8=nchw(taps[0]),
+        check_tap16=nchw(taps[1]),
+    )
+
+
+def _anomalib(args) -> dict:
+    """anomalib's PatchCore (anomalib_side.py under --anomalib-python) on inputs.npz, scored by this
+    package's metric code, with anomalib's own metric values beside."""
+    import numpy as np
+
+    inputs = os.path.join(args.out, "inputs.npz")
+    _run_side(args, "export")
+    side = os.path.join(HERE, "anomalib_side.py")
+    proc = subprocess.run([args.anomalib_python, side, inputs, args.out], capture_output=True, text=True)
+    with open(os.path.join(args.out, "anomalib.log"), "w") as f:
+        f.write(proc.stdout + proc.stderr)
+    if proc.returncode:
+        raise SystemExit(
+            f"the anomalib side failed (status {proc.returncode}): see {args.out}/anomalib.log\n{proc.stderr[-2000:]}"
+        )
+    with open(os.path.join(args.out, "anomalib.json")) as f:
+        res = json.load(f)
+    got, data = np.load(os.path.join(args.out, "anomalib.npz")), np.load(inputs)
+    classes = [str(c) for c in data["class_names"]]
+    te = {"label": data["test_label"], "mask": data["test_mask"]}
+    names = [classes[k] for k in data["test_cls"]]
+    row = _rows(f"PatchCore (anomalib {res['anomalib']}, Lite0)", te, names, got["scores"], got["maps"])
+    row["agreement"] = metric_agreement(row["per_class"], res["anomalib_metrics"])
+    keep = ("anomalib_metrics", "fit_seconds", "images_per_second", "memory_bank", "weights_check", "peak_mb", "torch")
+    return row | {k: res[k] for k in keep}
+
+
+def metric_agreement(ours: dict, theirs: dict) -> dict:
+    """Per metric both define (image and pixel AUROC and F1-max, AUPRO): the largest |ours - anomalib's|
+    over the classes, in points (%). AP is left out: anomalib's AUPR integrates the PR curve with
+    trapezoids, a different quantity from average precision (docs/metrics.md)."""
+    shared = ("image_auroc", "image_f1_max", "pixel_auroc", "pixel_f1_max", "aupro")
+    out = {}
+    for m in shared:
+        diffs = [abs(ours[c][m] - theirs[c][m]) for c in ours if m in theirs.get(c, {})]
+        if diffs:
+            out[m] = 100 * max(diffs)
+    return out
+
+
 # ------------------------------------------------------------------------------------------- maskad-jax
 def _maskad(args) -> dict:
     import numpy as np
@@ -251,6 +344,10 @@ def _sklearn_check(scores, labels, maps, masks, names) -> dict | None:
 
 def _side(args) -> None:
     """One side in this process; its result and peak memory as JSON on stdout's last line."""
+    if args.side == "export":
+        _export(args)
+        print("RESULT {}")
+        return
     res = _patchcore(args) if args.side == "patchcore" else _maskad(args)
     res["peak_mb"] = _peak_mb()
     print("RESULT " + json.dumps(res, default=float))
@@ -285,6 +382,17 @@ def anomalib_probe(python: str | None) -> str:
     return f"`{python} -c '{PROBE}'` failed: {last[0] if last else 'status ' + str(proc.returncode)}"
 
 
+def anomalib_note(row: dict) -> str:
+    """What the anomalib row's extra fields say, in one paragraph under the table."""
+    agree = ", ".join(f"{m} {v:.2f}" for m, v in row["agreement"].items())
+    return (
+        f"anomalib's own metric classes on its scores differ from this package's metric code by at most "
+        f"(points, worst class): {agree}. anomalib's backbone features match maskad-jax's Lite0 taps to "
+        f"{row['weights_check']:.1e} of their largest magnitude (the same weights). anomalib's fit time "
+        f"excludes decoding the images (given decoded); torch {row['torch']}."
+    )
+
+
 def table(rows: list, note: str) -> str:
     """The markdown table: one row per side, the seven metrics (%), fit s, images/s, peak MB."""
     head = "| method | " + " | ".join(METRICS) + " | fit s | img/s | peak MB |"
@@ -309,7 +417,7 @@ def main(argv=None) -> int:
     p.add_argument("--backbone", default="efficientnet-lite0", help="PatchCore's backbone (packaged weights)")
     p.add_argument("--coreset-ratio", type=float, default=0.1, help="PatchCore's coreset ratio (anomalib: 0.1)")
     p.add_argument("--anomalib-python", default=None, help="an interpreter with anomalib installed (requirements.txt)")
-    p.add_argument("--side", choices=("patchcore", "maskad"), help=argparse.SUPPRESS)
+    p.add_argument("--side", choices=("patchcore", "maskad", "export"), help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     name = os.path.basename(os.path.normpath(args.data)) if args.data else args.maskad_config.replace(":", "-")
     args.out = os.path.abspath(args.out or os.path.join("runs", "peers", name))
@@ -318,10 +426,13 @@ def main(argv=None) -> int:
         _side(args)
         return 0
     why = anomalib_probe(args.anomalib_python)
-    if not why:
-        raise SystemExit("anomalib imports: its PatchCore side is not written yet in this script (see issue #36)")
-    note = f"anomalib not used: {why}; the PatchCore row is this script's reimplementation (its docstring)."
-    rows = [_run_side(args, "patchcore"), _run_side(args, "maskad")]
+    rows = [] if why else [_anomalib(args)]
+    rows += [_run_side(args, "patchcore"), _run_side(args, "maskad")]
+    note = (
+        anomalib_note(rows[0])
+        if not why
+        else (f"anomalib not used: {why}; the PatchCore row is this script's reimplementation (its docstring).")
+    )
     cpu = platform.processor() or platform.machine()
     text = table(rows, note + f" Machine: {_cpu_model() or cpu}, {os.cpu_count()} cores.")
     print(text)
