@@ -92,13 +92,16 @@ def collect(config, workdir) -> dict:
         for k, v in list(res.items()) + list(extra.items()):
             out.setdefault(prefix + k, []).append(np.asarray(v))
 
-    for batch in eval_batches(test_data, bs, image_size=size):
+    geometry = s.data.geometry  # the images as the workdir's pools and reconstructor saw them
+    if s.data.tiles:
+        raise SystemExit("this tool does not take tiled workdirs (data.tiles)")
+    for batch in eval_batches(test_data, bs, image_size=size, geometry=geometry):
         ok = batch["valid"] == 1
         names = [test_data.class_names[c] for c in batch["class_id"]]
         extra = {"gt": batch["mask"], "label": batch["label"], "cls": batch["class_id"], "ok": ok}
         extra["grey"] = batch["image"].mean(-1).astype(np.float16)
         add("t_", batch["image"], pools.pool_index(names), batch["image_key"], extra)
-    pre = Preprocess(train_data, size)
+    pre = Preprocess(train_data, size, geometry)
     for k, cls in enumerate(pools.class_names):
         pos = np.asarray(pools.held_out.get(cls, []), int)
         for s in range(0, len(pos), bs):
