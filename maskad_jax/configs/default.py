@@ -46,8 +46,8 @@ def get_config():
     c.model.dtype = "float32"  # matmul/conv compute dtype: float32 | bfloat16 (TPU/GPU)
     c.model.backbone = ml_collections.ConfigDict()
     c.model.backbone.arch = "efficientnet-b4"  # paper: B4 (272 channels); any of B0-B7, Lite0-Lite4
-    # "packaged" (Lite0 only, offline), "random" (tests), a .pth / .safetensors file, or an orbax dir
-    # made by `python -m maskad_jax.models.convert_weights`.
+    # "packaged" (Lite0; Lite1 and Lite2 with the [lite12] extra; offline), "random" (tests), a .pth /
+    # .safetensors file, or an orbax dir made by `python -m maskad_jax.models.convert_weights`.
     c.model.backbone.weights = "weights/efficientnet-b4"
     c.model.backbone.padding = "static"  # static (lukemelas/UniAD, the paper's features) | tf-same
     c.model.backbone.strides = (2, 4, 8, 16)  # taps: the last block at each of these strides

