@@ -122,7 +122,6 @@ def _patchcore(args) -> dict:
 
     from maskad_jax.app.pipeline import load_data
     from maskad_jax.common.specs import resolve
-    from maskad_jax.data.splits import eval_batches
     from maskad_jax.engine.coreset import greedy_kcenter, nearest
     from maskad_jax.engine.smoothing import gaussian_smooth
     from maskad_jax.models.features import FeatureExtractor
@@ -134,14 +133,7 @@ def _patchcore(args) -> dict:
     embed = jax.jit(lambda v, x: patchcore_embedding(ex.module.apply(v, ex.normalize(x))))
 
     def features(split):
-        out = {"emb": [], "mask": [], "label": [], "class_id": []}
-        for b in eval_batches(split, d.eval_batch_size, image_size=d.image_size, geometry=d.geometry):
-            keep = np.asarray(b["valid"], bool) if "valid" in b else np.ones(len(b["image"]), bool)
-            out["emb"].append(np.asarray(embed(ex.variables, jnp.asarray(b["image"])))[keep])
-            for k in ("mask", "label", "class_id"):
-                if k in b:
-                    out[k].append(np.asarray(b[k])[keep])
-        return {k: np.concatenate(v) for k, v in out.items() if v}
+        return collect_split(split, d, "emb", lambda x: embed(ex.variables, jnp.asarray(x)))
 
     t0 = time.time()
     tr = features(train)
@@ -190,7 +182,6 @@ def _export(args) -> None:
 
     from maskad_jax.app.pipeline import load_data
     from maskad_jax.common.specs import resolve
-    from maskad_jax.data.splits import eval_batches
     from maskad_jax.models.features import FeatureExtractor
 
     d = resolve(_config(args)).data
@@ -199,15 +190,8 @@ def _export(args) -> None:
     nchw = lambda a: np.ascontiguousarray(np.moveaxis(np.asarray(a, np.float32), -1, 1))  # noqa: E731
 
     def split(data):
-        out = {"x": [], "cls": [], "label": [], "mask": []}
-        for b in eval_batches(data, d.eval_batch_size, image_size=d.image_size, geometry=d.geometry):
-            keep = np.asarray(b["valid"], bool) if "valid" in b else np.ones(len(b["image"]), bool)
-            out["x"].append(nchw(ex.normalize(jnp.asarray(b["image"])))[keep])
-            out["cls"].append(np.asarray([data.class_names[c] for c in b["class_id"]])[keep])
-            for k in ("label", "mask"):
-                if k in b:
-                    out[k].append(np.asarray(b[k])[keep])
-        return {k: np.concatenate(v) for k, v in out.items() if v}
+        out = collect_split(data, d, "x", lambda x: nchw(ex.normalize(jnp.asarray(x))))
+        return out | {"cls": np.asarray([data.class_names[c] for c in out["class_id"]])}
 
     tr, te = split(train), split(test)
     classes = sorted(set(tr["cls"].tolist()))
@@ -306,6 +290,23 @@ def _read_scores(path):
 
 
 # ----------------------------------------------------------------------------------------------- shared
+def collect_split(data, d, key: str, fn) -> dict:
+    """One split through this package's data path (d: its DataSpec's size and geometry), batch by batch:
+    {key: fn(images) of the valid rows, "mask", "label", "class_id": those rows' own, where present}."""
+    import numpy as np
+
+    from maskad_jax.data.splits import eval_batches
+
+    out = {key: [], "mask": [], "label": [], "class_id": []}
+    for b in eval_batches(data, d.eval_batch_size, image_size=d.image_size, geometry=d.geometry):
+        keep = np.asarray(b["valid"], bool) if "valid" in b else np.ones(len(b["image"]), bool)
+        out[key].append(np.asarray(fn(b["image"]))[keep])
+        for k in ("mask", "label", "class_id"):
+            if k in b:
+                out[k].append(np.asarray(b[k])[keep])
+    return {k: np.concatenate(v) for k, v in out.items() if v}
+
+
 def _rows(name, te, names, scores, maps) -> dict:
     """Per class and mean: the seven metrics by this package's code (eval.protocol exact)."""
     import numpy as np
@@ -428,11 +429,10 @@ def main(argv=None) -> int:
     why = anomalib_probe(args.anomalib_python)
     rows = [] if why else [_anomalib(args)]
     rows += [_run_side(args, "patchcore"), _run_side(args, "maskad")]
-    note = (
-        anomalib_note(rows[0])
-        if not why
-        else (f"anomalib not used: {why}; the PatchCore row is this script's reimplementation (its docstring).")
-    )
+    if why:
+        note = f"anomalib not used: {why}; the PatchCore row is this script's reimplementation (its docstring)."
+    else:
+        note = anomalib_note(rows[0])
     cpu = platform.processor() or platform.machine()
     text = table(rows, note + f" Machine: {_cpu_model() or cpu}, {os.cpu_count()} cores.")
     print(text)
