@@ -69,7 +69,7 @@ def collect(config, workdir) -> dict:
     pools = Fit.load(os.path.join(workdir, "fit"))
     dev = scoring.device_pools(pools)
     feats = jax.jit(scoring.make_score_features_fn(s.scoring, model, with_terms=True), static_argnums=(6,))
-    strides = feature_cache.fine_strides(s.scoring)
+    strides = scoring.fine_embedding(s.scoring)
     size, bs = config.data.image_size, config.data.eval_batch_size
     if config.train.target != "same":
         raise SystemExit("this tool assumes train.target = same (h is its own target)")

@@ -1,4 +1,4 @@
-"""Feature extractor: align-corners resize vs torch, taps and channels, real ImageNet weights."""
+"""Feature extractor: both bilinear resizes vs torch, taps and channels, real ImageNet weights."""
 
 import jax.numpy as jnp
 import numpy as np
@@ -8,7 +8,7 @@ from PIL import Image
 from maskad_jax.data.preprocess import preprocess_image
 from maskad_jax.models import efficientnet_arch as ea
 from maskad_jax.models.features import FeatureExtractor
-from maskad_jax.models.resize import resize_align_corners, resize_map_align_corners
+from maskad_jax.models.resize import resize_align_corners, resize_half_pixel, resize_map_align_corners
 
 
 @pytest.mark.parametrize(
@@ -27,6 +27,29 @@ def test_align_corners_resize_matches_torch(src, dst):
         .transpose(0, 2, 3, 1)
     )
     np.testing.assert_allclose(np.asarray(resize_align_corners(jnp.asarray(x), dst)), ref, atol=5e-5)
+
+
+@pytest.mark.parametrize("src,dst", [((14, 14), (28, 28)), ((7, 10), (28, 40)), ((14, 9), (14, 9)), ((5, 3), (2, 7))])
+def test_half_pixel_resize_matches_torch(src, dst):
+    # PatchCore's alignment of the stride-16 tap onto the stride-8 grid (fit.fine_join = bilinear)
+    from helpers import torch_or_skip
+
+    torch = torch_or_skip()
+    x = np.random.default_rng(1).normal(size=(2,) + src + (3,)).astype(np.float32)
+    ref = (
+        torch.nn.functional.interpolate(
+            torch.from_numpy(x.transpose(0, 3, 1, 2)), size=dst, mode="bilinear", align_corners=False
+        )
+        .numpy()
+        .transpose(0, 2, 3, 1)
+    )
+    np.testing.assert_allclose(np.asarray(resize_half_pixel(jnp.asarray(x), dst)), ref, atol=5e-5)
+
+
+def test_half_pixel_hand_worked_case():
+    # 2 -> 4 samples at -0.25 (clamped to 0), 0.25, 0.75, 1.25 (clamped to 1)
+    out = resize_half_pixel(jnp.asarray([[0.0, 4.0]])[..., None], (1, 4))[..., 0]
+    np.testing.assert_allclose(np.asarray(out), [[0.0, 1.0, 3.0, 4.0]])
 
 
 def test_align_corners_hand_worked_case():

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from configs import default, variants
+from maskad_jax.common.errors import ConfigError
 from maskad_jax.common.specs import resolve
 from maskad_jax.engine import mpo as mpo_lib
 from maskad_jax.engine import scoring
@@ -87,6 +88,15 @@ def test_avg_pool_and_embedding_equal_flax_pooling_and_paddings_repeat():
     np.testing.assert_array_equal(emb[..., :3], np.asarray(ref))
     pooled_coarse = np.asarray(avg_pool3(coarse))
     np.testing.assert_array_equal(emb[:, 5, 2, 3:], pooled_coarse[:, 2, 1])  # each coarse cell covers 2 x 2
+    # bilinear (PatchCore's join): the finest tap as before, the coarse one interpolated with half-pixel
+    # centres: fine row 5 sits at coarse 2.25 (5.5 / 2 - 0.5), column 2 at 0.75
+    emb = np.asarray(pooled_embedding([x, coarse], join="bilinear"))
+    np.testing.assert_array_equal(emb[..., :3], np.asarray(ref))
+    p = pooled_coarse
+    want = 0.75 * (0.25 * p[:, 2, 0] + 0.75 * p[:, 2, 1]) + 0.25 * (0.25 * p[:, 3, 0] + 0.75 * p[:, 3, 1])
+    np.testing.assert_allclose(emb[:, 5, 2, 3:], want, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="fine join 'nearest'"):
+        pooled_embedding([x, coarse], join="nearest")
 
 
 def test_fine_knn_is_the_brute_force_distance_over_the_calibration_scale():
@@ -135,6 +145,31 @@ def test_fine_pools_use_the_same_held_out_split_and_round_trip(tmp_path):
         np.testing.assert_array_equal(getattr(back, f), getattr(pools, f))
     assert back.cal_map_max == pools.cal_map_max
     assert back.threshold("a", 0.5, of="map") == 0.5 and back.threshold("a", 0.5) == 1.0
+    assert back.nominal.fine_embedding == {"strides": [8, 16], "join": "repeat"}
+    assert plain.nominal.fine_embedding is None
+
+
+def test_a_run_asking_for_another_fine_embedding_than_the_fits_is_refused(tmp_path):
+    from maskad_jax.app.restore import require_fine_pools
+
+    c = default.get_config()
+    variants.smoke(c)
+    h = np.random.default_rng(4).normal(size=(6, 2, 2, 3)).astype(np.float32)
+    fine = np.random.default_rng(5).normal(size=(6, 4, 4, 2)).astype(np.float32)
+    c.fit.fine_join = "bilinear"
+    pools = fit_pools(h, None, ["a"] * 6, c.fit, seed=0, fine=fine)
+    assert pools.nominal.fine_embedding == {"strides": [8, 16], "join": "bilinear"}
+    require_fine_pools(resolve(c), pools)  # the fit's own embedding: accepted
+    for field, value in (("fine_join", "repeat"), ("fine_strides", (4, 16))):
+        other = copy.deepcopy(c)
+        other.fit[field] = value
+        with pytest.raises(ConfigError, match="fine pools were made with fit.fine_join = 'bilinear'"):
+            require_fine_pools(resolve(other), pools)
+    old = pools.with_nominal(fine_embedding=None)  # a fit from before the record: the repeat join
+    with pytest.raises(ConfigError, match="this run asks for 'bilinear'"):
+        require_fine_pools(resolve(c), old)
+    c.fit.fine_join = "repeat"
+    require_fine_pools(resolve(c), old)
 
 
 # --------------------------------------------------------------------------------------- the engine
@@ -151,7 +186,8 @@ def engine():
     c.fit.calibration_fraction = 0.4  # two held-out images per class
     rng = np.random.default_rng(0)
     train = jnp.asarray(rng.uniform(size=(10, 64, 64, 3)).astype(np.float32))
-    h, fine = (np.asarray(a) for a in ex.apply_with_fine(ex.variables, train, tuple(c.fit.fine_strides)))
+    fine_spec = scoring.fine_embedding(resolve(c).scoring)
+    h, fine = (np.asarray(a) for a in ex.apply_with_fine(ex.variables, train, fine_spec))
     pools = fit_pools(h, None, ["a"] * 5 + ["b"] * 5, c.fit, seed=0, fine=fine)
     keys = np.arange(10, dtype=np.int32)
     cal = calibrate(

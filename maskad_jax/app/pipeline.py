@@ -44,7 +44,7 @@ from maskad_jax.data.tiling import image_level, tiled, tiles_on, untiled
 from maskad_jax.engine import fit_state
 from maskad_jax.engine.fit_state import Calibration, Fit, InputContract, scoring_signature
 from maskad_jax.engine.mpo import NearestNeighbourMpo
-from maskad_jax.engine.scoring import fine_on, needs_term_stats
+from maskad_jax.engine.scoring import fine_embedding, fine_on, needs_term_stats
 from maskad_jax.engine.thresholds import (
     MIN_THRESHOLD_IMAGES,
     class_threshold,
@@ -243,7 +243,7 @@ def _train_stage(s: Specs, workdir, models, train_data, test_data, contract: Inp
     """Features, pools, the reconstructor (and the flow M_po), calibration; the fit saved.
     (params, step, seconds)."""
     extractor, model = models
-    want = FeatureRequest(s.train.regress_raw, feature_cache.fine_strides(s.scoring))
+    want = FeatureRequest(s.train.regress_raw, fine_embedding(s.scoring))
     feats = feature_cache.extract_features(extractor, train_data, s.data, want)
     fine = feats.fine
     class_names = [train_data.class_names[i] for i in train_data.class_ids]
@@ -362,7 +362,7 @@ def _recalibrate(s: Specs, tm: TrainedModel, train_data, rescale: int | None = N
     if rescale is None:
         progress.log("the fit's term statistics are for another scoring: recomputing them on the held-out images")
     positions = np.concatenate([np.asarray(pools.held_out.get(c, []), np.int64) for c in pools.class_names])
-    want = FeatureRequest(s.train.regress_raw, feature_cache.fine_strides(s.scoring), "held-out features")
+    want = FeatureRequest(s.train.regress_raw, fine_embedding(s.scoring), "held-out features")
     feats = feature_cache.extract_at(tm.extractor, train_data, s.data, want, positions)
     bounds = np.cumsum([0] + [len(pools.held_out.get(c, [])) for c in pools.class_names])
     rows = {c: np.arange(bounds[k], bounds[k + 1]) for k, c in enumerate(pools.class_names)}

@@ -24,7 +24,7 @@ from maskad_jax.common.parallel import place_for_scoring
 from maskad_jax.common.specs import Specs
 from maskad_jax.engine.coreset import assign_pools
 from maskad_jax.engine.fit_state import Fit, scoring_difference, scoring_signature
-from maskad_jax.engine.scoring import device_pools, fine_on, make_score_fn, needs_term_stats
+from maskad_jax.engine.scoring import device_pools, fine_embedding, fine_on, make_score_fn, needs_term_stats
 from maskad_jax.engine.thresholds import class_thresholds
 from maskad_jax.models.reconstructor import build_reconstructor
 from maskad_jax.training import feature_cache
@@ -70,10 +70,23 @@ def restore_for(config, workdir: str, mode: str = "predict") -> Trained:
 
 
 def require_fine_pools(s: Specs, pools):
-    if fine_on(s.scoring) and pools.fine_in is None:
+    """The fit has the fine pools the scoring needs, made of the same fine embedding (fit.fine_strides
+    and fit.fine_join: test tokens of another embedding would be measured against the wrong pool)."""
+    if not fine_on(s.scoring):
+        return
+    if pools.fine_in is None:
         raise MissingInputError(
             "scoring.knn_fine needs the fine pools, and this workdir's fit has none (fitted by an older version "
             "or without knn_fine): rerun --mode=train on it (the trained reconstructor is kept; the fit is redone)"
+        )
+    rec = pools.nominal.fine_embedding or {"join": "repeat"}  # fits before the record: the repeat join
+    want = fine_embedding(s.scoring)
+    strides = tuple(rec.get("strides", want.strides))
+    if rec["join"] != want.join or strides != want.strides:
+        raise ConfigError(
+            f"the fit's fine pools were made with fit.fine_join = {rec['join']!r} and fit.fine_strides = "
+            f"{strides}, this run asks for {want.join!r} and {want.strides}: drop the override (the workdir "
+            f"scores as it was fitted) or rerun --mode=train with it (the fit is redone)"
         )
 
 

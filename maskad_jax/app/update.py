@@ -34,6 +34,7 @@ from maskad_jax.common.parallel import local_batch_sharding
 from maskad_jax.common.specs import DataSpec, FitSpec, NewImagesSpec, ScoringSpec
 from maskad_jax.data.preprocess import ImageDecodeError, open_image, preprocess_image, to_rgb
 from maskad_jax.data.tiling import tiles_on
+from maskad_jax.engine.scoring import fine_embedding
 from maskad_jax.engine.trained_model import TrainedModel
 from maskad_jax.runtime.serve_export import tile_boxes
 from maskad_jax.training import feature_cache
@@ -94,7 +95,7 @@ def new_features(sc: ScoringSpec, d: DataSpec, extractor, images):
     shard = local_batch_sharding(d.eval_batch_size)
     per = len(shard.device_set)
     raw = sc.regress_raw
-    fn = jax.jit(feature_cache.feature_fn(extractor, raw, feature_cache.fine_strides(sc)))
+    fn = jax.jit(feature_cache.feature_fn(extractor, raw, fine_embedding(sc)))
     if tiles_on(d.tiles):  # each image as its tiles, as the training images were
         rows, cols = d.tiles
         images = [im.crop(b) for im in images for b in tile_boxes(*im.size, rows, cols, d.tile_overlap)]

@@ -164,6 +164,7 @@ class FitSpec:
     max_pool_tokens: int = _int(1)
     fine_strides: tuple = _any()  # some of model.backbone.strides: checked in config_check
     fine_pool_ratio: float = _num(0, 1, low_open=True)
+    fine_join: str = _one_of("repeat", "bilinear")
     seed: int = _any()  # config.seed
 
 
@@ -203,6 +204,7 @@ class ScoringSpec:
     devices: str = _one_of(*DEVICES, role="placement")
     seed: int = _any(role="context")
     fine_strides: tuple = _any(role="context")
+    fine_join: str = _any(role="context")
     regress_raw: bool = _any(role="context")
 
     @property
@@ -342,6 +344,7 @@ def resolve(config) -> Specs:
         config.scoring,
         seed=seed,
         fine_strides=tuple(config.fit.fine_strides),
+        fine_join=str(config.fit.fine_join),
         regress_raw=train.regress_raw,
     )
     return Specs(

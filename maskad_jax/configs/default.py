@@ -167,6 +167,10 @@ def get_config():
     # max_pool_tokens tokens per class. docs/reproducibility.md.
     c.fit.fine_strides = (8, 16)
     c.fit.fine_pool_ratio = 0.01
+    # How the coarser fine tap joins the finest grid: repeat (the released code's embedding: each
+    # coarse vector copied onto the fine positions it covers) | bilinear (PatchCore's: interpolated
+    # with half-pixel centres). models/features.pooled_embedding; measured in docs/results.md.
+    c.fit.fine_join = "repeat"
 
     # ---------------------------------------------------------------- test-time scoring
     c.scoring = ml_collections.ConfigDict()

@@ -69,6 +69,9 @@ class NominalPools:
     fine_in: np.ndarray | None = None  # (K, P2, Cf) the fine pools (scoring.knn_fine), padded
     fine_valid: np.ndarray | None = None  # (K, P2) bool
     fine_cal_scale: np.ndarray | None = None  # (K,)
+    # what the fine pools' tokens are: {"strides": [...], "join": "repeat" | "bilinear"} (fit.fine_*);
+    # None for fits without fine pools, or made before it was recorded (then: join "repeat")
+    fine_embedding: dict | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -277,6 +280,7 @@ def _to_file(fit: Fit) -> tuple[dict, dict]:
         "nominal": {
             "class_names": list(n.class_names),
             "held_out": {a: [int(i) for i in v] for a, v in n.held_out.items()},
+            "fine_embedding": n.fine_embedding,
         },
         "calibration": {
             "scores": {a: [float(x) for x in v] for a, v in c.scores.items()},
@@ -296,6 +300,7 @@ def _from_file(arrays: dict, meta: dict, path: str) -> Fit:
             **{name: arrays.get(name) for name in _NOMINAL_ARRAYS},
             class_names=tuple(meta["nominal"]["class_names"]),
             held_out={a: np.asarray(v, int) for a, v in meta["nominal"]["held_out"].items()},
+            fine_embedding=meta["nominal"].get("fine_embedding"),
         )
         cal = meta["calibration"]
         return Fit(

@@ -31,6 +31,7 @@ from maskad_jax.engine import masks as masks_lib
 from maskad_jax.engine.coreset import nearest_in_pools
 from maskad_jax.engine.mpo import NearestNeighbourMpo, gather_pool
 from maskad_jax.engine.smoothing import gaussian_smooth
+from maskad_jax.models.features import FineEmbedding
 from maskad_jax.models.reconstructor import patch_errors
 from maskad_jax.models.resize import resize_map_align_corners
 
@@ -140,6 +141,11 @@ def combine(rec, ass, sc):
 def fine_on(sc) -> bool:
     """Whether M_po includes the fine-grid kNN (scoring.knn_fine; the flow M_po has its own features)."""
     return bool(sc.knn_fine) and sc.mpo == "knn"
+
+
+def fine_embedding(sc) -> FineEmbedding | None:
+    """The fine kNN's embedding (fit.fine_strides, fit.fine_join) when the scoring uses it, else None."""
+    return FineEmbedding(tuple(sc.fine_strides), sc.fine_join) if fine_on(sc) else None
 
 
 def uses_mpo(sc) -> bool:
@@ -278,12 +284,12 @@ def make_score_fn(sc: ScoringSpec, extractor, model, mpo=None):
     mpo = NearestNeighbourMpo(fine_on(sc)) if mpo is None else mpo
     score_features = make_score_features_fn(sc, model, mpo)
     regress_raw = sc.regress_raw
-    fine_strides = tuple(sc.fine_strides) if fine_on(sc) else None
+    fine = fine_embedding(sc)
 
     def score(params, backbone_vars, pools, images, pool_idx, image_ids, boxes=None):
         f_fine = None
-        if fine_strides:
-            h_in, f_fine = extractor.apply_with_fine(backbone_vars, images, fine_strides)
+        if fine:
+            h_in, f_fine = extractor.apply_with_fine(backbone_vars, images, fine)
         else:
             h_in = extractor.apply(backbone_vars, images, normalize=True)
         h_tgt = extractor.apply(backbone_vars, images, normalize=False) if regress_raw else h_in

@@ -21,7 +21,7 @@ import jax.numpy as jnp
 from maskad_jax.models import efficientnet_arch as ea
 from maskad_jax.models import weights as weights_lib
 from maskad_jax.models.efficientnet import EfficientNet
-from maskad_jax.models.resize import resize_align_corners
+from maskad_jax.models.resize import resize_align_corners, resize_half_pixel
 
 
 def neck(taps) -> jax.Array:
@@ -38,14 +38,33 @@ def avg_pool3(x: jax.Array) -> jax.Array:
     return sum(p[:, i : i + h, j : j + w] for i in range(3) for j in range(3)) / 9.0
 
 
-def pooled_embedding(taps) -> jax.Array:
-    """The released code's M_po embedding (PMAD's ProtoFlow input): each tap 3 x 3 average pooled,
-    the coarser taps' vectors repeated onto every position of the finest tap they cover (PaDiM's
-    embedding_concat), concatenated: (B, H/s0, W/s0, sum C)."""
+FINE_JOINS = ("repeat", "bilinear")
+
+
+@dataclasses.dataclass(frozen=True)
+class FineEmbedding:
+    """Which taps make the fine embedding (their strides, finest first) and how the coarser ones join
+    the finest grid (fit.fine_join): repeat | bilinear (pooled_embedding)."""
+
+    strides: tuple
+    join: str = "repeat"
+
+
+def pooled_embedding(taps, join: str = "repeat") -> jax.Array:
+    """The M_po embedding of the fine kNN: each tap 3 x 3 average pooled, the coarser taps brought onto
+    the finest tap's grid, concatenated: (B, H/s0, W/s0, sum C). join: repeat (the released code's
+    PMAD/ProtoFlow embedding, PaDiM's embedding_concat: each coarse vector copied onto every fine
+    position it covers) | bilinear (PatchCore's: interpolated with half-pixel centres, PyTorch's
+    align_corners=False, so neighbouring fine positions get different coarse context)."""
+    if join not in FINE_JOINS:
+        raise ValueError(f"fine join {join!r}: one of {', '.join(FINE_JOINS)}")
     pooled = [avg_pool3(t.astype(jnp.float32)) for t in taps]
     gh, gw = pooled[0].shape[1:3]
     out = []
     for t in pooled:
+        if join == "bilinear":
+            out.append(resize_half_pixel(t, (gh, gw)))
+            continue
         fy, fx = gh // t.shape[1], gw // t.shape[2]
         if fy * t.shape[1] != gh or fx * t.shape[2] != gw:
             raise ValueError(f"taps of {t.shape[1:3]} do not tile the finest map {(gh, gw)}")
@@ -105,14 +124,14 @@ class FeatureExtractor:
         """Pure function of (variables, images): use inside jit with the variables as an argument."""
         return neck(self.module.apply(variables, self.normalize(images01) if normalize else images01))
 
-    def apply_with_fine(self, variables, images01: jax.Array, fine_strides) -> tuple[jax.Array, jax.Array]:
-        """(h, the fine embedding of the taps at fine_strides: pooled_embedding) of the normalised
-        images, from one backbone pass (the fine kNN M_po, scoring.knn_fine)."""
+    def apply_with_fine(self, variables, images01: jax.Array, fine: FineEmbedding) -> tuple[jax.Array, jax.Array]:
+        """(h, the fine embedding of the normalised images: pooled_embedding of the taps at fine.strides,
+        joined by fine.join) from one backbone pass (the fine kNN M_po, scoring.knn_fine)."""
         taps = self.module.apply(variables, self.normalize(images01))
-        missing = [s for s in fine_strides if s not in self.strides]
+        missing = [s for s in fine.strides if s not in self.strides]
         if missing:
             raise ValueError(f"fine strides {missing} are not among the backbone's taps {self.strides}")
-        return neck(taps), pooled_embedding([taps[self.strides.index(s)] for s in fine_strides])
+        return neck(taps), pooled_embedding([taps[self.strides.index(s)] for s in fine.strides], fine.join)
 
     def __call__(self, images01: jax.Array, normalize: bool = True) -> jax.Array:
         """Jitted convenience call with the extractor's own variables."""

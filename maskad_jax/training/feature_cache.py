@@ -18,10 +18,9 @@ import numpy as np
 from maskad_jax.common import progress
 from maskad_jax.common.batching import run_batched, split_batches
 from maskad_jax.common.parallel import gather_rows, local_batch_sharding, process_share
-from maskad_jax.common.specs import DataSpec, FlowSpec, ModelSpec, ScoringSpec
+from maskad_jax.common.specs import DataSpec, FlowSpec, ModelSpec
 from maskad_jax.data.splits import SplitData, eval_batches
-from maskad_jax.engine.scoring import fine_on
-from maskad_jax.models.features import FeatureExtractor
+from maskad_jax.models.features import FeatureExtractor, FineEmbedding
 from maskad_jax.models.flow_features import FlowEmbedder
 
 
@@ -44,13 +43,8 @@ def make_flow_embedder(fs: FlowSpec, ms: ModelSpec) -> FlowEmbedder:
     return FlowEmbedder.create(fs, dtype=jnp.dtype(ms.dtype), seed=fs.seed, depthwise=ms.backbone.depthwise)
 
 
-def fine_strides(sc: ScoringSpec):
-    """fit.fine_strides when the scoring uses the fine kNN M_po (scoring.knn_fine), else None."""
-    return tuple(sc.fine_strides) if fine_on(sc) else None
-
-
 def feature_fn(extractor, with_target: bool, fine=None):
-    """f(variables, images) -> (h_in, h_tgt or None, the fine embedding at the strides `fine` or None):
+    """f(variables, images) -> (h_in, h_tgt or None, the fine embedding `fine` (FineEmbedding) or None):
     the features training, the fit and --mode=update compute from one backbone pass."""
 
     def features(v, x):
@@ -63,11 +57,11 @@ def feature_fn(extractor, with_target: bool, fine=None):
 @dataclasses.dataclass(frozen=True)
 class FeatureRequest:
     """Which features a backbone pass computes: with_target (the unnormalised view's features too,
-    train.regress_raw), fine (the fine embedding's strides, or None: fine_strides), desc (the
+    train.regress_raw), fine (the fine embedding, or None: fine_embedding), desc (the
     progress bar's and log line's name)."""
 
     with_target: bool
-    fine: tuple | None = None
+    fine: FineEmbedding | None = None
     desc: str = "features"
 
 
@@ -112,7 +106,7 @@ def extract_at(extractor, data: SplitData, d: DataSpec, want: FeatureRequest, po
 def extract_positions(extractor, data: SplitData, d: DataSpec, want: FeatureRequest, positions, fields=()):
     """Features of the split's images at `positions` (this process's devices): (h_in, h_tgt or None,
     image keys, {field: the batches' values of each of `fields`, e.g. "mask", "label"}). The field
-    "fine" is the fine embedding at the strides want.fine (FeatureExtractor.apply_with_fine), from the
+    "fine" is the fine embedding want.fine (FeatureExtractor.apply_with_fine), from the
     same backbone pass as h_in."""
     with_target, desc, fine = want.with_target, want.desc, want.fine
     shard = local_batch_sharding(d.eval_batch_size)

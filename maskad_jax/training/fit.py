@@ -52,7 +52,8 @@ def fit_pools(
     fine_parts = {}
     if fine is not None:
         f_in, _, f_valid, _, f_scale = _stack(fine_pools)
-        fine_parts = dict(fine_in=f_in, fine_valid=f_valid, fine_cal_scale=f_scale)
+        record = {"strides": [int(s) for s in fit_cfg.fine_strides], "join": str(fit_cfg.fine_join)}
+        fine_parts = dict(fine_in=f_in, fine_valid=f_valid, fine_cal_scale=f_scale, fine_embedding=record)
     return Fit(NominalPools(pool_in, pool_tgt, valid, cal_scale, tuple(groups), cal_pos, src=src, **fine_parts))
 
 

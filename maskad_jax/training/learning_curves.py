@@ -29,10 +29,10 @@ from maskad_jax.common.batching import row_batches, run_batched
 from maskad_jax.common.specs import DataSpec, ScoringSpec, TrainSpec
 from maskad_jax.engine import metrics as metrics_lib
 from maskad_jax.engine.ablations import with_row
-from maskad_jax.engine.scoring import device_pools, make_score_features_fn, needs_term_stats
+from maskad_jax.engine.scoring import device_pools, fine_embedding, make_score_features_fn, needs_term_stats
 from maskad_jax.engine.trained_model import TrainedModel
 from maskad_jax.training.calibration import calibrate
-from maskad_jax.training.feature_cache import FeatureRequest, Features, extract_positions, fine_strides
+from maskad_jax.training.feature_cache import FeatureRequest, Features, extract_positions
 from maskad_jax.training.step import sample_train_mask
 
 
@@ -67,7 +67,7 @@ def subset_positions(labels: np.ndarray, class_ids: np.ndarray, max_images: int)
 def build_eval_set(sc: ScoringSpec, d: DataSpec, extractor, data, max_images: int) -> EvalSet:
     """The curves' images: subset_positions of a split, their features, masks and keys."""
     positions = subset_positions(data.labels, data.class_ids, max_images)
-    want = FeatureRequest(sc.regress_raw, fine_strides(sc), "curves' features")
+    want = FeatureRequest(sc.regress_raw, fine_embedding(sc), "curves' features")
     fields = ("mask", "label", "class_id") + (("fine",) if want.fine else ())
     h_in, h_tgt, keys, extra = extract_positions(extractor, data, d, want, positions, fields)
     classes = tuple(data.class_names[c] for c in extra["class_id"])
