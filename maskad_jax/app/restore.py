@@ -85,8 +85,10 @@ def require_fine_pools(s: Specs, pools):
     if rec["join"] != want.join or strides != want.strides:
         raise ConfigError(
             f"the fit's fine pools were made with fit.fine_join = {rec['join']!r} and fit.fine_strides = "
-            f"{strides}, this run asks for {want.join!r} and {want.strides}: drop the override (the workdir "
-            f"scores as it was fitted) or rerun --mode=train with it (the fit is redone)"
+            f"{strides}, this run's config asks for {want.join!r} and {want.strides} (the CPU configs join "
+            f"bilinearly since issue #35): pass --config.fit.fine_join={rec['join']} "
+            f'--config.fit.fine_strides="{strides}" to score the workdir as it was fitted, or rerun --mode=train '
+            f"with this config (the reconstructor is kept; the fit is redone)"
         )
 
 
