@@ -69,17 +69,17 @@ def collect(config, workdir) -> dict:
     pools = Fit.load(os.path.join(workdir, "fit"))
     dev = scoring.device_pools(pools)
     feats = jax.jit(scoring.make_score_features_fn(s.scoring, model, with_terms=True), static_argnums=(6,))
-    strides = scoring.fine_embedding(s.scoring)
+    fine_spec = scoring.fine_embedding(s.scoring)
     size, bs = config.data.image_size, config.data.eval_batch_size
     if config.train.target != "same":
         raise SystemExit("this tool assumes train.target = same (h is its own target)")
 
     @jax.jit
     def run_on(params, dev, variables, images, pidx, keys):  # arguments, not constants baked into the program
-        h, fine = extractor.apply_with_fine(variables, images, strides) if strides else (None, None)
+        h, fine = extractor.apply_with_fine(variables, images, fine_spec) if fine_spec else (None, None)
         h = extractor.apply(variables, images) if h is None else h
         out = feats(params, dev, h, h, pidx, keys, size, None, fine)
-        out["knn_fine"] = mpo_lib.fine_knn(dev, fine, pidx) if strides else jnp.zeros((len(images), 1, 1))
+        out["knn_fine"] = mpo_lib.fine_knn(dev, fine, pidx) if fine_spec else jnp.zeros((len(images), 1, 1))
         return {k: out[k] for k in KEYS}
 
     def run(images, pidx, keys):
