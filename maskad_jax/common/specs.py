@@ -154,6 +154,18 @@ class FlowSpec:
     seed: int = _any(role="flow_model")  # config.seed
 
 
+FINE_JOINS = ("repeat", "bilinear")
+
+
+@dataclasses.dataclass(frozen=True)
+class FineEmbedding:
+    """Which taps make the fine embedding (their strides, finest first) and how the coarser ones join
+    the finest grid (fit.fine_join): repeat | bilinear (pooled_embedding)."""
+
+    strides: tuple
+    join: str = "repeat"
+
+
 @dataclasses.dataclass(frozen=True)
 class FitSpec:
     pool_ratio: float = _num(0, 1, low_open=True)
@@ -164,7 +176,7 @@ class FitSpec:
     max_pool_tokens: int = _int(1)
     fine_strides: tuple = _any()  # some of model.backbone.strides: checked in config_check
     fine_pool_ratio: float = _num(0, 1, low_open=True)
-    fine_join: str = _one_of("repeat", "bilinear")
+    fine_join: str = _one_of(*FINE_JOINS)
     seed: int = _any()  # config.seed
 
 

@@ -25,13 +25,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from maskad_jax.common.specs import ScoringSpec
+from maskad_jax.common.specs import FineEmbedding, ScoringSpec
 from maskad_jax.engine import association, threefry
 from maskad_jax.engine import masks as masks_lib
 from maskad_jax.engine.coreset import nearest_in_pools
 from maskad_jax.engine.mpo import NearestNeighbourMpo, gather_pool
 from maskad_jax.engine.smoothing import gaussian_smooth
-from maskad_jax.models.features import FineEmbedding
 from maskad_jax.models.reconstructor import patch_errors
 from maskad_jax.models.resize import resize_map_align_corners
 

@@ -18,6 +18,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from maskad_jax.common.specs import FINE_JOINS, FineEmbedding
 from maskad_jax.models import efficientnet_arch as ea
 from maskad_jax.models import weights as weights_lib
 from maskad_jax.models.efficientnet import EfficientNet
@@ -36,18 +37,6 @@ def avg_pool3(x: jax.Array) -> jax.Array:
     h, w = x.shape[1:3]
     p = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
     return sum(p[:, i : i + h, j : j + w] for i in range(3) for j in range(3)) / 9.0
-
-
-FINE_JOINS = ("repeat", "bilinear")
-
-
-@dataclasses.dataclass(frozen=True)
-class FineEmbedding:
-    """Which taps make the fine embedding (their strides, finest first) and how the coarser ones join
-    the finest grid (fit.fine_join): repeat | bilinear (pooled_embedding)."""
-
-    strides: tuple
-    join: str = "repeat"
 
 
 def pooled_embedding(taps, join: str = "repeat") -> jax.Array:

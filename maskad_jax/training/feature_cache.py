@@ -18,9 +18,9 @@ import numpy as np
 from maskad_jax.common import progress
 from maskad_jax.common.batching import run_batched, split_batches
 from maskad_jax.common.parallel import gather_rows, local_batch_sharding, process_share
-from maskad_jax.common.specs import DataSpec, FlowSpec, ModelSpec
+from maskad_jax.common.specs import DataSpec, FineEmbedding, FlowSpec, ModelSpec
 from maskad_jax.data.splits import SplitData, eval_batches
-from maskad_jax.models.features import FeatureExtractor, FineEmbedding
+from maskad_jax.models.features import FeatureExtractor
 from maskad_jax.models.flow_features import FlowEmbedder
 
 
