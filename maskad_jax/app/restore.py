@@ -43,8 +43,8 @@ def restore(s: Specs, workdir: str, mode: str) -> Trained:
     """The trained model of workdir for `mode` (predict, export; the API loads with predict's checks)."""
     extractor, model, channels, grid = models(s)
     params, step = restore_params(workdir, s.train, s.model, s.data.image_size, channels, grid)
-    progress.log(f"restored the reconstructor at step {step} from {workdir}")
     pools = Fit.load(os.path.join(workdir, "fit"))
+    progress.log(f"restored the reconstructor at step {step} from {workdir}")
     mpo = restore_mpo(mpo_specs(s), workdir, channels, grid, pools)
     require_fine_pools(s, pools)
     pools.require_geometry(s.data)
