@@ -10,40 +10,34 @@ from maskad_jax.models import efficientnet_arch as ea
 from maskad_jax.models.features import FeatureExtractor
 from maskad_jax.models.resize import resize_align_corners, resize_half_pixel, resize_map_align_corners
 
+ALIGN_CORNERS = [
+    ((112, 112), (14, 14)),
+    ((56, 40), (14, 9)),
+    ((14, 14), (224, 224)),
+    ((7, 5), (1, 3)),
+    ((1, 1), (4, 4)),
+]
+# half-pixel: PatchCore's alignment of the stride-16 tap onto the stride-8 grid (fit.fine_join = bilinear)
+HALF_PIXEL = [((14, 14), (28, 28)), ((7, 10), (28, 40)), ((14, 9), (14, 9)), ((5, 3), (2, 7))]
+
 
 @pytest.mark.parametrize(
-    "src,dst", [((112, 112), (14, 14)), ((56, 40), (14, 9)), ((14, 14), (224, 224)), ((7, 5), (1, 3)), ((1, 1), (4, 4))]
+    "align_corners,src,dst", [(True, *c) for c in ALIGN_CORNERS] + [(False, *c) for c in HALF_PIXEL]
 )
-def test_align_corners_resize_matches_torch(src, dst):
+def test_bilinear_resizes_match_torch(align_corners, src, dst):
     from helpers import torch_or_skip
 
     torch = torch_or_skip()
     x = np.random.default_rng(0).normal(size=(2,) + src + (3,)).astype(np.float32)
     ref = (
         torch.nn.functional.interpolate(
-            torch.from_numpy(x.transpose(0, 3, 1, 2)), size=dst, mode="bilinear", align_corners=True
+            torch.from_numpy(x.transpose(0, 3, 1, 2)), size=dst, mode="bilinear", align_corners=align_corners
         )
         .numpy()
         .transpose(0, 2, 3, 1)
     )
-    np.testing.assert_allclose(np.asarray(resize_align_corners(jnp.asarray(x), dst)), ref, atol=5e-5)
-
-
-@pytest.mark.parametrize("src,dst", [((14, 14), (28, 28)), ((7, 10), (28, 40)), ((14, 9), (14, 9)), ((5, 3), (2, 7))])
-def test_half_pixel_resize_matches_torch(src, dst):
-    # PatchCore's alignment of the stride-16 tap onto the stride-8 grid (fit.fine_join = bilinear)
-    from helpers import torch_or_skip
-
-    torch = torch_or_skip()
-    x = np.random.default_rng(1).normal(size=(2,) + src + (3,)).astype(np.float32)
-    ref = (
-        torch.nn.functional.interpolate(
-            torch.from_numpy(x.transpose(0, 3, 1, 2)), size=dst, mode="bilinear", align_corners=False
-        )
-        .numpy()
-        .transpose(0, 2, 3, 1)
-    )
-    np.testing.assert_allclose(np.asarray(resize_half_pixel(jnp.asarray(x), dst)), ref, atol=5e-5)
+    resize = resize_align_corners if align_corners else resize_half_pixel
+    np.testing.assert_allclose(np.asarray(resize(jnp.asarray(x), dst)), ref, atol=5e-5)
 
 
 def test_half_pixel_hand_worked_case():

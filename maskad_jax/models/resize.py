@@ -20,18 +20,11 @@ import numpy as np
 @functools.lru_cache(maxsize=None)
 def interpolation_matrix(in_size: int, out_size: int) -> np.ndarray:
     """(out_size, in_size) matrix whose rows hold the two align-corners bilinear weights."""
-    m = np.zeros((out_size, in_size), np.float64)
     if out_size == 1 or in_size == 1:
+        m = np.zeros((out_size, in_size), np.float32)
         m[:, 0] = 1.0
-        return m.astype(np.float32)
-    pos = np.arange(out_size) * (in_size - 1) / (out_size - 1)
-    lo = np.minimum(np.floor(pos).astype(int), in_size - 1)
-    hi = np.minimum(lo + 1, in_size - 1)
-    w = pos - lo
-    rows = np.arange(out_size)
-    np.add.at(m, (rows, lo), 1.0 - w)
-    np.add.at(m, (rows, hi), w)
-    return m.astype(np.float32)
+        return m
+    return _linear_weights(np.arange(out_size) * (in_size - 1) / (out_size - 1), in_size)
 
 
 @functools.lru_cache(maxsize=None)
@@ -39,12 +32,16 @@ def half_pixel_matrix(in_size: int, out_size: int) -> np.ndarray:
     """(out_size, in_size) bilinear weights with half-pixel centres: output j samples the input at
     (j + 0.5) * in / out - 0.5, clamped to the edge samples (torch's interpolate(mode="bilinear",
     align_corners=False), no anti-aliasing)."""
-    pos = np.clip((np.arange(out_size) + 0.5) * (in_size / out_size) - 0.5, 0, in_size - 1)
-    lo = np.floor(pos).astype(int)
+    return _linear_weights(np.clip((np.arange(out_size) + 0.5) * (in_size / out_size) - 0.5, 0, in_size - 1), in_size)
+
+
+def _linear_weights(pos: np.ndarray, in_size: int) -> np.ndarray:
+    """(len(pos), in_size) float32: each row mixes the two input samples around its position (in [0, in_size - 1])."""
+    lo = np.minimum(np.floor(pos).astype(int), in_size - 1)
     hi = np.minimum(lo + 1, in_size - 1)
     w = pos - lo
-    m = np.zeros((out_size, in_size), np.float64)
-    rows = np.arange(out_size)
+    m = np.zeros((len(pos), in_size), np.float64)
+    rows = np.arange(len(pos))
     np.add.at(m, (rows, lo), 1.0 - w)
     np.add.at(m, (rows, hi), w)
     return m.astype(np.float32)
